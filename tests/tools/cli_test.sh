@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# End-to-end tests of the pmlmig command line. $PMLMIG is the binary.
+set -u
+PMLMIG=${PMLMIG:-build/tools/pmlmig}
+fails=0
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+pass() { echo "PASS: $*"; }
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+
+# expect_error "<what>" <expected exit> "<substring of the one-line error>" args...
+expect_error() {
+  local what=$1 code=$2 msg=$3
+  shift 3
+  "$PMLMIG" "$@" >"$tmp/out" 2>"$tmp/err"
+  local rc=$?
+  local lines
+  lines=$(wc -l <"$tmp/err")
+  if [ "$rc" -ne "$code" ]; then fail "$what: exit $rc, expected $code ($(cat "$tmp/err"))"; return; fi
+  if ! grep -qF -- "$msg" "$tmp/err"; then fail "$what: stderr lacks '$msg': $(cat "$tmp/err")"; return; fi
+  if [ "$lines" -ne 1 ]; then fail "$what: expected one error line, got $lines: $(cat "$tmp/err")"; return; fi
+  pass "$what"
+}
+
+# Help for every command.
+for cmd in "" probe run; do
+  if "$PMLMIG" $cmd --help >"$tmp/out" 2>&1 && grep -q "Usage" "$tmp/out"; then pass "help '$cmd'"; else fail "help '$cmd'"; fi
+done
+
+expect_error "no command" 2 "error" 
+expect_error "unknown command" 2 "error" frobnicate
+expect_error "unknown flag" 2 "--bogus" run --bogus
+expect_error "bad size" 2 "invalid size '12Q'" run --memory 12Q
+expect_error "size not multiple of 2M" 2 "multiple of 2 MiB" run --memory 3M
+expect_error "size too large" 2 "outside the supported range" run --memory 4T --fill zero
+expect_error "size too small" 2 "outside the supported range" run --memory 1M
+expect_error "bad vcpus" 2 "--vcpus" run --vcpus 0
+expect_error "vcpus not a number" 2 "--vcpus" run --vcpus two
+expect_error "bad workload" 2 "unknown workload 'walk'" run --workload walk
+expect_error "bad hotset" 2 "fraction must be" run --workload hotset:fraction=7
+expect_error "bad fill" 2 "invalid fill 'ones'" run --fill ones
+expect_error "bad duration" 2 "invalid duration '5 parsecs'" run --duration "5 parsecs"
+expect_error "random fill beyond host memory" 2 "use --fill zero" run --memory 200G
+expect_error "missing kvm device" 1 "/nonexistent/kvm" probe --device /nonexistent/kvm
+
+if [ ! -w /dev/kvm ]; then
+  echo "SKIP: KVM end-to-end checks (/dev/kvm absent or not writable)"
+  exit $((fails > 0))
+fi
+
+# probe --json: the documented keys.
+if "$PMLMIG" probe --json >"$tmp/probe.json" 2>"$tmp/err" &&
+   python3 - "$tmp/probe.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+for k, t in [("kvm", bool), ("api_version", int), ("dirty_ring_max_entries", int), ("dirty_ring_acq_rel", bool),
+             ("manual_dirty_log_protect2", int), ("dirty_ring_with_bitmap", bool), ("cpu_vendor", str),
+             ("pagemap_scan", bool), ("uffd_wp_async", bool)]:
+    assert isinstance(j[k], t), k
+assert "pml" in j and j["pml"] in (True, False, None)
+assert j["kvm"] is True and j["api_version"] == 12
+PY
+then pass "probe --json"; else fail "probe --json: $(cat "$tmp/probe.json" "$tmp/err")"; fi
+
+# run --json: both vCPUs write; the summary is one JSON object on stdout.
+if "$PMLMIG" run --memory 256M --vcpus 2 --workload random --duration 2s --json --check >"$tmp/run.json" 2>"$tmp/err" &&
+   python3 - "$tmp/run.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["status"] == "completed", j
+assert j["duration_s"] > 1.5 and j["pages_written"] > 0 and j["pages_per_second"] > 0
+assert len(j["vcpus"]) == 2
+for v in j["vcpus"]:
+    assert v["pages_written"] > 0 and v["pages_per_second"] > 0, v
+assert j["check"]["ok"] is True and j["check"]["pages_stamped"] > 0
+PY
+then pass "run random 2 vCPUs --json --check"; else fail "run random: $(cat "$tmp/run.json" "$tmp/err")"; fi
+
+# idle writes nothing.
+if "$PMLMIG" run --memory 64M --vcpus 1 --workload idle --duration 500ms --json >"$tmp/idle.json" 2>"$tmp/err" &&
+   python3 -c "import json,sys; j=json.load(open('$tmp/idle.json')); assert j['pages_written']==0 and j['vcpus'][0]['pages_written']==0, j"
+then pass "run idle"; else fail "run idle: $(cat "$tmp/idle.json" "$tmp/err")"; fi
+
+# Ctrl-C stops cleanly and still prints the summary.
+"$PMLMIG" run --memory 64M --workload seq --duration 0 --json >"$tmp/int.json" 2>"$tmp/err" &
+pid=$!
+sleep 1.5
+kill -INT $pid
+wait $pid
+rc=$?
+if [ "$rc" -eq 130 ] && python3 -c "import json; j=json.load(open('$tmp/int.json')); assert j['status']=='interrupted' and j['pages_written']>0, j"
+then pass "Ctrl-C prints the summary"; else fail "Ctrl-C: rc=$rc $(cat "$tmp/int.json" "$tmp/err")"; fi
+
+# A 64 GiB idle guest costs little resident memory.
+if "$PMLMIG" run --memory 64G --vcpus 1 --workload idle --fill zero --duration 2s --json >"$tmp/big.json" 2>"$tmp/err" &&
+   python3 -c "import json; j=json.load(open('$tmp/big.json')); print('64G idle peak RSS', j['peak_rss_bytes']//(1<<20), 'MiB'); assert j['peak_rss_bytes'] < 256*(1<<20), j"
+then pass "64G idle under 256 MiB RSS"; else fail "64G idle: $(cat "$tmp/big.json" "$tmp/err")"; fi
+
+echo "cli_test: $fails failure(s)"
+exit $((fails > 0))

@@ -1,0 +1,192 @@
+// Runs real test guests on /dev/kvm: workloads, pause/resume, the memory
+// checker, and a complete state save and restore into a second VM.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/machine.h"
+
+namespace pmlmig::vmm {
+namespace {
+
+using namespace std::chrono_literals;
+
+class MachineKvmTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (access("/dev/kvm", R_OK | W_OK) != 0) GTEST_SKIP() << "/dev/kvm is absent or not read-write";
+    auto k = Kvm::Open();
+    ASSERT_TRUE(k.ok()) << k.status().message();
+    kvm_ = std::make_unique<Kvm>(std::move(*k));
+  }
+
+  std::unique_ptr<Machine> Make(uint64_t mib, uint32_t vcpus, const char* workload,
+                                FillMode fill = FillMode::kRandom) {
+    MachineOptions o;
+    o.guest.memory_bytes = mib * kMiB;
+    o.guest.vcpus = vcpus;
+    o.guest.workload = *ParseWorkload(workload);
+    o.guest.fill = fill;
+    auto m = Machine::Create(*kvm_, o);
+    EXPECT_TRUE(m.ok()) << m.status().message();
+    return m.ok() ? std::move(*m) : nullptr;
+  }
+
+  static std::vector<uint64_t> Counters(const Machine& m) {
+    std::vector<uint64_t> c;
+    for (const VcpuStats& s : m.Stats()) c.push_back(s.pages_written);
+    return c;
+  }
+
+  std::unique_ptr<Kvm> kvm_;
+};
+
+TEST_F(MachineKvmTest, RandomWorkloadWritesOnEveryVcpuAndPassesTheChecker) {
+  auto m = Make(64, 2, "random");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->Start().ok());
+  std::this_thread::sleep_for(700ms);
+  ASSERT_TRUE(m->Pause().ok()) << m->error().message();
+  EXPECT_EQ(m->state(0), VcpuRunState::kPaused);
+  const auto stats = m->Stats();
+  for (const VcpuStats& s : stats) {
+    EXPECT_TRUE(s.started);
+    EXPECT_GT(s.pages_written, 1000u);
+  }
+  const CheckReport r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_TRUE(r.ok()) << r.first_problem;
+  EXPECT_GT(r.pages_stamped, 1000u);
+  std::printf("checked %llu pages, %llu stamped\n", static_cast<unsigned long long>(r.pages_checked),
+              static_cast<unsigned long long>(r.pages_stamped));
+
+  // Paused means paused: the counters do not move.
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(Counters(*m), Counters(*m));
+  const auto frozen = Counters(*m);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(Counters(*m), frozen);
+
+  // And resume carries on.
+  ASSERT_TRUE(m->Resume().ok());
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(m->Pause().ok());
+  const auto after = Counters(*m);
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_GT(after[i], frozen[i]);
+}
+
+TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
+  auto m = Make(32, 1, "seq");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->Start().ok());
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(m->Pause().ok());
+  auto layout = ComputeGuestLayout(m->memory(), 1);
+  ASSERT_TRUE(layout.ok());
+  ASSERT_TRUE(CheckGuestMemory(m->memory(), m->options().guest, Counters(*m)).ok());
+
+  // An untouched page (the seq workload writes from the start of the area).
+  const uint64_t untouched_gpa = layout->PageGpa(layout->total_pages - 3);
+  uint8_t* p = const_cast<uint8_t*>(m->memory().HostAddress(untouched_gpa, 4096));
+  p[100] ^= 0x40;
+  CheckReport r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_EQ(r.pages_bad, 1u);
+  EXPECT_EQ(r.first_bad_gfn, untouched_gpa >> 12);
+  char gfn[32];
+  std::snprintf(gfn, sizeof gfn, "gfn 0x%llx", static_cast<unsigned long long>(untouched_gpa >> 12));
+  EXPECT_NE(r.ToStatus().message().find(gfn), std::string::npos) << r.ToStatus().message();
+  p[100] ^= 0x40;
+
+  // A stamped page whose stamp names another GFN.
+  const uint64_t stamped_gpa = layout->PageGpa(0);
+  uint8_t* q = const_cast<uint8_t*>(m->memory().HostAddress(stamped_gpa, 4096));
+  q[0] ^= 1;
+  r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_EQ(r.pages_bad, 1u);
+  EXPECT_EQ(r.first_bad_gfn, stamped_gpa >> 12);
+  EXPECT_NE(r.first_problem.find("stamp names gfn"), std::string::npos) << r.first_problem;
+  q[0] ^= 1;
+
+  // A stamp from the future (sequence beyond the vCPU's counter).
+  auto counters = Counters(*m);
+  counters[0] = 1;
+  r = CheckGuestMemory(m->memory(), m->options().guest, counters);
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.first_problem.find("beyond vcpu counter"), std::string::npos) << r.first_problem;
+}
+
+TEST_F(MachineKvmTest, IdleWritesNothing) {
+  auto m = Make(16, 1, "idle", FillMode::kZero);
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->Start().ok());
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(m->Pause().ok()) << m->error().message();
+  EXPECT_TRUE(m->Stats()[0].started);
+  EXPECT_EQ(m->Stats()[0].pages_written, 0u);
+  EXPECT_TRUE(CheckGuestMemory(m->memory(), m->options().guest, Counters(*m)).ok());
+  ASSERT_TRUE(m->Resume().ok());
+  ASSERT_TRUE(m->Pause().ok());
+}
+
+TEST_F(MachineKvmTest, HotsetAndRateLimit) {
+  auto m = Make(64, 1, "hotset:fraction=0.01,share=0.99,rate=4000");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->Start().ok());
+  std::this_thread::sleep_for(1000ms);
+  ASSERT_TRUE(m->Pause().ok()) << m->error().message();
+  const uint64_t written = m->Stats()[0].pages_written;
+  EXPECT_GT(written, 1000u);
+  EXPECT_LT(written, 6000u);  // 4000/s for ~1 s, plus one batch of slack
+  const CheckReport r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_TRUE(r.ok()) << r.first_problem;
+  // 99% of writes into 1% of the share: far fewer distinct pages than writes.
+  EXPECT_LT(r.pages_stamped, written / 2);
+}
+
+TEST_F(MachineKvmTest, SavedStateResumesInASecondVm) {
+  auto a = Make(64, 2, "random");
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(a->Start().ok());
+  std::this_thread::sleep_for(500ms);
+  ASSERT_TRUE(a->Pause().ok());
+  auto saved = a->SaveState();
+  ASSERT_TRUE(saved.ok()) << saved.status().message();
+  const std::vector<uint8_t> blob = EncodeMachineState(*saved);
+  auto decoded = DecodeMachineState(blob);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().message();
+  const auto at_save = Counters(*a);
+
+  auto b = Machine::CreateForRestore(*kvm_, a->options());
+  ASSERT_TRUE(b.ok()) << b.status().message();
+  for (const MemoryRegion& r : a->memory().regions()) {
+    std::memcpy((*b)->memory().HostAddress(r.gpa, r.size), a->memory().HostAddress(r.gpa, r.size), r.size);
+  }
+  ASSERT_TRUE((*b)->RestoreState(*decoded).ok());
+  a->Stop();  // the source never runs again
+  ASSERT_TRUE((*b)->Start().ok());
+  std::this_thread::sleep_for(500ms);
+  ASSERT_TRUE((*b)->Pause().ok()) << (*b)->error().message();
+  const auto resumed = Counters(**b);
+  for (size_t i = 0; i < resumed.size(); ++i) {
+    EXPECT_GT(resumed[i], at_save[i] + 1000) << "vcpu " << i << " did not carry on";
+  }
+  const CheckReport r = CheckGuestMemory((*b)->memory(), (*b)->options().guest, resumed);
+  EXPECT_TRUE(r.ok()) << r.first_problem;
+}
+
+TEST_F(MachineKvmTest, BadConfigurationsAreErrors) {
+  MachineOptions o;
+  o.guest.memory_bytes = 3 * kMiB;
+  auto m = Machine::Create(*kvm_, o);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("multiple of 2 MiB"), std::string::npos);
+  o.guest.memory_bytes = 16 * kMiB;
+  o.guest.vcpus = 0;
+  EXPECT_FALSE(Machine::Create(*kvm_, o).ok());
+}
+
+}  // namespace
+}  // namespace pmlmig::vmm

@@ -1,0 +1,62 @@
+// pmlmig: dirty-page tracking and live migration for KVM test VMs.
+#include <csignal>
+#include <cstdio>
+#include <map>
+
+#include "commands.h"
+
+namespace pmlmig::tools {
+namespace {
+
+volatile std::sig_atomic_t g_interrupted = 0;
+
+}  // namespace
+
+void PrintError(const std::string& message) { std::fprintf(stderr, "pmlmig: error: %s\n", message.c_str()); }
+
+bool Interrupted() { return g_interrupted != 0; }
+
+void InstallInterruptHandler() {
+  struct sigaction sa {};
+  sa.sa_handler = [](int) { g_interrupted = 1; };
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
+}  // namespace pmlmig::tools
+
+int main(int argc, char** argv) {
+  using namespace pmlmig::tools;
+  CLI::App app{"pmlmig: dirty-page tracking and live migration for KVM.\n"
+               "Run 'pmlmig <command> --help' for a command's options.",
+               "pmlmig"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "pmlmig 0.1.0");
+  std::map<const CLI::App*, Command> commands;
+  auto add = [&](Command (*reg)(CLI::App&)) {
+    const size_t before = app.get_subcommands({}).size();
+    Command c = reg(app);
+    commands[app.get_subcommands({})[before]] = std::move(c);
+  };
+  add(&RegisterProbe);
+  add(&RegisterRun);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    PrintError(std::string(e.what()) + " (see 'pmlmig --help')");
+    return kExitUsage;
+  }
+  for (const CLI::App* sub : app.get_subcommands()) {
+    auto it = commands.find(sub);
+    if (it != commands.end()) return it->second();
+  }
+  PrintError("no command given (see 'pmlmig --help')");
+  return kExitUsage;
+}

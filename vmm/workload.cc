@@ -1,0 +1,104 @@
+#include "pmlmig/vmm/workload.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace pmlmig::vmm {
+namespace {
+
+Status BadSpec(std::string_view text, const std::string& why) {
+  return InvalidArgument("invalid workload '" + std::string(text) + "': " + why +
+                         " (expected idle, seq, random or hotset:fraction=F,share=S, each with an "
+                         "optional rate=PAGES_PER_SECOND)");
+}
+
+bool ParseDouble(std::string_view s, double* out) {
+  std::string str(s);
+  char* end = nullptr;
+  *out = std::strtod(str.c_str(), &end);
+  return !str.empty() && end == str.c_str() + str.size();
+}
+
+bool ParseUint(std::string_view s, uint64_t* out) {
+  if (s.empty() || s.size() > 18) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+std::string WorkloadSpec::ToString() const {
+  std::string out;
+  switch (kind) {
+    case PMLMIG_WORKLOAD_IDLE: out = "idle"; break;
+    case PMLMIG_WORKLOAD_SEQ: out = "seq"; break;
+    case PMLMIG_WORKLOAD_RANDOM: out = "random"; break;
+    case PMLMIG_WORKLOAD_HOTSET: {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "hotset:fraction=%g,share=%g", hot_fraction, hot_share);
+      out = buf;
+      break;
+    }
+  }
+  if (rate != 0) {
+    out += kind == PMLMIG_WORKLOAD_HOTSET ? "," : ":";
+    out += "rate=" + std::to_string(rate);
+  }
+  return out;
+}
+
+Result<WorkloadSpec> ParseWorkload(std::string_view text) {
+  WorkloadSpec spec;
+  const size_t colon = text.find(':');
+  const std::string_view name = text.substr(0, colon);
+  if (name == "idle") spec.kind = PMLMIG_WORKLOAD_IDLE;
+  else if (name == "seq") spec.kind = PMLMIG_WORKLOAD_SEQ;
+  else if (name == "random") spec.kind = PMLMIG_WORKLOAD_RANDOM;
+  else if (name == "hotset") spec.kind = PMLMIG_WORKLOAD_HOTSET;
+  else return BadSpec(text, "unknown workload '" + std::string(name) + "'");
+
+  std::string_view rest = colon == std::string_view::npos ? std::string_view() : text.substr(colon + 1);
+  if (colon != std::string_view::npos && rest.empty()) return BadSpec(text, "empty parameter list");
+  while (!rest.empty()) {
+    const size_t comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
+    const size_t eq = item.find('=');
+    if (eq == std::string_view::npos) return BadSpec(text, "parameter '" + std::string(item) + "' has no value");
+    const std::string_view key = item.substr(0, eq);
+    const std::string_view value = item.substr(eq + 1);
+    if (key == "rate") {
+      if (!ParseUint(value, &spec.rate) || spec.rate == 0) {
+        return BadSpec(text, "rate must be a positive whole number of pages per second");
+      }
+      if (spec.kind == PMLMIG_WORKLOAD_IDLE) return BadSpec(text, "idle takes no rate");
+    } else if (spec.kind == PMLMIG_WORKLOAD_HOTSET && key == "fraction") {
+      if (!ParseDouble(value, &spec.hot_fraction) || !(spec.hot_fraction > 0.0 && spec.hot_fraction <= 1.0)) {
+        return BadSpec(text, "fraction must be a number in (0, 1]");
+      }
+    } else if (spec.kind == PMLMIG_WORKLOAD_HOTSET && key == "share") {
+      if (!ParseDouble(value, &spec.hot_share) || !(spec.hot_share >= 0.0 && spec.hot_share <= 1.0)) {
+        return BadSpec(text, "share must be a number in [0, 1]");
+      }
+    } else {
+      return BadSpec(text, "unknown parameter '" + std::string(key) + "' for " + std::string(name));
+    }
+  }
+  return spec;
+}
+
+Result<FillMode> ParseFillMode(std::string_view text) {
+  if (text == "random") return FillMode::kRandom;
+  if (text == "zero") return FillMode::kZero;
+  return InvalidArgument("invalid fill '" + std::string(text) + "': expected random or zero");
+}
+
+std::string_view FillModeName(FillMode mode) { return mode == FillMode::kRandom ? "random" : "zero"; }
+
+}  // namespace pmlmig::vmm
