@@ -1,0 +1,48 @@
+// DirtyTracker: the one interface every dirty-page tracker implements.
+//
+//   Enable()  start logging: every page written from now on will be reported.
+//   Collect() OR every page written since Enable() or the previous Collect()
+//             into `out`, and re-protect those pages before returning, so that
+//             a caller that reads page contents *after* Collect() returns
+//             never misses a later write (the ordering rule of REFERENCE §2).
+//   Disable() stop logging and release what Enable() set up.
+//
+// A tracker that loses information (a dirty ring that overflowed) must say so
+// by marking every page of `out` dirty and counting an overflow: a superset
+// is safe, a subset never is.
+//
+// Thread-safety: Enable/Collect/Disable from one controlling thread; stats()
+// from any thread.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/dirty_set.h"
+
+namespace pmlmig::engine {
+
+struct TrackerStats {
+  uint64_t collections = 0;
+  uint64_t pages_collected = 0;     // sum over collections of pages reported
+  uint64_t collect_ns_total = 0;    // wall time inside Collect()
+  uint64_t last_collect_ns = 0;
+  uint64_t last_pages = 0;
+  uint64_t entries_harvested = 0;   // ring entries / PML entries / bitmap bits
+  uint64_t overflows = 0;           // collections that had to report everything
+  uint64_t ring_full_exits = 0;     // KVM_EXIT_DIRTY_RING_FULL handled
+  uint64_t background_harvests = 0; // collector passes between collections
+};
+
+class DirtyTracker {
+ public:
+  virtual ~DirtyTracker() = default;
+  virtual std::string_view name() const = 0;
+  virtual Status Enable() = 0;
+  virtual Status Collect(DirtySet& out) = 0;
+  virtual Status Disable() = 0;
+  virtual TrackerStats stats() const = 0;
+};
+
+}  // namespace pmlmig::engine

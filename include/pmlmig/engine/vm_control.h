@@ -1,0 +1,50 @@
+// VmControl: what the engine needs from the VMM that runs the guest. vmm/
+// implements it (vmm::Machine); a larger VMM embedding pmlmig implements it
+// for its own VMs. The engine depends on nothing else of the VMM.
+//
+// Thread-safety: every method from the engine's controlling thread, except
+// the ring-full handler, which the VMM calls on a vCPU thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/slot_table.h"
+
+namespace pmlmig::engine {
+
+class VmControl {
+ public:
+  virtual ~VmControl() = default;
+
+  // Guest memory as memslots (host addresses valid while the VM lives).
+  virtual const SlotTable& memory_slots() const = 0;
+  virtual int vm_fd() const = 0;
+  virtual uint32_t vcpu_count() const = 0;
+  virtual int vcpu_fd(uint32_t vcpu) const = 0;
+  // Entries per vCPU dirty ring (enabled before the vCPUs were created), 0
+  // when the VM has no dirty ring.
+  virtual uint32_t dirty_ring_entries() const = 0;
+  // Sets or clears KVM_MEM_LOG_DIRTY_PAGES on every memslot.
+  virtual Status SetDirtyLogging(bool on) = 0;
+
+  // Every vCPU out of KVM_RUN and parked / running again.
+  virtual Status Pause() = 0;
+  virtual Status Resume() = 0;
+  // Returns once every running vCPU has left guest mode at least once since
+  // the call (which flushes PML buffers into the dirty rings).
+  virtual Status KickAll() = 0;
+  // Called on the vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; returns once the
+  // ring has room again (or an error, which stops that vCPU).
+  virtual void SetDirtyRingFullHandler(std::function<Status(uint32_t vcpu)> handler) = 0;
+
+  // The architectural state of the VM and every vCPU, as an opaque,
+  // versioned blob (vCPUs paused).
+  virtual Result<std::vector<uint8_t>> SaveState() = 0;
+  virtual Status LoadState(std::span<const uint8_t> state) = 0;
+};
+
+}  // namespace pmlmig::engine
