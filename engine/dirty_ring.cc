@@ -1,1 +1,293 @@
-// placeholder: being written
+#include "pmlmig/engine/dirty_ring.h"
+
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+namespace pmlmig::engine {
+namespace {
+
+#ifndef KVM_DIRTY_LOG_PAGE_OFFSET
+#define KVM_DIRTY_LOG_PAGE_OFFSET 64
+#endif
+#ifndef KVM_DIRTY_GFN_F_DIRTY
+#define KVM_DIRTY_GFN_F_DIRTY (1u << 0)
+#define KVM_DIRTY_GFN_F_RESET (1u << 1)
+#endif
+
+uint64_t NowNs() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
+
+}  // namespace
+
+RingHarvester::Result RingHarvester::Harvest(DirtySet& set, uint32_t max) {
+  Result r;
+  while (r.harvested < max) {
+    kvm_dirty_gfn& e = entries_[fetch_ & mask_];
+    // Acquire pairs with KVM's release store of DIRTY after it wrote slot and
+    // offset: once we see DIRTY, slot and offset are the ones KVM published.
+    std::atomic_ref<uint32_t> flags(e.flags);
+    if ((flags.load(std::memory_order_acquire) & KVM_DIRTY_GFN_F_DIRTY) == 0) break;
+    const uint32_t slot = e.slot;
+    const uint64_t offset = e.offset;
+    if (!set.MarkSlotPage(slot, offset)) [[unlikely]] {
+      if (r.invalid++ == 0) {
+        r.first_bad_slot = slot;
+        r.first_bad_offset = offset;
+      }
+    }
+    // Release pairs with KVM_RESET_DIRTY_RINGS reading RESET: our reads of
+    // slot/offset happen before KVM may recycle the entry.
+    flags.store(KVM_DIRTY_GFN_F_RESET, std::memory_order_release);
+    ++fetch_;
+    ++r.harvested;
+  }
+  return r;
+}
+
+uint32_t RingHarvester::Resync() {
+  const uint32_t size = mask_ + 1;
+  for (uint32_t d = 1; d < size; ++d) {
+    std::atomic_ref<uint32_t> flags(entries_[(fetch_ + d) & mask_].flags);
+    if ((flags.load(std::memory_order_acquire) & KVM_DIRTY_GFN_F_DIRTY) == 0) continue;
+    // KVM publishes in order, and the acquire above makes everything it wrote
+    // before entry fetch+d visible: if entry `fetch` is published now, it was
+    // simply late (no gap) and a normal harvest takes it.
+    std::atomic_ref<uint32_t> head(entries_[fetch_ & mask_].flags);
+    if ((head.load(std::memory_order_acquire) & KVM_DIRTY_GFN_F_DIRTY) != 0) return 0;
+    // Entries fetch .. fetch+d-1 were skipped by KVM: hand them back as
+    // harvested so the in-order reset can walk past them. KVM re-protects
+    // whatever slot/offset they still hold, which only ever adds a log entry.
+    for (uint32_t g = 0; g < d; ++g) {
+      std::atomic_ref<uint32_t>(entries_[(fetch_ + g) & mask_].flags).store(KVM_DIRTY_GFN_F_RESET, std::memory_order_release);
+    }
+    fetch_ += d;
+    return d;
+  }
+  return 0;
+}
+
+DirtyRingTracker::DirtyRingTracker(VmControl& vm, const DirtyRingOptions& options)
+    : vm_(vm), options_(options), pending_(vm.memory_slots()) {}
+
+Result<std::unique_ptr<DirtyRingTracker>> DirtyRingTracker::Create(VmControl& vm, const DirtyRingOptions& options) {
+  const uint32_t entries = vm.dirty_ring_entries();
+  if (entries == 0) return Unavailable("ring tracker: the VM was created without a dirty ring");
+  if ((entries & (entries - 1)) != 0 || entries <= kRingReservedEntries) {
+    return InvalidArgument("ring tracker: " + std::to_string(entries) + " entries is not a power of two above " +
+                           std::to_string(kRingReservedEntries));
+  }
+  auto t = std::unique_ptr<DirtyRingTracker>(new DirtyRingTracker(vm, options));
+  const long page = sysconf(_SC_PAGESIZE);
+  const size_t bytes = static_cast<size_t>(entries) * sizeof(kvm_dirty_gfn);
+  for (uint32_t i = 0; i < vm.vcpu_count(); ++i) {
+    auto ring = std::make_unique<Ring>();
+    PMLMIG_ASSIGN_OR_RETURN(ring->mapping,
+                            Mapping::Map(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, vm.vcpu_fd(i),
+                                         static_cast<off_t>(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
+                                         "dirty ring of vcpu " + std::to_string(i)));
+    ring->harvester = RingHarvester(reinterpret_cast<kvm_dirty_gfn*>(ring->mapping.data()), entries);
+    t->rings_.push_back(std::move(ring));
+  }
+  return t;
+}
+
+DirtyRingTracker::~DirtyRingTracker() { (void)Disable(); }
+
+Status DirtyRingTracker::Enable() {
+  {
+    std::lock_guard lock(mu_);
+    if (running_) return Status::Ok();
+    running_ = true;
+    stop_ = false;
+    error_ = Status::Ok();
+    overflow_ = false;
+  }
+  vm_.SetDirtyRingFullHandler([this](uint32_t vcpu) { return OnRingFull(vcpu); });
+  collector_ = std::thread([this] { CollectorLoop(); });
+  Status s = vm_.SetDirtyLogging(true);
+  if (!s.ok()) {
+    (void)Disable();
+    return s.WithContext("ring tracker");
+  }
+  return Status::Ok();
+}
+
+Status DirtyRingTracker::Disable() {
+  {
+    std::lock_guard lock(mu_);
+    if (!running_) return Status::Ok();
+  }
+  Status s = vm_.SetDirtyLogging(false);
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (collector_.joinable()) collector_.join();
+  // Leave the rings empty: a vCPU must never find its ring full once logging is off.
+  Pass();
+  vm_.SetDirtyRingFullHandler(nullptr);
+  std::lock_guard lock(mu_);
+  running_ = false;
+  return s;
+}
+
+void DirtyRingTracker::CollectorLoop() {
+  std::unique_lock lock(mu_);
+  bool busy = false;
+  while (!stop_) {
+    // A ring found a quarter full or more gets drained again at once: the
+    // guest writes faster than the period allows for this ring size.
+    if (!busy) cv_.wait_for(lock, options_.collector_period, [&] { return stop_ || requested_ > completed_; });
+    if (stop_) break;
+    const uint64_t generation = requested_;
+    lock.unlock();
+    busy = Pass();
+    lock.lock();
+    completed_ = std::max(completed_, generation);
+    cv_.notify_all();
+  }
+  // Release anyone still waiting: no pass will come.
+  completed_ = requested_;
+  cv_.notify_all();
+}
+
+bool DirtyRingTracker::Pass() {
+  uint64_t harvested = 0;
+  uint32_t busiest = 0;  // quarters of a ring found full
+  bool overflow = false;
+  Status bad;
+  uint64_t skipped = 0;
+  for (auto& ring : rings_) {
+    RingHarvester::Result r = ring->harvester.Harvest(pending_);
+    const bool reported_full = ring->reported_full.exchange(false, std::memory_order_acq_rel);
+    if (r.harvested == 0 && (reported_full || ring->suspect)) {
+      // Full, yet nothing at our index: look for an overflow gap.
+      if (const uint32_t gap = ring->harvester.Resync(); gap != 0) {
+        skipped += gap;
+        overflow = true;
+        r = ring->harvester.Harvest(pending_);
+      }
+    }
+    // A pass can take at most `size` entries (taken ones stay RESET until the
+    // reset below); finding all of them published means KVM may have had to
+    // write past a full ring. Between the soft limit (size - 64 here) and
+    // size, nothing is lost yet.
+    if (r.harvested >= ring->harvester.size()) {
+      overflow = true;
+      ring->suspect = true;
+    } else if (r.harvested != 0) {
+      ring->suspect = false;
+    }
+    busiest = std::max(busiest, r.harvested * 4 / ring->harvester.size());
+    harvested += r.harvested;
+    if (r.invalid != 0 && bad.ok()) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "dirty ring: %u entries outside guest memory (first: slot %u offset 0x%llx)",
+                    r.invalid, r.first_bad_slot, static_cast<unsigned long long>(r.first_bad_offset));
+      bad = DataLoss(buf);
+    }
+  }
+  passes_.fetch_add(1, std::memory_order_relaxed);
+  if (harvested + skipped != 0) {
+    entries_harvested_.fetch_add(harvested, std::memory_order_relaxed);
+    const int reset = ::ioctl(vm_.vm_fd(), KVM_RESET_DIRTY_RINGS, 0);
+    if (reset < 0) {
+      if (bad.ok()) bad = Status::FromErrno(errno, "KVM_RESET_DIRTY_RINGS (vm)");
+      overflow = true;
+    } else if (static_cast<uint64_t>(reset) != harvested + skipped) {
+      overflow = true;  // KVM recycled a different number than we took: entries were lost
+    }
+  }
+  if (overflow) {
+    overflows_.fetch_add(1, std::memory_order_relaxed);
+    pending_.MarkAll();
+  }
+  if (overflow || !bad.ok()) {
+    std::lock_guard lock(mu_);
+    overflow_ |= overflow;
+    if (error_.ok()) error_ = bad;
+  }
+  return busiest >= 1;
+}
+
+Status DirtyRingTracker::RequestPassAndWait() {
+  std::unique_lock lock(mu_);
+  if (!running_ || stop_) return Status::Ok();
+  const uint64_t generation = ++requested_;
+  cv_.notify_all();
+  cv_.wait(lock, [&] { return completed_ >= generation || stop_; });
+  return Status::Ok();
+}
+
+Status DirtyRingTracker::OnRingFull(uint32_t vcpu) {
+  // On the vCPU's thread: the collector drains this ring (and resets it) in
+  // the next pass; KVM_RUN then has room again.
+  ring_full_exits_.fetch_add(1, std::memory_order_relaxed);
+  if (vcpu < rings_.size()) rings_[vcpu]->reported_full.store(true, std::memory_order_release);
+  return RequestPassAndWait();
+}
+
+Status DirtyRingTracker::Collect(DirtySet& out) {
+  if (!out.SameGeometry(pending_)) return InvalidArgument("ring tracker: dirty set does not match the memslots");
+  const uint64_t start = NowNs();
+  // Flush: every vCPU leaves guest mode (on PML hosts, that empties its PML
+  // buffer into its ring), then a pass that started after that drains and
+  // resets every ring. Only then are the pages safe to read.
+  PMLMIG_RETURN_IF_ERROR(vm_.KickAll().WithContext("ring tracker: kick"));
+  {
+    std::lock_guard lock(mu_);
+    if (!running_) return InvalidArgument("ring tracker: Collect before Enable");
+  }
+  PMLMIG_RETURN_IF_ERROR(RequestPassAndWait());
+  Status err;
+  bool overflow;
+  {
+    std::lock_guard lock(mu_);
+    err = error_;
+    error_ = Status::Ok();
+    overflow = overflow_;
+    overflow_ = false;
+  }
+  uint64_t pages = pending_.TakeInto(out);
+  if (overflow) {
+    // Entries were lost, and with them the re-protection of their pages:
+    // those pages would stay writable without logging. Turning logging off
+    // and on write-protects every page again; then everything is reported.
+    Status rearm = vm_.SetDirtyLogging(false);
+    if (rearm.ok()) rearm = vm_.SetDirtyLogging(true);
+    if (!rearm.ok() && err.ok()) err = rearm.WithContext("ring tracker: re-arming after overflow");
+    out.MarkAll();
+    pages = out.total_pages();
+  }
+  const uint64_t ns = NowNs() - start;
+  collections_.fetch_add(1, std::memory_order_relaxed);
+  pages_collected_.fetch_add(pages, std::memory_order_relaxed);
+  collect_ns_total_.fetch_add(ns, std::memory_order_relaxed);
+  last_collect_ns_.store(ns, std::memory_order_relaxed);
+  last_pages_.store(pages, std::memory_order_relaxed);
+  return err;
+}
+
+TrackerStats DirtyRingTracker::stats() const {
+  TrackerStats s;
+  s.collections = collections_.load(std::memory_order_relaxed);
+  s.pages_collected = pages_collected_.load(std::memory_order_relaxed);
+  s.collect_ns_total = collect_ns_total_.load(std::memory_order_relaxed);
+  s.last_collect_ns = last_collect_ns_.load(std::memory_order_relaxed);
+  s.last_pages = last_pages_.load(std::memory_order_relaxed);
+  s.entries_harvested = entries_harvested_.load(std::memory_order_relaxed);
+  s.overflows = overflows_.load(std::memory_order_relaxed);
+  s.ring_full_exits = ring_full_exits_.load(std::memory_order_relaxed);
+  s.background_harvests = passes_.load(std::memory_order_relaxed);
+  return s;
+}
+
+}  // namespace pmlmig::engine

@@ -129,6 +129,47 @@ Status Machine::Pause() {
   return error_;
 }
 
+Status Machine::KickAll() {
+  if (!started_) return Status::Ok();
+  std::unique_lock lock(mu_);
+  const uint64_t gen = kick_gen_.fetch_add(1) + 1;
+  for (auto& t : vcpus_) {
+    if (t->state == VcpuRunState::kRunning) Kick(*t);
+  }
+  cv_.wait(lock, [&] {
+    for (auto& t : vcpus_) {
+      if (t->state == VcpuRunState::kRunning && t->kick_ack < gen) return false;
+    }
+    return true;
+  });
+  return error_;
+}
+
+Status Machine::SetDirtyLogging(bool on) {
+  for (const engine::MemorySlot& s : std::vector<engine::MemorySlot>(vm_->slots().slots().begin(),
+                                                                      vm_->slots().slots().end())) {
+    engine::MemorySlot changed = s;
+    changed.flags = on ? (s.flags | KVM_MEM_LOG_DIRTY_PAGES) : (s.flags & ~KVM_MEM_LOG_DIRTY_PAGES);
+    if (changed.flags != s.flags) PMLMIG_RETURN_IF_ERROR(vm_->SetMemorySlot(changed));
+  }
+  return Status::Ok();
+}
+
+void Machine::SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler) {
+  std::lock_guard lock(mu_);
+  dirty_ring_full_ = std::move(handler);
+}
+
+Result<std::vector<uint8_t>> Machine::SaveState() {
+  PMLMIG_ASSIGN_OR_RETURN(MachineState s, CaptureState());
+  return EncodeMachineState(s);
+}
+
+Status Machine::LoadState(std::span<const uint8_t> bytes) {
+  PMLMIG_ASSIGN_OR_RETURN(MachineState s, DecodeMachineState(bytes));
+  return RestoreState(s);
+}
+
 Status Machine::Resume() {
   if (!started_) return InvalidArgument("machine not started");
   std::unique_lock lock(mu_);
@@ -223,6 +264,15 @@ void Machine::Loop(VcpuThread& t) {
       failure = ran.status();
       break;
     }
+    // A KickAll waits until each vCPU has been out of guest mode since it
+    // asked; being here (KVM_RUN returned) is exactly that.
+    if (const uint64_t gen = kick_gen_.load(std::memory_order_acquire); gen != 0) {
+      std::lock_guard lock(mu_);
+      if (t.kick_ack != gen) {
+        t.kick_ack = gen;
+        cv_.notify_all();
+      }
+    }
     if (!*ran) continue;  // kicked
     const ExitEvent e = DecodeExit(vcpu.run(), run_size_);
     t.io_pending = e.kind == ExitKind::kIo || e.kind == ExitKind::kMmio;
@@ -301,7 +351,15 @@ ExitAction Machine::OnHalt(uint32_t id) {
 }
 
 ExitAction Machine::OnDirtyRingFull(uint32_t id) {
-  if (dirty_ring_full_) return dirty_ring_full_(id);
+  std::function<Status(uint32_t)> handler;
+  {
+    std::lock_guard lock(mu_);  // a rare exit: the copy keeps a concurrent re-set harmless
+    handler = dirty_ring_full_;
+  }
+  if (handler) {
+    Status s = handler(id);
+    return s.ok() ? ExitAction::Continue() : ExitAction::Stop(s.WithContext("vcpu " + std::to_string(id)));
+  }
   return ExitAction::Stop(Internal("vcpu " + std::to_string(id) +
                                    ": dirty ring full, but no dirty tracker harvests the ring"));
 }
@@ -319,7 +377,7 @@ std::vector<VcpuStats> Machine::Stats() const {
   return out;
 }
 
-Result<MachineState> Machine::SaveState() {
+Result<MachineState> Machine::CaptureState() {
   {
     std::lock_guard lock(mu_);
     for (auto& t : vcpus_) {

@@ -152,7 +152,7 @@ TEST_F(MachineKvmTest, SavedStateResumesInASecondVm) {
   ASSERT_TRUE(a->Start().ok());
   std::this_thread::sleep_for(500ms);
   ASSERT_TRUE(a->Pause().ok());
-  auto saved = a->SaveState();
+  auto saved = a->CaptureState();
   ASSERT_TRUE(saved.ok()) << saved.status().message();
   const std::vector<uint8_t> blob = EncodeMachineState(*saved);
   auto decoded = DecodeMachineState(blob);

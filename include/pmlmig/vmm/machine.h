@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "pmlmig/base/status.h"
+#include "pmlmig/engine/vm_control.h"
 #include "pmlmig/vmm/boot.h"
 #include "pmlmig/vmm/exit.h"
 #include "pmlmig/vmm/guest_memory.h"
@@ -53,7 +54,7 @@ struct VcpuStats {
   bool started = false;
 };
 
-class Machine final : private ExitHandler {
+class Machine final : public engine::VmControl, private ExitHandler {
  public:
   // Builds the VM and boots the test guest (fill, page tables, registers).
   static Result<std::unique_ptr<Machine>> Create(const Kvm& kvm, const MachineOptions& options);
@@ -63,19 +64,30 @@ class Machine final : private ExitHandler {
   ~Machine() override;
 
   Status Start();
-  Status Pause();
-  Status Resume();
+  Status Pause() override;
+  Status Resume() override;
+  Status KickAll() override;
   // Stops and joins every vCPU thread; idempotent.
   void Stop();
 
   // Requires every vCPU created or paused.
-  Result<MachineState> SaveState();
+  Result<MachineState> CaptureState();
   Status RestoreState(const MachineState& state);
+
+  // engine::VmControl
+  const engine::SlotTable& memory_slots() const override { return vm_->slots(); }
+  int vm_fd() const override { return vm_->fd(); }
+  uint32_t vcpu_count() const override { return static_cast<uint32_t>(vcpus_.size()); }
+  int vcpu_fd(uint32_t i) const override { return vcpus_[i]->vcpu->fd(); }
+  uint32_t dirty_ring_entries() const override { return options_.dirty_ring_bytes / sizeof(kvm_dirty_gfn); }
+  Status SetDirtyLogging(bool on) override;
+  void SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler) override;
+  Result<std::vector<uint8_t>> SaveState() override;  // CaptureState, encoded
+  Status LoadState(std::span<const uint8_t> state) override;
 
   const MachineOptions& options() const { return options_; }
   const GuestMemory& memory() const { return memory_; }
   Vm& vm() { return *vm_; }
-  uint32_t vcpu_count() const { return static_cast<uint32_t>(vcpus_.size()); }
   Vcpu& vcpu(uint32_t i) { return *vcpus_[i]->vcpu; }
   VcpuRunState state(uint32_t i) const;
 
@@ -85,11 +97,6 @@ class Machine final : private ExitHandler {
   Status error() const;
   std::string console_output() const;
 
-  // Called on the vCPU thread on KVM_EXIT_DIRTY_RING_FULL (the dirty tracker
-  // harvests or waits for its collector). Set before Start().
-  void SetDirtyRingFullHandler(std::function<ExitAction(uint32_t)> handler) {
-    dirty_ring_full_ = std::move(handler);
-  }
 
  private:
   enum class Request : int { kRun, kPause, kStop };
@@ -103,6 +110,7 @@ class Machine final : private ExitHandler {
     std::chrono::steady_clock::time_point pace_start; // vCPU thread only
     uint64_t paced_pages = 0;                         // vCPU thread only
     std::string console_line;                         // vCPU thread only
+    uint64_t kick_ack = 0;                            // guarded by mu_: last KickAll generation seen out of KVM_RUN
   };
 
   Machine() = default;
@@ -123,7 +131,8 @@ class Machine final : private ExitHandler {
   GuestMemory memory_;
   std::unique_ptr<Vm> vm_;
   std::vector<std::unique_ptr<VcpuThread>> vcpus_;
-  std::function<ExitAction(uint32_t)> dirty_ring_full_;
+  std::function<Status(uint32_t)> dirty_ring_full_;  // guarded by mu_
+  std::atomic<uint64_t> kick_gen_{0};  // KickAll generation; vCPU threads ack it after KVM_RUN returns
 
   mutable std::mutex mu_;
   std::condition_variable cv_;  // vCPU state changes and requests
