@@ -10,6 +10,8 @@
 
 #include "commands.h"
 #include "pmlmig/base/units.h"
+#include "pmlmig/engine/tracker.h"
+#include "pmlmig/vmm/capabilities.h"
 #include "pmlmig/vmm/checker.h"
 #include "pmlmig/vmm/machine.h"
 
@@ -28,7 +30,23 @@ struct RunFlags {
   bool huge_pages = false;
   bool no_irqchip = false;
   bool quiet = false;
+  std::string tracker = "none";
+  uint32_t ring_entries = 0;  // 0: the default, 65536 or the host's maximum
 };
+
+// The dirty ring's size: a power of two in [256, host maximum] (KVM wants at
+// least one page of 16-byte entries).
+Result<uint32_t> RingEntries(const vmm::Kvm& kvm, uint32_t requested) {
+  const vmm::HostCapabilities caps = vmm::ProbeHost(kvm);
+  if (!caps.dirty_ring) return Unavailable("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING is 0)");
+  const uint32_t max = caps.dirty_ring_max_entries;
+  if (requested == 0) return std::min<uint32_t>(65536, max);
+  if ((requested & (requested - 1)) != 0 || requested < 256 || requested > max) {
+    return InvalidArgument("--ring-entries " + std::to_string(requested) +
+                           ": must be a power of two from 256 to this host's maximum of " + std::to_string(max));
+  }
+  return requested;
+}
 
 // Bytes of host memory available for new allocations (MemAvailable).
 uint64_t AvailableHostMemory() {
@@ -88,18 +106,40 @@ int Run(const RunFlags& f) {
   options.irqchip = !f.no_irqchip;
   options.huge_pages = f.huge_pages;
 
+  auto tracker_kind = engine::ParseTrackerKind(f.tracker);
+  if (!tracker_kind.ok()) return PrintError("--tracker: " + tracker_kind.status().message()), kExitUsage;
+  if (f.ring_entries != 0 && *tracker_kind != engine::TrackerKind::kRing) {
+    return PrintError("--ring-entries needs --tracker ring"), kExitUsage;
+  }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
+  uint32_t ring_entries = 0;
+  if (*tracker_kind == engine::TrackerKind::kRing) {
+    auto entries = RingEntries(*kvm, f.ring_entries);
+    if (!entries.ok()) {
+      PrintError(entries.status().message());
+      return entries.status().code() == Code::kInvalidArgument ? kExitUsage : kExitFailure;
+    }
+    ring_entries = *entries;
+    options.dirty_ring_bytes = ring_entries * static_cast<uint32_t>(sizeof(kvm_dirty_gfn));
+  }
   InstallInterruptHandler();
   const auto t_setup = std::chrono::steady_clock::now();
   auto machine = vmm::Machine::Create(*kvm, options);
   if (!machine.ok()) return PrintError(machine.status().message()), kExitFailure;
   vmm::Machine& m = **machine;
+  auto tracker = engine::CreateTracker(*tracker_kind, m, {});
+  if (!tracker.ok()) return PrintError(tracker.status().message()), kExitFailure;
+  engine::DirtySet collected(m.memory_slots());
+  if (*tracker) {
+    if (Status s = (*tracker)->Enable(); !s.ok()) return PrintError(s.message()), kExitFailure;
+  }
   const double setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_setup).count();
   if (!f.quiet) {
-    std::fprintf(stderr, "pmlmig run: %s guest, %u vCPU%s, workload %s, fill %s (setup %.2f s)%s\n",
+    const std::string ring = ring_entries ? " (" + std::to_string(ring_entries) + " entries)" : "";
+    std::fprintf(stderr, "pmlmig run: %s guest, %u vCPU%s, workload %s, fill %s, tracker %s%s (setup %.2f s)%s\n",
                  FormatBytes(*memory).c_str(), f.vcpus, f.vcpus == 1 ? "" : "s",
-                 workload->ToString().c_str(), f.fill.c_str(), setup_s,
+                 workload->ToString().c_str(), f.fill.c_str(), f.tracker.c_str(), ring.c_str(), setup_s,
                  duration->count() == 0 ? "; Ctrl-C to stop" : "");
   }
 
@@ -115,7 +155,16 @@ int Run(const RunFlags& f) {
     if (failure = m.error(); !failure.ok()) break;
     auto next = std::min(last_tick + std::chrono::seconds(1), duration->count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
-    if (std::chrono::steady_clock::now() - last_tick >= std::chrono::seconds(1) && !f.quiet) {
+    if (std::chrono::steady_clock::now() - last_tick >= std::chrono::seconds(1)) {
+      uint64_t pages_collected = 0;
+      double collect_ms = 0;
+      if (*tracker) {
+        const auto c0 = std::chrono::steady_clock::now();
+        if (failure = (*tracker)->Collect(collected); !failure.ok()) break;
+        collect_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - c0).count();
+        pages_collected = collected.Count();
+        collected.Clear();
+      }
       const auto t = std::chrono::steady_clock::now();
       const double dt = std::chrono::duration<double>(t - last_tick).count();
       std::vector<vmm::VcpuStats> cur = m.Stats();
@@ -130,7 +179,12 @@ int Run(const RunFlags& f) {
         if (cur.size() > 1) line += " vcpu" + std::to_string(i) + " " + Rate(r);
       }
       line += (cur.size() > 1 ? "  total " : " ") + Rate(total) + " pages/s";
-      std::fprintf(stderr, "%s\n", line.c_str());
+      if (*tracker) {
+        char col[96];
+        std::snprintf(col, sizeof col, "  | collected %" PRIu64 " pages in %.2f ms", pages_collected, collect_ms);
+        line += col;
+      }
+      if (!f.quiet) std::fprintf(stderr, "%s\n", line.c_str());
       last = std::move(cur);
       last_tick = t;
     }
@@ -138,6 +192,14 @@ int Run(const RunFlags& f) {
   const Status paused = m.Pause();
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (failure.ok()) failure = paused;
+  engine::TrackerStats tstats;
+  if (*tracker) {
+    // The final, complete collection with the vCPUs paused.
+    Status s = (*tracker)->Collect(collected);
+    if (failure.ok()) failure = s;
+    tstats = (*tracker)->stats();
+    if (Status d = (*tracker)->Disable(); failure.ok()) failure = d;
+  }
   const std::vector<vmm::VcpuStats> stats = m.Stats();
 
   nlohmann::ordered_json check = nullptr;
@@ -171,6 +233,13 @@ int Run(const RunFlags& f) {
       {"workload", workload->ToString()},
       {"fill", f.fill},
       {"setup_s", setup_s},
+      {"tracker", f.tracker},
+      {"pages_collected", tstats.pages_collected},
+      {"collect_ms_total", static_cast<double>(tstats.collect_ns_total) / 1e6},
+      {"collections", tstats.collections},
+      {"ring_entries", ring_entries},
+      {"ring_full_exits", tstats.ring_full_exits},
+      {"ring_overflows", tstats.overflows},
       {"peak_rss_bytes", PeakRssBytes()},
       {"vcpus", vcpus},
       {"check", check},
@@ -186,6 +255,15 @@ int Run(const RunFlags& f) {
     for (size_t i = 0; i < stats.size(); ++i) {
       std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops\n", i, stats[i].pages_written,
                   Rate(static_cast<double>(stats[i].pages_written) / elapsed).c_str(), stats[i].loops);
+    }
+    if (*tracker) {
+      std::printf("  tracker %s: %" PRIu64 " pages collected in %" PRIu64 " collections, %.2f ms collecting",
+                  f.tracker.c_str(), tstats.pages_collected, tstats.collections,
+                  static_cast<double>(tstats.collect_ns_total) / 1e6);
+      if (ring_entries != 0) {
+        std::printf(", %" PRIu64 " ring-full exits, %" PRIu64 " overflows", tstats.ring_full_exits, tstats.overflows);
+      }
+      std::printf("\n");
     }
     if (!check.is_null()) {
       std::printf("  memory check: %s, %" PRIu64 " pages checked, %" PRIu64 " stamped\n",
@@ -221,6 +299,12 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_flag("--huge-pages", f->huge_pages, "Back guest RAM with transparent huge pages");
   cmd->add_flag("--no-irqchip", f->no_irqchip, "Do not create KVM's in-kernel interrupt controller");
   cmd->add_flag("--quiet,-q", f->quiet, "No progress lines");
+  cmd->add_option("--tracker", f->tracker,
+                  "Dirty tracking while the guest runs: ring (KVM dirty ring, the PML path), bitmap "
+                  "(KVM_GET_DIRTY_LOG), bitmap-clear (GET + KVM_CLEAR_DIRTY_LOG) or none; collects once a second")
+      ->capture_default_str();
+  cmd->add_option("--ring-entries", f->ring_entries,
+                  "Dirty ring entries per vCPU: a power of two, 256 to the host maximum (default 65536)");
   return [f]() { return Run(*f); };
 }
 

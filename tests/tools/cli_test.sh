@@ -42,6 +42,8 @@ expect_error "bad hotset" 2 "fraction must be" run --workload hotset:fraction=7
 expect_error "bad fill" 2 "invalid fill 'ones'" run --fill ones
 expect_error "bad duration" 2 "invalid duration '5 parsecs'" run --duration "5 parsecs"
 expect_error "random fill beyond host memory" 2 "use --fill zero" run --memory 200G
+expect_error "bad tracker" 2 "unknown tracker 'pml'" run --tracker pml
+expect_error "ring entries without ring" 2 "--ring-entries needs --tracker ring" run --tracker bitmap --ring-entries 4096
 expect_error "missing kvm device" 1 "/nonexistent/kvm" probe --device /nonexistent/kvm
 
 if [ ! -w /dev/kvm ]; then
@@ -76,6 +78,21 @@ for v in j["vcpus"]:
 assert j["check"]["ok"] is True and j["check"]["pages_stamped"] > 0
 PY
 then pass "run random 2 vCPUs --json --check"; else fail "run random: $(cat "$tmp/run.json" "$tmp/err")"; fi
+
+# Every tracker collects while the guest runs; the JSON says what it collected.
+for t in ring bitmap bitmap-clear; do
+  if "$PMLMIG" run --memory 128M --vcpus 2 --workload random --duration 1500ms --tracker $t --json --check >"$tmp/t.json" 2>"$tmp/err" &&
+     python3 - "$tmp/t.json" "$t" <<'PY2'
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["status"] == "completed" and j["tracker"] == sys.argv[2], j
+assert j["pages_collected"] > 0 and j["collect_ms_total"] > 0 and j["collections"] >= 2, j
+assert j["check"]["ok"] is True
+PY2
+  then pass "run --tracker $t"; else fail "run --tracker $t: $(cat "$tmp/t.json" "$tmp/err")"; fi
+done
+expect_error "ring entries not a power of two" 2 "power of two from 256" run --tracker ring --ring-entries 1000
+expect_error "ring entries too small" 2 "power of two from 256" run --tracker ring --ring-entries 128
 
 # idle writes nothing.
 if "$PMLMIG" run --memory 64M --vcpus 1 --workload idle --duration 500ms --json >"$tmp/idle.json" 2>"$tmp/err" &&

@@ -15,7 +15,9 @@
 // from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string_view>
 
 #include "pmlmig/base/status.h"
@@ -44,5 +46,26 @@ class DirtyTracker {
   virtual Status Disable() = 0;
   virtual TrackerStats stats() const = 0;
 };
+
+}  // namespace pmlmig::engine
+
+// Building the KVM trackers by name, for the command line and benchmarks.
+namespace pmlmig::engine {
+
+class VmControl;
+
+enum class TrackerKind { kNone, kRing, kBitmap, kBitmapClear };
+
+// "none", "ring", "bitmap", "bitmap-clear"; an error lists the valid names.
+Result<TrackerKind> ParseTrackerKind(std::string_view name);
+std::string_view TrackerKindName(TrackerKind kind);
+
+struct TrackerOptions {
+  std::chrono::microseconds ring_collector_period{2000};  // ring: background drain period
+  uint64_t clear_chunk_bytes = 64ull << 20;                // bitmap-clear: bytes per KVM_CLEAR_DIRTY_LOG
+};
+
+// nullptr for kNone. The VM must have a dirty ring exactly when kind is kRing.
+Result<std::unique_ptr<DirtyTracker>> CreateTracker(TrackerKind kind, VmControl& vm, const TrackerOptions& options);
 
 }  // namespace pmlmig::engine
