@@ -36,7 +36,7 @@ RingHarvester::Result RingHarvester::Harvest(DirtySet& set, uint32_t max) {
     if ((flags.load(std::memory_order_acquire) & KVM_DIRTY_GFN_F_DIRTY) == 0) break;
     const uint32_t slot = e.slot;
     const uint64_t offset = e.offset;
-    if (!set.MarkSlotPage(slot, offset)) [[unlikely]] {
+    if (!set.MarkExclusive(slot, offset)) [[unlikely]] {
       if (r.invalid++ == 0) {
         r.first_bad_slot = slot;
         r.first_bad_offset = offset;
@@ -148,9 +148,17 @@ void DirtyRingTracker::CollectorLoop() {
     if (!busy) cv_.wait_for(lock, options_.collector_period, [&] { return stop_ || requested_ > completed_; });
     if (stop_) break;
     const uint64_t generation = requested_;
+    DirtySet* take_into = take_generation_ <= generation ? take_into_ : nullptr;
     lock.unlock();
     busy = Pass();
+    // The harvested set belongs to this thread: a Collect's take happens
+    // here, after the pass its request started.
+    const uint64_t taken = take_into != nullptr ? pending_.TakeInto(*take_into) : 0;
     lock.lock();
+    if (take_into != nullptr) {
+      taken_pages_ = taken;
+      take_into_ = nullptr;
+    }
     completed_ = std::max(completed_, generation);
     cv_.notify_all();
   }
@@ -218,10 +226,14 @@ bool DirtyRingTracker::Pass() {
   return busiest >= 1;
 }
 
-Status DirtyRingTracker::RequestPassAndWait() {
+Status DirtyRingTracker::RequestPassAndWait(DirtySet* take_into) {
   std::unique_lock lock(mu_);
   if (!running_ || stop_) return Status::Ok();
   const uint64_t generation = ++requested_;
+  if (take_into != nullptr) {
+    take_into_ = take_into;
+    take_generation_ = generation;
+  }
   cv_.notify_all();
   cv_.wait(lock, [&] { return completed_ >= generation || stop_; });
   return Status::Ok();
@@ -232,7 +244,7 @@ Status DirtyRingTracker::OnRingFull(uint32_t vcpu) {
   // the next pass; KVM_RUN then has room again.
   ring_full_exits_.fetch_add(1, std::memory_order_relaxed);
   if (vcpu < rings_.size()) rings_[vcpu]->reported_full.store(true, std::memory_order_release);
-  return RequestPassAndWait();
+  return RequestPassAndWait(nullptr);
 }
 
 Status DirtyRingTracker::Collect(DirtySet& out) {
@@ -246,17 +258,23 @@ Status DirtyRingTracker::Collect(DirtySet& out) {
     std::lock_guard lock(mu_);
     if (!running_) return InvalidArgument("ring tracker: Collect before Enable");
   }
-  PMLMIG_RETURN_IF_ERROR(RequestPassAndWait());
+  PMLMIG_RETURN_IF_ERROR(RequestPassAndWait(&out));
   Status err;
   bool overflow;
+  uint64_t pages;
   {
     std::lock_guard lock(mu_);
     err = error_;
     error_ = Status::Ok();
     overflow = overflow_;
     overflow_ = false;
+    pages = taken_pages_;
+    taken_pages_ = 0;
+    if (take_into_ != nullptr) {  // the collector stopped before taking
+      take_into_ = nullptr;
+      return Aborted("ring tracker: disabled during Collect");
+    }
   }
-  uint64_t pages = pending_.TakeInto(out);
   if (overflow) {
     // Entries were lost, and with them the re-protection of their pages:
     // those pages would stay writable without logging. Turning logging off

@@ -15,6 +15,8 @@ DirtySet::DirtySet(const SlotTable& table) {
     s.pages = m.pages();
     s.words = (s.pages + 63) / 64;
     s.bits = std::make_unique<std::atomic<uint64_t>[]>(s.words);  // value-initialized: zero
+    s.summary_words = (s.words + 63) / 64;
+    s.summary = std::make_unique<std::atomic<uint64_t>[]>(s.summary_words);
     index_[m.slot] = static_cast<int32_t>(slots_.size());
     total_pages_ += s.pages;
     slots_.push_back(std::move(s));
@@ -58,7 +60,7 @@ void DirtySet::OrBitmap(size_t slot_index, uint64_t first_page, const uint64_t* 
     for (uint64_t w = 0; w < words; ++w) {
       uint64_t v = bitmap[w];
       if (w == words - 1 && (pages & 63) != 0) v &= (1ull << (pages & 63)) - 1;
-      if (v != 0) s.bits[base + w].fetch_or(v, std::memory_order_relaxed);
+      if (v != 0) OrWord(slot_index, base + w, v);
     }
     return;
   }
@@ -71,7 +73,11 @@ void DirtySet::MarkAll() {
   for (Slot& s : slots_) {
     for (uint64_t w = 0; w < s.words; ++w) {
       const uint64_t remaining = s.pages - (w << 6);
-      s.bits[w].store(remaining >= 64 ? ~0ull : (1ull << remaining) - 1, std::memory_order_relaxed);
+      s.bits[w].store(remaining >= 64 ? ~0ull : (1ull << remaining) - 1, std::memory_order_seq_cst);
+    }
+    for (uint64_t sw = 0; sw < s.summary_words; ++sw) {
+      const uint64_t remaining = s.words - (sw << 6);
+      s.summary[sw].store(remaining >= 64 ? ~0ull : (1ull << remaining) - 1, std::memory_order_seq_cst);
     }
   }
 }
@@ -79,6 +85,7 @@ void DirtySet::MarkAll() {
 void DirtySet::Clear() {
   for (Slot& s : slots_) {
     for (uint64_t w = 0; w < s.words; ++w) s.bits[w].store(0, std::memory_order_relaxed);
+    for (uint64_t sw = 0; sw < s.summary_words; ++sw) s.summary[sw].store(0, std::memory_order_relaxed);
   }
 }
 
@@ -95,7 +102,14 @@ bool DirtySet::TestGpa(uint64_t gpa) const {
 uint64_t DirtySet::Count() const {
   uint64_t n = 0;
   for (const Slot& s : slots_) {
-    for (uint64_t w = 0; w < s.words; ++w) n += static_cast<uint64_t>(std::popcount(s.bits[w].load(std::memory_order_relaxed)));
+    for (uint64_t sw = 0; sw < s.summary_words; ++sw) {
+      uint64_t sv = s.summary[sw].load(std::memory_order_relaxed);
+      while (sv != 0) {
+        const uint64_t w = (sw << 6) + static_cast<uint64_t>(std::countr_zero(sv));
+        sv &= sv - 1;
+        n += static_cast<uint64_t>(std::popcount(s.bits[w].load(std::memory_order_relaxed)));
+      }
+    }
   }
   return n;
 }
@@ -113,14 +127,12 @@ bool DirtySet::SameGeometry(const DirtySet& o) const {
 uint64_t DirtySet::TakeInto(DirtySet& out) {
   uint64_t n = 0;
   for (size_t i = 0; i < slots_.size(); ++i) {
-    Slot& s = slots_[i];
     Slot& d = out.slots_[i];
-    for (uint64_t w = 0; w < s.words; ++w) {
-      if (s.bits[w].load(std::memory_order_relaxed) == 0) continue;
-      const uint64_t v = s.bits[w].exchange(0, std::memory_order_relaxed);
+    ForEachTakenWord(slots_[i], [&](uint64_t w, uint64_t v) {
       n += static_cast<uint64_t>(std::popcount(v));
-      d.bits[w].fetch_or(v, std::memory_order_relaxed);
-    }
+      d.bits[w].fetch_or(v, std::memory_order_seq_cst);
+      out.SetSummary(d, w);
+    });
   }
   return n;
 }

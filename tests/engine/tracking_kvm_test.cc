@@ -58,6 +58,7 @@ bool HoldsOwnStamp(const uint8_t* page, uint64_t gfn) {
 }
 
 std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return info.param.name; }
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 class NoMissKvmTest : public ::testing::TestWithParam<Case> {
  protected:

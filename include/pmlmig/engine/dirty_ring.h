@@ -71,7 +71,8 @@ class RingHarvester {
   // `entries` points at `size` entries; size is a power of two.
   RingHarvester(kvm_dirty_gfn* entries, uint32_t size) : entries_(entries), mask_(size - 1) {}
 
-  // Takes every published entry, in order, marking valid ones in `set`.
+  // Takes every published entry, in order, marking valid ones in `set`
+  // (with DirtySet::MarkExclusive: the harvesting thread must own `set`).
   // Stops at the first entry KVM has not published, or after `max` entries.
   Result Harvest(DirtySet& set, uint32_t max = UINT32_MAX);
 
@@ -132,14 +133,15 @@ class DirtyRingTracker final : public DirtyTracker {
   // only (and Disable, after the collector stopped). Returns whether some
   // ring was found a quarter full or more.
   bool Pass();
-  // Asks for a pass and waits until one that started after the request ends.
-  Status RequestPassAndWait();
+  // Asks for a pass and waits until one that started after the request ends;
+  // with `take_into`, the collector then moves its harvested pages there.
+  Status RequestPassAndWait(DirtySet* take_into);
   Status OnRingFull(uint32_t vcpu);
 
   VmControl& vm_;
   DirtyRingOptions options_;
   std::vector<std::unique_ptr<Ring>> rings_;
-  DirtySet pending_;  // harvested since the last Collect; marked by the collector only
+  DirtySet pending_;  // harvested since the last Collect; the collector thread's alone
 
   // Collector coordination, all guarded by mu_.
   std::mutex mu_;
@@ -149,6 +151,9 @@ class DirtyRingTracker final : public DirtyTracker {
   bool running_ = false;
   bool stop_ = false;
   Status error_;             // first bad entry or failed reset, reported by Collect
+  DirtySet* take_into_ = nullptr;  // a Collect's destination, taken after a pass
+  uint64_t take_generation_ = 0;   // ... that started at or after this generation
+  uint64_t taken_pages_ = 0;
   bool overflow_ = false;    // since the last Collect
   std::thread collector_;
 
