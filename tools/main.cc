@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   };
   add(&RegisterProbe);
   add(&RegisterRun);
+  add(&RegisterBench);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

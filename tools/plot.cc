@@ -1,0 +1,65 @@
+#include "plot.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+namespace pmlmig::tools {
+namespace {
+
+// Reads the results JSON of `pmlmig bench dirty`; argv: json png.
+constexpr const char* kDirtyPlot = R"PY(
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+doc = json.load(open(sys.argv[1]))
+rows = doc["results"]
+fig, ax = plt.subplots(figsize=(8, 5))
+styles = {"ring": "o-", "bitmap": "s--", "bitmap-clear": "^:"}
+for tracker in sorted({r["tracker"] for r in rows}):
+    for dirty in sorted({r["dirty_bytes"] for r in rows}):
+        pts = sorted((r["guest_bytes"], r["collect_ms"]) for r in rows
+                     if r["tracker"] == tracker and r["dirty_bytes"] == dirty)
+        if not pts:
+            continue
+        ax.plot([p[0] / 2**30 for p in pts], [p[1] for p in pts], styles.get(tracker, "x-"),
+                label="%s, %d MiB dirty" % (tracker, dirty // 2**20))
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.set_xlabel("guest memory (GiB)")
+ax.set_ylabel("time to collect one round (ms, wall)")
+ax.set_title("Dirty-page collection: KVM dirty ring vs dirty bitmap\n" + doc.get("machine", ""), fontsize=9)
+ax.grid(True, which="both", alpha=0.3)
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+)PY";
+
+Status RunPython(const char* script, const std::string& a, const std::string& b) {
+  // Debian's python3 (with python3-matplotlib), even when another python3
+  // (pyenv, a venv) comes first in PATH.
+  const char* python = ::access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/python3" : "python3";
+  const std::string cmd = std::string(python) + " - '" + a + "' '" + b + "'";
+  for (char c : a + b) {
+    if (c == '\'') return InvalidArgument("plot: file names must not contain a quote");
+  }
+  FILE* p = ::popen(cmd.c_str(), "w");
+  if (p == nullptr) return Status::FromErrno(errno, "popen python3");
+  std::fputs(script, p);
+  const int rc = ::pclose(p);
+  if (rc != 0) {
+    return Unavailable("plot: python3 with matplotlib failed (exit " + std::to_string(WEXITSTATUS(rc)) +
+                       "); install python3-matplotlib (scripts/setup.sh does)");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status PlotDirtyBench(const std::string& json_path, const std::string& png_path) {
+  return RunPython(kDirtyPlot, json_path, png_path);
+}
+
+}  // namespace pmlmig::tools

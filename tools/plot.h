@@ -1,0 +1,14 @@
+// Plots for benchmark results: a small matplotlib script run with python3.
+#pragma once
+
+#include <string>
+
+#include "pmlmig/base/status.h"
+
+namespace pmlmig::tools {
+
+// Line plot of collection time against guest size, one line per
+// (tracker, dirty size), log-log, from the JSON file `json_path`.
+Status PlotDirtyBench(const std::string& json_path, const std::string& png_path);
+
+}  // namespace pmlmig::tools
