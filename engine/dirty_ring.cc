@@ -2,6 +2,7 @@
 
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -154,6 +155,12 @@ void DirtyRingTracker::CollectorLoop() {
     // The harvested set belongs to this thread: a Collect's take happens
     // here, after the pass its request started.
     const uint64_t taken = take_into != nullptr ? pending_.TakeInto(*take_into) : 0;
+    rusage ru{};
+    if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+      auto ns = [](const timeval& tv) { return static_cast<uint64_t>(tv.tv_sec) * 1000000000ull + static_cast<uint64_t>(tv.tv_usec) * 1000ull; };
+      collector_user_ns_.store(ns(ru.ru_utime), std::memory_order_relaxed);
+      collector_sys_ns_.store(ns(ru.ru_stime), std::memory_order_relaxed);
+    }
     lock.lock();
     if (take_into != nullptr) {
       taken_pages_ = taken;
@@ -305,6 +312,8 @@ TrackerStats DirtyRingTracker::stats() const {
   s.overflows = overflows_.load(std::memory_order_relaxed);
   s.ring_full_exits = ring_full_exits_.load(std::memory_order_relaxed);
   s.background_harvests = passes_.load(std::memory_order_relaxed);
+  s.background_user_ns = collector_user_ns_.load(std::memory_order_relaxed);
+  s.background_sys_ns = collector_sys_ns_.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -9,8 +9,8 @@ namespace {
 
 Status BadSpec(std::string_view text, const std::string& why) {
   return InvalidArgument("invalid workload '" + std::string(text) + "': " + why +
-                         " (expected idle, seq, random or hotset:fraction=F,share=S, each with an "
-                         "optional rate=PAGES_PER_SECOND)");
+                         " (expected idle, seq, seq:fraction=F, random or hotset:fraction=F,share=S, each "
+                         "with an optional rate=PAGES_PER_SECOND)");
 }
 
 bool ParseDouble(std::string_view s, double* out) {
@@ -37,7 +37,15 @@ std::string WorkloadSpec::ToString() const {
   std::string out;
   switch (kind) {
     case PMLMIG_WORKLOAD_IDLE: out = "idle"; break;
-    case PMLMIG_WORKLOAD_SEQ: out = "seq"; break;
+    case PMLMIG_WORKLOAD_SEQ: {
+      out = "seq";
+      if (hot_fraction != 1.0) {
+        char buf[48];
+        std::snprintf(buf, sizeof buf, ":fraction=%g", hot_fraction);
+        out += buf;
+      }
+      break;
+    }
     case PMLMIG_WORKLOAD_RANDOM: out = "random"; break;
     case PMLMIG_WORKLOAD_HOTSET: {
       char buf[96];
@@ -47,7 +55,7 @@ std::string WorkloadSpec::ToString() const {
     }
   }
   if (rate != 0) {
-    out += kind == PMLMIG_WORKLOAD_HOTSET ? "," : ":";
+    out += out.find(':') != std::string::npos ? "," : ":";
     out += "rate=" + std::to_string(rate);
   }
   return out;
@@ -58,7 +66,10 @@ Result<WorkloadSpec> ParseWorkload(std::string_view text) {
   const size_t colon = text.find(':');
   const std::string_view name = text.substr(0, colon);
   if (name == "idle") spec.kind = PMLMIG_WORKLOAD_IDLE;
-  else if (name == "seq") spec.kind = PMLMIG_WORKLOAD_SEQ;
+  else if (name == "seq") {
+    spec.kind = PMLMIG_WORKLOAD_SEQ;
+    spec.hot_fraction = 1.0;  // sweep the whole share unless told otherwise
+  }
   else if (name == "random") spec.kind = PMLMIG_WORKLOAD_RANDOM;
   else if (name == "hotset") spec.kind = PMLMIG_WORKLOAD_HOTSET;
   else return BadSpec(text, "unknown workload '" + std::string(name) + "'");
@@ -78,7 +89,7 @@ Result<WorkloadSpec> ParseWorkload(std::string_view text) {
         return BadSpec(text, "rate must be a positive whole number of pages per second");
       }
       if (spec.kind == PMLMIG_WORKLOAD_IDLE) return BadSpec(text, "idle takes no rate");
-    } else if (spec.kind == PMLMIG_WORKLOAD_HOTSET && key == "fraction") {
+    } else if ((spec.kind == PMLMIG_WORKLOAD_HOTSET || spec.kind == PMLMIG_WORKLOAD_SEQ) && key == "fraction") {
       if (!ParseDouble(value, &spec.hot_fraction) || !(spec.hot_fraction > 0.0 && spec.hot_fraction <= 1.0)) {
         return BadSpec(text, "fraction must be a number in (0, 1]");
       }

@@ -11,6 +11,12 @@ namespace {
 TEST(WorkloadTest, ParsesEveryKind) {
   EXPECT_EQ(ParseWorkload("idle")->kind, PMLMIG_WORKLOAD_IDLE);
   EXPECT_EQ(ParseWorkload("seq")->kind, PMLMIG_WORKLOAD_SEQ);
+  EXPECT_DOUBLE_EQ(ParseWorkload("seq")->hot_fraction, 1.0);
+  auto sweep = ParseWorkload("seq:fraction=0.25,rate=100");
+  ASSERT_TRUE(sweep.ok()) << sweep.status().message();
+  EXPECT_DOUBLE_EQ(sweep->hot_fraction, 0.25);
+  EXPECT_EQ(sweep->ToString(), "seq:fraction=0.25,rate=100");
+  EXPECT_EQ(ParseWorkload("seq:rate=100")->ToString(), "seq:rate=100");
   auto r = ParseWorkload("random:rate=5000");
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->kind, PMLMIG_WORKLOAD_RANDOM);
@@ -33,6 +39,7 @@ TEST(WorkloadTest, RejectsWithReason) {
                         Case{"idle:rate=5", "idle takes no rate"}, Case{"hotset:fraction=0", "fraction"},
                         Case{"hotset:fraction=1.5", "fraction"}, Case{"hotset:share=2", "share"},
                         Case{"random:fraction=0.5", "unknown parameter 'fraction'"},
+                        Case{"seq:share=0.5", "unknown parameter 'share'"},
                         Case{"seq:rate", "has no value"}}) {
     auto r = ParseWorkload(c.spec);
     ASSERT_FALSE(r.ok()) << c.spec;

@@ -80,8 +80,9 @@ __attribute__((section(".text.start"), noreturn, used)) void pmlmig_guest_start(
   uint64_t x = vp->seed ? vp->seed : 0x9e3779b97f4a7c15ull;
 
   if (workload == PMLMIG_WORKLOAD_SEQ) {
+    const uint64_t span = vp->hot_pages != 0 && vp->hot_pages < pages ? vp->hot_pages : pages;
     for (;;) {
-      for (uint64_t i = first; i < first + pages; ++i) {
+      for (uint64_t i = first; i < first + span; ++i) {
         WRITE_PAGE(i);
         THROTTLE();
       }

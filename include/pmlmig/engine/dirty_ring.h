@@ -162,6 +162,8 @@ class DirtyRingTracker final : public DirtyTracker {
   std::atomic<uint64_t> passes_{0};
   std::atomic<uint64_t> overflows_{0};
   std::atomic<uint64_t> ring_full_exits_{0};
+  std::atomic<uint64_t> collector_user_ns_{0};  // RUSAGE_THREAD of the collector
+  std::atomic<uint64_t> collector_sys_ns_{0};
   // Written by Collect() on the controlling thread.
   alignas(128) std::atomic<uint64_t> collections_{0};
   std::atomic<uint64_t> pages_collected_{0};

@@ -35,6 +35,10 @@ struct TrackerStats {
   uint64_t overflows = 0;           // collections that had to report everything
   uint64_t ring_full_exits = 0;     // KVM_EXIT_DIRTY_RING_FULL handled
   uint64_t background_harvests = 0; // collector passes between collections
+  // CPU time of the tracker's own background thread (the ring collector),
+  // user and kernel, since Enable(); 0 for trackers without one.
+  uint64_t background_user_ns = 0;
+  uint64_t background_sys_ns = 0;
 };
 
 class DirtyTracker {

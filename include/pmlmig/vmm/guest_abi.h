@@ -68,7 +68,7 @@ struct pmlmig_range {
 struct pmlmig_vcpu_params {
   uint64_t first_page;  /* index into the workload area (across ranges) */
   uint64_t pages;       /* this vCPU's share; 0 only for idle */
-  uint64_t hot_pages;   /* hotset: the first hot_pages of the share are hot */
+  uint64_t hot_pages;   /* hotset: the first hot_pages of the share are hot; seq: pages swept */
   uint64_t seed;        /* xorshift64 state, never 0 */
 };
 

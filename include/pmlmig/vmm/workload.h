@@ -1,6 +1,8 @@
 // Workload specifications for the test guest, as users type them:
-//   idle | seq | random | hotset:fraction=F,share=S   each with optional rate=N
-// e.g. "random", "seq:rate=5000", "hotset:fraction=0.05,share=0.9,rate=20000".
+//   idle | seq[:fraction=F] | random | hotset:fraction=F,share=S
+// each (but idle) with an optional rate=N; e.g. "random", "seq:rate=5000",
+// "seq:fraction=0.01" (sweep only the first 1% of each vCPU's share, over and
+// over), "hotset:fraction=0.05,share=0.9,rate=20000".
 // rate is pages per second per vCPU (0 or absent: as fast as the guest runs).
 #pragma once
 
@@ -15,7 +17,9 @@ namespace pmlmig::vmm {
 
 struct WorkloadSpec {
   pmlmig_workload kind = PMLMIG_WORKLOAD_IDLE;
-  double hot_fraction = 0.1;  // hotset: fraction of each vCPU's share that is hot, (0, 1]
+  // hotset: fraction of each vCPU's share that is hot; seq: fraction swept.
+  // (0, 1]; default 0.1 for hotset, 1 for seq.
+  double hot_fraction = 0.1;
   double hot_share = 0.9;     // hotset: share of writes that go to the hot pages, [0, 1]
   uint64_t rate = 0;          // pages per second per vCPU; 0 = unlimited
 
