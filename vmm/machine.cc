@@ -170,8 +170,14 @@ Status Machine::LoadState(std::span<const uint8_t> bytes) {
   return RestoreState(s);
 }
 
+std::optional<engine::VmControl::Backing> Machine::slot_backing(uint32_t slot) const {
+  const engine::MemorySlot* s = vm_->slots().FindById(slot);
+  if (s == nullptr) return std::nullopt;
+  return Backing{memory_.memfd(), static_cast<uint64_t>(s->host - memory_.host())};
+}
+
 Status Machine::Resume() {
-  if (!started_) return InvalidArgument("machine not started");
+  if (!started_) return Start();
   std::unique_lock lock(mu_);
   if (!error_.ok()) return error_;
   for (auto& t : vcpus_) {

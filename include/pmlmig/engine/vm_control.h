@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -28,10 +29,22 @@ class VmControl {
   // Entries per vCPU dirty ring (enabled before the vCPUs were created), 0
   // when the VM has no dirty ring.
   virtual uint32_t dirty_ring_entries() const = 0;
+  // The file and offset behind a memslot's memory, when it is file-backed
+  // (a memfd): lets a migration skip holes (never-touched memory) without
+  // reading them. nullopt: unknown, read everything.
+  struct Backing {
+    int fd = -1;
+    uint64_t offset = 0;
+  };
+  virtual std::optional<Backing> slot_backing(uint32_t slot) const {
+    (void)slot;
+    return std::nullopt;
+  }
   // Sets or clears KVM_MEM_LOG_DIRTY_PAGES on every memslot.
   virtual Status SetDirtyLogging(bool on) = 0;
 
-  // Every vCPU out of KVM_RUN and parked / running again.
+  // Every vCPU out of KVM_RUN and parked / running again. Resume on a VM
+  // whose vCPUs never ran starts them.
   virtual Status Pause() = 0;
   virtual Status Resume() = 0;
   // Returns once every running vCPU has left guest mode at least once since

@@ -81,6 +81,7 @@ class Machine final : public engine::VmControl, private ExitHandler {
   int vcpu_fd(uint32_t i) const override { return vcpus_[i]->vcpu->fd(); }
   uint32_t dirty_ring_entries() const override { return options_.dirty_ring_bytes / sizeof(kvm_dirty_gfn); }
   Status SetDirtyLogging(bool on) override;
+  std::optional<Backing> slot_backing(uint32_t slot) const override;
   void SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler) override;
   Result<std::vector<uint8_t>> SaveState() override;  // CaptureState, encoded
   Status LoadState(std::span<const uint8_t> state) override;

@@ -1,0 +1,136 @@
+// Live migration, as the engine sees it: the types and the two interfaces
+// between the engine's migration logic and a transport.
+//
+//   source: engine::MigrationSource (rounds, convergence, stop-and-copy)
+//             --> MigrationSink (transport/: gRPC client, N streams)
+//   target: transport/ gRPC server (protocol state machine, batch checks)
+//             --> MigrationTarget (engine: builds the VM, applies state,
+//                 verifies, resumes)
+//
+// No protobuf type appears here; transport/ translates.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/slot_table.h"
+#include "pmlmig/engine/vm_control.h"
+
+namespace pmlmig::engine {
+
+// A guest-physical range of guest RAM as both sides agree on it.
+struct MemoryRange {
+  uint32_t slot = 0;
+  uint64_t gpa = 0;
+  uint64_t size = 0;
+};
+
+// What the source says first. `vm_description` is opaque to the engine and
+// the transport: the VMM on each side encodes and decodes it (for the test
+// VM: the memory size, vCPUs, workload, fill).
+struct MigrationSetup {
+  std::string vm_description;
+  std::vector<MemoryRange> memory;
+  uint32_t vcpus = 0;
+  bool verify = false;  // the source will send a memory digest at the pause point
+};
+
+// A run of consecutive guest pages to send.
+struct PageRun {
+  uint64_t gpa = 0;
+  uint64_t pages = 0;
+};
+
+// The pages of one round, shared by the sending streams: each stream takes
+// the next chunk (at most `max_pages`) until none is left. Thread-safe.
+class PageList {
+ public:
+  explicit PageList(std::vector<PageRun> runs) : runs_(std::move(runs)) {
+    for (const PageRun& r : runs_) total_pages_ += r.pages;
+  }
+  // Next chunk of at most max_pages consecutive pages; false when empty.
+  bool Next(uint64_t max_pages, PageRun* out);
+  uint64_t total_pages() const { return total_pages_; }
+
+ private:
+  std::mutex mu_;
+  std::vector<PageRun> runs_;  // guarded by mu_
+  size_t run_ = 0;             // guarded by mu_
+  uint64_t offset_ = 0;        // guarded by mu_: pages of runs_[run_] already handed out
+  uint64_t total_pages_ = 0;
+};
+
+// What the transport moved in one round (or in total).
+struct TransferStats {
+  uint64_t pages = 0;         // normal + zero
+  uint64_t normal_pages = 0;  // sent with contents
+  uint64_t zero_pages = 0;    // sent as a header only
+  uint64_t payload_bytes = 0; // page bytes before compression
+  uint64_t wire_bytes = 0;    // bytes of batch messages sent (after compression)
+  uint64_t batches = 0;
+};
+
+// The end of a migration: the source's state blob and, with verification,
+// its digest of all guest memory at the pause point.
+struct FinalState {
+  std::vector<uint8_t> vm_state;  // VmControl::SaveState()
+  bool has_digest = false;
+  uint64_t memory_digest = 0;     // MemoryDigest() of the source at the pause point
+};
+
+// The target's answer to FinalState.
+struct FinalReply {
+  bool resumed = false;
+  bool verified = false;          // digest (and checker) passed; false if not asked
+  std::string verify_detail;      // what was checked
+  double target_restore_ms = 0;   // from FinalState received to vCPUs running
+};
+
+// Source side: implemented by the transport. One controlling thread calls
+// these in order: Begin, SendPages (per round), Finish; Abort at any time
+// from any thread (it unblocks the others).
+class MigrationSink {
+ public:
+  virtual ~MigrationSink() = default;
+  // Hello and setup; returns when the target has built the VM.
+  virtual Status Begin(const MigrationSetup& setup, const SlotTable& source_memory) = 0;
+  // Sends every page of `pages` (read from source memory at send time) over
+  // the streams; returns when the target has applied them all.
+  virtual Result<TransferStats> SendPages(uint32_t round, PageList& pages) = 0;
+  // Sends the final state; returns the target's reply once it has resumed
+  // the VM (or refused to).
+  virtual Result<FinalReply> Finish(const FinalState& state) = 0;
+  // Tells the target to discard everything (best effort) and fails any call
+  // in progress.
+  virtual void Abort(const std::string& why) = 0;
+};
+
+// Target side: implemented by the engine, called by the transport's server
+// after its own checks (order, version, checksums, sizes).
+class MigrationTarget {
+ public:
+  virtual ~MigrationTarget() = default;
+  // Builds the VM (its memory zeroed) from the setup. Error: refuse.
+  virtual Status OnSetup(const MigrationSetup& setup) = 0;
+  // Guest memory of the VM built by OnSetup: the transport writes pages
+  // straight into it after checking each against these slots.
+  virtual const SlotTable& memory() const = 0;
+  // Restores state, verifies if asked, resumes the vCPUs.
+  virtual Result<FinalReply> OnFinal(const FinalState& state) = 0;
+  // The source went away or aborted before completion: discard the VM.
+  virtual void OnAbort(const std::string& why) = 0;
+};
+
+// 64-bit digest of all guest memory in `slots` (page by page, in parallel;
+// the same on both sides for the same contents).
+uint64_t MemoryDigest(const SlotTable& slots);
+
+}  // namespace pmlmig::engine

@@ -1,0 +1,123 @@
+// MigrationSource: pre-copy live migration of one VM through a MigrationSink.
+//
+//   setup      Begin(): the target builds the VM.
+//   round 0    tracking on, then every page that holds data (memfd holes,
+//              i.e. never-touched memory, are skipped without being read).
+//   rounds 1+  Collect() from the tracker (which re-protects the pages), then
+//              send them. Before sending, decide: expected downtime =
+//              remaining dirty bytes / bandwidth (measured over the last
+//              rounds, a window of at least 100 ms); switch over when it is
+//              within the downtime limit; past max_rounds or the timeout,
+//              cancel or force as configured.
+//   switch     pause the vCPUs, a complete collection, send the rest, the
+//              vCPU/VM state (and a memory digest with verify), wait for the
+//              target to resume.
+// On any failure or cancel before the target confirmed: the tracker is
+// disabled, the VM resumed, the target told to abort, and the reason
+// reported. The caller stops the source VM after a completed migration.
+//
+// Thread-safety: Run() on one thread; Cancel() and progress() from any.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/tracker.h"
+#include "pmlmig/engine/vm_control.h"
+
+namespace pmlmig::engine {
+
+struct MigrationOptions {
+  std::chrono::milliseconds downtime_limit{300};  // switch over when the expected downtime fits
+  uint32_t max_rounds = 50;                       // live rounds after round 0
+  std::chrono::milliseconds timeout{0};           // 0 = none
+  bool force_on_timeout = false;                  // false: cancel (keep the VM here); true: switch anyway
+  bool verify = false;                            // send a memory digest; the target compares
+  std::chrono::milliseconds bandwidth_window{100};
+};
+
+struct RoundStats {
+  uint32_t round = 0;
+  uint64_t dirty_pages = 0;  // pages collected for this round (round 0: pages with data)
+  TransferStats sent;
+  double duration_ms = 0;
+  double bandwidth_mbps = 0;         // wire bytes / duration, megabits/s
+  double expected_downtime_ms = 0;   // estimated before the round started
+};
+
+struct MigrationStats {
+  std::string status = "failed";     // "completed", "failed" or "cancelled"
+  std::string error;
+  double setup_time_ms = 0;
+  double total_time_ms = 0;
+  double downtime_ms = 0;            // source pause to target resumed (as the source sees it)
+  uint32_t rounds = 0;               // rounds sent, including round 0 and the final one
+  TransferStats transferred;
+  double throughput_mbps = 0;        // wire bytes / total time
+  double dirty_pages_rate = 0;       // pages/s, measured over the last live round
+  double expected_downtime_ms = 0;   // at the switch-over decision
+  bool verified = false;
+  FinalReply final_reply;
+  std::vector<RoundStats> round_stats;
+};
+
+struct MigrationProgress {
+  std::string phase = "setup";       // setup, round, stop-and-copy, done
+  uint32_t round = 0;
+  uint64_t remaining_pages = 0;
+  double bandwidth_mbps = 0;
+  double expected_downtime_ms = 0;
+  uint64_t wire_bytes = 0;
+  double elapsed_ms = 0;
+};
+
+class MigrationSource {
+ public:
+  MigrationSource(VmControl& vm, DirtyTracker& tracker, MigrationSink& sink, const MigrationOptions& options,
+                  std::string vm_description);
+
+  // Blocks until the migration completed, failed or was cancelled.
+  MigrationStats Run();
+  // Asks a running migration to stop and keep the VM here; a transfer in
+  // progress is aborted.
+  void Cancel() {
+    cancel_.store(true);
+    sink_.Abort("cancelled by request");
+  }
+  MigrationProgress progress() const;
+  // Called after each round and phase change, on Run()'s thread.
+  void SetProgressCallback(std::function<void(const MigrationProgress&)> fn) { on_progress_ = std::move(fn); }
+
+ private:
+  MigrationStats RunPhases();
+  Status SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms);
+  std::vector<PageRun> PagesWithData() const;
+  double BandwidthBytesPerSecond() const;
+  void Publish(const std::string& phase, uint32_t round, uint64_t remaining, double expected_ms);
+  Status Fail(const Status& why);
+
+  VmControl& vm_;
+  DirtyTracker& tracker_;
+  MigrationSink& sink_;
+  MigrationOptions options_;
+  std::string vm_description_;
+  std::atomic<bool> cancel_{false};
+  std::atomic<bool> timed_out_{false};  // set by the timeout watchdog (cancel mode)
+  std::function<void(const MigrationProgress&)> on_progress_;
+  std::chrono::steady_clock::time_point start_;
+  MigrationStats stats_;                // Run()'s thread
+  double last_expected_ms_ = 0;         // Run()'s thread
+  mutable std::mutex progress_mu_;
+  MigrationProgress progress_;          // guarded by progress_mu_
+};
+
+// Runs of pages set in `set`, in gpa order (consecutive pages merged).
+std::vector<PageRun> RunsOf(DirtySet& set);
+
+}  // namespace pmlmig::engine

@@ -1,0 +1,52 @@
+// VmMigrationTarget: the engine's side of receiving a VM. Builds it through
+// a factory (the VMM decodes its own vm_description), checks that its memory
+// layout is the one announced, restores the state, verifies (memory digest
+// against the source's, then an optional VMM-level check), and only then
+// resumes the vCPUs. Anything that fails leaves the VM unstarted; OnAbort
+// discards it.
+//
+// Thread-safety: the transport calls OnSetup, OnFinal and OnAbort from its
+// control thread, in that order; memory() may be read by data streams after
+// OnSetup returned. TakeVm() after the migration ended.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/vm_control.h"
+
+namespace pmlmig::engine {
+
+class VmMigrationTarget final : public MigrationTarget {
+ public:
+  using Factory = std::function<Result<std::unique_ptr<VmControl>>(const MigrationSetup&)>;
+  // Runs after the digest matched, before resuming: e.g. the test VM's
+  // memory checker. Returns a description of what it checked, or an error.
+  using Check = std::function<Result<std::string>(VmControl&)>;
+
+  explicit VmMigrationTarget(Factory factory, Check check = nullptr)
+      : factory_(std::move(factory)), check_(std::move(check)) {}
+
+  Status OnSetup(const MigrationSetup& setup) override;
+  const SlotTable& memory() const override;
+  Result<FinalReply> OnFinal(const FinalState& state) override;
+  void OnAbort(const std::string& why) override;
+
+  // The resumed VM (nullptr unless OnFinal resumed it), and when.
+  std::unique_ptr<VmControl> TakeVm();
+  std::chrono::steady_clock::time_point resumed_at() const { return resumed_at_; }
+
+ private:
+  Factory factory_;
+  Check check_;
+  MigrationSetup setup_;
+  std::unique_ptr<VmControl> vm_;
+  SlotTable empty_;
+  bool resumed_ = false;
+  std::chrono::steady_clock::time_point resumed_at_{};
+};
+
+}  // namespace pmlmig::engine
