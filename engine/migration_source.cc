@@ -184,7 +184,7 @@ MigrationStats MigrationSource::RunPhases() {
     if (timed_out_.load()) {
       status = "cancelled";
       char buf[400];
-      if (stats_.rounds >= 2) {
+      if (stats_.rounds >= 1) {  // round 0 done: the live rounds did not converge
         std::snprintf(buf, sizeof buf,
                       "not converging: timed out after %lld ms in round %u; the expected downtime was still %.0f ms "
                       "against a limit of %lld ms (about %.0f pages/s dirtied); the VM keeps running here (raise "
