@@ -40,6 +40,15 @@ Status SlotTable::Validate(const MemorySlot& s) const {
 
 Status SlotTable::Set(const MemorySlot& s) {
   PMLMIG_RETURN_IF_ERROR(Validate(s));
+  // A flags-only change (dirty logging on or off) updates the slot in place:
+  // readers of gpa/host/size on other threads (a migration's senders) never
+  // see the table move.
+  for (MemorySlot& o : slots_) {
+    if (o.slot == s.slot && o.gpa == s.gpa && o.size == s.size && o.host == s.host) {
+      o.flags = s.flags;
+      return Status::Ok();
+    }
+  }
   std::erase_if(slots_, [&](const MemorySlot& o) { return o.slot == s.slot; });
   auto pos = std::lower_bound(slots_.begin(), slots_.end(), s.gpa,
                               [](const MemorySlot& o, uint64_t gpa) { return o.gpa < gpa; });

@@ -3,9 +3,10 @@
 // The engine depends on nothing in vmm/: an embedding VMM fills a SlotTable
 // from its own memory map.
 //
-// Thread-safety: const methods may run concurrently; Set() must not run
-// concurrently with anything else (the owner changes slots only while the
-// trackers are stopped).
+// Thread-safety: const methods may run concurrently. Set() must not run
+// concurrently with anything else, except that a change of flags alone (same
+// slot, gpa, host and size) is made in place and may run while other threads
+// translate addresses (they never read flags).
 #pragma once
 
 #include <cstdint>
