@@ -47,3 +47,56 @@ Result<std::unique_ptr<DirtyTracker>> CreateTracker(TrackerKind kind, VmControl&
 }
 
 }  // namespace pmlmig::engine
+
+namespace pmlmig::engine {
+
+Status UnionTracker::Enable() {
+  for (size_t i = 0; i < parts_.size(); ++i) {
+    if (Status s = parts_[i]->Enable(); !s.ok()) {
+      for (size_t j = 0; j < i; ++j) (void)parts_[j]->Disable();
+      return s;
+    }
+  }
+  return Status::Ok();
+}
+
+Status UnionTracker::Collect(DirtySet& out) {
+  // Every part collects (and re-protects) even if one fails, so no part is
+  // left holding pages that the caller then copies without re-protection.
+  Status first;
+  for (DirtyTracker* t : parts_) {
+    Status s = t->Collect(out);
+    if (first.ok()) first = s;
+  }
+  return first;
+}
+
+Status UnionTracker::Disable() {
+  Status first;
+  for (DirtyTracker* t : parts_) {
+    Status s = t->Disable();
+    if (first.ok()) first = s;
+  }
+  return first;
+}
+
+TrackerStats UnionTracker::stats() const {
+  TrackerStats sum;
+  for (const DirtyTracker* t : parts_) {
+    const TrackerStats s = t->stats();
+    sum.collections = std::max(sum.collections, s.collections);
+    sum.pages_collected += s.pages_collected;
+    sum.collect_ns_total += s.collect_ns_total;
+    sum.last_collect_ns += s.last_collect_ns;
+    sum.last_pages += s.last_pages;
+    sum.entries_harvested += s.entries_harvested;
+    sum.overflows += s.overflows;
+    sum.ring_full_exits += s.ring_full_exits;
+    sum.background_harvests += s.background_harvests;
+    sum.background_user_ns += s.background_user_ns;
+    sum.background_sys_ns += s.background_sys_ns;
+  }
+  return sum;
+}
+
+}  // namespace pmlmig::engine

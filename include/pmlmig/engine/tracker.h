@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string_view>
+#include <vector>
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/dirty_set.h"
@@ -71,5 +72,25 @@ struct TrackerOptions {
 
 // nullptr for kNone. The VM must have a dirty ring exactly when kind is kRing.
 Result<std::unique_ptr<DirtyTracker>> CreateTracker(TrackerKind kind, VmControl& vm, const TrackerOptions& options);
+
+}  // namespace pmlmig::engine
+
+namespace pmlmig::engine {
+
+// The dirty set of a migration is the union of the trackers in use: KVM's
+// log of guest writes plus the userspace tracker's log of the VMM's own.
+// Enable/Disable/Collect apply to each in order; stats add up.
+class UnionTracker final : public DirtyTracker {
+ public:
+  explicit UnionTracker(std::vector<DirtyTracker*> parts) : parts_(std::move(parts)) {}
+  std::string_view name() const override { return "union"; }
+  Status Enable() override;
+  Status Collect(DirtySet& out) override;
+  Status Disable() override;
+  TrackerStats stats() const override;
+
+ private:
+  std::vector<DirtyTracker*> parts_;  // not owned
+};
 
 }  // namespace pmlmig::engine
