@@ -108,7 +108,7 @@ double MigrationSource::BandwidthBytesPerSecond() const {
 
 Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms) {
   PageList list(std::move(runs));
-  Publish(round == 0 ? "round 0" : "round", round, list.total_pages(), expected_ms);
+  if (!final_round_) Publish("round", round, list.total_pages(), expected_ms);
   const auto t = Clock::now();
   auto sent = sink_.SendPages(round, list);
   if (!sent.ok()) return sent.status().WithContext("round " + std::to_string(round));
@@ -138,6 +138,7 @@ Status MigrationSource::Fail(const Status& why) {
 MigrationStats MigrationSource::Run() {
   start_ = Clock::now();
   stats_ = MigrationStats{};
+  final_round_ = false;
   // With --on-timeout cancel, the timeout also ends a round in progress: a
   // watchdog aborts the transfer (Run() then reports it and resumes the VM).
   std::mutex watchdog_mu;
@@ -243,7 +244,7 @@ MigrationStats MigrationSource::RunPhases() {
     const bool out_of_time = options_.timeout.count() > 0 && MsSince(start_) >= static_cast<double>(options_.timeout.count());
     if (out_of_rounds || out_of_time) {
       if (!options_.force_on_timeout) {
-        char why[256];
+        char why[512];
         std::snprintf(why, sizeof why,
                       "not converging: after %u rounds and %.0f ms, %llu pages stay dirty (about %.0f pages/s) and "
                       "the expected downtime is %.0f ms against a limit of %lld ms at %.0f Mbit/s; the VM keeps "
@@ -260,12 +261,13 @@ MigrationStats MigrationSource::RunPhases() {
 
   // Stop and copy.
   const auto pause = Clock::now();
-  Publish("stop-and-copy", stats_.rounds, dirty.Count(), expected_ms);
   if (Status s = vm_.Pause(); !s.ok()) return finish_failed(s.WithContext("pause"), "failed");
   // Complete collection: with the vCPUs out of guest mode, every write
   // (and every PML buffer) is in the logs. ORs into what is still unsent.
   if (Status s = tracker_.Collect(dirty); !s.ok()) return finish_failed(s.WithContext("final collect"), "failed");
   const uint64_t final_pages = dirty.Count();
+  final_round_ = true;
+  Publish("stop-and-copy", stats_.rounds, final_pages, expected_ms);
   if (Status s = SendRound(stats_.rounds, RunsOf(dirty), final_pages, expected_ms); !s.ok()) {
     return finish_failed(s, "failed");
   }
@@ -279,6 +281,7 @@ MigrationStats MigrationSource::RunPhases() {
     final_state.has_digest = true;
     final_state.memory_digest = MemoryDigest(vm_.memory_slots());
   }
+  final_state.source_paused_ms = MsSince(pause);
   auto reply = sink_.Finish(final_state);
   if (!reply.ok()) return finish_failed(reply.status().WithContext("switch-over"), "failed");
   if (!reply->resumed) {

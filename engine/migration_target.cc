@@ -62,6 +62,7 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
   resumed_at_ = std::chrono::steady_clock::now();
   reply.resumed = true;
   reply.target_restore_ms = std::chrono::duration<double, std::milli>(resumed_at_ - start).count();
+  reply.source_paused_ms = state.source_paused_ms;
   return reply;
 }
 

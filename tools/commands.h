@@ -14,6 +14,7 @@ using Command = std::function<int()>;
 Command RegisterProbe(CLI::App& app);
 Command RegisterRun(CLI::App& app);
 Command RegisterBench(CLI::App& app);
+Command RegisterReceive(CLI::App& app);
 
 // Exit statuses shared by every subcommand.
 constexpr int kExitOk = 0;

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   };
   add(&RegisterProbe);
   add(&RegisterRun);
+  add(&RegisterReceive);
   add(&RegisterBench);
   try {
     app.parse(argc, argv);

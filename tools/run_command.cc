@@ -6,11 +6,16 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <atomic>
 #include <thread>
 
 #include "commands.h"
 #include "pmlmig/base/units.h"
+#include "migration_json.h"
+#include "pmlmig/engine/migration_source.h"
 #include "pmlmig/engine/tracker.h"
+#include "pmlmig/transport/config_codec.h"
+#include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/capabilities.h"
 #include "pmlmig/vmm/checker.h"
 #include "pmlmig/vmm/machine.h"
@@ -30,8 +35,19 @@ struct RunFlags {
   bool huge_pages = false;
   bool no_irqchip = false;
   bool quiet = false;
-  std::string tracker = "none";
+  std::string tracker;         // default: none, or ring when migrating
   uint32_t ring_entries = 0;  // 0: the default, 65536 or the host's maximum
+  // Migration.
+  std::string migrate_to;
+  std::string migrate_after = "1s";
+  uint32_t downtime_limit_ms = 300;
+  uint32_t max_rounds = 50;
+  std::string timeout = "0";
+  std::string on_timeout = "cancel";
+  uint32_t streams = 1;
+  std::string compress = "none";
+  std::string max_bandwidth = "0";
+  bool verify = false;
 };
 
 // The dirty ring's size: a power of two in [256, host maximum] (KVM wants at
@@ -77,6 +93,71 @@ std::string Rate(double pages_per_second) {
   return buf;
 }
 
+// Migrates the running VM; prints the statistics; 0 only when completed.
+int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
+            const transport::GrpcSinkOptions& sink_options, const engine::MigrationOptions& migration,
+            std::chrono::steady_clock::time_point vm_start) {
+  auto sink = transport::GrpcMigrationSink::Create(sink_options);
+  if (!sink.ok()) return PrintError(sink.status().message()), kExitFailure;
+  const std::vector<vmm::VcpuStats> before = m.Stats();
+  engine::MigrationSource source(m, tracker, **sink, migration,
+                                 transport::EncodeVmConfig(options.guest, options.irqchip));
+  const bool tty = isatty(STDERR_FILENO) != 0;
+  if (!f.quiet) {
+    std::fprintf(stderr, "pmlmig run: migrating to %s (tracker %s, %u stream%s, compress %s%s%s)\n",
+                 f.migrate_to.c_str(), std::string(tracker.name()).c_str(), f.streams, f.streams == 1 ? "" : "s",
+                 f.compress.c_str(), f.max_bandwidth != "0" ? (", max " + f.max_bandwidth + "B/s").c_str() : "",
+                 f.verify ? ", verify" : "");
+    source.SetProgressCallback([tty](const engine::MigrationProgress& p) {
+      std::fprintf(stderr, tty ? "\r%-110s" : "%s\n", ProgressLine(p).c_str());
+      if (tty && p.phase == "done") std::fputc('\n', stderr);
+    });
+  }
+  // Ctrl-C cancels the migration (the VM stays here).
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {
+    while (!done.load()) {
+      if (Interrupted()) {
+        source.Cancel();
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  const engine::MigrationStats stats = source.Run();
+  done = true;
+  watcher.join();
+  const std::vector<vmm::VcpuStats> after = m.Stats();
+  const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
+  m.Stop();  // completed: the VM lives on the target; otherwise the run ends here
+  if (f.json) {
+    nlohmann::ordered_json out = MigrationStatsJson(stats);
+    uint64_t written = 0;
+    nlohmann::ordered_json vcpus = nlohmann::ordered_json::array();
+    for (size_t i = 0; i < after.size(); ++i) {
+      written += after[i].pages_written;
+      vcpus.push_back({{"id", i}, {"pages_written", after[i].pages_written},
+                       {"pages_written_during_migration", after[i].pages_written - before[i].pages_written}});
+    }
+    out["tracker"] = std::string(tracker.name());
+    out["streams"] = f.streams;
+    out["compress"] = f.compress;
+    out["memory_bytes"] = options.guest.memory_bytes;
+    out["workload"] = options.guest.workload.ToString();
+    out["pages_written"] = written;
+    out["source_run_s"] = ran;
+    out["vcpus"] = vcpus;
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::fputs(MigrationStatsText(stats).c_str(), stdout);
+  }
+  if (stats.status != "completed") {
+    PrintError("migration " + stats.status + ": " + stats.error);
+    return kExitFailure;
+  }
+  return kExitOk;
+}
+
 int Run(const RunFlags& f) {
   vmm::MachineOptions options;
   auto memory = ParseSize(f.memory);
@@ -106,10 +187,44 @@ int Run(const RunFlags& f) {
   options.irqchip = !f.no_irqchip;
   options.huge_pages = f.huge_pages;
 
-  auto tracker_kind = engine::ParseTrackerKind(f.tracker);
+  const bool migrating = !f.migrate_to.empty();
+  auto tracker_kind = engine::ParseTrackerKind(f.tracker.empty() ? (migrating ? "ring" : "none") : f.tracker);
   if (!tracker_kind.ok()) return PrintError("--tracker: " + tracker_kind.status().message()), kExitUsage;
   if (f.ring_entries != 0 && *tracker_kind != engine::TrackerKind::kRing) {
     return PrintError("--ring-entries needs --tracker ring"), kExitUsage;
+  }
+  // Migration flags, all checked before anything starts.
+  transport::GrpcSinkOptions sink_options;
+  engine::MigrationOptions migration;
+  std::chrono::nanoseconds migrate_after{0};
+  if (migrating) {
+    if (*tracker_kind == engine::TrackerKind::kNone) return PrintError("--migrate-to needs a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
+    auto after = ParseDuration(f.migrate_after);
+    if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
+    migrate_after = *after;
+    auto timeout = ParseDuration(f.timeout);
+    if (!timeout.ok()) return PrintError("--timeout: " + timeout.status().message()), kExitUsage;
+    migration.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(*timeout);
+    if (f.on_timeout != "cancel" && f.on_timeout != "force") {
+      return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
+    }
+    migration.force_on_timeout = f.on_timeout == "force";
+    migration.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
+    migration.max_rounds = f.max_rounds;
+    migration.verify = f.verify;
+    auto bw = ParseSize(f.max_bandwidth);
+    if (!bw.ok()) return PrintError("--max-bandwidth: " + bw.status().message()), kExitUsage;
+    auto compress = transport::ParseCompression(f.compress);
+    if (!compress.ok()) return PrintError("--compress: " + compress.status().message()), kExitUsage;
+    sink_options.target = f.migrate_to;
+    sink_options.streams = f.streams;
+    sink_options.compress = *compress;
+    sink_options.max_bandwidth = *bw;
+    if (auto check = transport::GrpcMigrationSink::Create(sink_options); !check.ok()) {
+      return PrintError(check.status().message()), kExitUsage;
+    }
+  } else if (f.verify || f.streams != 1 || f.compress != "none" || f.max_bandwidth != "0") {
+    return PrintError("--verify, --streams, --compress and --max-bandwidth need --migrate-to"), kExitUsage;
   }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
@@ -131,8 +246,11 @@ int Run(const RunFlags& f) {
   auto tracker = engine::CreateTracker(*tracker_kind, m, {});
   if (!tracker.ok()) return PrintError(tracker.status().message()), kExitFailure;
   engine::DirtySet collected(m.memory_slots());
-  if (*tracker) {
-    if (Status s = (*tracker)->Enable(); !s.ok()) return PrintError(s.message()), kExitFailure;
+  // When migrating, the migration owns the tracker (it enables it before
+  // round 0); otherwise it collects once a second from the start.
+  engine::DirtyTracker* per_second = migrating ? nullptr : tracker->get();
+  if (per_second != nullptr) {
+    if (Status s = per_second->Enable(); !s.ok()) return PrintError(s.message()), kExitFailure;
   }
   const double setup_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_setup).count();
   if (!f.quiet) {
@@ -145,22 +263,23 @@ int Run(const RunFlags& f) {
 
   if (Status s = m.Start(); !s.ok()) return PrintError(s.message()), kExitFailure;
   const auto start = std::chrono::steady_clock::now();
-  const auto end = start + *duration;
+  const auto end = migrating ? start + migrate_after : start + *duration;
   auto last_tick = start;
   std::vector<vmm::VcpuStats> last = m.Stats();
   Status failure;
   while (!Interrupted()) {
     const auto now = std::chrono::steady_clock::now();
-    if (duration->count() != 0 && now >= end) break;
+    if ((migrating || duration->count() != 0) && now >= end) break;
     if (failure = m.error(); !failure.ok()) break;
-    auto next = std::min(last_tick + std::chrono::seconds(1), duration->count() != 0 ? end : now + std::chrono::seconds(1));
+    auto next = std::min(last_tick + std::chrono::seconds(1),
+                         migrating || duration->count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
     if (std::chrono::steady_clock::now() - last_tick >= std::chrono::seconds(1)) {
       uint64_t pages_collected = 0;
       double collect_ms = 0;
-      if (*tracker) {
+      if (per_second != nullptr) {
         const auto c0 = std::chrono::steady_clock::now();
-        if (failure = (*tracker)->Collect(collected); !failure.ok()) break;
+        if (failure = per_second->Collect(collected); !failure.ok()) break;
         collect_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - c0).count();
         pages_collected = collected.Count();
         collected.Clear();
@@ -179,7 +298,7 @@ int Run(const RunFlags& f) {
         if (cur.size() > 1) line += " vcpu" + std::to_string(i) + " " + Rate(r);
       }
       line += (cur.size() > 1 ? "  total " : " ") + Rate(total) + " pages/s";
-      if (*tracker) {
+      if (per_second != nullptr) {
         char col[96];
         std::snprintf(col, sizeof col, "  | collected %" PRIu64 " pages in %.2f ms", pages_collected, collect_ms);
         line += col;
@@ -189,11 +308,12 @@ int Run(const RunFlags& f) {
       last_tick = t;
     }
   }
+  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, sink_options, migration, start);
   const Status paused = m.Pause();
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (failure.ok()) failure = paused;
   engine::TrackerStats tstats;
-  if (*tracker) {
+  if (per_second != nullptr) {
     // The final, complete collection with the vCPUs paused.
     Status s = (*tracker)->Collect(collected);
     if (failure.ok()) failure = s;
@@ -233,7 +353,7 @@ int Run(const RunFlags& f) {
       {"workload", workload->ToString()},
       {"fill", f.fill},
       {"setup_s", setup_s},
-      {"tracker", f.tracker},
+      {"tracker", std::string(engine::TrackerKindName(*tracker_kind))},
       {"pages_collected", tstats.pages_collected},
       {"collect_ms_total", static_cast<double>(tstats.collect_ns_total) / 1e6},
       {"collections", tstats.collections},
@@ -256,9 +376,9 @@ int Run(const RunFlags& f) {
       std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops\n", i, stats[i].pages_written,
                   Rate(static_cast<double>(stats[i].pages_written) / elapsed).c_str(), stats[i].loops);
     }
-    if (*tracker) {
+    if (per_second != nullptr) {
       std::printf("  tracker %s: %" PRIu64 " pages collected in %" PRIu64 " collections, %.2f ms collecting",
-                  f.tracker.c_str(), tstats.pages_collected, tstats.collections,
+                  std::string(engine::TrackerKindName(*tracker_kind)).c_str(), tstats.pages_collected, tstats.collections,
                   static_cast<double>(tstats.collect_ns_total) / 1e6);
       if (ring_entries != 0) {
         std::printf(", %" PRIu64 " ring-full exits, %" PRIu64 " overflows", tstats.ring_full_exits, tstats.overflows);
@@ -305,6 +425,21 @@ Command RegisterRun(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ring-entries", f->ring_entries,
                   "Dirty ring entries per vCPU: a power of two, 256 to the host maximum (default 65536)");
+  auto* mig = "Live migration";
+  cmd->add_option("--migrate-to", f->migrate_to, "Migrate the VM to a 'pmlmig receive' at HOST:PORT")->group(mig);
+  cmd->add_option("--migrate-after", f->migrate_after, "Run this long before migrating")->capture_default_str()->group(mig);
+  cmd->add_option("--downtime-limit", f->downtime_limit_ms, "Switch over once the expected downtime is at most this (ms)")
+      ->capture_default_str()->group(mig);
+  cmd->add_option("--max-rounds", f->max_rounds, "Live rounds before acting on --on-timeout")->capture_default_str()->group(mig);
+  cmd->add_option("--timeout", f->timeout, "Give the migration at most this long (0 = no limit)")->capture_default_str()->group(mig);
+  cmd->add_option("--on-timeout", f->on_timeout, "cancel (keep the VM here) or force (switch over anyway)")
+      ->capture_default_str()->group(mig);
+  cmd->add_option("--streams", f->streams, "Parallel data streams (1-64)")->capture_default_str()->group(mig);
+  cmd->add_option("--compress", f->compress, "none, lz4 or zstd")->capture_default_str()->group(mig);
+  cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
+      ->capture_default_str()->group(mig);
+  cmd->add_flag("--verify", f->verify, "Compare a digest of all memory on both sides and run the checker on the target")
+      ->group(mig);
   return [f]() { return Run(*f); };
 }
 

@@ -4,6 +4,7 @@
 #include <tbb/parallel_reduce.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 
 #include "pmlmig/vmm/fill.h"
@@ -64,7 +65,24 @@ CheckReport CheckGuestMemory(const GuestMemory& memory, const TestGuestConfig& c
         std::memcpy(&w1, page + 8, 8);
         const uint64_t magic = w0 >> 48, vcpu = (w0 >> 32) & 0xffff, stamped_gfn = w0 & 0xffffffffull;
         const uint64_t limit = owner < counters.size() ? counters[owner] : 0;
-        if (magic != PMLMIG_STAMP_MAGIC) problem = Problem(gfn, "neither the fill nor a stamp (first word 0x%llx)", w0);
+        uint64_t fill_w1 = 0;
+        if (config.fill == FillMode::kRandom) {
+          uint8_t expect[PMLMIG_PAGE_SIZE];
+          FillPage(config.seed, gfn, expect);
+          std::memcpy(&fill_w1, expect + 8, 8);
+        }
+        // A stamp is two stores; a pause between them leaves the vCPU's
+        // current page with the new first word and the page's old second
+        // word. For a first write that is the fill's; one such page per vCPU.
+        const bool in_flight = magic == PMLMIG_STAMP_MAGIC && vcpu == owner &&
+                               stamped_gfn == (gfn & 0xffffffffull) && w1 == fill_w1;
+        if (in_flight && !PageIsFill(config, gfn, page, 16)) {
+          problem = Problem(gfn, "half-written stamp but the rest of the page differs from the fill");
+        } else if (in_flight) {
+          ++acc.pages_in_flight;
+          ++acc.pages_stamped;
+          acc.in_flight_vcpus.push_back(static_cast<uint32_t>(owner));
+        } else if (magic != PMLMIG_STAMP_MAGIC) problem = Problem(gfn, "neither the fill nor a stamp (first word 0x%llx)", w0);
         else if (vcpu != owner) problem = Problem(gfn, "stamped by vcpu %llu, owned by vcpu %llu", vcpu, owner);
         else if (stamped_gfn != (gfn & 0xffffffffull)) problem = Problem(gfn, "stamp names gfn 0x%llx", stamped_gfn);
         else if (w1 == 0 || w1 > limit) problem = Problem(gfn, "stamp sequence %llu beyond vcpu counter %llu", w1, limit);
@@ -82,6 +100,8 @@ CheckReport CheckGuestMemory(const GuestMemory& memory, const TestGuestConfig& c
     return acc;
   };
   auto join = [](CheckReport a, const CheckReport& b) {
+    a.pages_in_flight += b.pages_in_flight;
+    a.in_flight_vcpus.insert(a.in_flight_vcpus.end(), b.in_flight_vcpus.begin(), b.in_flight_vcpus.end());
     if (b.pages_bad != 0 && (a.pages_bad == 0 || b.first_bad_gfn < a.first_bad_gfn)) {
       a.first_bad_gfn = b.first_bad_gfn;
       a.first_problem = b.first_problem;
@@ -91,8 +111,20 @@ CheckReport CheckGuestMemory(const GuestMemory& memory, const TestGuestConfig& c
     a.pages_bad += b.pages_bad;
     return a;
   };
-  return tbb::parallel_reduce(tbb::blocked_range<uint64_t>(0, l.total_pages, 1024), CheckReport{},
-                              check_range, join);
+  CheckReport report = tbb::parallel_reduce(tbb::blocked_range<uint64_t>(0, l.total_pages, 1024), CheckReport{},
+                                            check_range, join);
+  // At most one half-written stamp per vCPU: its current write.
+  std::sort(report.in_flight_vcpus.begin(), report.in_flight_vcpus.end());
+  for (size_t i = 1; i < report.in_flight_vcpus.size(); ++i) {
+    if (report.in_flight_vcpus[i] == report.in_flight_vcpus[i - 1]) {
+      ++report.pages_bad;
+      if (report.first_problem.empty()) {
+        report.first_problem = "vcpu " + std::to_string(report.in_flight_vcpus[i]) +
+                               " has more than one half-written stamp (a lost second store)";
+      }
+    }
+  }
+  return report;
 }
 
 }  // namespace pmlmig::vmm

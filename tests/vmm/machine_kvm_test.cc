@@ -79,7 +79,7 @@ TEST_F(MachineKvmTest, RandomWorkloadWritesOnEveryVcpuAndPassesTheChecker) {
 }
 
 TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
-  auto m = Make(32, 1, "seq");
+  auto m = Make(32, 1, "seq:fraction=0.5");  // the second half stays untouched
   ASSERT_TRUE(m);
   ASSERT_TRUE(m->Start().ok());
   std::this_thread::sleep_for(300ms);
@@ -88,7 +88,7 @@ TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
   ASSERT_TRUE(layout.ok());
   ASSERT_TRUE(CheckGuestMemory(m->memory(), m->options().guest, Counters(*m)).ok());
 
-  // An untouched page (the seq workload writes from the start of the area).
+  // An untouched page (the seq workload sweeps only the first half).
   const uint64_t untouched_gpa = layout->PageGpa(layout->total_pages - 3);
   uint8_t* p = const_cast<uint8_t*>(m->memory().HostAddress(untouched_gpa, 4096));
   p[100] ^= 0x40;
@@ -109,6 +109,27 @@ TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
   EXPECT_EQ(r.first_bad_gfn, stamped_gpa >> 12);
   EXPECT_NE(r.first_problem.find("stamp names gfn"), std::string::npos) << r.first_problem;
   q[0] ^= 1;
+
+  // A write in progress (first store done, second not): allowed once per vCPU.
+  const uint64_t a_gpa = layout->PageGpa(layout->total_pages - 5);
+  const uint64_t b_gpa = layout->PageGpa(layout->total_pages - 6);
+  uint8_t* a = const_cast<uint8_t*>(m->memory().HostAddress(a_gpa, 4096));
+  uint8_t* b = const_cast<uint8_t*>(m->memory().HostAddress(b_gpa, 4096));
+  uint64_t saved_a, saved_b;
+  std::memcpy(&saved_a, a, 8);
+  std::memcpy(&saved_b, b, 8);
+  const uint64_t stamp_a = (PMLMIG_STAMP_MAGIC << 48) | ((a_gpa >> 12) & 0xffffffffull);
+  const uint64_t stamp_b = (PMLMIG_STAMP_MAGIC << 48) | ((b_gpa >> 12) & 0xffffffffull);
+  std::memcpy(a, &stamp_a, 8);
+  r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_TRUE(r.ok()) << r.first_problem;
+  EXPECT_EQ(r.pages_in_flight, 1u);
+  std::memcpy(b, &stamp_b, 8);  // a second one for the same vCPU: a lost store
+  r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.first_problem.find("more than one half-written stamp"), std::string::npos) << r.first_problem;
+  std::memcpy(a, &saved_a, 8);
+  std::memcpy(b, &saved_b, 8);
 
   // A stamp from the future (sequence beyond the vCPU's counter).
   auto counters = Counters(*m);

@@ -84,6 +84,7 @@ struct FinalState {
   std::vector<uint8_t> vm_state;  // VmControl::SaveState()
   bool has_digest = false;
   uint64_t memory_digest = 0;     // MemoryDigest() of the source at the pause point
+  double source_paused_ms = 0;    // how long the source's vCPUs had been paused when it sent this
 };
 
 // The target's answer to FinalState.
@@ -92,6 +93,7 @@ struct FinalReply {
   bool verified = false;          // digest (and checker) passed; false if not asked
   std::string verify_detail;      // what was checked
   double target_restore_ms = 0;   // from FinalState received to vCPUs running
+  double source_paused_ms = 0;    // FinalState::source_paused_ms, echoed (downtime ~ this + restore)
 };
 
 // Source side: implemented by the transport. One controlling thread calls

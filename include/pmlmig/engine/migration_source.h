@@ -113,6 +113,7 @@ class MigrationSource {
   std::chrono::steady_clock::time_point start_;
   MigrationStats stats_;                // Run()'s thread
   double last_expected_ms_ = 0;         // Run()'s thread
+  bool final_round_ = false;            // Run()'s thread
   mutable std::mutex progress_mu_;
   MigrationProgress progress_;          // guarded by progress_mu_
 };

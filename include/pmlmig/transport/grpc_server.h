@@ -1,0 +1,100 @@
+// MigrationServer: the receiving side of the migration transport. It serves
+// the gRPC service of proto/migration.proto (protocol version 1; the state
+// machine, limits and rejections are described at the top of that file), one
+// migration at a time, and drives an engine::MigrationTarget made by the
+// caller's factory for each migration.
+//
+// It never writes outside the target's guest memory: every batch is checked
+// against target->memory() (and its checksum) before anything is written.
+// No protobuf or gRPC type appears in this header.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/migration.h"
+
+namespace pmlmig::transport {
+
+struct MigrationServerOptions {
+  // Most Pages streams a sender may announce. Default 64 (also the maximum).
+  uint32_t max_streams = 64;
+  // Most guest memory a Setup may ask for, in bytes. Default 0: the host's
+  // physical memory.
+  uint64_t max_memory_bytes = 0;
+  // Most vCPUs a Setup may ask for. Default 1024.
+  uint32_t max_vcpus = 1024;
+  // How long Final waits for batches still being applied before it refuses
+  // with DATA_LOSS. Default 5 s.
+  std::chrono::milliseconds final_drain_timeout{5000};
+  // How long a sender may take from opening the control stream to a valid
+  // Setup. Default 30 s.
+  std::chrono::milliseconds handshake_timeout{30000};
+  // HTTP/2 keepalive pings to the sender after this much idle time... Default 5 s.
+  std::chrono::milliseconds keepalive_time{5000};
+  // ...answered within this, or the connection fails and the migration with
+  // it (a dead source is noticed). Default 5 s.
+  std::chrono::milliseconds keepalive_timeout{5000};
+  // Free text sent in HelloReply. Default "pmlmig".
+  std::string receiver_name = "pmlmig";
+};
+
+enum class MigrationStatus { kCompleted, kFailed, kAborted };
+// "completed" | "failed" | "aborted".
+std::string_view MigrationStatusName(MigrationStatus s);
+
+// How one migration ended, as the receiver saw it.
+struct MigrationOutcome {
+  MigrationStatus status = MigrationStatus::kFailed;
+  Status error;                 // why it failed or was aborted; OK when completed
+  uint64_t session_id = 0;
+  engine::FinalReply reply;     // the target's reply (completed only)
+  engine::TransferStats totals; // pages and bytes applied (wire_bytes: message bytes received)
+  uint32_t rounds = 0;          // highest round seen + 1
+  // The target of a completed migration, whose VM now runs: the caller owns
+  // it from here. Null otherwise (a failed target has been discarded via
+  // OnAbort and destroyed).
+  std::unique_ptr<engine::MigrationTarget> target;
+};
+
+// Threads: Start, WaitForMigration, port and Shutdown may be called from any
+// thread. The factory and every MigrationTarget method run on gRPC's server
+// threads: OnSetup, OnFinal and OnAbort on the control stream's thread, never
+// two at once; pages are written into memory() by the Pages streams' threads
+// only between OnSetup and OnFinal/OnAbort (OnAbort and OnFinal run only once
+// no batch is being written).
+class MigrationServer {
+ public:
+  using TargetFactory = std::function<std::unique_ptr<engine::MigrationTarget>()>;
+
+  // Listens on `listen` ("host:port"; port 0 picks a free one, see port()).
+  // Like GrpcMigrationSink::Create, tunes glibc malloc once per process.
+  static Result<std::unique_ptr<MigrationServer>> Start(const std::string& listen, TargetFactory factory,
+                                                        MigrationServerOptions options = {});
+  ~MigrationServer();  // Shutdown()
+
+  // The port actually bound.
+  int port() const;
+
+  // Waits until a migration ends (completed, failed or aborted) and returns
+  // its outcome; outcomes are returned oldest first, each once. Error
+  // (kAborted) when the deadline passes first or the server shuts down.
+  Result<MigrationOutcome> WaitForMigration(std::chrono::steady_clock::time_point deadline);
+
+  // Cancels every call (a migration in progress fails: its target's OnAbort
+  // runs), stops listening, and waits for the handlers. Idempotent.
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit MigrationServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pmlmig::transport

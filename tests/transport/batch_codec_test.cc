@@ -1,0 +1,351 @@
+// The batch codec on plain memory: round trips (with and without
+// compression, zero pages, slot boundaries) and every rejection the
+// receiver makes, each of which must leave target memory untouched.
+#include "../../transport/batch_codec.h"
+
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <vector>
+
+#include "pmlmig/base/mapping.h"
+
+namespace pmlmig::transport {
+namespace {
+
+using engine::kPageSize;
+
+constexpr uint64_t kHighGpa = 4ull << 30;
+
+uint64_t SplitMix(uint64_t& x) {
+  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+void FillRandom(uint8_t* p, uint64_t len, uint64_t seed) {
+  for (uint64_t i = 0; i < len; i += 8) {
+    const uint64_t v = SplitMix(seed);
+    std::memcpy(p + i, &v, 8);
+  }
+}
+
+// Compressible but not trivial: short text-like patterns.
+void FillCompressible(uint8_t* p, uint64_t len, uint64_t seed) {
+  static const char kWords[] = "the quick brown fox jumps over the lazy dog; pmlmig migrates pages. ";
+  for (uint64_t i = 0; i < len; ++i) p[i] = static_cast<uint8_t>(kWords[(i + seed) % (sizeof kWords - 1)]);
+  p[seed % len] = static_cast<uint8_t>(seed);
+}
+
+// Guest memory for tests: slots at gpa 0 and gpa 4 GiB (or adjacent ones).
+struct Memory {
+  std::vector<Mapping> maps;
+  engine::SlotTable slots;
+
+  void Add(uint32_t slot, uint64_t gpa, uint64_t size) {
+    auto m = Mapping::Map(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, "test memory");
+    ASSERT_TRUE(m.ok()) << m.status().message();
+    engine::MemorySlot s;
+    s.slot = slot;
+    s.gpa = gpa;
+    s.host = m->data();
+    s.size = size;
+    ASSERT_TRUE(slots.Set(s).ok());
+    maps.push_back(std::move(m).value());
+  }
+  uint8_t* At(uint64_t gpa) const { return slots.HostAddress(gpa, kPageSize); }
+  std::vector<uint8_t> Snapshot() const {
+    std::vector<uint8_t> out;
+    for (const engine::MemorySlot& s : slots.slots()) out.insert(out.end(), s.host, s.host + s.size);
+    return out;
+  }
+};
+
+Memory TwoSlots(uint64_t pages_each) {
+  Memory m;
+  m.Add(0, 0, pages_each * kPageSize);
+  m.Add(1, kHighGpa, pages_each * kPageSize);
+  return m;
+}
+
+BatchHeader Header(uint64_t seq = 0) { return BatchHeader{0x1234, 1, 2, seq}; }
+
+// Builds a valid batch of `pages` pages at `gpa` and returns it.
+proto::PageBatch Build(const Memory& src, uint64_t gpa, uint64_t pages, Compression c = Compression::kNone,
+                       uint64_t seq = 0) {
+  BatchBuilder b(c);
+  proto::PageBatch batch;
+  Status s = b.Build(src.slots, gpa, pages, Header(seq), &batch);
+  EXPECT_TRUE(s.ok()) << s.message();
+  return batch;
+}
+
+// Recomputes a tampered batch's checksum so only the intended check fails.
+void Reseal(proto::PageBatch* b, const uint8_t* data, uint64_t len) {
+  b->set_checksum(BatchChecksum(*b, XXH64(data, len, 0)));
+}
+
+class BatchCodecTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_ = TwoSlots(64);
+    dst_ = TwoSlots(64);
+    // Slot 0: pages 0-9 random, 10-19 zero, 20-39 compressible, the rest random.
+    // Slot 1: all random.
+    for (uint64_t p = 0; p < 64; ++p) {
+      FillRandom(src_.At(kHighGpa + p * kPageSize), kPageSize, 1000 + p);
+      uint8_t* page = src_.At(p * kPageSize);
+      if (p >= 10 && p < 20) continue;
+      if (p >= 20 && p < 40) {
+        FillCompressible(page, kPageSize, p);
+      } else {
+        FillRandom(page, kPageSize, p);
+      }
+    }
+  }
+
+  // Applies and expects a rejection whose message contains `what`, with
+  // target memory unchanged.
+  void ExpectRejected(const proto::PageBatch& b, const std::string& what, Code code = Code::kInvalidArgument) {
+    const std::vector<uint8_t> before = dst_.Snapshot();
+    BatchApplier applier;
+    Result<ApplyResult> r = applier.Apply(b, dst_.slots);
+    ASSERT_FALSE(r.ok()) << "expected a rejection mentioning \"" << what << "\"";
+    EXPECT_EQ(r.status().code(), code) << r.status().message();
+    EXPECT_NE(r.status().message().find(what), std::string::npos) << r.status().message();
+    EXPECT_NE(r.status().message().find("batch " + std::to_string(b.sequence())), std::string::npos)
+        << r.status().message();
+    EXPECT_TRUE(dst_.Snapshot() == before) << "a rejected batch wrote into target memory";
+  }
+
+  Memory src_;
+  Memory dst_;
+};
+
+TEST_F(BatchCodecTest, RoundTripUncompressedWithZeroPages) {
+  proto::PageBatch b = Build(src_, 0, 64, Compression::kNone, 5);
+  EXPECT_EQ(b.compression(), proto::COMPRESSION_NONE);
+  EXPECT_EQ(b.uncompressed_length(), 54 * kPageSize);
+  EXPECT_EQ(b.payload().size(), 54 * kPageSize);
+  ASSERT_EQ(b.runs_size(), 3);  // data 0-9, zero 10-19, data 20-63
+  EXPECT_EQ(b.runs(1).gpa(), 10 * kPageSize);
+  EXPECT_EQ(b.runs(1).pages(), 10u);
+  EXPECT_EQ(b.runs(1).flags(), static_cast<uint32_t>(proto::PAGE_RUN_ZERO));
+  // A zero page must be cleared even if the target had data there.
+  std::memset(dst_.At(12 * kPageSize), 0xaa, kPageSize);
+  BatchApplier applier;
+  Result<ApplyResult> r = applier.Apply(b, dst_.slots);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->normal_pages, 54u);
+  EXPECT_EQ(r->zero_pages, 10u);
+  EXPECT_EQ(std::memcmp(src_.At(0), dst_.At(0), 64 * kPageSize), 0);
+}
+
+TEST_F(BatchCodecTest, RoundTripCompressed) {
+  for (Compression c : {Compression::kLz4, Compression::kZstd}) {
+    SCOPED_TRACE(std::string(CompressionName(c)));
+    // Compressible pages 20..39 only: the payload must shrink.
+    proto::PageBatch b = Build(src_, 20 * kPageSize, 20, c);
+    EXPECT_EQ(b.compression(), c == Compression::kLz4 ? proto::COMPRESSION_LZ4 : proto::COMPRESSION_ZSTD);
+    EXPECT_LT(b.payload().size(), b.uncompressed_length() / 4);
+    BatchApplier applier;
+    ASSERT_TRUE(applier.Apply(b, dst_.slots).ok());
+    EXPECT_EQ(std::memcmp(src_.At(20 * kPageSize), dst_.At(20 * kPageSize), 20 * kPageSize), 0);
+    // A mixed batch, and the applier reused across batches.
+    proto::PageBatch all = Build(src_, 0, 64, c, 1);
+    ASSERT_TRUE(applier.Apply(all, dst_.slots).ok());
+    EXPECT_EQ(std::memcmp(src_.At(0), dst_.At(0), 64 * kPageSize), 0);
+  }
+}
+
+TEST_F(BatchCodecTest, IncompressibleDataTravelsUncompressed) {
+  proto::PageBatch b = Build(src_, kHighGpa, 64, Compression::kLz4);
+  EXPECT_EQ(b.compression(), proto::COMPRESSION_NONE);
+  EXPECT_EQ(b.payload().size(), 64 * kPageSize);
+  b = Build(src_, kHighGpa, 64, Compression::kZstd);
+  EXPECT_EQ(b.compression(), proto::COMPRESSION_NONE);
+  BatchApplier applier;
+  ASSERT_TRUE(applier.Apply(b, dst_.slots).ok());
+  EXPECT_EQ(std::memcmp(src_.At(kHighGpa), dst_.At(kHighGpa), 64 * kPageSize), 0);
+}
+
+TEST_F(BatchCodecTest, AllZeroBatchIsHeaderOnly) {
+  proto::PageBatch b = Build(src_, 10 * kPageSize, 10, Compression::kZstd);
+  EXPECT_TRUE(b.payload().empty());
+  EXPECT_EQ(b.uncompressed_length(), 0u);
+  ASSERT_EQ(b.runs_size(), 1);
+  std::memset(dst_.At(15 * kPageSize), 0x55, kPageSize);
+  BatchApplier applier;
+  ASSERT_TRUE(applier.Apply(b, dst_.slots).ok());
+  EXPECT_TRUE(IsZeroPage(dst_.At(15 * kPageSize)));
+}
+
+TEST_F(BatchCodecTest, RunsSplitAtSlotBoundaries) {
+  Memory src;
+  src.Add(0, 0, 4 * kPageSize);
+  src.Add(1, 4 * kPageSize, 4 * kPageSize);  // adjacent slot
+  FillRandom(src.At(0), 4 * kPageSize, 1);
+  FillRandom(src.At(4 * kPageSize), 4 * kPageSize, 2);
+  Memory dst;
+  dst.Add(0, 0, 4 * kPageSize);
+  dst.Add(1, 4 * kPageSize, 4 * kPageSize);
+  proto::PageBatch b = Build(src, 2 * kPageSize, 4);
+  ASSERT_EQ(b.runs_size(), 2);
+  EXPECT_EQ(b.runs(0).pages(), 2u);
+  EXPECT_EQ(b.runs(1).gpa(), 4 * kPageSize);
+  BatchApplier applier;
+  ASSERT_TRUE(applier.Apply(b, dst.slots).ok());
+  EXPECT_EQ(std::memcmp(src.At(2 * kPageSize), dst.At(2 * kPageSize), 2 * kPageSize), 0);
+  EXPECT_EQ(std::memcmp(src.At(4 * kPageSize), dst.At(4 * kPageSize), 2 * kPageSize), 0);
+}
+
+TEST_F(BatchCodecTest, BuilderRejectsPagesOutsideSourceMemory) {
+  BatchBuilder b(Compression::kNone);
+  proto::PageBatch batch;
+  Status s = b.Build(src_.slots, 62 * kPageSize, 4, Header(), &batch);  // runs past slot 0 into the hole
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("gpa 0x40000 is not in source memory"), std::string::npos) << s.message();
+  EXPECT_FALSE(b.Build(src_.slots, 0, 0, Header(), &batch).ok());
+  EXPECT_FALSE(b.Build(src_.slots, 0, kMaxBatchPages + 1, Header(), &batch).ok());
+  EXPECT_FALSE(b.Build(src_.slots, 100, 1, Header(), &batch).ok());
+}
+
+TEST_F(BatchCodecTest, RejectsBadChecksum) {
+  proto::PageBatch b = Build(src_, 0, 8, Compression::kNone, 17);
+  (*b.mutable_payload())[100] ^= 1;
+  ExpectRejected(b, "checksum mismatch", Code::kDataLoss);
+  // The checksum covers the header too: the same data sent elsewhere fails.
+  b = Build(src_, 0, 8, Compression::kNone, 17);
+  b.mutable_runs(0)->set_gpa(kHighGpa);
+  ExpectRejected(b, "checksum mismatch", Code::kDataLoss);
+  b = Build(src_, 0, 8, Compression::kNone, 17);
+  b.set_round(b.round() + 1);
+  ExpectRejected(b, "checksum mismatch", Code::kDataLoss);
+}
+
+TEST_F(BatchCodecTest, RejectsGpaOutsideGuestMemory) {
+  proto::PageBatch b = Build(src_, 0, 8, Compression::kNone, 17);
+  b.mutable_runs(0)->set_gpa(0x1234000);
+  ExpectRejected(b, "batch 17: run 0: gpa 0x1234000 (+8 pages) lies outside guest memory");
+  b.mutable_runs(0)->set_gpa(kHighGpa + 64 * kPageSize);  // just past the last slot
+  ExpectRejected(b, "lies outside guest memory");
+  b.mutable_runs(0)->set_gpa(~uint64_t{0} & ~(kPageSize - 1));  // would wrap around
+  ExpectRejected(b, "lies outside guest memory");
+}
+
+TEST_F(BatchCodecTest, RejectsRunStraddlingSlotEnd) {
+  proto::PageBatch b = Build(src_, 0, 8, Compression::kNone, 3);
+  b.mutable_runs(0)->set_gpa(60 * kPageSize);  // pages 60..67: slot 0 has 64
+  ExpectRejected(b, "straddles the end of slot 0");
+}
+
+TEST_F(BatchCodecTest, RejectsPageCountPayloadMismatch) {
+  // More data pages declared than the payload holds.
+  proto::PageBatch b = Build(src_, 0, 8);
+  b.mutable_runs(0)->set_pages(9);
+  ExpectRejected(b, "uncompressed_length 32768 does not match 9 data pages");
+  // uncompressed_length agrees with the runs, but the payload is short.
+  b = Build(src_, 0, 8);
+  b.mutable_payload()->resize(7 * kPageSize);
+  ExpectRejected(b, "payload is 28672 bytes, expected 32768");
+  // A zero run that claims data.
+  b = Build(src_, 10 * kPageSize, 4);
+  b.mutable_runs(0)->set_flags(proto::PAGE_RUN_DATA);
+  ExpectRejected(b, "does not match 4 data pages");
+}
+
+TEST_F(BatchCodecTest, RejectsOversizedBatch) {
+  proto::PageBatch b;
+  b.set_sequence(9);
+  for (int i = 0; i < 2; ++i) {
+    proto::PageRun* r = b.add_runs();
+    r->set_gpa(0);
+    r->set_pages(kMaxBatchPages / 2 + 1);
+    r->set_flags(proto::PAGE_RUN_ZERO);
+  }
+  ExpectRejected(b, "more than 1024 pages (oversized batch)");
+  proto::PageBatch many;
+  many.set_sequence(9);
+  for (uint32_t i = 0; i < kMaxBatchPages + 1; ++i) {
+    proto::PageRun* r = many.add_runs();
+    r->set_gpa(0);
+    r->set_pages(1);
+    r->set_flags(proto::PAGE_RUN_ZERO);
+  }
+  ExpectRejected(many, "1025 runs");
+}
+
+TEST_F(BatchCodecTest, RejectsMalformedRuns) {
+  proto::PageBatch b = Build(src_, 0, 4);
+  b.clear_runs();
+  ExpectRejected(b, "no pages");
+  b = Build(src_, 0, 4);
+  b.mutable_runs(0)->set_pages(0);
+  ExpectRejected(b, "run 0: 0 pages");
+  b = Build(src_, 0, 4);
+  b.mutable_runs(0)->set_gpa(100);
+  ExpectRejected(b, "run 0: gpa 0x64 is not page aligned");
+  b = Build(src_, 0, 4);
+  b.mutable_runs(0)->set_flags(6);
+  ExpectRejected(b, "run 0: unknown flags 0x6");
+}
+
+TEST_F(BatchCodecTest, RejectsGarbageCompressedPayload) {
+  std::vector<uint8_t> garbage(3000);
+  FillRandom(garbage.data(), garbage.size(), 99);
+  for (auto [c, name] : {std::pair{proto::COMPRESSION_LZ4, "lz4 payload is corrupt"},
+                         std::pair{proto::COMPRESSION_ZSTD, "zstd payload is corrupt"}}) {
+    proto::PageBatch b = Build(src_, 0, 2);
+    b.set_compression(c);
+    b.set_payload(garbage.data(), garbage.size());
+    ExpectRejected(b, name, Code::kDataLoss);
+  }
+}
+
+TEST_F(BatchCodecTest, RejectsPayloadDecompressingToWrongLength) {
+  // A valid lz4 block of one page, declared as two pages of data.
+  proto::PageBatch b = Build(src_, 20 * kPageSize, 2, Compression::kLz4);
+  ASSERT_EQ(b.compression(), proto::COMPRESSION_LZ4);
+  BatchBuilder one(Compression::kLz4);
+  proto::PageBatch single;
+  ASSERT_TRUE(one.Build(src_.slots, 20 * kPageSize, 1, Header(), &single).ok());
+  ASSERT_EQ(single.compression(), proto::COMPRESSION_LZ4);
+  b.set_payload(single.payload());
+  ExpectRejected(b, "lz4 payload decompresses to 4096 bytes, expected 8192", Code::kDataLoss);
+
+  proto::PageBatch z = Build(src_, 20 * kPageSize, 2, Compression::kZstd);
+  BatchBuilder zone(Compression::kZstd);
+  ASSERT_TRUE(zone.Build(src_.slots, 20 * kPageSize, 1, Header(), &single).ok());
+  z.set_payload(single.payload());
+  ExpectRejected(z, "zstd payload decompresses to 4096 bytes, expected 8192", Code::kDataLoss);
+}
+
+TEST_F(BatchCodecTest, RejectsUnknownCompression) {
+  proto::PageBatch b = Build(src_, 0, 2);
+  b.set_compression(static_cast<proto::Compression>(7));
+  ExpectRejected(b, "unknown compression 7");
+}
+
+TEST_F(BatchCodecTest, ResealedTamperingIsCaughtByStructureChecks) {
+  // Even with a valid checksum, a batch may not point outside guest memory.
+  proto::PageBatch b = Build(src_, 0, 4);
+  b.mutable_runs(0)->set_gpa(kHighGpa + 62 * kPageSize);
+  Reseal(&b, reinterpret_cast<const uint8_t*>(b.payload().data()), b.payload().size());
+  ExpectRejected(b, "straddles the end of slot 1");
+}
+
+TEST(CompressionTest, ParsesNames) {
+  EXPECT_EQ(*ParseCompression("none"), Compression::kNone);
+  EXPECT_EQ(*ParseCompression("lz4"), Compression::kLz4);
+  EXPECT_EQ(*ParseCompression("zstd"), Compression::kZstd);
+  Result<Compression> bad = ParseCompression("gzip");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("gzip"), std::string::npos);
+  EXPECT_EQ(CompressionName(Compression::kZstd), "zstd");
+}
+
+}  // namespace
+}  // namespace pmlmig::transport

@@ -1,0 +1,80 @@
+#include "migration_json.h"
+
+#include <cinttypes>
+#include <cstdio>
+
+#include "pmlmig/base/units.h"
+
+namespace pmlmig::tools {
+
+nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
+  nlohmann::ordered_json rounds = nlohmann::ordered_json::array();
+  for (const engine::RoundStats& r : s.round_stats) {
+    rounds.push_back({{"round", r.round},
+                      {"dirty_pages", r.dirty_pages},
+                      {"pages", r.sent.pages},
+                      {"zero_pages", r.sent.zero_pages},
+                      {"bytes", r.sent.wire_bytes},
+                      {"duration_ms", r.duration_ms},
+                      {"bandwidth_mbps", r.bandwidth_mbps},
+                      {"expected_downtime_ms", r.expected_downtime_ms}});
+  }
+  return {
+      {"status", s.status},
+      {"total_time_ms", s.total_time_ms},
+      {"downtime_ms", s.status == "completed" ? nlohmann::ordered_json(s.downtime_ms) : nlohmann::ordered_json(nullptr)},
+      {"setup_time_ms", s.setup_time_ms},
+      {"rounds", s.rounds},
+      {"transferred_bytes", s.transferred.wire_bytes},
+      {"payload_bytes", s.transferred.payload_bytes},
+      {"normal_pages", s.transferred.normal_pages},
+      {"zero_pages", s.transferred.zero_pages},
+      {"throughput_mbps", s.throughput_mbps},
+      {"dirty_pages_rate", s.dirty_pages_rate},
+      {"expected_downtime_ms", s.expected_downtime_ms},
+      {"verified", s.verified},
+      {"verify_detail", s.final_reply.verify_detail},
+      {"target_restore_ms", s.final_reply.target_restore_ms},
+      {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(s.error)},
+      {"round_stats", rounds},
+  };
+}
+
+std::string MigrationStatsText(const engine::MigrationStats& s) {
+  char buf[512];
+  std::string out;
+  std::snprintf(buf, sizeof buf,
+                "Migration %s in %.1f ms (setup %.1f ms), downtime %.1f ms, %u rounds\n"
+                "  transferred %s on the wire (%s of pages): %" PRIu64 " normal pages, %" PRIu64
+                " zero pages, %.0f Mbit/s\n",
+                s.status.c_str(), s.total_time_ms, s.setup_time_ms, s.status == "completed" ? s.downtime_ms : 0.0,
+                s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(),
+                FormatBytes(s.transferred.payload_bytes).c_str(), s.transferred.normal_pages, s.transferred.zero_pages,
+                s.throughput_mbps);
+  out += buf;
+  if (s.status == "completed") {
+    std::snprintf(buf, sizeof buf, "  target restored and resumed in %.1f ms; verification: %s\n",
+                  s.final_reply.target_restore_ms, s.verified ? s.final_reply.verify_detail.c_str() : "not requested");
+    out += buf;
+  }
+  out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms\n";
+  for (const engine::RoundStats& r : s.round_stats) {
+    std::snprintf(buf, sizeof buf, "  %5u %13" PRIu64 " %9" PRIu64 " %11s %8.1f %9.0f %12.1f\n", r.round,
+                  r.dirty_pages, r.sent.pages, FormatBytes(r.sent.wire_bytes).c_str(), r.duration_ms,
+                  r.bandwidth_mbps, r.expected_downtime_ms);
+    out += buf;
+  }
+  if (!s.error.empty()) out += "  error: " + s.error + "\n";
+  return out;
+}
+
+std::string ProgressLine(const engine::MigrationProgress& p) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
+                p.elapsed_ms / 1000, p.phase.c_str(), p.round, FormatBytes(p.wire_bytes).c_str(), p.remaining_pages,
+                p.bandwidth_mbps, p.expected_downtime_ms);
+  return buf;
+}
+
+}  // namespace pmlmig::tools

@@ -1,0 +1,184 @@
+// pmlmig receive: wait for one migration, resume the VM, keep it running for
+// a while with its workload going, report.
+#include <unistd.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "commands.h"
+#include "pmlmig/base/units.h"
+#include "pmlmig/engine/migration_target.h"
+#include "pmlmig/transport/config_codec.h"
+#include "pmlmig/transport/grpc_server.h"
+#include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/machine.h"
+
+namespace pmlmig::tools {
+namespace {
+
+struct ReceiveFlags {
+  std::string listen;
+  bool verify = false;
+  std::string exit_after = "2s";
+  std::string wait = "0";
+  bool json = false;
+  bool quiet = false;
+};
+
+std::vector<uint64_t> Counters(const vmm::Machine& m) {
+  std::vector<uint64_t> c;
+  for (const auto& s : m.Stats()) c.push_back(s.pages_written);
+  return c;
+}
+
+int Receive(const ReceiveFlags& f) {
+  auto exit_after = ParseDuration(f.exit_after);
+  if (!exit_after.ok()) return PrintError("--exit-after: " + exit_after.status().message()), kExitUsage;
+  auto wait = ParseDuration(f.wait);
+  if (!wait.ok()) return PrintError("--wait: " + wait.status().message()), kExitUsage;
+  auto kvm = vmm::Kvm::Open();
+  if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
+  InstallInterruptHandler();
+
+  // What the factory built, for the report (one migration at a time).
+  vmm::Machine* machine = nullptr;
+  vmm::TestGuestConfig guest;
+  std::vector<uint64_t> at_resume;
+  std::string check_detail;
+  const vmm::Kvm& k = *kvm;
+  auto make_target = [&]() -> std::unique_ptr<engine::MigrationTarget> {
+    auto build = [&](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+      if (f.verify && !setup.verify) {
+        return InvalidArgument("this receiver runs with --verify; run the source with --verify too");
+      }
+      vmm::MachineOptions o;
+      PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &o.guest, &o.irqchip));
+      auto m = vmm::Machine::CreateForRestore(k, o);
+      if (!m.ok()) return m.status();
+      machine = m->get();
+      guest = o.guest;
+      if (!f.quiet) {
+        std::fprintf(stderr, "pmlmig receive: building a %s guest with %u vCPU%s (workload %s)\n",
+                     FormatBytes(o.guest.memory_bytes).c_str(), o.guest.vcpus, o.guest.vcpus == 1 ? "" : "s",
+                     o.guest.workload.ToString().c_str());
+      }
+      return std::unique_ptr<engine::VmControl>(std::move(*m));
+    };
+    auto check = [&](engine::VmControl&) -> Result<std::string> {
+      at_resume = Counters(*machine);
+      const vmm::CheckReport r = vmm::CheckGuestMemory(machine->memory(), guest, at_resume);
+      if (!r.ok()) return r.ToStatus();
+      return "memory checker passed on " + std::to_string(r.pages_checked) + " pages (" +
+             std::to_string(r.pages_stamped) + " stamped)";
+    };
+    return std::make_unique<engine::VmMigrationTarget>(build, check);
+  };
+  auto server = transport::MigrationServer::Start(f.listen, make_target);
+  if (!server.ok()) return PrintError(server.status().message()), kExitFailure;
+  if (!f.quiet) {
+    std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s; waiting for one migration\n", f.listen.c_str(),
+                 (*server)->port(), f.verify ? ", verifying" : "");
+  }
+
+  // Wait for the migration, waking up for Ctrl-C.
+  const auto started = std::chrono::steady_clock::now();
+  Result<transport::MigrationOutcome> outcome = Aborted("interrupted");
+  for (;;) {
+    if (Interrupted()) break;
+    if (wait->count() > 0 && std::chrono::steady_clock::now() - started > *wait) {
+      outcome = Aborted("no migration arrived within --wait " + f.wait);
+      break;
+    }
+    outcome = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
+    if (outcome.ok()) break;
+  }
+  nlohmann::ordered_json out = {{"status", "failed"}, {"resumed", false}, {"verified", nullptr},
+                                {"downtime_ms", nullptr}, {"target_restore_ms", nullptr},
+                                {"pages_written_after_resume", 0}, {"error", nullptr}};
+  if (!outcome.ok()) {
+    (*server)->Shutdown();
+    out["error"] = outcome.status().message();
+    if (f.json) std::printf("%s\n", out.dump().c_str());
+    PrintError(outcome.status().message());
+    return Interrupted() ? kExitInterrupted : kExitFailure;
+  }
+  transport::MigrationOutcome& o = *outcome;
+  out["status"] = std::string(transport::MigrationStatusName(o.status));
+  out["rounds"] = o.rounds;
+  out["received_normal_pages"] = o.totals.normal_pages;
+  out["received_zero_pages"] = o.totals.zero_pages;
+  out["received_bytes"] = o.totals.wire_bytes;
+  if (o.status != transport::MigrationStatus::kCompleted) {
+    (*server)->Shutdown();
+    out["error"] = o.error.message();
+    if (f.json) std::printf("%s\n", out.dump().c_str());
+    PrintError("migration " + std::string(transport::MigrationStatusName(o.status)) + ": " + o.error.message() +
+               " (the partial VM was discarded)");
+    return kExitFailure;
+  }
+  (*server)->Shutdown();  // one migration: stop listening
+  auto* target = dynamic_cast<engine::VmMigrationTarget*>(o.target.get());
+  std::unique_ptr<engine::VmControl> vm = target != nullptr ? target->TakeVm() : nullptr;
+  if (vm == nullptr || machine == nullptr) return PrintError("internal: completed migration without a VM"), kExitFailure;
+  out["resumed"] = true;
+  out["verified"] = o.reply.verified ? nlohmann::ordered_json(true) : nlohmann::ordered_json(nullptr);
+  out["verify_detail"] = o.reply.verify_detail;
+  out["target_restore_ms"] = o.reply.target_restore_ms;
+  out["downtime_ms"] = o.reply.source_paused_ms > 0 ? nlohmann::ordered_json(o.reply.source_paused_ms + o.reply.target_restore_ms)
+                                                    : nlohmann::ordered_json(nullptr);
+  if (at_resume.empty()) at_resume = Counters(*machine);  // no check ran: close to the resume point
+  if (!f.quiet) {
+    std::fprintf(stderr, "pmlmig receive: VM resumed (restore %.1f ms)%s%s; running it for %s\n",
+                 o.reply.target_restore_ms, o.reply.verified ? ", verified: " : "",
+                 o.reply.verified ? o.reply.verify_detail.c_str() : "", f.exit_after.c_str());
+  }
+  const auto run_until = std::chrono::steady_clock::now() + *exit_after;
+  while (std::chrono::steady_clock::now() < run_until && !Interrupted() && machine->error().ok()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  (void)vm->Pause();
+  const std::vector<uint64_t> now = Counters(*machine);
+  uint64_t after = 0;
+  nlohmann::ordered_json per = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < now.size(); ++i) {
+    const uint64_t d = now[i] - std::min(now[i], at_resume[i]);
+    after += d;
+    per.push_back({{"id", i}, {"pages_written_after_resume", d}});
+  }
+  out["pages_written_after_resume"] = after;
+  out["vcpus"] = per;
+  Status vm_error = machine->error();
+  if (!vm_error.ok()) out["error"] = "the VM failed after resuming: " + vm_error.message();
+  if (f.json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("Received: %s, %u rounds, %" PRIu64 " normal + %" PRIu64 " zero pages; restore %.1f ms; %s\n",
+                std::string(transport::MigrationStatusName(o.status)).c_str(), o.rounds, o.totals.normal_pages,
+                o.totals.zero_pages, o.reply.target_restore_ms,
+                o.reply.verified ? o.reply.verify_detail.c_str() : "not verified");
+    std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());
+  }
+  vm.reset();
+  return vm_error.ok() ? kExitOk : kExitFailure;
+}
+
+}  // namespace
+
+Command RegisterReceive(CLI::App& app) {
+  auto f = std::make_shared<ReceiveFlags>();
+  auto* cmd = app.add_subcommand("receive", "Wait for one live migration, resume the VM and report");
+  cmd->add_option("--listen", f->listen, "HOST:PORT to listen on (port 0: any free port)")->required();
+  cmd->add_flag("--verify", f->verify, "Require the source's memory digest and run the memory checker before resuming");
+  cmd->add_option("--exit-after", f->exit_after, "Keep the resumed VM running this long, then report")
+      ->capture_default_str();
+  cmd->add_option("--wait", f->wait, "Give up when no migration arrived within this time; 0 = wait forever")
+      ->capture_default_str();
+  cmd->add_flag("--json", f->json, "Print the report as one JSON object on stdout");
+  cmd->add_flag("--quiet,-q", f->quiet, "No progress lines");
+  return [f]() { return Receive(*f); };
+}
+
+}  // namespace pmlmig::tools

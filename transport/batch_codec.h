@@ -1,0 +1,132 @@
+// Page batches: building them from guest memory (sender) and checking and
+// applying them into guest memory (receiver). Pure functions over a
+// SlotTable and a proto::PageBatch; no I/O, no gRPC. The batch format, its
+// checksum and what the receiver rejects are described at the top of
+// proto/migration.proto.
+//
+// What this code must never do: write outside the slots of the SlotTable it
+// is given, or write anything of a batch that fails any check.
+//
+// Private to transport/ (it speaks protobuf); the tests include it by path.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "migration.pb.h"
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/slot_table.h"
+#include "pmlmig/transport/grpc_sink.h"
+
+namespace pmlmig::transport {
+
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint64_t kMaxBatchPayload = uint64_t{kMaxBatchPages} * engine::kPageSize;
+// gRPC max message size on both sides: a batch (4 MiB of data plus at most
+// 1024 runs) and the largest control message (8 MiB of VM state) fit.
+inline constexpr int kMaxMessageBytes = 16 << 20;
+inline constexpr uint64_t kMaxVmStateBytes = 8ull << 20;
+inline constexpr uint64_t kMaxVmDescriptionBytes = 1ull << 20;
+inline constexpr int kMaxMemoryRanges = 256;
+
+// Where a batch belongs: copied into its header and covered by its checksum.
+struct BatchHeader {
+  uint64_t session_id = 0;
+  uint32_t stream = 0;
+  uint32_t round = 0;
+  uint64_t sequence = 0;
+};
+
+// The checksum of a batch whose payload, uncompressed, hashes to
+// `payload_hash` (XXH64, seed 0); see proto/migration.proto.
+uint64_t BatchChecksum(const proto::PageBatch& batch, uint64_t payload_hash);
+
+// Bytes as they arrived, possibly in several pieces (gRPC slices), in order.
+using Chunks = std::span<const std::span<const uint8_t>>;
+using ChunkList = std::vector<std::span<const uint8_t>>;
+
+// On the wire a PageBatch is its other fields followed by the payload
+// (field 15), so a sender can serialize the small header with protobuf and
+// append the payload without copying it. Writes the payload's tag and
+// length (at most 6 bytes) to `out`; returns how many.
+size_t EncodePayloadPrefix(uint64_t payload_len, uint8_t* out);
+
+// Splits a serialized PageBatch, as received, into its fields other than
+// the payload (parsed into `header`) and the payload's bytes (`payload`,
+// pointing into `wire`, nothing copied). Rejects what is not a valid
+// PageBatch, a payload field given twice, and headers over 1 MiB.
+Status DecodeBatch(Chunks wire, proto::PageBatch* header, ChunkList* payload);
+
+// Builds batches on one sender thread. Keeps its compression context and
+// scratch buffer between batches; not thread-safe (one per stream).
+class BatchBuilder {
+ public:
+  explicit BatchBuilder(Compression compression, int zstd_level = 1);
+  ~BatchBuilder();
+  BatchBuilder(const BatchBuilder&) = delete;
+  BatchBuilder& operator=(const BatchBuilder&) = delete;
+
+  // Fills `out` with the `pages` pages (1..1024) starting at `gpa`, read
+  // from `memory` now: zero pages become PAGE_RUN_ZERO runs (no data), the
+  // others are copied into the payload (compressed when that shrinks it),
+  // runs are split at slot boundaries, and the checksum is set. `out` is
+  // cleared first; its payload buffer is reused, so pass the same message
+  // each time. Error: a page outside `memory`, or a bad page count.
+  Status Build(const engine::SlotTable& memory, uint64_t gpa, uint64_t pages, const BatchHeader& header,
+               proto::PageBatch* out);
+  // The same, but the payload goes to `payload` (room for pages * 4096
+  // bytes) and its length to `*payload_len`; `out`'s payload is left empty.
+  Status Build(const engine::SlotTable& memory, uint64_t gpa, uint64_t pages, const BatchHeader& header,
+               proto::PageBatch* out, uint8_t* payload, size_t* payload_len);
+
+ private:
+  Compression compression_;
+  int zstd_level_;
+  std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once compressing
+  void* zstd_ = nullptr;                // ZSTD_CCtx*
+};
+
+struct ApplyResult {
+  uint64_t normal_pages = 0;
+  uint64_t zero_pages = 0;
+};
+
+// Checks and applies batches on one receiver thread. Keeps its decompression
+// context and scratch buffer between batches; not thread-safe (one per
+// stream).
+class BatchApplier {
+ public:
+  BatchApplier();
+  ~BatchApplier();
+  BatchApplier(const BatchApplier&) = delete;
+  BatchApplier& operator=(const BatchApplier&) = delete;
+
+  // Checks everything about `batch` that does not depend on the session
+  // (runs against `memory`, page counts, lengths, compression, checksum),
+  // and only then writes its pages into `memory` (zero runs are cleared).
+  // Errors name the batch and the problem, e.g. "batch 17: run 0: gpa
+  // 0x1234000 (+2 pages) lies outside guest memory".
+  Result<ApplyResult> Apply(const proto::PageBatch& batch, const engine::SlotTable& memory);
+  // The same for a batch split by DecodeBatch: `header`'s payload field is
+  // ignored; the payload is `payload`.
+  Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory);
+
+ private:
+  std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once decompressing
+  std::unique_ptr<uint8_t[]> gather_;   // kMaxBatchPayload bytes, for a compressed payload in pieces
+  void* zstd_ = nullptr;                // ZSTD_DCtx*
+};
+
+// Whether the 4 KiB page at `p` is all zero.
+bool IsZeroPage(const uint8_t* p);
+
+// Once per process, before the sink or server moves data: keeps freed
+// multi-MiB blocks in glibc's heap (mmap threshold 64 MiB, trim threshold
+// 512 MiB). gRPC allocates a fresh 1-4 MiB buffer for most messages it reads
+// or writes; by default glibc maps each one anew and every page faults in
+// again, which cost about 15% of a transfer's CPU here.
+void TuneMallocForTransfer();
+
+}  // namespace pmlmig::transport
