@@ -158,8 +158,8 @@ void DirtyRingTracker::CollectorLoop() {
     rusage ru{};
     if (getrusage(RUSAGE_THREAD, &ru) == 0) {
       auto ns = [](const timeval& tv) { return static_cast<uint64_t>(tv.tv_sec) * 1000000000ull + static_cast<uint64_t>(tv.tv_usec) * 1000ull; };
-      collector_user_ns_.store(ns(ru.ru_utime), std::memory_order_relaxed);
-      collector_sys_ns_.store(ns(ru.ru_stime), std::memory_order_relaxed);
+      counters_.background_user_ns.store(ns(ru.ru_utime), std::memory_order_relaxed);
+      counters_.background_sys_ns.store(ns(ru.ru_stime), std::memory_order_relaxed);
     }
     lock.lock();
     if (take_into != nullptr) {
@@ -210,9 +210,9 @@ bool DirtyRingTracker::Pass() {
       bad = DataLoss(buf);
     }
   }
-  passes_.fetch_add(1, std::memory_order_relaxed);
+  counters_.background_harvests.fetch_add(1, std::memory_order_relaxed);
   if (harvested + skipped != 0) {
-    entries_harvested_.fetch_add(harvested, std::memory_order_relaxed);
+    counters_.entries_harvested.fetch_add(harvested, std::memory_order_relaxed);
     const int reset = ::ioctl(vm_.vm_fd(), KVM_RESET_DIRTY_RINGS, 0);
     if (reset < 0) {
       if (bad.ok()) bad = Status::FromErrno(errno, "KVM_RESET_DIRTY_RINGS (vm)");
@@ -222,7 +222,7 @@ bool DirtyRingTracker::Pass() {
     }
   }
   if (overflow) {
-    overflows_.fetch_add(1, std::memory_order_relaxed);
+    counters_.overflows.fetch_add(1, std::memory_order_relaxed);
     pending_.MarkAll();
   }
   if (overflow || !bad.ok()) {
@@ -249,7 +249,7 @@ Status DirtyRingTracker::RequestPassAndWait(DirtySet* take_into) {
 Status DirtyRingTracker::OnRingFull(uint32_t vcpu) {
   // On the vCPU's thread: the collector drains this ring (and resets it) in
   // the next pass; KVM_RUN then has room again.
-  ring_full_exits_.fetch_add(1, std::memory_order_relaxed);
+  counters_.ring_full_exits.fetch_add(1, std::memory_order_relaxed);
   if (vcpu < rings_.size()) rings_[vcpu]->reported_full.store(true, std::memory_order_release);
   return RequestPassAndWait(nullptr);
 }
@@ -293,28 +293,10 @@ Status DirtyRingTracker::Collect(DirtySet& out) {
     pages = out.total_pages();
   }
   const uint64_t ns = NowNs() - start;
-  collections_.fetch_add(1, std::memory_order_relaxed);
-  pages_collected_.fetch_add(pages, std::memory_order_relaxed);
-  collect_ns_total_.fetch_add(ns, std::memory_order_relaxed);
-  last_collect_ns_.store(ns, std::memory_order_relaxed);
-  last_pages_.store(pages, std::memory_order_relaxed);
+  counters_.RecordCollection(pages, ns);
   return err;
 }
 
-TrackerStats DirtyRingTracker::stats() const {
-  TrackerStats s;
-  s.collections = collections_.load(std::memory_order_relaxed);
-  s.pages_collected = pages_collected_.load(std::memory_order_relaxed);
-  s.collect_ns_total = collect_ns_total_.load(std::memory_order_relaxed);
-  s.last_collect_ns = last_collect_ns_.load(std::memory_order_relaxed);
-  s.last_pages = last_pages_.load(std::memory_order_relaxed);
-  s.entries_harvested = entries_harvested_.load(std::memory_order_relaxed);
-  s.overflows = overflows_.load(std::memory_order_relaxed);
-  s.ring_full_exits = ring_full_exits_.load(std::memory_order_relaxed);
-  s.background_harvests = passes_.load(std::memory_order_relaxed);
-  s.background_user_ns = collector_user_ns_.load(std::memory_order_relaxed);
-  s.background_sys_ns = collector_sys_ns_.load(std::memory_order_relaxed);
-  return s;
-}
+TrackerStats DirtyRingTracker::stats() const { return counters_.Snapshot(); }
 
 }  // namespace pmlmig::engine

@@ -106,12 +106,12 @@ Status PmlModelTracker::DrainIntoPending() {
   // Reset even after an error: every in-slot entry was marked, and a log left
   // full would stop the guest at its next logging write.
   model_.ResetLog();
-  entries_harvested_.fetch_add(st.valid, std::memory_order_relaxed);
+  counters_.entries_harvested.fetch_add(st.valid, std::memory_order_relaxed);
   return r.status();
 }
 
 Status PmlModelTracker::OnFullExit(PmlModel&) {
-  full_exit_drains_.fetch_add(1, std::memory_order_relaxed);
+  counters_.background_harvests.fetch_add(1, std::memory_order_relaxed);
   Status s = DrainIntoPending();
   // Keep the guest running (as KVM does after a bad entry) and report the
   // first error at the next Collect.
@@ -148,15 +148,11 @@ Status PmlModelTracker::Collect(DirtySet& out) {
   if (model_.CountDirtyBits() != 0) [[unlikely]] {
     out.MarkAll();
     model_.ClearAllDirtyBits();
-    overflows_.fetch_add(1, std::memory_order_relaxed);
+    counters_.overflows.fetch_add(1, std::memory_order_relaxed);
     pages = out.Count();
   }
   const uint64_t ns = NowNs() - start;
-  collections_.fetch_add(1, std::memory_order_relaxed);
-  pages_collected_.fetch_add(pages, std::memory_order_relaxed);
-  collect_ns_total_.fetch_add(ns, std::memory_order_relaxed);
-  last_collect_ns_.store(ns, std::memory_order_relaxed);
-  last_pages_.store(pages, std::memory_order_relaxed);
+  counters_.RecordCollection(pages, ns);
   Status err = error_;
   error_ = Status::Ok();
   return err;
@@ -170,17 +166,6 @@ Status PmlModelTracker::Disable() {
   return Status::Ok();
 }
 
-TrackerStats PmlModelTracker::stats() const {
-  TrackerStats s;
-  s.collections = collections_.load(std::memory_order_relaxed);
-  s.pages_collected = pages_collected_.load(std::memory_order_relaxed);
-  s.collect_ns_total = collect_ns_total_.load(std::memory_order_relaxed);
-  s.last_collect_ns = last_collect_ns_.load(std::memory_order_relaxed);
-  s.last_pages = last_pages_.load(std::memory_order_relaxed);
-  s.entries_harvested = entries_harvested_.load(std::memory_order_relaxed);
-  s.overflows = overflows_.load(std::memory_order_relaxed);
-  s.background_harvests = full_exit_drains_.load(std::memory_order_relaxed);
-  return s;
-}
+TrackerStats PmlModelTracker::stats() const { return counters_.Snapshot(); }
 
 }  // namespace pmlmig::engine

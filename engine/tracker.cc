@@ -7,6 +7,30 @@
 
 namespace pmlmig::engine {
 
+void TrackerCounters::RecordCollection(uint64_t pages, uint64_t ns) {
+  collections.fetch_add(1, std::memory_order_relaxed);
+  pages_collected.fetch_add(pages, std::memory_order_relaxed);
+  collect_ns_total.fetch_add(ns, std::memory_order_relaxed);
+  last_collect_ns.store(ns, std::memory_order_relaxed);
+  last_pages.store(pages, std::memory_order_relaxed);
+}
+
+TrackerStats TrackerCounters::Snapshot() const {
+  TrackerStats s;
+  s.collections = collections.load(std::memory_order_relaxed);
+  s.pages_collected = pages_collected.load(std::memory_order_relaxed);
+  s.collect_ns_total = collect_ns_total.load(std::memory_order_relaxed);
+  s.last_collect_ns = last_collect_ns.load(std::memory_order_relaxed);
+  s.last_pages = last_pages.load(std::memory_order_relaxed);
+  s.entries_harvested = entries_harvested.load(std::memory_order_relaxed);
+  s.overflows = overflows.load(std::memory_order_relaxed);
+  s.ring_full_exits = ring_full_exits.load(std::memory_order_relaxed);
+  s.background_harvests = background_harvests.load(std::memory_order_relaxed);
+  s.background_user_ns = background_user_ns.load(std::memory_order_relaxed);
+  s.background_sys_ns = background_sys_ns.load(std::memory_order_relaxed);
+  return s;
+}
+
 Result<TrackerKind> ParseTrackerKind(std::string_view name) {
   if (name == "none") return TrackerKind::kNone;
   if (name == "ring") return TrackerKind::kRing;

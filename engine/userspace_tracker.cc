@@ -477,7 +477,7 @@ void UserspaceWriteTracker::MarkRestConservatively(size_t index, uint64_t first)
     const uint64_t from = i == index ? first : 0;
     if (from < slots[i].pages()) MarkPending(i, from, slots[i].pages() - from);
   }
-  overflows_.fetch_add(1, std::memory_order_relaxed);
+  counters_.overflows.fetch_add(1, std::memory_order_relaxed);
 }
 
 Status UserspaceWriteTracker::ScanSlotUffd(size_t index, uint64_t* pages, bool mark_on_failure) {
@@ -505,7 +505,7 @@ Status UserspaceWriteTracker::ScanSlotUffd(size_t index, uint64_t* pages, bool m
       MarkPending(index, (rs - base) >> kPageShift, count);
       *pages += count;
     }
-    entries_harvested_.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
+    counters_.entries_harvested.fetch_add(static_cast<uint64_t>(n), std::memory_order_relaxed);
     if (walk_end >= end) break;
     if (walk_end <= from) {
       if (mark_on_failure) MarkRestConservatively(index, (from - base) >> kPageShift);
@@ -560,7 +560,7 @@ Status UserspaceWriteTracker::CollectSoftDirty(uint64_t* pages) {
       *pages += run;
     }
   }
-  entries_harvested_.fetch_add(*pages, std::memory_order_relaxed);
+  counters_.entries_harvested.fetch_add(*pages, std::memory_order_relaxed);
   // If the clear fails the bits stay set: the next collection reports a
   // superset, which is safe.
   return ClearSoftDirty(clear_refs_.get());
@@ -589,11 +589,7 @@ Status UserspaceWriteTracker::Collect(DirtySet& out) {
   std::atomic_thread_fence(std::memory_order_acquire);
 
   const uint64_t ns = NowNs() - t0;
-  collections_.fetch_add(1, std::memory_order_relaxed);
-  pages_collected_.fetch_add(taken, std::memory_order_relaxed);
-  collect_ns_total_.fetch_add(ns, std::memory_order_relaxed);
-  last_collect_ns_.store(ns, std::memory_order_relaxed);
-  last_pages_.store(taken, std::memory_order_relaxed);
+  counters_.RecordCollection(taken, ns);
   kernel_pages_.fetch_add(kernel_pages, std::memory_order_relaxed);
   return s;
 }
@@ -626,17 +622,7 @@ Status UserspaceWriteTracker::MarkDirty(uint64_t gpa, uint64_t length) {
   return Status::Ok();
 }
 
-TrackerStats UserspaceWriteTracker::stats() const {
-  TrackerStats t;
-  t.collections = collections_.load(std::memory_order_relaxed);
-  t.pages_collected = pages_collected_.load(std::memory_order_relaxed);
-  t.collect_ns_total = collect_ns_total_.load(std::memory_order_relaxed);
-  t.last_collect_ns = last_collect_ns_.load(std::memory_order_relaxed);
-  t.last_pages = last_pages_.load(std::memory_order_relaxed);
-  t.entries_harvested = entries_harvested_.load(std::memory_order_relaxed);
-  t.overflows = overflows_.load(std::memory_order_relaxed);
-  return t;
-}
+TrackerStats UserspaceWriteTracker::stats() const { return counters_.Snapshot(); }
 
 UserspaceWriteTracker::ScanStats UserspaceWriteTracker::scan_stats() const {
   ScanStats s;

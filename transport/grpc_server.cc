@@ -144,10 +144,11 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
  private:
   enum class State { kWaitSetup, kReceiving, kFinalizing, kFailing, kEnded };
+  class PagesReactor;
 
   struct StreamState {
     bool attached = false;
-    grpc::ServerContextBase* ctx = nullptr;  // while its call is open
+    PagesReactor* reactor = nullptr;  // the call attached to it, while it is open
     uint64_t next_sequence = 0;
     uint32_t last_round = 0;
     uint64_t pages = 0;
@@ -168,9 +169,10 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   };
 
   Status ValidateSetup(const proto::Setup& s) const;
-  // Pages thread: the session is failed; cancel its calls so the control
-  // thread ends it. Only while it is still waiting for Setup or receiving.
-  void MarkFailed(const std::shared_ptr<Session>& session, const Status& why, grpc::ServerContextBase* self);
+  // Pages thread: the session is failed; end its other Pages calls with
+  // `why` and cancel the control call, whose thread then ends the session.
+  // Only while it is still waiting for Setup or receiving.
+  void MarkFailed(const std::shared_ptr<Session>& session, const Status& why, const PagesReactor* self);
   // Control thread: ends the session (once): stops and waits for the Pages
   // threads, discards the target unless completed, records the outcome, and
   // frees the receiver for the next migration.
@@ -184,20 +186,22 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   struct PagesState {
     std::shared_ptr<Session> session;  // set by the first batch naming the current session
     uint32_t index = 0;
-    bool attached = false;             // per_stream[index].ctx is this call
+    bool attached = false;             // per_stream[index].reactor is this call
     proto::PageBatch header;           // reused
     ChunkList payload;
     BatchApplier applier;
   };
-  class PagesReactor;
   // Decodes, checks and applies one received batch; returns its ack.
-  Result<proto::BatchAck> HandleBatch(PagesState& st, Chunks wire, grpc::ServerContextBase* ctx);
+  Result<proto::BatchAck> HandleBatch(PagesState& st, Chunks wire, PagesReactor* self);
   // Refuses a batch: the call leaves the session (so the session's teardown
   // does not cancel it and it ends with `s`), and the migration fails.
-  grpc::Status Refuse(PagesState& st, const Status& s, grpc::ServerContextBase* ctx);
+  grpc::Status Refuse(PagesState& st, const Status& s, PagesReactor* self);
   // The Pages call was cancelled or broke (OnCancel), or is over (OnDone).
-  void PagesCancelled(PagesState& st, grpc::ServerContextBase* ctx);
-  void PagesDone(PagesState& st, grpc::ServerContextBase* ctx);
+  void PagesCancelled(PagesState& st, PagesReactor* self);
+  void PagesDone(PagesState& st, PagesReactor* self);
+  // Under mu_: ends every open Pages call of the session but `self` with
+  // `why` (the sender learns the receiver's reason, not just "cancelled").
+  void EndStreams(Session& session, const Status& why, const PagesReactor* self);
 
   const TargetFactory factory_;
   MigrationServerOptions options_;
@@ -213,14 +217,12 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 // ------------------------------------------------------------- sessions
 
 void MigrationServer::Impl::MarkFailed(const std::shared_ptr<Session>& session, const Status& why,
-                                       grpc::ServerContextBase* self) {
+                                       const PagesReactor* self) {
   std::lock_guard lock(mu_);
   if (session->state != State::kWaitSetup && session->state != State::kReceiving) return;
   session->state = State::kFailing;
   session->failure = why;
-  for (StreamState& ss : session->per_stream) {
-    if (ss.ctx != nullptr && ss.ctx != self) ss.ctx->TryCancel();
-  }
+  EndStreams(*session, why, self);
   session->control_ctx->TryCancel();
   cv_.notify_all();
 }
@@ -233,9 +235,7 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
     std::unique_lock lock(mu_);
     if (session->state == State::kEnded) return;
     session->state = State::kEnded;  // no batch is admitted from here on
-    for (StreamState& ss : session->per_stream) {
-      if (ss.ctx != nullptr) ss.ctx->TryCancel();
-    }
+    EndStreams(*session, status == MigrationStatus::kCompleted ? Aborted("the migration is over") : error, nullptr);
     cv_.wait(lock, [&] { return session->applying == 0; });
     target = std::move(session->target);
     out.totals = session->totals;
@@ -469,6 +469,7 @@ grpc::Status MigrationServer::Impl::Control(
       fs.vm_state.assign(f.vm_state().begin(), f.vm_state().end());
       fs.has_digest = f.has_digest();
       fs.memory_digest = f.memory_digest();
+      fs.source_paused_ms = f.source_paused_ms();
       Result<engine::FinalReply> r = target->OnFinal(fs);
       if (!r.ok()) return fail(r.status().WithContext("target refused the final state"));
       reply.Clear();
@@ -477,6 +478,7 @@ grpc::Status MigrationServer::Impl::Control(
       fr->set_verified(r->verified);
       fr->set_verify_detail(r->verify_detail);
       fr->set_target_restore_ms(r->target_restore_ms);
+      fr->set_source_paused_ms(r->source_paused_ms);
       const bool sent = stream->Write(reply);
       // The target has decided (and its VM may run): this is an outcome the
       // caller must see even if the reply could not be delivered.
@@ -536,8 +538,7 @@ Status MigrationServer::Impl::Admit(const std::shared_ptr<Session>& session, uin
   return Status::Ok();
 }
 
-Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunks wire,
-                                                         grpc::ServerContextBase* ctx) {
+Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunks wire, PagesReactor* self) {
   proto::PageBatch& batch = st.header;
   {
     Status s = DecodeBatch(wire, &batch, &st.payload);
@@ -570,7 +571,7 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
       st.index = batch.stream();
       st.attached = true;
       session.per_stream[st.index].attached = true;
-      session.per_stream[st.index].ctx = ctx;
+      session.per_stream[st.index].reactor = self;
     }
     PMLMIG_RETURN_IF_ERROR(Admit(st.session, st.index, batch));
     ++session.applying;
@@ -607,43 +608,48 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
   return ack;
 }
 
-grpc::Status MigrationServer::Impl::Refuse(PagesState& st, const Status& s, grpc::ServerContextBase* ctx) {
+grpc::Status MigrationServer::Impl::Refuse(PagesState& st, const Status& s, PagesReactor* self) {
   std::shared_ptr<Session> session;
   {
     std::lock_guard lock(mu_);
     session = st.session;
-    if (st.attached && st.session->per_stream[st.index].ctx == ctx) st.session->per_stream[st.index].ctx = nullptr;
+    if (st.attached && st.session->per_stream[st.index].reactor == self) {
+      st.session->per_stream[st.index].reactor = nullptr;
+    }
     st.attached = false;
   }
-  if (session) MarkFailed(session, s, ctx);
+  if (session) MarkFailed(session, s, self);
   return ToGrpc(s);
 }
 
-void MigrationServer::Impl::PagesCancelled(PagesState& st, grpc::ServerContextBase* ctx) {
+void MigrationServer::Impl::PagesCancelled(PagesState& st, PagesReactor* self) {
   std::shared_ptr<Session> session;
   uint32_t index = 0;
   {
     std::lock_guard lock(mu_);
-    if (!st.attached || st.session->per_stream[st.index].ctx != ctx) return;
-    st.session->per_stream[st.index].ctx = nullptr;
+    if (!st.attached || st.session->per_stream[st.index].reactor != self) return;
+    st.session->per_stream[st.index].reactor = nullptr;
     session = st.session;
     index = st.index;
   }
   // A data stream of a migration in progress broke: the migration cannot
   // complete (MarkFailed does nothing once it is finalizing or over).
-  MarkFailed(session, Unavailable("stream " + std::to_string(index) + " broke (cancelled or connection lost)"), ctx);
+  MarkFailed(session, Unavailable("stream " + std::to_string(index) + " broke (cancelled or connection lost)"),
+             self);
 }
 
-void MigrationServer::Impl::PagesDone(PagesState& st, grpc::ServerContextBase* ctx) {
+void MigrationServer::Impl::PagesDone(PagesState& st, PagesReactor* self) {
   std::lock_guard lock(mu_);
-  if (st.attached && st.session->per_stream[st.index].ctx == ctx) st.session->per_stream[st.index].ctx = nullptr;
+  if (st.attached && st.session->per_stream[st.index].reactor == self) {
+    st.session->per_stream[st.index].reactor = nullptr;
+  }
 }
 
 // One Pages call: reads a batch, applies it (in OnReadDone), queues its ack,
 // reads the next. At most one ack write in flight; Finish waits for it.
 class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  PagesReactor(Impl* impl, grpc::CallbackServerContext* ctx) : impl_(impl), ctx_(ctx) { StartRead(&in_); }
+  explicit PagesReactor(Impl* impl) : impl_(impl) { StartRead(&in_); }
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the source half-closed the stream (before Final), or it broke
@@ -655,20 +661,21 @@ class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor
     if (in_.Dump(&slices).ok()) {
       chunks_.clear();
       for (const grpc::Slice& sl : slices) chunks_.emplace_back(sl.begin(), sl.size());
-      ack = impl_->HandleBatch(state_, chunks_, ctx_);
+      ack = impl_->HandleBatch(state_, chunks_, this);
     }
     chunks_.clear();
     slices.clear();
     in_.Clear();
     if (!ack.ok()) {
-      Close(impl_->Refuse(state_, ack.status(), ctx_));
+      Close(impl_->Refuse(state_, ack.status(), this));
       return;
     }
-    {
-      std::lock_guard lock(mu_);
-      acks_.push_back(std::move(ack).value());
-      if (!writing_) WriteNextLocked();
-    }
+    // Under mu_, so that an Abandon from another thread either comes first
+    // (and we start nothing after its Finish) or after (and sees our ops).
+    std::lock_guard lock(mu_);
+    if (closing_) return;
+    acks_.push_back(std::move(ack).value());
+    if (!writing_) WriteNextLocked();
     StartRead(&in_);
   }
 
@@ -686,18 +693,25 @@ class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor
     }
   }
 
-  void OnCancel() override { impl_->PagesCancelled(state_, ctx_); }
+  void OnCancel() override { impl_->PagesCancelled(state_, this); }
 
   void OnDone() override {
-    impl_->PagesDone(state_, ctx_);
+    impl_->PagesDone(state_, this);
     delete this;
   }
 
+  // Ends the call with `why` (from another thread, under Impl::mu_, while
+  // the reactor is attached: it is not deleted before PagesDone detaches it).
+  void Abandon(const Status& why) { Close(ToGrpc(why)); }
+
  private:
+  // Finishes the call with `st` once the ack being written (and, for a
+  // clean end, those queued) are out.
   void Close(const grpc::Status& st) {
     std::lock_guard lock(mu_);
     if (closing_) return;
     closing_ = true;
+    if (!st.ok()) acks_.clear();
     if (writing_) {  // Finish after the ack being written
       finish_pending_ = true;
       finish_status_ = st;
@@ -715,7 +729,6 @@ class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor
   }
 
   Impl* const impl_;
-  grpc::CallbackServerContext* const ctx_;
   PagesState state_;
   grpc::ByteBuffer in_;
   ChunkList chunks_;
@@ -729,8 +742,16 @@ class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor
 };
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* MigrationServer::Impl::Pages(
-    grpc::CallbackServerContext* ctx) {
-  return new PagesReactor(this, ctx);
+    grpc::CallbackServerContext* /*ctx*/) {
+  return new PagesReactor(this);
+}
+
+void MigrationServer::Impl::EndStreams(Session& session, const Status& why, const PagesReactor* self) {
+  const Status reason(why.code() == Code::kOk ? Code::kAborted : why.code(),
+                      "the receiver ended the migration: " + why.message());
+  for (StreamState& ss : session.per_stream) {
+    if (ss.reactor != nullptr && ss.reactor != self) ss.reactor->Abandon(reason);
+  }
 }
 
 // ------------------------------------------------------------- lifecycle
@@ -753,10 +774,8 @@ void MigrationServer::Impl::Shutdown() {
     if (shutting_down_) return;
     shutting_down_ = true;
     if (current_) {
+      EndStreams(*current_, Unavailable("the receiver is shutting down"), nullptr);
       current_->control_ctx->TryCancel();
-      for (StreamState& ss : current_->per_stream) {
-        if (ss.ctx != nullptr) ss.ctx->TryCancel();
-      }
     }
     cv_.notify_all();
   }

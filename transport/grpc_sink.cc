@@ -862,6 +862,7 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
   f->set_vm_state(state.vm_state.data(), state.vm_state.size());
   f->set_has_digest(state.has_digest);
   f->set_memory_digest(state.memory_digest);
+  f->set_source_paused_ms(state.source_paused_ms);
   for (auto& ds : streams_) {
     proto::StreamTotals* t = f->add_streams();
     t->set_stream(ds->index);
@@ -880,6 +881,7 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
   out.verified = reply->final().verified();
   out.verify_detail = reply->final().verify_detail();
   out.target_restore_ms = reply->final().target_restore_ms();
+  out.source_paused_ms = reply->final().source_paused_ms();
   {
     std::lock_guard lock(control_write_mu_);
     control_->WritesDone();

@@ -123,6 +123,7 @@ class FakeTarget final : public engine::MigrationTarget {
       r.verified = engine::MemoryDigest(mem_.slots) == state.memory_digest;
       r.verify_detail = r.verified ? "digest matches" : "digest differs";
     }
+    r.source_paused_ms = state.source_paused_ms;
     std::lock_guard lock(probe_->mu);
     ++probe_->finals;
     probe_->vm_state = state.vm_state;
@@ -267,9 +268,11 @@ class LoopbackTest : public ::testing::Test {
     fs.vm_state = {1, 2, 3, 4, 5};
     fs.has_digest = true;
     fs.memory_digest = engine::MemoryDigest(src.mem.slots);
+    fs.source_paused_ms = 12.5;
     auto reply = (*sink)->Finish(fs);
     ASSERT_TRUE(reply.ok()) << reply.status().message();
     EXPECT_TRUE(reply->resumed);
+    EXPECT_EQ(reply->source_paused_ms, 12.5);
     EXPECT_TRUE(reply->verified) << reply->verify_detail;
     EXPECT_EQ((*sink)->totals().pages, pages);
 

@@ -157,19 +157,8 @@ class DirtyRingTracker final : public DirtyTracker {
   bool overflow_ = false;    // since the last Collect
   std::thread collector_;
 
-  // Statistics: written by the collector, read by stats() from any thread.
-  alignas(128) std::atomic<uint64_t> entries_harvested_{0};
-  std::atomic<uint64_t> passes_{0};
-  std::atomic<uint64_t> overflows_{0};
-  std::atomic<uint64_t> ring_full_exits_{0};
-  std::atomic<uint64_t> collector_user_ns_{0};  // RUSAGE_THREAD of the collector
-  std::atomic<uint64_t> collector_sys_ns_{0};
-  // Written by Collect() on the controlling thread.
-  alignas(128) std::atomic<uint64_t> collections_{0};
-  std::atomic<uint64_t> pages_collected_{0};
-  std::atomic<uint64_t> collect_ns_total_{0};
-  std::atomic<uint64_t> last_collect_ns_{0};
-  std::atomic<uint64_t> last_pages_{0};
+  // Statistics: the collector and Collect() add, stats() reads from any thread.
+  alignas(128) TrackerCounters counters_;
 };
 
 }  // namespace pmlmig::engine

@@ -179,14 +179,7 @@ class PmlModelTracker final : public DirtyTracker {
   Status error_;      // first drain error since the last Collect
 
   // Statistics: written on the model's thread, read by stats() from any thread.
-  std::atomic<uint64_t> entries_harvested_{0};
-  std::atomic<uint64_t> full_exit_drains_{0};
-  std::atomic<uint64_t> overflows_{0};
-  std::atomic<uint64_t> collections_{0};
-  std::atomic<uint64_t> pages_collected_{0};
-  std::atomic<uint64_t> collect_ns_total_{0};
-  std::atomic<uint64_t> last_collect_ns_{0};
-  std::atomic<uint64_t> last_pages_{0};
+  TrackerCounters counters_;  // background_harvests: PML-full exits drained
 };
 
 }  // namespace pmlmig::engine

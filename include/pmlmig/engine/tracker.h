@@ -15,6 +15,7 @@
 // from any thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -40,6 +41,27 @@ struct TrackerStats {
   // user and kernel, since Enable(); 0 for trackers without one.
   uint64_t background_user_ns = 0;
   uint64_t background_sys_ns = 0;
+};
+
+// What a tracker counts while other threads read stats(): one relaxed atomic
+// per TrackerStats field (the counts publish nothing else). The owner adds;
+// Snapshot() reads.
+struct TrackerCounters {
+  std::atomic<uint64_t> collections{0};
+  std::atomic<uint64_t> pages_collected{0};
+  std::atomic<uint64_t> collect_ns_total{0};
+  std::atomic<uint64_t> last_collect_ns{0};
+  std::atomic<uint64_t> last_pages{0};
+  std::atomic<uint64_t> entries_harvested{0};
+  std::atomic<uint64_t> overflows{0};
+  std::atomic<uint64_t> ring_full_exits{0};
+  std::atomic<uint64_t> background_harvests{0};
+  std::atomic<uint64_t> background_user_ns{0};
+  std::atomic<uint64_t> background_sys_ns{0};
+
+  // One Collect() that reported `pages` in `ns` nanoseconds.
+  void RecordCollection(uint64_t pages, uint64_t ns);
+  TrackerStats Snapshot() const;
 };
 
 class DirtyTracker {

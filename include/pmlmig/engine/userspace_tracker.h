@@ -213,13 +213,7 @@ class UserspaceWriteTracker final : public DirtyTracker {
 
   // Written by the controlling thread, read by any (stats, mode, name).
   std::atomic<Mode> mode_;
-  std::atomic<uint64_t> collections_{0};
-  std::atomic<uint64_t> pages_collected_{0};
-  std::atomic<uint64_t> collect_ns_total_{0};
-  std::atomic<uint64_t> last_collect_ns_{0};
-  std::atomic<uint64_t> last_pages_{0};
-  std::atomic<uint64_t> entries_harvested_{0};
-  std::atomic<uint64_t> overflows_{0};
+  TrackerCounters counters_;
   std::atomic<uint64_t> scan_calls_{0};
   std::atomic<uint64_t> partial_scans_{0};
   std::atomic<uint64_t> kernel_pages_{0};
