@@ -345,8 +345,11 @@ Command RegisterBench(CLI::App& app) {
   dirty->add_option("--json", f->json, "Write the results as JSON to this file");
   dirty->add_option("--csv", f->csv, "Write the results as CSV to this file");
   dirty->add_option("--plot", f->plot, "Write a PNG plot of collection time against guest size");
-  return [f, dirty]() {
+  Command migrate = RegisterBenchMigrate(*bench);
+  CLI::App* migrate_cmd = bench->get_subcommand("migrate");
+  return [f, dirty, migrate, migrate_cmd]() {
     if (dirty->parsed()) return RunDirty(*f);
+    if (migrate_cmd->parsed()) return migrate();
     PrintError("bench: no benchmark given (see 'pmlmig bench --help')");
     return kExitUsage;
   };

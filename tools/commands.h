@@ -15,6 +15,9 @@ Command RegisterProbe(CLI::App& app);
 Command RegisterRun(CLI::App& app);
 Command RegisterBench(CLI::App& app);
 Command RegisterReceive(CLI::App& app);
+Command RegisterControl(CLI::App& app);  // migrate, status, cancel
+// `bench migrate`, added under the `bench` subcommand (bench_migrate.cc).
+Command RegisterBenchMigrate(CLI::App& bench);
 
 // Exit statuses shared by every subcommand.
 constexpr int kExitOk = 0;

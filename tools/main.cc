@@ -37,11 +37,13 @@ int main(int argc, char** argv) {
   auto add = [&](Command (*reg)(CLI::App&)) {
     const size_t before = app.get_subcommands({}).size();
     Command c = reg(app);
-    commands[app.get_subcommands({})[before]] = std::move(c);
+    const auto subs = app.get_subcommands({});
+    for (size_t i = before; i < subs.size(); ++i) commands[subs[i]] = c;  // one Command may serve several
   };
   add(&RegisterProbe);
   add(&RegisterRun);
   add(&RegisterReceive);
+  add(&RegisterControl);
   add(&RegisterBench);
   try {
     app.parse(argc, argv);

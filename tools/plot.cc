@@ -37,6 +37,47 @@ fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 )PY";
 
+// Reads the results JSON of `pmlmig bench migrate`; argv: json png.
+constexpr const char* kMigratePlot = R"PY(
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+doc = json.load(open(sys.argv[1]))
+rows = [r for r in doc["results"] if r["scenario"] == "hotset"]
+fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+for r in rows:
+    m = r["migration"]
+    rounds = m["round_stats"]
+    if not rounds:
+        continue
+    label = "%d GiB, %d vCPUs, %d stream(s), %s: %s, downtime %s ms" % (
+        r["guest_bytes"] // 2**30, r["vcpus"], r["streams"], r["compress"], m["status"],
+        "%.1f" % m["downtime_ms"] if m["downtime_ms"] is not None else "-")
+    x = [s["round"] for s in rounds]
+    line, = top.plot(x, [max(s["dirty_pages"], 0.5) for s in rounds], "o-", label=label)
+    bottom.plot(x, [s["bandwidth_mbps"] / 8000 for s in rounds], "o-", color=line.get_color())
+    if m["status"] == "completed":
+        # The last round is the stop-and-copy one, sent with the vCPUs paused.
+        top.plot([x[-1]], [max(rounds[-1]["dirty_pages"], 0.5)], "s", color=line.get_color(), markersize=11,
+                 fillstyle="none")
+top.set_yscale("log")
+top.set_ylabel("dirty pages sent in the round (4 KiB)")
+top.set_title("Live migration of a hotset guest, per round (square: stop-and-copy)\n" + doc.get("machine", ""),
+              fontsize=9)
+top.grid(True, which="both", alpha=0.3)
+top.legend(fontsize=7)
+bottom.set_ylabel("round bandwidth (GB/s, wire bytes / round time)")
+bottom.set_xlabel("round (0: all memory)")
+bottom.grid(True, alpha=0.3)
+for b in doc.get("baseline", []):
+    bottom.axhline(b["gbps"], linestyle=":", color="gray")
+    bottom.annotate("raw loopback TCP, %d GiB: %.2f GB/s" % (b["bytes"] // 2**30, b["gbps"]),
+                    (0, b["gbps"]), fontsize=7, color="gray", va="bottom")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+)PY";
+
 Status RunPython(const char* script, const std::string& a, const std::string& b) {
   // Debian's python3 (with python3-matplotlib), even when another python3
   // (pyenv, a venv) comes first in PATH.
@@ -60,6 +101,10 @@ Status RunPython(const char* script, const std::string& a, const std::string& b)
 
 Status PlotDirtyBench(const std::string& json_path, const std::string& png_path) {
   return RunPython(kDirtyPlot, json_path, png_path);
+}
+
+Status PlotMigrateBench(const std::string& json_path, const std::string& png_path) {
+  return RunPython(kMigratePlot, json_path, png_path);
 }
 
 }  // namespace pmlmig::tools

@@ -11,4 +11,8 @@ namespace pmlmig::tools {
 // (tracker, dirty size), log-log, from the JSON file `json_path`.
 Status PlotDirtyBench(const std::string& json_path, const std::string& png_path);
 
+// Per-round dirty pages and bandwidth of every hotset migration in the
+// results JSON of `pmlmig bench migrate` (`json_path`), one line each.
+Status PlotMigrateBench(const std::string& json_path, const std::string& png_path);
+
 }  // namespace pmlmig::tools

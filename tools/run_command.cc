@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <atomic>
+#include <mutex>
 #include <thread>
 
 #include "commands.h"
@@ -15,6 +16,7 @@
 #include "pmlmig/engine/migration_source.h"
 #include "pmlmig/engine/tracker.h"
 #include "pmlmig/transport/config_codec.h"
+#include "pmlmig/transport/control.h"
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/capabilities.h"
 #include "pmlmig/vmm/checker.h"
@@ -48,6 +50,7 @@ struct RunFlags {
   std::string compress = "none";
   std::string max_bandwidth = "0";
   bool verify = false;
+  std::string control;  // unix socket for the control API
 };
 
 // The dirty ring's size: a power of two in [256, host maximum] (KVM wants at
@@ -92,6 +95,111 @@ std::string Rate(double pages_per_second) {
   else std::snprintf(buf, sizeof buf, "%.0f", pages_per_second);
   return buf;
 }
+
+// The control API of a running VM: one migration at a time, on its own thread.
+class RunControl final : public transport::ControlHandler {
+ public:
+  RunControl(const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker)
+      : options_(options), m_(m), tracker_(tracker) {}
+  ~RunControl() override { Join(); }
+
+  Status StartMigration(const transport::MigrateCommand& c) override {
+    std::lock_guard lock(mu_);
+    if (active_) return Status(Code::kInvalidArgument, "a migration is already in progress");
+    if (migrated_) return Status(Code::kInvalidArgument, "this VM has already migrated away");
+    auto compress = transport::ParseCompression(c.compress);
+    if (!compress.ok()) return compress.status();
+    transport::GrpcSinkOptions so;
+    so.target = c.to;
+    so.streams = c.streams;
+    so.compress = *compress;
+    so.max_bandwidth = c.max_bandwidth;
+    auto sink = transport::GrpcMigrationSink::Create(so);
+    if (!sink.ok()) return sink.status();
+    engine::MigrationOptions mo;
+    mo.downtime_limit = std::chrono::milliseconds(c.downtime_limit_ms);
+    mo.max_rounds = c.max_rounds;
+    mo.timeout = std::chrono::milliseconds(c.timeout_ms);
+    mo.force_on_timeout = c.force_on_timeout;
+    mo.verify = c.verify;
+    if (thread_.joinable()) thread_.join();  // the previous, finished migration
+    sink_ = std::move(*sink);
+    source_ = std::make_unique<engine::MigrationSource>(m_, tracker_, *sink_, mo,
+                                                        transport::EncodeVmConfig(options_.guest, options_.irqchip));
+    active_ = true;
+    last_ = engine::MigrationStats{};
+    std::fprintf(stderr, "pmlmig run: control API: migrating to %s\n", c.to.c_str());
+    thread_ = std::thread([this] {
+      engine::MigrationStats st = source_->Run();
+      std::lock_guard l(mu_);
+      last_ = st;
+      active_ = false;
+      migrated_ = st.status == "completed";
+      std::fprintf(stderr, "pmlmig run: control API: migration %s%s%s\n", st.status.c_str(),
+                   st.error.empty() ? "" : ": ", st.error.c_str());
+    });
+    return Status::Ok();
+  }
+
+  transport::ControlStatus GetStatus() override {
+    transport::ControlStatus s;
+    for (const vmm::VcpuStats& v : m_.Stats()) s.pages_written += v.pages_written;
+    std::lock_guard lock(mu_);
+    s.vm = migrated_ ? "migrated" : (m_.error().ok() ? "running" : "failed");
+    if (active_) {
+      const engine::MigrationProgress p = source_->progress();
+      s.migration = "active";
+      s.phase = p.phase;
+      s.round = p.round;
+      s.remaining_pages = p.remaining_pages;
+      s.bandwidth_mbps = p.bandwidth_mbps;
+      s.expected_downtime_ms = p.expected_downtime_ms;
+      s.sent_bytes = p.wire_bytes;
+      s.elapsed_ms = p.elapsed_ms;
+    } else if (source_) {
+      s.migration = last_.status;
+      s.error = last_.error;
+      s.stats_json = MigrationStatsJson(last_).dump();
+    }
+    return s;
+  }
+
+  Status CancelMigration() override {
+    std::lock_guard lock(mu_);
+    if (!active_) return Status(Code::kInvalidArgument, "no migration in progress");
+    source_->Cancel();
+    return Status::Ok();
+  }
+
+  bool migrated() {
+    std::lock_guard lock(mu_);
+    return migrated_;
+  }
+  // Cancels a migration in progress and waits for its thread.
+  void Join() {
+    {
+      std::lock_guard lock(mu_);
+      if (active_ && source_) source_->Cancel();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+  engine::MigrationStats last() {
+    std::lock_guard lock(mu_);
+    return last_;
+  }
+
+ private:
+  const vmm::MachineOptions& options_;
+  vmm::Machine& m_;
+  engine::DirtyTracker& tracker_;
+  std::mutex mu_;
+  bool active_ = false;                          // guarded by mu_
+  bool migrated_ = false;                        // guarded by mu_
+  engine::MigrationStats last_;                  // guarded by mu_
+  std::unique_ptr<transport::GrpcMigrationSink> sink_;
+  std::unique_ptr<engine::MigrationSource> source_;
+  std::thread thread_;
+};
 
 // Migrates the running VM; prints the statistics; 0 only when completed.
 int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
@@ -188,10 +296,14 @@ int Run(const RunFlags& f) {
   options.huge_pages = f.huge_pages;
 
   const bool migrating = !f.migrate_to.empty();
-  auto tracker_kind = engine::ParseTrackerKind(f.tracker.empty() ? (migrating ? "ring" : "none") : f.tracker);
+  const bool can_migrate = migrating || !f.control.empty();
+  auto tracker_kind = engine::ParseTrackerKind(f.tracker.empty() ? (can_migrate ? "ring" : "none") : f.tracker);
   if (!tracker_kind.ok()) return PrintError("--tracker: " + tracker_kind.status().message()), kExitUsage;
   if (f.ring_entries != 0 && *tracker_kind != engine::TrackerKind::kRing) {
     return PrintError("--ring-entries needs --tracker ring"), kExitUsage;
+  }
+  if (!f.control.empty() && *tracker_kind == engine::TrackerKind::kNone) {
+    return PrintError("--control needs a tracker (ring, bitmap or bitmap-clear) for migrations"), kExitUsage;
   }
   // Migration flags, all checked before anything starts.
   transport::GrpcSinkOptions sink_options;
@@ -246,9 +358,18 @@ int Run(const RunFlags& f) {
   auto tracker = engine::CreateTracker(*tracker_kind, m, {});
   if (!tracker.ok()) return PrintError(tracker.status().message()), kExitFailure;
   engine::DirtySet collected(m.memory_slots());
-  // When migrating, the migration owns the tracker (it enables it before
-  // round 0); otherwise it collects once a second from the start.
-  engine::DirtyTracker* per_second = migrating ? nullptr : tracker->get();
+  // When migrating (now or through the control API), the migration owns the
+  // tracker (it enables it before round 0); otherwise it collects once a
+  // second from the start.
+  std::unique_ptr<RunControl> control;
+  std::unique_ptr<transport::ControlServer> control_server;
+  if (!f.control.empty()) {
+    control = std::make_unique<RunControl>(options, m, **tracker);
+    auto server = transport::ControlServer::Start(f.control, *control);
+    if (!server.ok()) return PrintError(server.status().message()), kExitFailure;
+    control_server = std::move(*server);
+  }
+  engine::DirtyTracker* per_second = migrating || control ? nullptr : tracker->get();
   if (per_second != nullptr) {
     if (Status s = per_second->Enable(); !s.ok()) return PrintError(s.message()), kExitFailure;
   }
@@ -271,6 +392,7 @@ int Run(const RunFlags& f) {
     const auto now = std::chrono::steady_clock::now();
     if ((migrating || duration->count() != 0) && now >= end) break;
     if (failure = m.error(); !failure.ok()) break;
+    if (control && control->migrated()) break;
     auto next = std::min(last_tick + std::chrono::seconds(1),
                          migrating || duration->count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
@@ -309,6 +431,22 @@ int Run(const RunFlags& f) {
     }
   }
   if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, sink_options, migration, start);
+  if (control) {
+    control->Join();  // a migration still in progress is cancelled: the VM stays here
+    // A 'pmlmig migrate' polls every 200 ms: let it read the outcome first.
+    if (control->migrated()) std::this_thread::sleep_for(std::chrono::seconds(1));
+    control_server.reset();
+    if (control->migrated()) {
+      m.Stop();
+      const engine::MigrationStats st = control->last();
+      if (f.json) {
+        std::printf("%s\n", MigrationStatsJson(st).dump().c_str());
+      } else {
+        std::fputs(MigrationStatsText(st).c_str(), stdout);
+      }
+      return kExitOk;
+    }
+  }
   const Status paused = m.Pause();
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (failure.ok()) failure = paused;
@@ -439,6 +577,9 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str()->group(mig);
   cmd->add_flag("--verify", f->verify, "Compare a digest of all memory on both sides and run the checker on the target")
+      ->group(mig);
+  cmd->add_option("--control", f->control,
+                  "Serve the control API on this unix socket (mode 0600) for 'pmlmig migrate/status/cancel'")
       ->group(mig);
   return [f]() { return Run(*f); };
 }

@@ -78,6 +78,33 @@ PY
 then pass "not converging: cancelled, the VM kept running"; else fail "not converging (rc $src_rc): $(tail -c 600 "$tmp/s.json" "$tmp/s.err")"; fi
 if [ $rcv_rc -ne 0 ] && grep -q '"status":"aborted"' "$tmp/r.json"; then pass "receiver discarded the aborted VM"; else fail "receiver after abort (rc $rcv_rc): $(cat "$tmp/r.json" "$tmp/r.err")"; fi
 
+# The control API: a running VM driven by 'pmlmig status/cancel/migrate'.
+sock="$tmp/vm.sock"
+"$PMLMIG" run --memory 256M --workload hotset:fraction=0.05,share=0.9 --duration 0 --control "$sock" --json \
+  >"$tmp/c.json" 2>"$tmp/c.err" &
+vmpid=$!
+for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+if [ "$(stat -c %a "$sock" 2>/dev/null)" = "600" ]; then pass "control socket mode 0600"; else fail "control socket mode: $(stat -c %a "$sock" 2>&1)"; fi
+if "$PMLMIG" status --control "$sock" --json | python3 -c "import json,sys; j=json.load(sys.stdin); assert j['vm']=='running' and j['migration']=='none', j"
+then pass "status of a controlled VM"; else fail "status"; fi
+"$PMLMIG" cancel --control "$sock" >/dev/null 2>"$tmp/e"
+if [ $? -eq 1 ] && grep -q "no migration in progress" "$tmp/e"; then pass "cancel without a migration"; else fail "cancel: $(cat "$tmp/e")"; fi
+port=$((port + 1))
+"$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 60s --json >"$tmp/r.json" 2>"$tmp/r.err" &
+receiver=$!
+sleep 0.3
+if "$PMLMIG" migrate --control "$sock" --to 127.0.0.1:$port --verify --json >"$tmp/m.json" 2>"$tmp/m.err" &&
+   wait $receiver && python3 - "$tmp/m.json" "$tmp/r.json" <<'PY2'
+import json, sys
+m = json.load(open(sys.argv[1])); r = json.load(open(sys.argv[2]))
+assert m["status"] == "completed" and m["verified"] is True, m
+assert r["status"] == "completed" and r["pages_written_after_resume"] > 0, r
+PY2
+then pass "migrate through the control API"; else fail "control migrate: $(cat "$tmp/m.json" "$tmp/m.err" "$tmp/r.err")"; fi
+receiver=
+wait $vmpid
+if [ $? -eq 0 ] && [ ! -e "$sock" ]; then pass "controlled VM exits after migrating, socket removed"; else fail "controlled VM exit: $(tail -3 "$tmp/c.err")"; fi
+
 # Bad migration flags are usage errors.
 for args in "--streams 0" "--streams 65" "--compress brotli" "--on-timeout maybe" "--max-bandwidth fast"; do
   # shellcheck disable=SC2086

@@ -1,0 +1,69 @@
+// The control API of a running VM (`pmlmig run --control PATH`): gRPC on a
+// unix socket created with mode 0600. The server side calls a ControlHandler
+// that the VM's owner implements; the client side is three calls. No
+// protobuf type appears here (proto/control.proto is the wire format).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "pmlmig/base/status.h"
+
+namespace pmlmig::transport {
+
+struct MigrateCommand {
+  std::string to;
+  uint32_t streams = 1;
+  std::string compress = "none";
+  uint64_t max_bandwidth = 0;
+  uint32_t downtime_limit_ms = 300;
+  uint32_t max_rounds = 50;
+  uint64_t timeout_ms = 0;
+  bool force_on_timeout = false;
+  bool verify = false;
+};
+
+struct ControlStatus {
+  std::string vm = "running";      // running, migrated, failed
+  uint64_t pages_written = 0;
+  std::string migration = "none";  // none, active, completed, failed, cancelled
+  std::string phase;
+  uint32_t round = 0;
+  uint64_t remaining_pages = 0;
+  double bandwidth_mbps = 0;
+  double expected_downtime_ms = 0;
+  uint64_t sent_bytes = 0;
+  double elapsed_ms = 0;
+  std::string error;
+  std::string stats_json;
+};
+
+// Implemented by whoever runs the VM; called on gRPC threads.
+class ControlHandler {
+ public:
+  virtual ~ControlHandler() = default;
+  virtual Status StartMigration(const MigrateCommand& command) = 0;  // returns once started or refused
+  virtual ControlStatus GetStatus() = 0;
+  virtual Status CancelMigration() = 0;
+};
+
+class ControlServer {
+ public:
+  // Listens on the unix socket `path` (which must not exist), mode 0600.
+  static Result<std::unique_ptr<ControlServer>> Start(const std::string& path, ControlHandler& handler);
+  ~ControlServer();  // stops and removes the socket
+
+  class Impl;
+
+ private:
+  explicit ControlServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Client calls; errors name the socket and what the VM answered.
+Status ControlMigrate(const std::string& path, const MigrateCommand& command);
+Result<ControlStatus> ControlGetStatus(const std::string& path);
+Status ControlCancel(const std::string& path);
+
+}  // namespace pmlmig::transport

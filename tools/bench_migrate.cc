@@ -1,0 +1,625 @@
+// pmlmig bench migrate: live migration over loopback gRPC against raw
+// loopback TCP, in one process and one invocation.
+//
+// 1. Baseline: for each guest size, that many bytes over a plain TCP
+//    connection on 127.0.0.1 between two threads (1 MiB writes, 1 MiB
+//    reads, the receiver discards); the median of --baseline-runs.
+// 2. Migrations: for each guest size, scenario (untouched: zero fill, idle;
+//    random: random fill, idle; hotset: random fill, 2 vCPUs writing a hot
+//    set), stream count and compression, a source VM is built and started,
+//    runs for --migrate-after, and is migrated by engine::MigrationSource
+//    through transport::GrpcMigrationSink to a transport::MigrationServer
+//    in the same process (an engine::VmMigrationTarget that builds the VM
+//    from the wire config), exactly as `run --migrate-to` and `receive` do.
+//
+// Throughput is wire bytes over the migration's total time (setup to the
+// target's resume), in GB/s (10^9 bytes); the ratio divides it by the
+// baseline of the same size measured in this run. The process's CPU time
+// (user + kernel, all threads: sender, receiver, guest vCPUs) during each
+// migration is reported too: this host has 2 cores.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "commands.h"
+#include "migration_json.h"
+#include "plot.h"
+#include "pmlmig/base/unique_fd.h"
+#include "pmlmig/base/units.h"
+#include "pmlmig/engine/migration_source.h"
+#include "pmlmig/engine/migration_target.h"
+#include "pmlmig/engine/tracker.h"
+#include "pmlmig/transport/config_codec.h"
+#include "pmlmig/transport/grpc_server.h"
+#include "pmlmig/transport/grpc_sink.h"
+#include "pmlmig/vmm/capabilities.h"
+#include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/machine.h"
+
+namespace pmlmig::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr uint64_t kBaselineChunk = 1ull << 20;  // 1 MiB writes and reads
+
+struct MigrateBenchFlags {
+  std::string sizes = "1G,4G";
+  std::string scenarios = "untouched,random,hotset";
+  std::string streams = "1";
+  std::string compress = "none";
+  uint32_t downtime_limit_ms = 300;
+  uint32_t max_rounds = 50;
+  std::string on_timeout = "cancel";
+  std::string tracker = "ring";
+  std::string migrate_after = "1s";
+  std::string hotset = "hotset:fraction=0.0625,share=1";
+  uint32_t hotset_vcpus = 2;
+  uint32_t baseline_runs = 3;
+  bool verify = false;
+  std::string json, plot;
+};
+
+// What one scenario's source VM is.
+struct Scenario {
+  std::string name;
+  vmm::FillMode fill = vmm::FillMode::kRandom;
+  vmm::WorkloadSpec workload;
+  uint32_t vcpus = 1;
+};
+
+struct Baseline {
+  uint64_t bytes = 0;
+  std::vector<double> seconds;  // every run
+  std::vector<double> cpu_ms;   // the process's CPU (user + kernel) in every run
+  double gbps = 0;              // bytes / median seconds / 1e9
+};
+
+struct LoopbackRun {
+  double seconds = 0;
+  double cpu_ms = 0;
+};
+
+struct Row {
+  std::string scenario;
+  uint64_t guest_bytes = 0;
+  uint32_t vcpus = 1;
+  std::string workload, fill;
+  uint32_t streams = 1;
+  std::string compress;
+  double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
+  engine::MigrationStats stats;
+  double cpu_user_ms = 0, cpu_sys_ms = 0;  // the whole process, during MigrationSource::Run
+  uint64_t guest_pages_written = 0;        // by the source's vCPUs during the migration
+  double gbps = 0;                         // wire bytes / total time
+  double baseline_gbps = 0;
+  double ratio = 0;                        // gbps / baseline_gbps
+};
+
+template <typename T>
+T Median(std::vector<T> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::vector<std::string> SplitList(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+double CpuMs(const timeval& tv) {
+  return static_cast<double>(tv.tv_sec) * 1e3 + static_cast<double>(tv.tv_usec) / 1e3;
+}
+
+uint64_t AvailableMemory() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  uint64_t kib = 0;
+  while (in >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return 0;
+}
+
+std::string DescribeMachine() {
+  std::ifstream cpu("/proc/cpuinfo");
+  std::string line, model;
+  while (std::getline(cpu, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      model = line.substr(line.find(':') + 2);
+      break;
+    }
+  }
+  utsname u{};
+  uname(&u);
+  return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + model + ", " +
+         FormatBytes(static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE))) +
+         ", Linux " + u.release;
+}
+
+std::vector<uint64_t> PagesWritten(const vmm::Machine& m) {
+  std::vector<uint64_t> c;
+  for (const auto& s : m.Stats()) c.push_back(s.pages_written);
+  return c;
+}
+
+// ------------------------------------------------------------ baseline
+
+// Time to move `bytes` over a fresh loopback TCP connection, from the first
+// write to the receiver's last read, and the CPU both threads spent.
+Result<LoopbackRun> LoopbackTransfer(uint64_t bytes) {
+  UniqueFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!listener.valid()) return Status::FromErrno(errno, "socket");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  if (::bind(listener.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    return Status::FromErrno(errno, "bind (127.0.0.1:0)");
+  }
+  if (::listen(listener.get(), 1) != 0) return Status::FromErrno(errno, "listen");
+  socklen_t len = sizeof addr;
+  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    return Status::FromErrno(errno, "getsockname");
+  }
+  UniqueFd sender(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!sender.valid()) return Status::FromErrno(errno, "socket");
+  if (::connect(sender.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    return Status::FromErrno(errno, "connect (loopback)");
+  }
+  UniqueFd receiver(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  if (!receiver.valid()) return Status::FromErrno(errno, "accept");
+
+  Clock::time_point received_all{};
+  Status read_error;
+  std::thread reader([&] {
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[kBaselineChunk]);
+    uint64_t got = 0;
+    while (got < bytes) {
+      const ssize_t n = ::read(receiver.get(), buf.get(), kBaselineChunk);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        read_error = n < 0 ? Status::FromErrno(errno, "read (loopback)") : Internal("loopback: early end of stream");
+        return;
+      }
+      got += static_cast<uint64_t>(n);
+    }
+    received_all = Clock::now();
+  });
+  std::unique_ptr<uint8_t[]> buf(new uint8_t[kBaselineChunk]);
+  for (uint64_t i = 0; i < kBaselineChunk; ++i) buf[i] = static_cast<uint8_t>(i * 2654435761u >> 13);
+  Status write_error;
+  rusage r0{}, r1{};
+  getrusage(RUSAGE_SELF, &r0);
+  const Clock::time_point start = Clock::now();
+  for (uint64_t sent = 0; sent < bytes;) {
+    const uint64_t want = std::min(kBaselineChunk, bytes - sent);
+    const ssize_t n = ::write(sender.get(), buf.get(), want);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      write_error = Status::FromErrno(errno, "write (loopback)");
+      ::shutdown(sender.get(), SHUT_RDWR);
+      break;
+    }
+    sent += static_cast<uint64_t>(n);
+  }
+  reader.join();
+  getrusage(RUSAGE_SELF, &r1);
+  if (!write_error.ok()) return write_error;
+  if (!read_error.ok()) return read_error;
+  LoopbackRun run;
+  run.seconds = std::chrono::duration<double>(received_all - start).count();
+  run.cpu_ms = CpuMs(r1.ru_utime) - CpuMs(r0.ru_utime) + CpuMs(r1.ru_stime) - CpuMs(r0.ru_stime);
+  return run;
+}
+
+// ------------------------------------------------------------ migrations
+
+struct MigrationSetupFlags {
+  engine::TrackerKind tracker;
+  uint32_t ring_entries = 0;
+  std::chrono::nanoseconds migrate_after{0};
+  engine::MigrationOptions migration;
+};
+
+// What the receiving side's factory built, for stopping it afterwards.
+struct Received {
+  std::mutex mu;
+  vmm::Machine* machine = nullptr;  // guarded by mu
+  vmm::TestGuestConfig guest;       // guarded by mu
+};
+
+Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, uint32_t streams,
+                        transport::Compression compress, const MigrationSetupFlags& f) {
+  Row row;
+  row.scenario = sc.name;
+  row.guest_bytes = size;
+  row.vcpus = sc.vcpus;
+  row.workload = sc.workload.ToString();
+  row.fill = std::string(vmm::FillModeName(sc.fill));
+  row.streams = streams;
+  row.compress = std::string(transport::CompressionName(compress));
+
+  // The source VM, running its workload.
+  const Clock::time_point t_prepare = Clock::now();
+  vmm::MachineOptions o;
+  o.guest.memory_bytes = size;
+  o.guest.vcpus = sc.vcpus;
+  o.guest.workload = sc.workload;
+  o.guest.fill = sc.fill;
+  if (f.tracker == engine::TrackerKind::kRing) o.dirty_ring_bytes = f.ring_entries * 16;
+  PMLMIG_ASSIGN_OR_RETURN(auto source_vm, vmm::Machine::Create(kvm, o));
+  PMLMIG_ASSIGN_OR_RETURN(auto tracker, engine::CreateTracker(f.tracker, *source_vm, {}));
+  row.prepare_ms = std::chrono::duration<double, std::milli>(Clock::now() - t_prepare).count();
+  PMLMIG_RETURN_IF_ERROR(source_vm->Start());
+  const Clock::time_point run_until = Clock::now() + f.migrate_after;
+  while (Clock::now() < run_until) {
+    PMLMIG_RETURN_IF_ERROR(source_vm->error());
+    if (Interrupted()) return Aborted("interrupted");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+
+  // The receiver, in this process.
+  auto received = std::make_shared<Received>();
+  const bool verify = f.migration.verify;
+  auto factory = [&kvm, received, verify]() -> std::unique_ptr<engine::MigrationTarget> {
+    auto build = [&kvm, received](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+      vmm::MachineOptions to;
+      PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &to.guest, &to.irqchip));
+      PMLMIG_ASSIGN_OR_RETURN(auto m, vmm::Machine::CreateForRestore(kvm, to));
+      std::lock_guard lock(received->mu);
+      received->machine = m.get();
+      received->guest = to.guest;
+      return std::unique_ptr<engine::VmControl>(std::move(m));
+    };
+    engine::VmMigrationTarget::Check check = nullptr;
+    if (verify) {
+      check = [received](engine::VmControl&) -> Result<std::string> {
+        std::lock_guard lock(received->mu);
+        const vmm::CheckReport r =
+            vmm::CheckGuestMemory(received->machine->memory(), received->guest, PagesWritten(*received->machine));
+        if (!r.ok()) return r.ToStatus();
+        return std::string("checker passed");
+      };
+    }
+    return std::make_unique<engine::VmMigrationTarget>(build, check);
+  };
+  PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", factory));
+
+  transport::GrpcSinkOptions so;
+  so.target = "127.0.0.1:" + std::to_string(server->port());
+  so.streams = streams;
+  so.compress = compress;
+  PMLMIG_ASSIGN_OR_RETURN(auto sink, transport::GrpcMigrationSink::Create(so));
+  engine::MigrationSource source(*source_vm, *tracker, *sink, f.migration,
+                                 transport::EncodeVmConfig(o.guest, o.irqchip));
+  std::atomic<bool> done{false};
+  std::thread watcher([&] {  // Ctrl-C cancels (the source VM stays, then stops)
+    while (!done.load()) {
+      if (Interrupted()) {
+        source.Cancel();
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+  const std::vector<uint64_t> before = PagesWritten(*source_vm);
+  rusage r0{}, r1{};
+  getrusage(RUSAGE_SELF, &r0);
+  row.stats = source.Run();
+  getrusage(RUSAGE_SELF, &r1);
+  const std::vector<uint64_t> after = PagesWritten(*source_vm);
+  done = true;
+  watcher.join();
+  source_vm->Stop();
+  row.cpu_user_ms = CpuMs(r1.ru_utime) - CpuMs(r0.ru_utime);
+  row.cpu_sys_ms = CpuMs(r1.ru_stime) - CpuMs(r0.ru_stime);
+  for (size_t i = 0; i < after.size(); ++i) row.guest_pages_written += after[i] - before[i];
+  if (row.stats.total_time_ms > 0) {
+    row.gbps = static_cast<double>(row.stats.transferred.wire_bytes) / 1e9 / (row.stats.total_time_ms / 1e3);
+  }
+
+  // The target's VM runs now (on success): stop it and free both guests
+  // before the next migration.
+  if (row.stats.status == "completed") {
+    auto outcome = server->WaitForMigration(Clock::now() + std::chrono::seconds(30));
+    if (outcome.ok() && outcome->target) {
+      auto* target = dynamic_cast<engine::VmMigrationTarget*>(outcome->target.get());
+      if (target != nullptr) {
+        std::unique_ptr<engine::VmControl> vm = target->TakeVm();
+        if (vm) (void)vm->Pause();
+      }
+    }
+  }
+  server->Shutdown();
+  return row;
+}
+
+// ------------------------------------------------------------ output
+
+nlohmann::ordered_json RowJson(const Row& r) {
+  return {{"scenario", r.scenario},
+          {"guest_bytes", r.guest_bytes},
+          {"vcpus", r.vcpus},
+          {"workload", r.workload},
+          {"fill", r.fill},
+          {"streams", r.streams},
+          {"compress", r.compress},
+          {"prepare_ms", r.prepare_ms},
+          {"throughput_gbps", r.gbps},
+          {"baseline_gbps", r.baseline_gbps},
+          {"ratio_to_raw_tcp", r.ratio},
+          {"cpu_user_ms", r.cpu_user_ms},
+          {"cpu_sys_ms", r.cpu_sys_ms},
+          {"guest_pages_written_during_migration", r.guest_pages_written},
+          {"migration", MigrationStatsJson(r.stats)}};
+}
+
+void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& rows) {
+  std::printf("raw loopback TCP, 1 MiB writes, one connection (median):");
+  for (const Baseline& b : baselines) {
+    std::printf("  %s %.2f GB/s (cpu %.0f%%)", FormatBytes(b.bytes).c_str(), b.gbps,
+                Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
+  }
+  std::printf("\n\n");
+  std::printf("%-10s %7s %5s %7s %8s %9s %9s %11s %6s %12s %7s %6s %6s %s\n", "scenario", "guest", "vcpus",
+              "streams", "compress", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
+              "cpu%", "status");
+  for (const Row& r : rows) {
+    const engine::MigrationStats& s = r.stats;
+    const bool ok = s.status == "completed";
+    const double cpu = s.total_time_ms > 0 ? (r.cpu_user_ms + r.cpu_sys_ms) / s.total_time_ms * 100 : 0;
+    char downtime[32];
+    if (ok) {
+      std::snprintf(downtime, sizeof downtime, "%.1f", s.downtime_ms);
+    } else {
+      std::snprintf(downtime, sizeof downtime, "-");
+    }
+    std::printf("%-10s %7s %5u %7u %8s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %6.0f %s\n", r.scenario.c_str(),
+                FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), s.total_time_ms,
+                s.setup_time_ms, downtime, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), r.gbps, r.ratio,
+                cpu, ok ? s.status.c_str() : (s.status + ": " + s.error).c_str());
+  }
+}
+
+int RunMigrateBench(const MigrateBenchFlags& f) {
+  // Every flag is checked before anything runs.
+  std::vector<uint64_t> sizes;
+  for (const std::string& item : SplitList(f.sizes)) {
+    auto v = ParseSize(item);
+    if (!v.ok()) return PrintError("--sizes: " + v.status().message()), kExitUsage;
+    if (auto l = vmm::PcLayout(*v); !l.ok()) return PrintError("--sizes: " + l.status().message()), kExitUsage;
+    sizes.push_back(*v);
+  }
+  if (sizes.empty()) return PrintError("--sizes: empty list"), kExitUsage;
+  auto hotset = vmm::ParseWorkload(f.hotset);
+  if (!hotset.ok()) return PrintError("--hotset: " + hotset.status().message()), kExitUsage;
+  if (f.hotset_vcpus == 0 || f.hotset_vcpus > PMLMIG_MAX_VCPUS) {
+    return PrintError("--hotset-vcpus: must be 1.." + std::to_string(PMLMIG_MAX_VCPUS)), kExitUsage;
+  }
+  std::vector<Scenario> scenarios;
+  for (const std::string& name : SplitList(f.scenarios)) {
+    Scenario sc;
+    sc.name = name;
+    if (name == "untouched") {
+      sc.fill = vmm::FillMode::kZero;
+    } else if (name == "random") {
+      sc.fill = vmm::FillMode::kRandom;
+    } else if (name == "hotset") {
+      sc.fill = vmm::FillMode::kRandom;
+      sc.workload = *hotset;
+      sc.vcpus = f.hotset_vcpus;
+    } else {
+      return PrintError("--scenarios: '" + name + "' is not untouched, random or hotset"), kExitUsage;
+    }
+    scenarios.push_back(sc);
+  }
+  if (scenarios.empty()) return PrintError("--scenarios: empty list"), kExitUsage;
+  std::vector<uint32_t> stream_counts;
+  for (const std::string& item : SplitList(f.streams)) {
+    char* end = nullptr;
+    const unsigned long n = std::strtoul(item.c_str(), &end, 10);
+    if (end == item.c_str() || *end != '\0' || n == 0 || n > transport::kMaxStreams) {
+      return PrintError("--streams: '" + item + "' is not a number from 1 to " +
+                        std::to_string(transport::kMaxStreams)), kExitUsage;
+    }
+    stream_counts.push_back(static_cast<uint32_t>(n));
+  }
+  if (stream_counts.empty()) return PrintError("--streams: empty list"), kExitUsage;
+  std::vector<transport::Compression> compressions;
+  for (const std::string& item : SplitList(f.compress)) {
+    auto c = transport::ParseCompression(item);
+    if (!c.ok()) return PrintError("--compress: " + c.status().message()), kExitUsage;
+    compressions.push_back(*c);
+  }
+  if (compressions.empty()) return PrintError("--compress: empty list"), kExitUsage;
+  MigrationSetupFlags setup;
+  {
+    auto kind = engine::ParseTrackerKind(f.tracker);
+    if (!kind.ok()) return PrintError("--tracker: " + kind.status().message()), kExitUsage;
+    if (*kind == engine::TrackerKind::kNone) return PrintError("--tracker: a migration needs a tracker"), kExitUsage;
+    setup.tracker = *kind;
+  }
+  auto after = ParseDuration(f.migrate_after);
+  if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
+  setup.migrate_after = *after;
+  setup.migration.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
+  setup.migration.max_rounds = f.max_rounds;
+  if (f.on_timeout != "cancel" && f.on_timeout != "force") {
+    return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
+  }
+  setup.migration.force_on_timeout = f.on_timeout == "force";
+  setup.migration.verify = f.verify;
+  if (f.baseline_runs == 0) return PrintError("--baseline-runs must be at least 1"), kExitUsage;
+  // A random-content guest is resident twice (source and target).
+  const uint64_t avail = AvailableMemory();
+  for (const Scenario& sc : scenarios) {
+    if (sc.fill != vmm::FillMode::kRandom) continue;
+    const uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
+    if (avail != 0 && 2 * largest > avail / 10 * 9) {
+      return PrintError("the " + sc.name + " scenario needs 2 x " + FormatBytes(largest) +
+                        " of host memory (source and target) but only " + FormatBytes(avail) +
+                        " is available; use smaller --sizes"), kExitUsage;
+    }
+  }
+
+  auto kvm = vmm::Kvm::Open();
+  if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
+  if (setup.tracker == engine::TrackerKind::kRing) {
+    const vmm::HostCapabilities caps = vmm::ProbeHost(*kvm);
+    if (!caps.dirty_ring) return PrintError("this host's KVM has no dirty ring; use --tracker bitmap"), kExitFailure;
+    setup.ring_entries = std::min<uint32_t>(65536, caps.dirty_ring_max_entries);
+  }
+  InstallInterruptHandler();
+
+  // 1. The raw loopback baseline, once per size.
+  std::vector<Baseline> baselines;
+  for (uint64_t size : sizes) {
+    if (std::any_of(baselines.begin(), baselines.end(), [&](const Baseline& b) { return b.bytes == size; })) continue;
+    Baseline b;
+    b.bytes = size;
+    for (uint32_t i = 0; i < f.baseline_runs; ++i) {
+      auto run = LoopbackTransfer(size);
+      if (!run.ok()) return PrintError("loopback baseline: " + run.status().message()), kExitFailure;
+      b.seconds.push_back(run->seconds);
+      b.cpu_ms.push_back(run->cpu_ms);
+    }
+    b.gbps = static_cast<double>(size) / 1e9 / Median(b.seconds);
+    std::fprintf(stderr, "baseline: %s over loopback TCP in %.3f s (median of %u): %.2f GB/s, cpu %.0f%%\n",
+                 FormatBytes(size).c_str(), Median(b.seconds), f.baseline_runs, b.gbps,
+                 Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
+    baselines.push_back(b);
+  }
+
+  // 2. The migrations.
+  std::vector<Row> rows;
+  bool all_completed = true;
+  for (uint64_t size : sizes) {
+    const double base = std::find_if(baselines.begin(), baselines.end(),
+                                     [&](const Baseline& b) { return b.bytes == size; })->gbps;
+    for (const Scenario& sc : scenarios) {
+      for (uint32_t streams : stream_counts) {
+        for (transport::Compression c : compressions) {
+          if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
+          auto row = MigrateOnce(*kvm, sc, size, streams, c, setup);
+          if (!row.ok()) {
+            return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
+          }
+          row->baseline_gbps = base;
+          row->ratio = base > 0 ? row->gbps / base : 0;
+          const engine::MigrationStats& s = row->stats;
+          std::fprintf(stderr,
+                       "%-9s %s, %u stream%s, %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, %.3f GB/s "
+                       "(%.2f x raw)%s%s\n",
+                       sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
+                       row->compress.c_str(), s.status.c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
+                       FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps, row->ratio,
+                       s.error.empty() ? "" : ": ", s.error.c_str());
+          if (s.status != "completed") all_completed = false;
+          rows.push_back(std::move(*row));
+        }
+      }
+    }
+  }
+
+  PrintTable(baselines, rows);
+
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  nlohmann::ordered_json doc = {{"benchmark", "migrate"},
+                                {"date", date},
+                                {"machine", DescribeMachine()},
+                                {"tracker", f.tracker},
+                                {"downtime_limit_ms", f.downtime_limit_ms},
+                                {"max_rounds", f.max_rounds},
+                                {"on_timeout", f.on_timeout},
+                                {"migrate_after", f.migrate_after},
+                                {"verify", f.verify},
+                                {"baseline", nlohmann::ordered_json::array()},
+                                {"results", nlohmann::ordered_json::array()}};
+  for (const Baseline& b : baselines) {
+    doc["baseline"].push_back({{"bytes", b.bytes},
+                               {"write_bytes", kBaselineChunk},
+                               {"seconds", b.seconds},
+                               {"cpu_ms", b.cpu_ms},
+                               {"median_seconds", Median(b.seconds)},
+                               {"gbps", b.gbps}});
+  }
+  for (const Row& r : rows) doc["results"].push_back(RowJson(r));
+  std::string json_path = f.json;
+  if (json_path.empty() && !f.plot.empty()) json_path = f.plot + ".json";
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    out << doc.dump(2) << "\n";
+    if (!out) return PrintError("cannot write " + json_path), kExitFailure;
+  }
+  if (!f.plot.empty()) {
+    if (Status s = PlotMigrateBench(json_path, f.plot); !s.ok()) return PrintError(s.message()), kExitFailure;
+    std::fprintf(stderr, "plot written to %s\n", f.plot.c_str());
+  }
+  if (!all_completed) {
+    PrintError("not every migration completed (see the status column)");
+    return kExitFailure;
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+Command RegisterBenchMigrate(CLI::App& bench) {
+  auto f = std::make_shared<MigrateBenchFlags>();
+  auto* cmd = bench.add_subcommand(
+      "migrate", "Live migration over loopback gRPC (in one process) against raw loopback TCP throughput");
+  cmd->add_option("--sizes", f->sizes, "Guest sizes, comma-separated")->capture_default_str();
+  cmd->add_option("--scenarios", f->scenarios,
+                  "Which guests: untouched (zero fill, idle), random (random fill, idle), hotset (random fill, "
+                  "--hotset-vcpus vCPUs writing --hotset)")
+      ->capture_default_str();
+  cmd->add_option("--streams", f->streams, "Parallel data streams; a comma-separated list runs each")
+      ->capture_default_str();
+  cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
+      ->capture_default_str();
+  cmd->add_option("--downtime-limit", f->downtime_limit_ms, "Switch over once the expected downtime is at most this (ms)")
+      ->capture_default_str();
+  cmd->add_option("--max-rounds", f->max_rounds, "Live rounds before acting on --on-timeout")->capture_default_str();
+  cmd->add_option("--on-timeout", f->on_timeout, "cancel (the migration fails) or force (switch over anyway)")
+      ->capture_default_str();
+  cmd->add_option("--tracker", f->tracker, "ring, bitmap or bitmap-clear")->capture_default_str();
+  cmd->add_option("--migrate-after", f->migrate_after, "How long each source VM runs before it is migrated")
+      ->capture_default_str();
+  cmd->add_option("--hotset", f->hotset, "Workload of the hotset scenario")->capture_default_str();
+  cmd->add_option("--hotset-vcpus", f->hotset_vcpus, "vCPUs of the hotset scenario")->capture_default_str();
+  cmd->add_option("--baseline-runs", f->baseline_runs, "Loopback TCP runs per size (the median is used)")
+      ->capture_default_str();
+  cmd->add_flag("--verify", f->verify,
+                "Digest all memory on both sides and run the checker on the target (inside the downtime)");
+  cmd->add_option("--json", f->json, "Write the baseline and every migration's statistics as JSON to this file");
+  cmd->add_option("--plot", f->plot, "Write a PNG of per-round dirty pages and bandwidth of the hotset migrations");
+  return [f]() { return RunMigrateBench(*f); };
+}
+
+}  // namespace pmlmig::tools

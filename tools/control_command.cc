@@ -1,0 +1,129 @@
+// pmlmig migrate / status / cancel: drive a VM that `pmlmig run --control
+// PATH` is running.
+#include <unistd.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "commands.h"
+#include "pmlmig/base/units.h"
+#include "pmlmig/transport/control.h"
+
+namespace pmlmig::tools {
+namespace {
+
+struct ControlFlags {
+  std::string control;
+  bool json = false;
+  // migrate
+  transport::MigrateCommand command;
+  std::string max_bandwidth = "0";
+  std::string timeout = "0";
+  std::string on_timeout = "cancel";
+};
+
+void AddControlOption(CLI::App* cmd, ControlFlags* f) {
+  cmd->add_option("--control", f->control, "The unix socket of a 'pmlmig run --control PATH'")->required();
+}
+
+std::string StatusLine(const transport::ControlStatus& s) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
+                s.elapsed_ms / 1000, s.phase.c_str(), s.round, FormatBytes(s.sent_bytes).c_str(), s.remaining_pages,
+                s.bandwidth_mbps, s.expected_downtime_ms);
+  return buf;
+}
+
+int Migrate(ControlFlags& f) {
+  auto bw = ParseSize(f.max_bandwidth);
+  if (!bw.ok()) return PrintError("--max-bandwidth: " + bw.status().message()), kExitUsage;
+  auto timeout = ParseDuration(f.timeout);
+  if (!timeout.ok()) return PrintError("--timeout: " + timeout.status().message()), kExitUsage;
+  if (f.on_timeout != "cancel" && f.on_timeout != "force") {
+    return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
+  }
+  f.command.max_bandwidth = *bw;
+  f.command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
+  f.command.force_on_timeout = f.on_timeout == "force";
+  if (Status s = transport::ControlMigrate(f.control, f.command); !s.ok()) return PrintError(s.message()), kExitFailure;
+  InstallInterruptHandler();
+  const bool tty = isatty(STDERR_FILENO) != 0;
+  for (;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    if (Interrupted()) (void)transport::ControlCancel(f.control);
+    auto st = transport::ControlGetStatus(f.control);
+    if (!st.ok()) return PrintError(st.status().message()), kExitFailure;
+    if (st->migration == "active") {
+      if (!f.json) std::fprintf(stderr, tty ? "\r%-110s" : "%s\n", StatusLine(*st).c_str());
+      continue;
+    }
+    if (tty && !f.json) std::fputc('\n', stderr);
+    if (f.json) {
+      std::printf("%s\n", st->stats_json.c_str());
+    } else {
+      std::printf("Migration %s%s%s\n", st->migration.c_str(), st->error.empty() ? "" : ": ", st->error.c_str());
+    }
+    return st->migration == "completed" ? kExitOk : kExitFailure;
+  }
+}
+
+int ShowStatus(const ControlFlags& f) {
+  auto st = transport::ControlGetStatus(f.control);
+  if (!st.ok()) return PrintError(st.status().message()), kExitFailure;
+  if (f.json) {
+    nlohmann::ordered_json j = {{"vm", st->vm}, {"pages_written", st->pages_written}, {"migration", st->migration},
+                                {"phase", st->phase}, {"round", st->round}, {"remaining_pages", st->remaining_pages},
+                                {"bandwidth_mbps", st->bandwidth_mbps},
+                                {"expected_downtime_ms", st->expected_downtime_ms}, {"sent_bytes", st->sent_bytes},
+                                {"error", st->error}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("VM %s, %" PRIu64 " pages written; migration: %s\n", st->vm.c_str(), st->pages_written,
+                st->migration.c_str());
+    if (st->migration == "active") std::printf("  %s\n", StatusLine(*st).c_str());
+    if (!st->error.empty()) std::printf("  last error: %s\n", st->error.c_str());
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+Command RegisterControl(CLI::App& app) {
+  auto f = std::make_shared<ControlFlags>();
+  auto* migrate = app.add_subcommand("migrate", "Migrate a VM run with 'pmlmig run --control PATH'");
+  AddControlOption(migrate, f.get());
+  migrate->add_option("--to", f->command.to, "The receiver, HOST:PORT")->required();
+  migrate->add_option("--streams", f->command.streams, "Parallel data streams (1-64)")->capture_default_str();
+  migrate->add_option("--compress", f->command.compress, "none, lz4 or zstd")->capture_default_str();
+  migrate->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second, K/M/G suffixes; 0 = unlimited")
+      ->capture_default_str();
+  migrate->add_option("--downtime-limit", f->command.downtime_limit_ms, "Downtime limit (ms)")->capture_default_str();
+  migrate->add_option("--max-rounds", f->command.max_rounds, "Live rounds before acting on --on-timeout")
+      ->capture_default_str();
+  migrate->add_option("--timeout", f->timeout, "Give the migration at most this long (0 = no limit)")
+      ->capture_default_str();
+  migrate->add_option("--on-timeout", f->on_timeout, "cancel or force")->capture_default_str();
+  migrate->add_flag("--verify", f->command.verify, "Verify memory on the target before it resumes");
+  migrate->add_flag("--json", f->json, "Print the statistics as one JSON object");
+  auto* status = app.add_subcommand("status", "Show a controlled VM and its migration");
+  AddControlOption(status, f.get());
+  status->add_flag("--json", f->json, "One JSON object");
+  auto* cancel = app.add_subcommand("cancel", "Cancel a controlled VM's migration (the VM stays where it is)");
+  AddControlOption(cancel, f.get());
+  return [f, migrate, status, cancel]() {
+    if (migrate->parsed()) return Migrate(*f);
+    if (status->parsed()) return ShowStatus(*f);
+    if (cancel->parsed()) {
+      if (Status s = transport::ControlCancel(f->control); !s.ok()) return PrintError(s.message()), kExitFailure;
+      std::printf("cancel requested\n");
+      return kExitOk;
+    }
+    return kExitUsage;
+  };
+}
+
+}  // namespace pmlmig::tools

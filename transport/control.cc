@@ -1,0 +1,160 @@
+#include "pmlmig/transport/control.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <mutex>
+
+#include "control.grpc.pb.h"
+
+namespace pmlmig::transport {
+namespace {
+
+grpc::Status ToGrpc(const Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  const grpc::StatusCode code = s.code() == Code::kInvalidArgument ? grpc::StatusCode::INVALID_ARGUMENT
+                                : s.code() == Code::kAborted       ? grpc::StatusCode::ABORTED
+                                                                   : grpc::StatusCode::FAILED_PRECONDITION;
+  return grpc::Status(code, s.message());
+}
+
+Status FromGrpc(const grpc::Status& s, const std::string& path) {
+  if (s.ok()) return Status::Ok();
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
+    return Unavailable("control socket " + path + ": no VM answers there (" + s.error_message() + ")");
+  }
+  return Status(s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? Code::kInvalidArgument : Code::kAborted,
+                s.error_message());
+}
+
+class Service final : public proto::Control::Service {
+ public:
+  explicit Service(ControlHandler& handler) : handler_(handler) {}
+
+  grpc::Status Migrate(grpc::ServerContext*, const proto::MigrateRequest* r, proto::MigrateReply*) override {
+    MigrateCommand c;
+    c.to = r->to();
+    c.streams = r->streams();
+    c.compress = r->compress();
+    c.max_bandwidth = r->max_bandwidth();
+    c.downtime_limit_ms = r->downtime_limit_ms();
+    c.max_rounds = r->max_rounds();
+    c.timeout_ms = r->timeout_ms();
+    c.force_on_timeout = r->force_on_timeout();
+    c.verify = r->verify();
+    return ToGrpc(handler_.StartMigration(c));
+  }
+  grpc::Status Status(grpc::ServerContext*, const proto::StatusRequest*, proto::StatusReply* out) override {
+    const ControlStatus s = handler_.GetStatus();
+    out->set_vm(s.vm);
+    out->set_pages_written(s.pages_written);
+    out->set_migration(s.migration);
+    out->set_phase(s.phase);
+    out->set_round(s.round);
+    out->set_remaining_pages(s.remaining_pages);
+    out->set_bandwidth_mbps(s.bandwidth_mbps);
+    out->set_expected_downtime_ms(s.expected_downtime_ms);
+    out->set_sent_bytes(s.sent_bytes);
+    out->set_elapsed_ms(s.elapsed_ms);
+    out->set_error(s.error);
+    out->set_stats_json(s.stats_json);
+    return grpc::Status::OK;
+  }
+  grpc::Status Cancel(grpc::ServerContext*, const proto::CancelRequest*, proto::CancelReply*) override {
+    return ToGrpc(handler_.CancelMigration());
+  }
+
+ private:
+  ControlHandler& handler_;
+};
+
+std::unique_ptr<proto::Control::Stub> Connect(const std::string& path) {
+  return proto::Control::NewStub(grpc::CreateChannel("unix:" + path, grpc::InsecureChannelCredentials()));
+}
+
+std::unique_ptr<grpc::ClientContext> Context() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  return ctx;
+}
+
+}  // namespace
+
+class ControlServer::Impl {
+ public:
+  Impl(ControlHandler& handler, std::string path) : service(handler), socket_path(std::move(path)) {}
+  ~Impl() {
+    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    ::unlink(socket_path.c_str());
+  }
+  Service service;
+  std::string socket_path;
+  std::unique_ptr<grpc::Server> server;
+};
+
+ControlServer::ControlServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ControlServer::~ControlServer() = default;
+
+Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& path, ControlHandler& handler) {
+  if (path.empty()) return InvalidArgument("--control: empty socket path");
+  if (::access(path.c_str(), F_OK) == 0) {
+    return InvalidArgument("--control " + path + ": the path exists (another VM's socket, or stale: remove it)");
+  }
+  auto impl = std::make_unique<Impl>(handler, path);
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("unix:" + path, grpc::InsecureServerCredentials());
+  builder.RegisterService(&impl->service);
+  // The socket is created by BuildAndStart: with this umask it is born 0600,
+  // never briefly open to others.
+  const mode_t old = ::umask(0077);
+  impl->server = builder.BuildAndStart();
+  ::umask(old);
+  if (!impl->server) return Unavailable("--control " + path + ": cannot listen on this unix socket");
+  ::chmod(path.c_str(), 0600);
+  return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
+}
+
+Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
+  proto::MigrateRequest r;
+  r.set_to(c.to);
+  r.set_streams(c.streams);
+  r.set_compress(c.compress);
+  r.set_max_bandwidth(c.max_bandwidth);
+  r.set_downtime_limit_ms(c.downtime_limit_ms);
+  r.set_max_rounds(c.max_rounds);
+  r.set_timeout_ms(c.timeout_ms);
+  r.set_force_on_timeout(c.force_on_timeout);
+  r.set_verify(c.verify);
+  proto::MigrateReply reply;
+  auto ctx = Context();
+  return FromGrpc(Connect(path)->Migrate(ctx.get(), r, &reply), path);
+}
+
+Result<ControlStatus> ControlGetStatus(const std::string& path) {
+  proto::StatusReply r;
+  auto ctx = Context();
+  PMLMIG_RETURN_IF_ERROR(FromGrpc(Connect(path)->Status(ctx.get(), proto::StatusRequest(), &r), path));
+  ControlStatus s;
+  s.vm = r.vm();
+  s.pages_written = r.pages_written();
+  s.migration = r.migration();
+  s.phase = r.phase();
+  s.round = r.round();
+  s.remaining_pages = r.remaining_pages();
+  s.bandwidth_mbps = r.bandwidth_mbps();
+  s.expected_downtime_ms = r.expected_downtime_ms();
+  s.sent_bytes = r.sent_bytes();
+  s.elapsed_ms = r.elapsed_ms();
+  s.error = r.error();
+  s.stats_json = r.stats_json();
+  return s;
+}
+
+Status ControlCancel(const std::string& path) {
+  proto::CancelReply reply;
+  auto ctx = Context();
+  return FromGrpc(Connect(path)->Cancel(ctx.get(), proto::CancelRequest(), &reply), path);
+}
+
+}  // namespace pmlmig::transport
