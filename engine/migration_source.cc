@@ -14,15 +14,6 @@ using Clock = std::chrono::steady_clock;
 
 double MsSince(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
-void Add(TransferStats& total, const TransferStats& s) {
-  total.pages += s.pages;
-  total.normal_pages += s.normal_pages;
-  total.zero_pages += s.zero_pages;
-  total.payload_bytes += s.payload_bytes;
-  total.wire_bytes += s.wire_bytes;
-  total.batches += s.batches;
-}
-
 }  // namespace
 
 std::vector<PageRun> RunsOf(DirtySet& set) {
@@ -119,7 +110,7 @@ Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uin
   r.duration_ms = MsSince(t);
   r.bandwidth_mbps = r.duration_ms > 0 ? static_cast<double>(r.sent.wire_bytes) * 8 / 1e3 / r.duration_ms : 0;
   r.expected_downtime_ms = expected_ms;
-  Add(stats_.transferred, r.sent);
+  stats_.transferred += r.sent;
   stats_.round_stats.push_back(r);
   ++stats_.rounds;
   return Status::Ok();

@@ -585,27 +585,14 @@ Result<engine::TransferStats> GrpcMigrationSink::Impl::SendPages(uint32_t round,
   for (std::thread& t : threads) t.join();
 
   engine::TransferStats round_stats;
-  for (auto& ds : streams_) {
-    const engine::TransferStats& s = ds->round_stats;
-    round_stats.pages += s.pages;
-    round_stats.normal_pages += s.normal_pages;
-    round_stats.zero_pages += s.zero_pages;
-    round_stats.payload_bytes += s.payload_bytes;
-    round_stats.wire_bytes += s.wire_bytes;
-    round_stats.batches += s.batches;
-  }
+  for (auto& ds : streams_) round_stats += ds->round_stats;
   std::lock_guard lock(mu_);
   if (failed_) {
     phase_ = Phase::kBroken;
     return failure_;
   }
   phase_ = Phase::kReady;
-  totals_.pages += round_stats.pages;
-  totals_.normal_pages += round_stats.normal_pages;
-  totals_.zero_pages += round_stats.zero_pages;
-  totals_.payload_bytes += round_stats.payload_bytes;
-  totals_.wire_bytes += round_stats.wire_bytes;
-  totals_.batches += round_stats.batches;
+  totals_ += round_stats;
   return round_stats;
 }
 

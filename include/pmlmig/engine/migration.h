@@ -76,6 +76,16 @@ struct TransferStats {
   uint64_t payload_bytes = 0; // page bytes before compression
   uint64_t wire_bytes = 0;    // bytes of batch messages sent (after compression)
   uint64_t batches = 0;
+
+  TransferStats& operator+=(const TransferStats& o) {
+    pages += o.pages;
+    normal_pages += o.normal_pages;
+    zero_pages += o.zero_pages;
+    payload_bytes += o.payload_bytes;
+    wire_bytes += o.wire_bytes;
+    batches += o.batches;
+    return *this;
+  }
 };
 
 // The end of a migration: the source's state blob and, with verification,
