@@ -19,6 +19,7 @@
 // migration is reported too: this host has 2 cores.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/utsname.h>
@@ -75,6 +76,7 @@ struct MigrateBenchFlags {
   uint32_t hotset_vcpus = 2;
   uint32_t baseline_runs = 3;
   bool verify = false;
+  bool prefault_target = false;
   std::string json, plot;
 };
 
@@ -109,6 +111,13 @@ struct Row {
   engine::MigrationStats stats;
   double cpu_user_ms = 0, cpu_sys_ms = 0;  // the whole process, during MigrationSource::Run
   uint64_t guest_pages_written = 0;        // by the source's vCPUs during the migration
+  // Where the downtime went (completed migrations): the final collection,
+  // the stop-and-copy round, the rest of the source's pause before Final
+  // (vCPU pause, state capture), then Final to the target's reply.
+  double final_collect_ms = 0;
+  double final_round_ms = 0;
+  double pause_other_ms = 0;
+  double switchover_ms = 0;
   double gbps = 0;                         // wire bytes / total time
   double baseline_gbps = 0;
   double ratio = 0;                        // gbps / baseline_gbps
@@ -242,8 +251,13 @@ struct MigrationSetupFlags {
   engine::TrackerKind tracker;
   uint32_t ring_entries = 0;
   std::chrono::nanoseconds migrate_after{0};
+  bool prefault_target = false;
   engine::MigrationOptions migration;
 };
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; Debian 12's headers have it, older ones may not
+#endif
 
 // What the receiving side's factory built, for stopping it afterwards.
 struct Received {
@@ -285,11 +299,16 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   // The receiver, in this process.
   auto received = std::make_shared<Received>();
   const bool verify = f.migration.verify;
-  auto factory = [&kvm, received, verify]() -> std::unique_ptr<engine::MigrationTarget> {
-    auto build = [&kvm, received](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+  const bool prefault = f.prefault_target;
+  auto factory = [&kvm, received, verify, prefault]() -> std::unique_ptr<engine::MigrationTarget> {
+    auto build = [&kvm, received, prefault](const engine::MigrationSetup& setup)
+        -> Result<std::unique_ptr<engine::VmControl>> {
       vmm::MachineOptions to;
       PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &to.guest, &to.irqchip));
       PMLMIG_ASSIGN_OR_RETURN(auto m, vmm::Machine::CreateForRestore(kvm, to));
+      if (prefault && ::madvise(m->memory().host(), m->memory().size(), MADV_POPULATE_WRITE) != 0) {
+        return Status::FromErrno(errno, "madvise(MADV_POPULATE_WRITE) target memory");
+      }
       std::lock_guard lock(received->mu);
       received->machine = m.get();
       received->guest = to.guest;
@@ -338,6 +357,13 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.cpu_user_ms = CpuMs(r1.ru_utime) - CpuMs(r0.ru_utime);
   row.cpu_sys_ms = CpuMs(r1.ru_stime) - CpuMs(r0.ru_stime);
   for (size_t i = 0; i < after.size(); ++i) row.guest_pages_written += after[i] - before[i];
+  if (row.stats.status == "completed" && !row.stats.round_stats.empty()) {
+    const engine::MigrationStats& s = row.stats;
+    row.final_collect_ms = static_cast<double>(tracker->stats().last_collect_ns) / 1e6;
+    row.final_round_ms = s.round_stats.back().duration_ms;
+    row.pause_other_ms = s.final_reply.source_paused_ms - row.final_collect_ms - row.final_round_ms;
+    row.switchover_ms = s.downtime_ms - s.final_reply.source_paused_ms;
+  }
   if (row.stats.total_time_ms > 0) {
     row.gbps = static_cast<double>(row.stats.transferred.wire_bytes) / 1e9 / (row.stats.total_time_ms / 1e3);
   }
@@ -361,6 +387,9 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
 // ------------------------------------------------------------ output
 
 nlohmann::ordered_json RowJson(const Row& r) {
+  // Batches (gRPC messages) per round: not in MigrationStatsJson's table.
+  nlohmann::ordered_json batches = nlohmann::ordered_json::array();
+  for (const engine::RoundStats& rs : r.stats.round_stats) batches.push_back(rs.sent.batches);
   return {{"scenario", r.scenario},
           {"guest_bytes", r.guest_bytes},
           {"vcpus", r.vcpus},
@@ -375,6 +404,14 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"cpu_user_ms", r.cpu_user_ms},
           {"cpu_sys_ms", r.cpu_sys_ms},
           {"guest_pages_written_during_migration", r.guest_pages_written},
+          {"downtime_breakdown_ms",
+           {{"final_collect", r.final_collect_ms},
+            {"final_round", r.final_round_ms},
+            {"pause_and_state", r.pause_other_ms},
+            {"switchover", r.switchover_ms},
+            {"target_restore", r.stats.final_reply.target_restore_ms}}},
+          {"batches", r.stats.transferred.batches},
+          {"round_batches", batches},
           {"migration", MigrationStatsJson(r.stats)}};
 }
 
@@ -385,9 +422,9 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
                 Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
   }
   std::printf("\n\n");
-  std::printf("%-10s %7s %5s %7s %8s %9s %9s %11s %6s %12s %7s %6s %6s %s\n", "scenario", "guest", "vcpus",
+  std::printf("%-10s %7s %5s %7s %8s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
               "streams", "compress", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
-              "cpu%", "status");
+              "r0_GB/s", "cpu%", "status");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
     const bool ok = s.status == "completed";
@@ -398,10 +435,26 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
     } else {
       std::snprintf(downtime, sizeof downtime, "-");
     }
-    std::printf("%-10s %7s %5u %7u %8s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %6.0f %s\n", r.scenario.c_str(),
+    // Round 0 alone (all memory with data): wire bytes over its duration.
+    double round0 = 0;
+    if (!s.round_stats.empty() && s.round_stats[0].duration_ms > 0) {
+      round0 = static_cast<double>(s.round_stats[0].sent.wire_bytes) / 1e6 / s.round_stats[0].duration_ms;
+    }
+    std::printf("%-10s %7s %5u %7u %8s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
                 FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), s.total_time_ms,
                 s.setup_time_ms, downtime, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), r.gbps, r.ratio,
-                cpu, ok ? s.status.c_str() : (s.status + ": " + s.error).c_str());
+                round0, cpu, ok ? s.status.c_str() : (s.status + ": " + s.error).c_str());
+  }
+  std::printf("\ndowntime of completed migrations, ms: final collection | stop-and-copy round (pages, batches) | "
+              "vCPU pause, state capture | Final to the target's reply (of which target restore)\n");
+  for (const Row& r : rows) {
+    const engine::MigrationStats& s = r.stats;
+    if (s.status != "completed" || s.round_stats.empty()) continue;
+    std::printf("%-10s %7s %7u %8s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
+                r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, r.compress.c_str(), s.downtime_ms,
+                r.final_collect_ms, r.final_round_ms, s.round_stats.back().sent.pages,
+                s.round_stats.back().sent.batches, r.pause_other_ms, r.switchover_ms,
+                s.final_reply.target_restore_ms);
   }
 }
 
@@ -466,6 +519,7 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   auto after = ParseDuration(f.migrate_after);
   if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
   setup.migrate_after = *after;
+  setup.prefault_target = f.prefault_target;
   setup.migration.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
   setup.migration.max_rounds = f.max_rounds;
   if (f.on_timeout != "cancel" && f.on_timeout != "force") {
@@ -559,6 +613,7 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
                                 {"on_timeout", f.on_timeout},
                                 {"migrate_after", f.migrate_after},
                                 {"verify", f.verify},
+                                {"prefault_target", f.prefault_target},
                                 {"baseline", nlohmann::ordered_json::array()},
                                 {"results", nlohmann::ordered_json::array()}};
   for (const Baseline& b : baselines) {
@@ -617,6 +672,9 @@ Command RegisterBenchMigrate(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_flag("--verify", f->verify,
                 "Digest all memory on both sides and run the checker on the target (inside the downtime)");
+  cmd->add_flag("--prefault-target", f->prefault_target,
+                "Make the target's memory resident when it is built (inside setup): separates the cost of "
+                "first-touching fresh memory from the transfer");
   cmd->add_option("--json", f->json, "Write the baseline and every migration's statistics as JSON to this file");
   cmd->add_option("--plot", f->plot, "Write a PNG of per-round dirty pages and bandwidth of the hotset migrations");
   return [f]() { return RunMigrateBench(*f); };

@@ -43,37 +43,50 @@ import json, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 doc = json.load(open(sys.argv[1]))
 rows = [r for r in doc["results"] if r["scenario"] == "hotset"]
-fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+fig, (top, mid, bottom) = plt.subplots(3, 1, figsize=(8, 9), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 3, 2]})
 for r in rows:
     m = r["migration"]
     rounds = m["round_stats"]
     if not rounds:
         continue
-    label = "%d GiB, %d vCPUs, %d stream(s), %s: %s, downtime %s ms" % (
-        r["guest_bytes"] // 2**30, r["vcpus"], r["streams"], r["compress"], m["status"],
+    label = "%d GiB, %d vCPUs, %d stream(s), %s, limit %d ms: %s, downtime %s ms" % (
+        r["guest_bytes"] // 2**30, r["vcpus"], r["streams"], r["compress"], doc["downtime_limit_ms"], m["status"],
         "%.1f" % m["downtime_ms"] if m["downtime_ms"] is not None else "-")
     x = [s["round"] for s in rounds]
-    line, = top.plot(x, [max(s["dirty_pages"], 0.5) for s in rounds], "o-", label=label)
-    bottom.plot(x, [s["bandwidth_mbps"] / 8000 for s in rounds], "o-", color=line.get_color())
+    line, = top.plot(x, [max(s["dirty_pages"], 0.5) for s in rounds], "o-", markersize=4, label=label)
+    color = line.get_color()
+    mid.plot(x, [s["bandwidth_mbps"] / 8000 for s in rounds], "o-", markersize=4, color=color)
+    batches = r.get("round_batches", [])
+    if len(batches) == len(rounds):
+        bottom.plot(x, [s["pages"] / b if b else 0 for s, b in zip(rounds, batches)], "o-", markersize=4, color=color)
     if m["status"] == "completed":
         # The last round is the stop-and-copy one, sent with the vCPUs paused.
-        top.plot([x[-1]], [max(rounds[-1]["dirty_pages"], 0.5)], "s", color=line.get_color(), markersize=11,
-                 fillstyle="none")
+        top.plot([x[-1]], [max(rounds[-1]["dirty_pages"], 0.5)], "s", color=color, markersize=11, fillstyle="none")
 top.set_yscale("log")
-top.set_ylabel("dirty pages sent in the round (4 KiB)")
+top.set_ylabel("dirty pages sent (4 KiB)")
 top.set_title("Live migration of a hotset guest, per round (square: stop-and-copy)\n" + doc.get("machine", ""),
               fontsize=9)
 top.grid(True, which="both", alpha=0.3)
 top.legend(fontsize=7)
-bottom.set_ylabel("round bandwidth (GB/s, wire bytes / round time)")
+mid.set_ylabel("round bandwidth (GB/s)")
+mid.grid(True, alpha=0.3)
+baselines = doc.get("baseline", [])
+for b in baselines:
+    mid.axhline(b["gbps"], linestyle=":", color="gray")
+if baselines:
+    mid.annotate("raw loopback TCP: " + ", ".join("%g GiB %.2f GB/s" % (b["bytes"] / 2**30, b["gbps"])
+                                                  for b in baselines),
+                 (0, max(b["gbps"] for b in baselines)), fontsize=7, color="gray", va="bottom")
+mid.set_ylim(0, max([b["gbps"] for b in doc.get("baseline", [])] + [mid.get_ylim()[1]]) * 1.1)
+bottom.set_yscale("log")
+bottom.set_ylabel("pages per gRPC batch")
 bottom.set_xlabel("round (0: all memory)")
-bottom.grid(True, alpha=0.3)
-for b in doc.get("baseline", []):
-    bottom.axhline(b["gbps"], linestyle=":", color="gray")
-    bottom.annotate("raw loopback TCP, %d GiB: %.2f GB/s" % (b["bytes"] // 2**30, b["gbps"]),
-                    (0, b["gbps"]), fontsize=7, color="gray", va="bottom")
+bottom.grid(True, which="both", alpha=0.3)
+bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 )PY";
