@@ -121,13 +121,23 @@ Status BatchBuilder::Build(const engine::SlotTable& memory, uint64_t gpa, uint64
 Status BatchBuilder::Build(const engine::SlotTable& memory, uint64_t gpa, uint64_t pages,
                            const BatchHeader& header, proto::PageBatch* out, uint8_t* payload,
                            size_t* payload_len) {
+  const engine::PageRun one{gpa, pages};
+  return Build(memory, std::span<const engine::PageRun>(&one, 1), header, out, payload, payload_len);
+}
+
+Status BatchBuilder::Build(const engine::SlotTable& memory, std::span<const engine::PageRun> runs,
+                           const BatchHeader& header, proto::PageBatch* out, uint8_t* payload,
+                           size_t* payload_len) {
   *payload_len = 0;
+  uint64_t pages = 0;
+  for (const engine::PageRun& r : runs) {
+    if ((r.gpa & (kPageSize - 1)) != 0) return InvalidArgument("batch at gpa " + Hex(r.gpa) + ": not page aligned");
+    pages += r.pages;
+  }
   if (pages == 0 || pages > kMaxBatchPages) {
     return InvalidArgument("batch of " + std::to_string(pages) + " pages: must be 1.." +
                            std::to_string(kMaxBatchPages));
   }
-  if ((gpa & (kPageSize - 1)) != 0) return InvalidArgument("batch at gpa " + Hex(gpa) + ": not page aligned");
-
   // Every field but the payload is set; the payload field is not touched.
   out->set_session_id(header.session_id);
   out->set_stream(header.stream);
@@ -148,8 +158,9 @@ Status BatchBuilder::Build(const engine::SlotTable& memory, uint64_t gpa, uint64
   XXH64_state_t hash;
   XXH64_reset(&hash, 0);
   uint64_t data_bytes = 0;
-  uint64_t g = gpa;
-  uint64_t left = pages;
+  for (const engine::PageRun& r : runs) {
+  uint64_t g = r.gpa;
+  uint64_t left = r.pages;
   while (left > 0) {
     const engine::MemorySlot* slot = memory.FindByGpa(g);
     if (slot == nullptr) return InvalidArgument("page at gpa " + Hex(g) + " is not in source memory");
@@ -176,6 +187,7 @@ Status BatchBuilder::Build(const engine::SlotTable& memory, uint64_t gpa, uint64
       }
     }
     left -= n;
+  }
   }
 
   out->set_uncompressed_length(static_cast<uint32_t>(data_bytes));

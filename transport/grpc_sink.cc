@@ -253,7 +253,7 @@ class GrpcMigrationSink::Impl {
   Status DoFinishStreams();
   void RunStream(DataStream& ds, uint32_t round, engine::PageList& pages);
   // Builds the batch of `chunk` into ds.next; returns its size on the wire.
-  Result<uint64_t> BuildNext(DataStream& ds, const BatchHeader& h, const engine::PageRun& chunk);
+  Result<uint64_t> BuildNext(DataStream& ds, const BatchHeader& h, std::span<const engine::PageRun> runs);
   // Waits for one operation of the stream to complete and handles it. False
   // when the call is over (an operation failed, or a bad ack).
   bool Pump(DataStream& ds);
@@ -597,10 +597,10 @@ Result<engine::TransferStats> GrpcMigrationSink::Impl::SendPages(uint32_t round,
 }
 
 Result<uint64_t> GrpcMigrationSink::Impl::BuildNext(DataStream& ds, const BatchHeader& h,
-                                                     const engine::PageRun& chunk) {
+                                                     std::span<const engine::PageRun> runs) {
   uint8_t* buf = ds.pool->Get();
   size_t len = 0;
-  if (Status s = ds.builder.Build(*source_, chunk.gpa, chunk.pages, h, &ds.header, buf, &len); !s.ok()) {
+  if (Status s = ds.builder.Build(*source_, runs, h, &ds.header, buf, &len); !s.ok()) {
     ds.pool->Put(buf);
     return s;
   }
@@ -712,12 +712,23 @@ void GrpcMigrationSink::Impl::RunStream(DataStream& ds, uint32_t round, engine::
   uint64_t next_data = 0;
   bool broken = false;
   engine::PageRun chunk;
+  std::vector<engine::PageRun> gathered;
+  gathered.reserve(options_.batch_pages);
   while (!stop_.load(std::memory_order_relaxed)) {
     if (!have_next && !exhausted) {
-      if (!pages.Next(options_.batch_pages, &chunk)) {
+      // Gather runs until the batch is full: scattered dirty pages would
+      // otherwise travel as one or two pages per message.
+      gathered.clear();
+      uint64_t gathered_pages = 0;
+      while (gathered_pages < options_.batch_pages && pages.Next(options_.batch_pages - gathered_pages, &chunk)) {
+        gathered.push_back(chunk);
+        gathered_pages += chunk.pages;
+      }
+      if (gathered.empty()) {
         exhausted = true;
       } else {
-        Result<uint64_t> bytes = BuildNext(ds, BatchHeader{session_id_, ds.index, round, ds.next_sequence}, chunk);
+        chunk.pages = gathered_pages;
+        Result<uint64_t> bytes = BuildNext(ds, BatchHeader{session_id_, ds.index, round, ds.next_sequence}, gathered);
         if (!bytes.ok()) {
           Fail(bytes.status().WithContext(name));
           break;
