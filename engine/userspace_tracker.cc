@@ -19,7 +19,7 @@
 #include <string>
 #include <utility>
 
-#include "linux_compat.h"
+#include "pmlmig/base/linux_compat.h"
 #include "pmlmig/base/mapping.h"
 
 namespace pmlmig::engine {

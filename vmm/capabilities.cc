@@ -44,50 +44,8 @@
 #define KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP 225
 #endif
 
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
-#ifndef UFFD_FEATURE_WP_ASYNC
-#define UFFD_FEATURE_WP_ASYNC (1 << 15)
-#endif
-#ifndef UFFD_USER_MODE_ONLY
-#define UFFD_USER_MODE_ONLY 1
-#endif
-
-// PAGEMAP_SCAN (Linux 6.7): one ioctl on /proc/<pid>/pagemap that reports
-// (and optionally write-protects) page ranges by category.
-#ifndef PAGEMAP_SCAN
-struct page_region {
-  __u64 start;
-  __u64 end;
-  __u64 categories;
-};
-
-struct pm_scan_arg {
-  __u64 size;  // sizeof(struct pm_scan_arg), checked by the kernel
-  __u64 flags;
-  __u64 start;
-  __u64 end;
-  __u64 walk_end;  // out: where the walk stopped
-  __u64 vec;       // struct page_region*
-  __u64 vec_len;
-  __u64 max_pages;
-  __u64 category_inverted;
-  __u64 category_mask;
-  __u64 category_anyof_mask;
-  __u64 return_mask;
-};
-
-#define PAGE_IS_WPALLOWED (1 << 0)
-#define PAGE_IS_WRITTEN (1 << 1)
-#define PAGE_IS_FILE (1 << 2)
-#define PAGE_IS_PRESENT (1 << 3)
-
-#define PM_SCAN_WP_MATCHING (1 << 0)
-#define PM_SCAN_CHECK_WPASYNC (1 << 1)
-
-#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
-#endif
+// userfaultfd and PAGEMAP_SCAN definitions newer than these headers: one copy, shared with engine/.
+#include "pmlmig/base/linux_compat.h"
 
 namespace pmlmig::vmm {
 namespace {
