@@ -4,9 +4,8 @@
 // protection (UFFD_FEATURE_WP_ASYNC) and the PAGEMAP_SCAN ioctl arrived in
 // 6.7. The values below are the upstream uapi ones (ABI-stable); each is
 // defined only when the installed headers lack it, so a build against newer
-// headers uses the system definitions unchanged. Private to engine/: the
-// engine must not include anything from vmm/, which keeps its own copy for
-// capability probing.
+// headers uses the system definitions unchanged. In base/ so that the
+// userspace tracker (engine/) and capability probing (vmm/) share one copy.
 #pragma once
 
 #include <linux/fs.h>
