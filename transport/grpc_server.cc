@@ -31,6 +31,7 @@
 #include <thread>
 
 #include "batch_codec.h"
+#include "receiver_checks.h"
 #include "migration.grpc.pb.h"
 #include "pmlmig/base/units.h"
 
@@ -130,6 +131,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   Impl(TargetFactory factory, MigrationServerOptions options)
       : factory_(std::move(factory)), options_(std::move(options)) {
     if (options_.max_memory_bytes == 0) options_.max_memory_bytes = HostMemoryBytes();
+    limits_ = {options_.max_memory_bytes, options_.max_vcpus, options_.max_streams};
   }
 
   grpc::Status Control(grpc::ServerContext* ctx,
@@ -168,7 +170,6 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     uint32_t rounds = 0;
   };
 
-  Status ValidateSetup(const proto::Setup& s) const;
   // Pages thread: the session is failed; end its other Pages calls with
   // `why` and cancel the control call, whose thread then ends the session.
   // Only while it is still waiting for Setup or receiving.
@@ -205,6 +206,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
   const TargetFactory factory_;
   MigrationServerOptions options_;
+  ReceiverLimits limits_;
   std::mt19937_64 rng_{std::random_device{}()};  // guarded by mu_
 
   std::mutex mu_;
@@ -255,53 +257,6 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
   if (current_ == session) current_.reset();
   outcomes_.push_back(std::move(out));
   cv_.notify_all();
-}
-
-Status MigrationServer::Impl::ValidateSetup(const proto::Setup& s) const {
-  if (s.vm_description().size() > kMaxVmDescriptionBytes) {
-    return InvalidArgument("Setup.vm_description: " + std::to_string(s.vm_description().size()) +
-                           " bytes, more than " + std::to_string(kMaxVmDescriptionBytes));
-  }
-  if (s.memory_size() == 0 || s.memory_size() > kMaxMemoryRanges) {
-    return InvalidArgument("Setup.memory: " + std::to_string(s.memory_size()) + " ranges, expected 1.." +
-                           std::to_string(kMaxMemoryRanges));
-  }
-  std::vector<std::pair<uint64_t, uint64_t>> ranges;
-  uint64_t total = 0;
-  for (int i = 0; i < s.memory_size(); ++i) {
-    const proto::MemoryRange& r = s.memory(i);
-    const std::string name = "Setup.memory[" + std::to_string(i) + "] (slot " + std::to_string(r.slot()) +
-                             ", gpa " + Hex(r.gpa()) + ", size " + Hex(r.size()) + ")";
-    if (r.size() == 0) return InvalidArgument(name + ": empty");
-    if (((r.gpa() | r.size()) & (engine::kPageSize - 1)) != 0) return InvalidArgument(name + ": not page aligned");
-    if (r.gpa() + r.size() < r.gpa()) return InvalidArgument(name + ": overflows the address space");
-    for (int j = 0; j < i; ++j) {
-      if (s.memory(j).slot() == r.slot()) return InvalidArgument(name + ": slot id used twice");
-    }
-    total += r.size();
-    if (total < r.size() || total > options_.max_memory_bytes) {
-      return ResourceExhausted("Setup.memory: more than the " + FormatBytes(options_.max_memory_bytes) +
-                               " of guest memory this receiver accepts");
-    }
-    ranges.emplace_back(r.gpa(), r.gpa() + r.size());
-  }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i].first < ranges[i - 1].second) {
-      return InvalidArgument("Setup.memory: ranges at gpa " + Hex(ranges[i - 1].first) + " and " +
-                             Hex(ranges[i].first) + " overlap");
-    }
-  }
-  if (s.vcpus() == 0 || s.vcpus() > options_.max_vcpus) {
-    return InvalidArgument("Setup.vcpus: " + std::to_string(s.vcpus()) + " is outside 1.." +
-                           std::to_string(options_.max_vcpus));
-  }
-  const uint32_t max_streams = std::min(options_.max_streams, kMaxStreams);
-  if (s.streams() == 0 || s.streams() > max_streams) {
-    return InvalidArgument("Setup.streams: " + std::to_string(s.streams()) + " is outside 1.." +
-                           std::to_string(max_streams));
-  }
-  return Status::Ok();
 }
 
 // ------------------------------------------------------------- Control
@@ -372,7 +327,7 @@ grpc::Status MigrationServer::Impl::Control(
       if (!req.has_setup()) return fail(InvalidArgument(std::string("expected Setup, got ") + RequestName(req)));
       handshake.Disarm();
       const proto::Setup& ps = req.setup();
-      if (Status v = ValidateSetup(ps); !v.ok()) return fail(v);
+      if (Status v = ValidateSetup(ps, limits_); !v.ok()) return fail(v);
       engine::MigrationSetup setup;
       setup.vm_description = ps.vm_description();
       for (const proto::MemoryRange& r : ps.memory()) setup.memory.push_back({r.slot(), r.gpa(), r.size()});
@@ -421,19 +376,10 @@ grpc::Status MigrationServer::Impl::Control(
     if (state == State::kReceiving) {
       if (!req.has_final()) return fail(InvalidArgument(std::string("expected Final, got ") + RequestName(req)));
       const proto::Final& f = req.final();
-      if (f.vm_state().size() > kMaxVmStateBytes) {
-        return fail(InvalidArgument("Final.vm_state: " + std::to_string(f.vm_state().size()) +
-                                    " bytes, more than " + std::to_string(kMaxVmStateBytes)));
-      }
+      if (Status v = ValidateFinalShape(f, session->streams); !v.ok()) return fail(v);
       engine::MigrationTarget* target = nullptr;
       {
         std::unique_lock lock(mu_);
-        if (f.streams_size() != static_cast<int>(session->streams)) {
-          const Status s = InvalidArgument("Final: totals for " + std::to_string(f.streams_size()) +
-                                           " streams, the migration has " + std::to_string(session->streams));
-          lock.unlock();
-          return fail(s);
-        }
         // Every batch the source declares must have been applied; wait a
         // bounded time for those still in flight.
         std::string mismatch;
@@ -518,24 +464,12 @@ grpc::Status MigrationServer::Impl::Control(
 
 Status MigrationServer::Impl::Admit(const std::shared_ptr<Session>& session, uint32_t index,
                                     const proto::PageBatch& b) const {
-  const std::string name = "stream " + std::to_string(index) + ": batch " + std::to_string(b.sequence());
-  if (b.session_id() != session->id || b.stream() != index) {
-    return InvalidArgument(name + " names session " + Hex(b.session_id()) + " stream " + std::to_string(b.stream()) +
-                           "; this call carries session " + Hex(session->id) + " stream " + std::to_string(index));
-  }
   if (session->state != State::kReceiving) {
-    return InvalidArgument(name + ": the migration is not receiving pages (before Setup, or after Final or a failure)");
+    return InvalidArgument("stream " + std::to_string(index) + ": batch " + std::to_string(b.sequence()) +
+                           ": the migration is not receiving pages (before Setup, or after Final or a failure)");
   }
   const StreamState& ss = session->per_stream[index];
-  if (b.sequence() != ss.next_sequence) {
-    return InvalidArgument(name + ": expected batch " + std::to_string(ss.next_sequence) +
-                           " (a batch is missing or repeated)");
-  }
-  if (b.round() < ss.last_round) {
-    return InvalidArgument(name + ": round " + std::to_string(b.round()) + " after round " +
-                           std::to_string(ss.last_round));
-  }
-  return Status::Ok();
+  return AdmitBatch(session->id, index, StreamCursor{ss.next_sequence, ss.last_round}, b);
 }
 
 Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunks wire, PagesReactor* self) {
