@@ -1,5 +1,7 @@
 #include "pmlmig/engine/migration_source.h"
 
+#include "pmlmig/base/failpoint.h"
+
 #include <unistd.h>
 
 #include <cerrno>
@@ -275,9 +277,27 @@ MigrationStats MigrationSource::RunPhases() {
   final_state.source_paused_ms = MsSince(pause);
   auto reply = sink_.Finish(final_state);
   if (!reply.ok()) return finish_failed(reply.status().WithContext("switch-over"), "failed");
-  if (!reply->resumed) {
-    return finish_failed(Internal("the target did not resume the VM: " + reply->verify_detail), "failed");
+  if (!reply->prepared) {
+    return finish_failed(Internal("the target did not prepare the VM: " + reply->verify_detail), "failed");
   }
+  FailPoint("source.prepared");
+  // Point of no return: from here the source never resumes its VM unless the
+  // target is known not to run it.
+  Publish("commit", stats_.rounds, 0, expected_ms);
+  const CommitResult commit = sink_.Commit();
+  if (commit.state == CommitState::kNotCommitted) {
+    return finish_failed(commit.detail.WithContext("switch-over (the target did not resume the VM)"), "failed");
+  }
+  if (commit.state == CommitState::kInDoubt) {
+    (void)tracker_.Disable();
+    stats_.status = "in-doubt";
+    stats_.error = commit.detail.message();
+    stats_.total_time_ms = MsSince(start_);
+    Publish("done", stats_.rounds, 0, expected_ms);
+    return stats_;
+  }
+  reply->target_resume_ms = commit.target_resume_ms;
+  stats_.commit_resolved = commit.resolved;
   stats_.downtime_ms = MsSince(pause);
   stats_.final_reply = *reply;
   stats_.verified = reply->verified;

@@ -57,13 +57,20 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
     }
     reply.verified = true;
   }
+  prepared_ = true;
+  reply.prepared = true;
+  reply.target_restore_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  reply.source_paused_ms = state.source_paused_ms;
+  return reply;
+}
+
+Result<double> VmMigrationTarget::OnCommit() {
+  if (!vm_ || !prepared_) return InvalidArgument("commit before the final state was restored");
+  const auto start = std::chrono::steady_clock::now();
   PMLMIG_RETURN_IF_ERROR(vm_->Resume().WithContext("resume"));
   resumed_ = true;
   resumed_at_ = std::chrono::steady_clock::now();
-  reply.resumed = true;
-  reply.target_restore_ms = std::chrono::duration<double, std::milli>(resumed_at_ - start).count();
-  reply.source_paused_ms = state.source_paused_ms;
-  return reply;
+  return std::chrono::duration<double, std::milli>(resumed_at_ - start).count();
 }
 
 void VmMigrationTarget::OnAbort(const std::string&) {

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "commands.h"
+#include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/transport/control.h"
 
@@ -23,6 +24,7 @@ struct ControlFlags {
   std::string max_bandwidth = "0";
   std::string timeout = "0";
   std::string on_timeout = "cancel";
+  SecurityFlags security;
 };
 
 void AddControlOption(CLI::App* cmd, ControlFlags* f) {
@@ -49,6 +51,14 @@ int Migrate(ControlFlags& f) {
   f.command.max_bandwidth = *bw;
   f.command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
   f.command.force_on_timeout = f.on_timeout == "force";
+  // Checked here for a clear error; the VM's process reads the files again.
+  if (auto sec = LoadSecurity(f.security); !sec.ok()) return PrintError(sec.status().message()), kExitUsage;
+  const SecurityFlags abs = AbsolutePaths(f.security);
+  f.command.tls_ca = abs.tls_ca;
+  f.command.tls_cert = abs.tls_cert;
+  f.command.tls_key = abs.tls_key;
+  f.command.tls_server_name = abs.tls_server_name;
+  f.command.token_file = abs.token_file;
   if (Status s = transport::ControlMigrate(f.control, f.command); !s.ok()) return PrintError(s.message()), kExitFailure;
   InstallInterruptHandler();
   const bool tty = isatty(STDERR_FILENO) != 0;
@@ -109,6 +119,7 @@ Command RegisterControl(CLI::App& app) {
   migrate->add_option("--on-timeout", f->on_timeout, "cancel or force")->capture_default_str();
   migrate->add_flag("--verify", f->command.verify, "Verify memory on the target before it resumes");
   migrate->add_flag("--json", f->json, "Print the statistics as one JSON object");
+  AddSecurityFlags(migrate, &f->security, /*sender=*/true);
   auto* status = app.add_subcommand("status", "Show a controlled VM and its migration");
   AddControlOption(status, f.get());
   status->add_flag("--json", f->json, "One JSON object");

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "commands.h"
+#include "pmlmig/base/failpoint.h"
 
 namespace pmlmig::tools {
 namespace {
@@ -28,6 +29,7 @@ void InstallInterruptHandler() {
 
 int main(int argc, char** argv) {
   using namespace pmlmig::tools;
+  if (!pmlmig::ArmFailPointsFromEnvironment()) return kExitUsage;
   CLI::App app{"pmlmig: dirty-page tracking and live migration for KVM.\n"
                "Run 'pmlmig <command> --help' for a command's options.",
                "pmlmig"};

@@ -35,6 +35,8 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"verified", s.verified},
       {"verify_detail", s.final_reply.verify_detail},
       {"target_restore_ms", s.final_reply.target_restore_ms},
+      {"target_resume_ms", s.final_reply.target_resume_ms},
+      {"commit_resolved", s.commit_resolved},
       {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(s.error)},
       {"round_stats", rounds},
   };
@@ -53,8 +55,10 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                 s.throughput_mbps);
   out += buf;
   if (s.status == "completed") {
-    std::snprintf(buf, sizeof buf, "  target restored and resumed in %.1f ms; verification: %s\n",
-                  s.final_reply.target_restore_ms, s.verified ? s.final_reply.verify_detail.c_str() : "not requested");
+    std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s; verification: %s\n",
+                  s.final_reply.target_restore_ms, s.final_reply.target_resume_ms,
+                  s.commit_resolved ? " (the commit's reply was lost; Resolve confirmed it)" : "",
+                  s.verified ? s.final_reply.verify_detail.c_str() : "not requested");
     out += buf;
   }
   out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms\n";

@@ -1,5 +1,6 @@
-// pmlmig receive: wait for one migration, resume the VM, keep it running for
-// a while with its workload going, report.
+// pmlmig receive: wait for a migration, resume the VM, keep it running for
+// a while with its workload going, report. A failed attempt (the partial VM
+// discarded) leaves it waiting for the next one, up to --attempts.
 #include <unistd.h>
 
 #include <chrono>
@@ -9,10 +10,12 @@
 #include <thread>
 
 #include "commands.h"
+#include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/migration_target.h"
 #include "pmlmig/transport/config_codec.h"
 #include "pmlmig/transport/grpc_server.h"
+#include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/checker.h"
 #include "pmlmig/vmm/machine.h"
 
@@ -26,6 +29,15 @@ struct ReceiveFlags {
   std::string wait = "0";
   bool json = false;
   bool quiet = false;
+  uint32_t attempts = 0;  // 0: until one completes
+  SecurityFlags security;
+  bool insecure = false;
+  std::string max_memory = "0";
+  uint32_t max_vcpus = 1024;
+  uint32_t max_streams = 64;
+  std::string handshake_timeout = "30s";
+  std::string idle_timeout = "60s";
+  std::string commit_timeout = "30s";
 };
 
 std::vector<uint64_t> Counters(const vmm::Machine& m) {
@@ -39,6 +51,36 @@ int Receive(const ReceiveFlags& f) {
   if (!exit_after.ok()) return PrintError("--exit-after: " + exit_after.status().message()), kExitUsage;
   auto wait = ParseDuration(f.wait);
   if (!wait.ok()) return PrintError("--wait: " + wait.status().message()), kExitUsage;
+  transport::MigrationServerOptions so;
+  {
+    auto mem = ParseSize(f.max_memory);
+    if (!mem.ok()) return PrintError("--max-memory: " + mem.status().message()), kExitUsage;
+    so.max_memory_bytes = *mem;
+    if (f.max_vcpus == 0) return PrintError("--max-vcpus: must be at least 1"), kExitUsage;
+    if (f.max_streams == 0 || f.max_streams > transport::kMaxStreams) {
+      return PrintError("--max-streams: must be 1.." + std::to_string(transport::kMaxStreams)), kExitUsage;
+    }
+    so.max_vcpus = f.max_vcpus;
+    so.max_streams = f.max_streams;
+    struct {
+      const char* flag;
+      const std::string& text;
+      std::chrono::milliseconds* out;
+      bool zero_ok;
+    } durations[] = {{"--handshake-timeout", f.handshake_timeout, &so.handshake_timeout, false},
+                     {"--idle-timeout", f.idle_timeout, &so.idle_timeout, true},
+                     {"--commit-timeout", f.commit_timeout, &so.commit_timeout, false}};
+    for (auto& d : durations) {
+      auto v = ParseDuration(d.text);
+      if (!v.ok()) return PrintError(std::string(d.flag) + ": " + v.status().message()), kExitUsage;
+      *d.out = std::chrono::duration_cast<std::chrono::milliseconds>(*v);
+      if (d.out->count() == 0 && !d.zero_ok) return PrintError(std::string(d.flag) + ": must be > 0"), kExitUsage;
+    }
+    auto sec = LoadSecurity(f.security);
+    if (!sec.ok()) return PrintError(sec.status().message()), kExitUsage;
+    so.security = std::move(*sec);
+    so.allow_insecure = f.insecure;
+  }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
   InstallInterruptHandler();
@@ -76,28 +118,51 @@ int Receive(const ReceiveFlags& f) {
     };
     return std::make_unique<engine::VmMigrationTarget>(build, check);
   };
-  auto server = transport::MigrationServer::Start(f.listen, make_target);
-  if (!server.ok()) return PrintError(server.status().message()), kExitFailure;
+  auto server = transport::MigrationServer::Start(f.listen, make_target, so);
+  if (!server.ok()) {
+    const Status& s = server.status();
+    return PrintError(s.message()), s.code() == Code::kPermissionDenied || s.code() == Code::kInvalidArgument
+                                        ? kExitUsage
+                                        : kExitFailure;
+  }
   if (!f.quiet) {
-    std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s; waiting for one migration\n", f.listen.c_str(),
-                 (*server)->port(), f.verify ? ", verifying" : "");
+    std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s%s%s; waiting for a migration\n",
+                 f.listen.c_str(), (*server)->port(), so.security.tls() ? ", mutual TLS" : "",
+                 so.security.token.empty() ? "" : ", token", f.verify ? ", verifying" : "");
   }
 
-  // Wait for the migration, waking up for Ctrl-C.
+  // Wait for a migration that completes, waking up for Ctrl-C; a failed
+  // attempt is reported and the receiver waits for the next.
   const auto started = std::chrono::steady_clock::now();
   Result<transport::MigrationOutcome> outcome = Aborted("interrupted");
+  nlohmann::ordered_json failed_attempts = nlohmann::ordered_json::array();
   for (;;) {
-    if (Interrupted()) break;
+    if (Interrupted()) {
+      outcome = Aborted("interrupted");
+      break;
+    }
     if (wait->count() > 0 && std::chrono::steady_clock::now() - started > *wait) {
-      outcome = Aborted("no migration arrived within --wait " + f.wait);
+      outcome = Aborted("no migration completed within --wait " + f.wait);
       break;
     }
     outcome = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
-    if (outcome.ok()) break;
+    if (!outcome.ok()) continue;
+    if (outcome->status == transport::MigrationStatus::kCompleted) break;
+    failed_attempts.push_back({{"status", std::string(transport::MigrationStatusName(outcome->status))},
+                               {"error", outcome->error.message()},
+                               {"rounds", outcome->rounds}});
+    if (f.attempts != 0 && failed_attempts.size() >= f.attempts) break;
+    if (!f.quiet) {
+      std::fprintf(stderr, "pmlmig receive: migration %s: %s (the partial VM was discarded); waiting for the next\n",
+                   std::string(transport::MigrationStatusName(outcome->status)).c_str(),
+                   outcome->error.message().c_str());
+    }
+    machine = nullptr;
   }
   nlohmann::ordered_json out = {{"status", "failed"}, {"resumed", false}, {"verified", nullptr},
                                 {"downtime_ms", nullptr}, {"target_restore_ms", nullptr},
                                 {"pages_written_after_resume", 0}, {"error", nullptr}};
+  out["failed_attempts"] = failed_attempts;
   if (!outcome.ok()) {
     (*server)->Shutdown();
     out["error"] = outcome.status().message();
@@ -119,7 +184,9 @@ int Receive(const ReceiveFlags& f) {
                " (the partial VM was discarded)");
     return kExitFailure;
   }
-  (*server)->Shutdown();  // one migration: stop listening
+  // Keep answering Resolve while the VM runs here (a source whose commit
+  // reply was lost asks); take no other migration.
+  (*server)->RefuseNewMigrations("it now runs the VM it received");
   auto* target = dynamic_cast<engine::VmMigrationTarget*>(o.target.get());
   std::unique_ptr<engine::VmControl> vm = target != nullptr ? target->TakeVm() : nullptr;
   if (vm == nullptr || machine == nullptr) return PrintError("internal: completed migration without a VM"), kExitFailure;
@@ -127,7 +194,9 @@ int Receive(const ReceiveFlags& f) {
   out["verified"] = o.reply.verified ? nlohmann::ordered_json(true) : nlohmann::ordered_json(nullptr);
   out["verify_detail"] = o.reply.verify_detail;
   out["target_restore_ms"] = o.reply.target_restore_ms;
-  out["downtime_ms"] = o.reply.source_paused_ms > 0 ? nlohmann::ordered_json(o.reply.source_paused_ms + o.reply.target_restore_ms)
+  out["target_resume_ms"] = o.reply.target_resume_ms;
+  out["note"] = o.error.ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(o.error.message());
+  out["downtime_ms"] = o.reply.source_paused_ms > 0 ? nlohmann::ordered_json(o.reply.source_paused_ms + o.reply.target_restore_ms + o.reply.target_resume_ms)
                                                     : nlohmann::ordered_json(nullptr);
   if (at_resume.empty()) at_resume = Counters(*machine);  // no check ran: close to the resume point
   if (!f.quiet) {
@@ -162,6 +231,7 @@ int Receive(const ReceiveFlags& f) {
     std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());
   }
   vm.reset();
+  (*server)->Shutdown();  // the VM is gone: nothing left to answer for
   return vm_error.ok() ? kExitOk : kExitFailure;
 }
 
@@ -178,6 +248,31 @@ Command RegisterReceive(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--json", f->json, "Print the report as one JSON object on stdout");
   cmd->add_flag("--quiet,-q", f->quiet, "No progress lines");
+  cmd->add_option("--attempts", f->attempts,
+                  "Give up after this many failed migrations; 0 = keep waiting until one completes")
+      ->capture_default_str();
+  AddSecurityFlags(cmd, &f->security, /*sender=*/false);
+  cmd->add_flag("--insecure", f->insecure,
+                "Allow listening on a non-loopback address without TLS or a token (anyone who reaches it can "
+                "push a VM here)")
+      ->group("Security");
+  const char* limits = "Limits";
+  cmd->add_option("--max-memory", f->max_memory, "Most guest memory a source may ask for (K/M/G); 0 = what the host has available")
+      ->capture_default_str()
+      ->group(limits);
+  cmd->add_option("--max-vcpus", f->max_vcpus, "Most vCPUs a source may ask for")->capture_default_str()->group(limits);
+  cmd->add_option("--max-streams", f->max_streams, "Most data streams a source may open (1-64)")
+      ->capture_default_str()
+      ->group(limits);
+  cmd->add_option("--handshake-timeout", f->handshake_timeout, "A source must send a valid Setup within this")
+      ->capture_default_str()
+      ->group(limits);
+  cmd->add_option("--idle-timeout", f->idle_timeout, "Fail a migration silent this long while receiving; 0 = never")
+      ->capture_default_str()
+      ->group(limits);
+  cmd->add_option("--commit-timeout", f->commit_timeout, "Discard a prepared VM whose Commit does not come within this")
+      ->capture_default_str()
+      ->group(limits);
   return [f]() { return Receive(*f); };
 }
 

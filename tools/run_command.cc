@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "commands.h"
+#include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "migration_json.h"
 #include "pmlmig/engine/migration_source.h"
@@ -50,6 +51,8 @@ struct RunFlags {
   std::string compress = "none";
   std::string max_bandwidth = "0";
   bool verify = false;
+  std::string linger = "1s";  // the VM keeps running this long after a failed migration
+  SecurityFlags security;
   std::string control;  // unix socket for the control API
 };
 
@@ -114,6 +117,9 @@ class RunControl final : public transport::ControlHandler {
     so.streams = c.streams;
     so.compress = *compress;
     so.max_bandwidth = c.max_bandwidth;
+    auto sec = transport::LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file, c.tls_server_name);
+    if (!sec.ok()) return sec.status();
+    so.security = std::move(*sec);
     auto sink = transport::GrpcMigrationSink::Create(so);
     if (!sink.ok()) return sink.status();
     engine::MigrationOptions mo;
@@ -204,7 +210,7 @@ class RunControl final : public transport::ControlHandler {
 // Migrates the running VM; prints the statistics; 0 only when completed.
 int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
             const transport::GrpcSinkOptions& sink_options, const engine::MigrationOptions& migration,
-            std::chrono::steady_clock::time_point vm_start) {
+            std::chrono::steady_clock::time_point vm_start, std::chrono::nanoseconds linger) {
   auto sink = transport::GrpcMigrationSink::Create(sink_options);
   if (!sink.ok()) return PrintError(sink.status().message()), kExitFailure;
   const std::vector<vmm::VcpuStats> before = m.Stats();
@@ -237,15 +243,31 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   watcher.join();
   const std::vector<vmm::VcpuStats> after = m.Stats();
   const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
-  m.Stop();  // completed: the VM lives on the target; otherwise the run ends here
+  // Failed or cancelled: the source resumed the VM; it keeps running here
+  // (for --linger, so the report can show it running) before the run ends.
+  const bool failed_here = stats.status == "failed" || stats.status == "cancelled";
+  std::vector<vmm::VcpuStats> lingered = after;
+  if (failed_here && !Interrupted()) {
+    if (!f.quiet) {
+      std::fprintf(stderr, "pmlmig run: migration %s; the VM keeps running here (for %s more)\n",
+                   stats.status.c_str(), f.linger.c_str());
+    }
+    const auto until = std::chrono::steady_clock::now() + linger;
+    while (std::chrono::steady_clock::now() < until && !Interrupted() && m.error().ok()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    lingered = m.Stats();
+  }
+  m.Stop();  // completed: the VM lives on the target; in doubt: it stays paused and ends with this process
   if (f.json) {
     nlohmann::ordered_json out = MigrationStatsJson(stats);
     uint64_t written = 0;
     nlohmann::ordered_json vcpus = nlohmann::ordered_json::array();
     for (size_t i = 0; i < after.size(); ++i) {
-      written += after[i].pages_written;
-      vcpus.push_back({{"id", i}, {"pages_written", after[i].pages_written},
-                       {"pages_written_during_migration", after[i].pages_written - before[i].pages_written}});
+      written += lingered[i].pages_written;
+      vcpus.push_back({{"id", i}, {"pages_written", lingered[i].pages_written},
+                       {"pages_written_during_migration", after[i].pages_written - before[i].pages_written},
+                       {"pages_written_after_migration", lingered[i].pages_written - after[i].pages_written}});
     }
     out["tracker"] = std::string(tracker.name());
     out["streams"] = f.streams;
@@ -254,13 +276,18 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     out["workload"] = options.guest.workload.ToString();
     out["pages_written"] = written;
     out["source_run_s"] = ran;
+    out["source_vm_error"] = m.error().ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(m.error().message());
     out["vcpus"] = vcpus;
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::fputs(MigrationStatsText(stats).c_str(), stdout);
   }
+  if (stats.status == "in-doubt") {
+    PrintError("migration in doubt: " + stats.error);
+    return kExitInDoubt;
+  }
   if (stats.status != "completed") {
-    PrintError("migration " + stats.status + ": " + stats.error);
+    PrintError("migration " + stats.status + ": " + stats.error + " (the VM kept running here)");
     return kExitFailure;
   }
   return kExitOk;
@@ -296,6 +323,8 @@ int Run(const RunFlags& f) {
   options.huge_pages = f.huge_pages;
 
   const bool migrating = !f.migrate_to.empty();
+  auto linger = ParseDuration(f.linger);
+  if (!linger.ok()) return PrintError("--linger: " + linger.status().message()), kExitUsage;
   const bool can_migrate = migrating || !f.control.empty();
   auto tracker_kind = engine::ParseTrackerKind(f.tracker.empty() ? (can_migrate ? "ring" : "none") : f.tracker);
   if (!tracker_kind.ok()) return PrintError("--tracker: " + tracker_kind.status().message()), kExitUsage;
@@ -332,6 +361,9 @@ int Run(const RunFlags& f) {
     sink_options.streams = f.streams;
     sink_options.compress = *compress;
     sink_options.max_bandwidth = *bw;
+    auto sec = LoadSecurity(f.security);
+    if (!sec.ok()) return PrintError(sec.status().message()), kExitUsage;
+    sink_options.security = std::move(*sec);
     if (auto check = transport::GrpcMigrationSink::Create(sink_options); !check.ok()) {
       return PrintError(check.status().message()), kExitUsage;
     }
@@ -430,7 +462,7 @@ int Run(const RunFlags& f) {
       last_tick = t;
     }
   }
-  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, sink_options, migration, start);
+  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, sink_options, migration, start, *linger);
   if (control) {
     control->Join();  // a migration still in progress is cancelled: the VM stays here
     // A 'pmlmig migrate' polls every 200 ms: let it read the outcome first.
@@ -576,6 +608,10 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd")->capture_default_str()->group(mig);
   cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str()->group(mig);
+  cmd->add_option("--linger", f->linger, "After a failed or cancelled migration, keep the VM running this long before the run ends")
+      ->capture_default_str()
+      ->group(mig);
+  AddSecurityFlags(cmd, &f->security, /*sender=*/true);
   cmd->add_flag("--verify", f->verify, "Compare a digest of all memory on both sides and run the checker on the target")
       ->group(mig);
   cmd->add_option("--control", f->control,

@@ -43,6 +43,11 @@ class Service final : public proto::Control::Service {
     c.timeout_ms = r->timeout_ms();
     c.force_on_timeout = r->force_on_timeout();
     c.verify = r->verify();
+    c.tls_ca = r->tls_ca();
+    c.tls_cert = r->tls_cert();
+    c.tls_key = r->tls_key();
+    c.tls_server_name = r->tls_server_name();
+    c.token_file = r->token_file();
     return ToGrpc(handler_.StartMigration(c));
   }
   grpc::Status Status(grpc::ServerContext*, const proto::StatusRequest*, proto::StatusReply* out) override {
@@ -126,6 +131,11 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_timeout_ms(c.timeout_ms);
   r.set_force_on_timeout(c.force_on_timeout);
   r.set_verify(c.verify);
+  r.set_tls_ca(c.tls_ca);
+  r.set_tls_cert(c.tls_cert);
+  r.set_tls_key(c.tls_key);
+  r.set_tls_server_name(c.tls_server_name);
+  r.set_token_file(c.token_file);
   proto::MigrateReply reply;
   auto ctx = Context();
   return FromGrpc(Connect(path)->Migrate(ctx.get(), r, &reply), path);

@@ -1,11 +1,14 @@
-// MigrationServer: the receiver of protocol version 1 (proto/migration.proto,
+// MigrationServer: the receiver of protocol version 2 (proto/migration.proto,
 // whose header describes the state machine, the limits and the rejections).
 //
 // Threads:
 //   - the Control call is served by gRPC's synchronous API (one thread per
 //     call); that thread runs the state machine and is the only one that
-//     calls the target (factory, OnSetup, OnFinal, OnAbort) and ends a
-//     session;
+//     calls the target (factory, OnSetup, OnFinal, OnCommit, OnAbort) and
+//     ends a session; a watchdog thread per call enforces the deadline of
+//     the phase the session is in (by cancelling the call);
+//   - Resolve (synchronous, any thread) decides a PREPARED session as
+//     discarded under mu_, so it and a late Commit never both win;
 //   - each Pages call is a callback-API reactor over raw ByteBuffers, so a
 //     batch's payload is read straight out of the received slices into
 //     guest memory (no protobuf parse copy). Its OnReadDone checks and
@@ -26,6 +29,7 @@
 #include <cinttypes>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -33,6 +37,7 @@
 #include "batch_codec.h"
 #include "receiver_checks.h"
 #include "migration.grpc.pb.h"
+#include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
@@ -68,46 +73,71 @@ const char* RequestName(const proto::ControlRequest& r) {
     case proto::ControlRequest::kSetup: return "Setup";
     case proto::ControlRequest::kFinal: return "Final";
     case proto::ControlRequest::kAbort: return "Abort";
+    case proto::ControlRequest::kCommit: return "Commit";
     case proto::ControlRequest::MSG_NOT_SET: break;
   }
   return "an empty message";
 }
 
-// Calls `fire` once after `timeout` unless disarmed first.
-class Alarm {
+// Runs `check` every `tick` on its own thread until stopped; `check`
+// returns true once it has acted (then it is not called again).
+class Watchdog {
  public:
-  Alarm(std::chrono::milliseconds timeout, std::function<void()> fire)
-      : thread_([this, timeout, fire = std::move(fire)] {
+  Watchdog(std::chrono::milliseconds tick, std::function<bool()> check)
+      : thread_([this, tick, check = std::move(check)] {
           std::unique_lock lock(mu_);
-          if (!cv_.wait_for(lock, timeout, [&] { return disarmed_; })) {
-            fired_ = true;
+          while (!cv_.wait_for(lock, tick, [&] { return stopped_; })) {
             lock.unlock();
-            fire();
+            const bool acted = check();
+            lock.lock();
+            if (acted) break;
           }
         }) {}
-  ~Alarm() {
-    Disarm();
+  ~Watchdog() {
+    {
+      std::lock_guard lock(mu_);
+      stopped_ = true;
+      cv_.notify_all();
+    }
     thread_.join();
-  }
-  void Disarm() {
-    std::lock_guard lock(mu_);
-    disarmed_ = true;
-    cv_.notify_all();
-  }
-  bool fired() {
-    std::lock_guard lock(mu_);
-    return fired_;
   }
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  bool disarmed_ = false;  // guarded by mu_
-  bool fired_ = false;     // guarded by mu_
-  std::thread thread_;     // last: starts after the fields above exist
+  bool stopped_ = false;  // guarded by mu_
+  std::thread thread_;    // last: starts after the fields above exist
 };
 
-uint64_t HostMemoryBytes() {
+// Compares secrets without an early exit (no timing hint of where they differ).
+bool ConstantTimeEquals(std::string_view a, std::string_view b) {
+  const size_t n = std::max(a.size(), b.size());
+  unsigned diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned>(x ^ y);
+  }
+  return diff == 0;
+}
+
+std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; }
+
+// Memory the host can give a new VM now: MemAvailable, else physical memory.
+uint64_t HostAvailableBytes() {
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    unsigned long long kib = 0;
+    bool found = false;
+    while (std::fgets(line, sizeof line, f) != nullptr) {
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
+        found = true;
+        break;
+      }
+    }
+    std::fclose(f);
+    if (found) return static_cast<uint64_t>(kib) << 10;
+  }
   const long pages = sysconf(_SC_PHYS_PAGES);
   const long size = sysconf(_SC_PAGESIZE);
   return pages > 0 && size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(size) : 0;
@@ -130,22 +160,23 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   using Base::Pages;  // the synchronous overload stays disabled
   Impl(TargetFactory factory, MigrationServerOptions options)
       : factory_(std::move(factory)), options_(std::move(options)) {
-    if (options_.max_memory_bytes == 0) options_.max_memory_bytes = HostMemoryBytes();
     limits_ = {options_.max_memory_bytes, options_.max_vcpus, options_.max_streams};
   }
 
   grpc::Status Control(grpc::ServerContext* ctx,
                        grpc::ServerReaderWriter<proto::ControlReply, proto::ControlRequest>* stream) override;
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Pages(grpc::CallbackServerContext* ctx) override;
+  grpc::Status Resolve(grpc::ServerContext* ctx, const proto::ResolveRequest* req, proto::ResolveReply* reply) override;
 
   Result<MigrationOutcome> WaitForMigration(Clock::time_point deadline);
+  void RefuseNewMigrations(std::string why);
   void Shutdown();
 
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 
  private:
-  enum class State { kWaitSetup, kReceiving, kFinalizing, kFailing, kEnded };
+  enum class State { kWaitSetup, kReceiving, kFinalizing, kPrepared, kCommitting, kFailing, kEnded };
   class PagesReactor;
 
   struct StreamState {
@@ -161,7 +192,10 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     grpc::ServerContextBase* control_ctx = nullptr;
     // Everything below is guarded by Impl::mu_.
     State state = State::kWaitSetup;
-    Status failure;  // why a Pages thread failed the session
+    Status failure;  // why another thread failed the session (Pages, Resolve, watchdog)
+    Clock::time_point opened = Clock::now();
+    Clock::time_point last_activity = Clock::now();  // last batch applied or control message
+    Clock::time_point prepared_at{};
     std::unique_ptr<engine::MigrationTarget> target;
     uint32_t streams = 0;
     std::vector<StreamState> per_stream;
@@ -170,10 +204,17 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     uint32_t rounds = 0;
   };
 
-  // Pages thread: the session is failed; end its other Pages calls with
-  // `why` and cancel the control call, whose thread then ends the session.
-  // Only while it is still waiting for Setup or receiving.
-  void MarkFailed(const std::shared_ptr<Session>& session, const Status& why, const PagesReactor* self);
+  // Another thread than Control's (a Pages call, Resolve, the watchdog)
+  // fails the session: ends its Pages calls but `self` with `why` and
+  // cancels the control call, whose thread then ends the session. Only
+  // while it waits for Setup, receives, or is prepared (never once Final is
+  // being restored or Commit is running); returns whether it did.
+  bool MarkFailed(const std::shared_ptr<Session>& session, const Status& why, const PagesReactor* self);
+  bool MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self);
+  // The deadline of the phase `session` is in, if it has passed: why.
+  Status CheckDeadline(const Session& session, Clock::time_point now) const;
+  // A call's credentials (the shared secret, when one is configured).
+  Status Authorize(const grpc::ServerContextBase& ctx) const;
   // Control thread: ends the session (once): stops and waits for the Pages
   // threads, discards the target unless completed, records the outcome, and
   // frees the receiver for the next migration.
@@ -213,20 +254,68 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   std::condition_variable cv_;
   std::shared_ptr<Session> current_;      // guarded by mu_: the one migration in progress
   std::deque<MigrationOutcome> outcomes_; // guarded by mu_
+  std::map<uint64_t, bool> ended_;        // guarded by mu_: session id -> committed, for Resolve
+  std::string refuse_new_;                // guarded by mu_: why new migrations are refused, if they are
   bool shutting_down_ = false;            // guarded by mu_
 };
 
 // ------------------------------------------------------------- sessions
 
-void MigrationServer::Impl::MarkFailed(const std::shared_ptr<Session>& session, const Status& why,
+bool MigrationServer::Impl::MarkFailed(const std::shared_ptr<Session>& session, const Status& why,
                                        const PagesReactor* self) {
   std::lock_guard lock(mu_);
-  if (session->state != State::kWaitSetup && session->state != State::kReceiving) return;
-  session->state = State::kFailing;
-  session->failure = why;
-  EndStreams(*session, why, self);
-  session->control_ctx->TryCancel();
+  return MarkFailedLocked(*session, why, self);
+}
+
+bool MigrationServer::Impl::MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self) {
+  if (session.state != State::kWaitSetup && session.state != State::kReceiving && session.state != State::kPrepared) {
+    return false;
+  }
+  session.state = State::kFailing;
+  session.failure = why;
+  EndStreams(session, why, self);
+  session.control_ctx->TryCancel();
   cv_.notify_all();
+  return true;
+}
+
+Status MigrationServer::Impl::CheckDeadline(const Session& session, Clock::time_point now) const {
+  switch (session.state) {
+    case State::kWaitSetup:
+      if (now - session.opened > options_.handshake_timeout) {
+        return Unavailable("no valid Setup within " + Ms(options_.handshake_timeout) + " of connecting");
+      }
+      break;
+    case State::kReceiving:
+      if (options_.idle_timeout.count() > 0 && now - session.last_activity > options_.idle_timeout) {
+        return Unavailable("no page batch and no control message for " + Ms(options_.idle_timeout) +
+                           " while receiving (the source stalled)");
+      }
+      break;
+    case State::kPrepared:
+      if (now - session.prepared_at > options_.commit_timeout) {
+        return Unavailable("no Commit within " + Ms(options_.commit_timeout) +
+                           " of the prepared reply; the VM was never resumed here");
+      }
+      break;
+    default: break;
+  }
+  if (options_.max_duration.count() > 0 && now - session.opened > options_.max_duration &&
+      (session.state == State::kWaitSetup || session.state == State::kReceiving)) {
+    return Unavailable("the migration took longer than " + Ms(options_.max_duration));
+  }
+  return Status::Ok();
+}
+
+Status MigrationServer::Impl::Authorize(const grpc::ServerContextBase& ctx) const {
+  if (options_.security.token.empty()) return Status::Ok();
+  const auto& md = ctx.client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return PermissionDenied("this receiver requires a token (--token-file); the sender sent none");
+  const std::string_view got(it->second.data(), it->second.size());
+  const std::string want = "Bearer " + options_.security.token;
+  if (!ConstantTimeEquals(got, want)) return PermissionDenied("the sender's token does not match this receiver's");
+  return Status::Ok();
 }
 
 void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, MigrationStatus status,
@@ -255,6 +344,7 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
   }
   std::lock_guard lock(mu_);
   if (current_ == session) current_.reset();
+  ended_[session->id] = status == MigrationStatus::kCompleted;
   outcomes_.push_back(std::move(out));
   cv_.notify_all();
 }
@@ -263,12 +353,35 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
 
 grpc::Status MigrationServer::Impl::Control(
     grpc::ServerContext* ctx, grpc::ServerReaderWriter<proto::ControlReply, proto::ControlRequest>* stream) {
-  // A peer gets handshake_timeout to reach a valid Setup.
-  Alarm handshake(options_.handshake_timeout, [ctx] { ctx->TryCancel(); });
+  if (Status a = Authorize(*ctx); !a.ok()) return ToGrpc(a);
   std::shared_ptr<Session> session;
   bool done = false;
   proto::ControlRequest req;
   proto::ControlReply reply;
+  engine::FinalReply prepared;  // what OnFinal answered, completed by the commit
+
+  // Every phase has a deadline. Before Hello there is no session yet: the
+  // handshake deadline counts from the call's start.
+  const Clock::time_point call_start = Clock::now();
+  std::mutex session_mu;  // guards `session` for the watchdog
+  std::shared_ptr<Session> watched;
+  bool handshake_expired = false;  // guarded by session_mu
+  Watchdog watchdog(std::chrono::milliseconds(100), [&]() -> bool {
+    std::shared_ptr<Session> w;
+    {
+      std::lock_guard lock(session_mu);
+      w = watched;
+      if (!w) {
+        if (Clock::now() - call_start <= options_.handshake_timeout) return false;
+        handshake_expired = true;
+        ctx->TryCancel();
+        return true;
+      }
+    }
+    std::lock_guard lock(mu_);
+    Status late = CheckDeadline(*w, Clock::now());
+    return !late.ok() && MarkFailedLocked(*w, late, nullptr);
+  });
 
   // Ends the session as failed (discarding the target) and the call with
   // the same error.
@@ -278,7 +391,11 @@ grpc::Status MigrationServer::Impl::Control(
   };
 
   while (stream->Read(&req)) {
-    if (done) return ToGrpc(InvalidArgument(std::string(RequestName(req)) + " after Final: the migration is over"));
+    if (done) return ToGrpc(InvalidArgument(std::string(RequestName(req)) + " after Commit: the migration is over"));
+    if (session) {
+      std::lock_guard lock(mu_);
+      session->last_activity = Clock::now();
+    }
 
     if (req.has_abort()) {
       const Status why = Aborted("source aborted the migration: " + req.abort().reason());
@@ -296,6 +413,7 @@ grpc::Status MigrationServer::Impl::Control(
       {
         std::lock_guard lock(mu_);
         if (shutting_down_) return ToGrpc(Unavailable("receiver is shutting down"));
+        if (!refuse_new_.empty()) return ToGrpc(Unavailable("this receiver takes no more migrations: " + refuse_new_));
         if (current_) {
           return ToGrpc(ResourceExhausted("another migration (session " + Hex(current_->id) +
                                           ") is in progress; this receiver serves one at a time"));
@@ -303,10 +421,16 @@ grpc::Status MigrationServer::Impl::Control(
         session = std::make_shared<Session>();
         do {
           session->id = rng_();
-        } while (session->id == 0);
+        } while (session->id == 0 || ended_.count(session->id) != 0);
         session->control_ctx = ctx;
+        session->opened = call_start;
         current_ = session;
       }
+      {
+        std::lock_guard lock(session_mu);
+        watched = session;
+      }
+      FailPoint("receiver.hello");
       reply.Clear();
       proto::HelloReply* h = reply.mutable_hello();
       h->set_version(kProtocolVersion);
@@ -325,9 +449,11 @@ grpc::Status MigrationServer::Impl::Control(
     }
     if (state == State::kWaitSetup) {
       if (!req.has_setup()) return fail(InvalidArgument(std::string("expected Setup, got ") + RequestName(req)));
-      handshake.Disarm();
       const proto::Setup& ps = req.setup();
-      if (Status v = ValidateSetup(ps, limits_); !v.ok()) return fail(v);
+      ReceiverLimits limits = limits_;
+      if (limits.max_memory_bytes == 0) limits.max_memory_bytes = HostAvailableBytes();
+      if (Status v = ValidateSetup(ps, limits); !v.ok()) return fail(v);
+      FailPoint("receiver.setup");
       engine::MigrationSetup setup;
       setup.vm_description = ps.vm_description();
       for (const proto::MemoryRange& r : ps.memory()) setup.memory.push_back({r.slot(), r.gpa(), r.size()});
@@ -349,7 +475,7 @@ grpc::Status MigrationServer::Impl::Control(
         target->OnAbort(s.message());
         return fail(s.WithContext("target refused the setup"));
       }
-      std::string failed_meanwhile;  // a Pages call failed the session during OnSetup
+      std::string failed_meanwhile;  // the session failed during OnSetup (a Pages call, a deadline)
       {
         std::lock_guard lock(mu_);
         if (session->state == State::kWaitSetup) {
@@ -357,6 +483,7 @@ grpc::Status MigrationServer::Impl::Control(
           session->streams = ps.streams();
           session->per_stream.assign(ps.streams(), StreamState{});
           session->state = State::kReceiving;
+          session->last_activity = Clock::now();
         } else {
           failed_meanwhile = session->failure.message();
         }
@@ -377,6 +504,7 @@ grpc::Status MigrationServer::Impl::Control(
       if (!req.has_final()) return fail(InvalidArgument(std::string("expected Final, got ") + RequestName(req)));
       const proto::Final& f = req.final();
       if (Status v = ValidateFinalShape(f, session->streams); !v.ok()) return fail(v);
+      FailPoint("receiver.final");
       engine::MigrationTarget* target = nullptr;
       {
         std::unique_lock lock(mu_);
@@ -390,11 +518,11 @@ grpc::Status MigrationServer::Impl::Control(
           for (int i = 0; i < f.streams_size(); ++i) {
             const proto::StreamTotals& t = f.streams(i);
             const StreamState& ss = session->per_stream[i];
-            if (t.stream() != static_cast<uint32_t>(i) || t.batches() != ss.next_sequence || t.pages() != ss.pages) {
+            if (t.batches() != ss.next_sequence || t.pages() != ss.pages) {
               mismatch = "stream " + std::to_string(i) + ": source declares " + std::to_string(t.batches()) +
                          " batches (" + std::to_string(t.pages()) + " pages) for stream " +
-                         std::to_string(t.stream()) + ", receiver applied " + std::to_string(ss.next_sequence) +
-                         " (" + std::to_string(ss.pages) + " pages)";
+                         std::to_string(t.stream()) + ", receiver applied " +
+                         std::to_string(ss.next_sequence) + " (" + std::to_string(ss.pages) + " pages)";
               return false;
             }
           }
@@ -418,30 +546,66 @@ grpc::Status MigrationServer::Impl::Control(
       fs.source_paused_ms = f.source_paused_ms();
       Result<engine::FinalReply> r = target->OnFinal(fs);
       if (!r.ok()) return fail(r.status().WithContext("target refused the final state"));
+      prepared = std::move(r).value();
+      {
+        std::lock_guard lock(mu_);
+        session->state = State::kPrepared;
+        session->prepared_at = Clock::now();
+      }
       reply.Clear();
       proto::FinalReply* fr = reply.mutable_final();
-      fr->set_resumed(r->resumed);
-      fr->set_verified(r->verified);
-      fr->set_verify_detail(r->verify_detail);
-      fr->set_target_restore_ms(r->target_restore_ms);
-      fr->set_source_paused_ms(r->source_paused_ms);
+      fr->set_prepared(true);
+      fr->set_verified(prepared.verified);
+      fr->set_verify_detail(prepared.verify_detail);
+      fr->set_target_restore_ms(prepared.target_restore_ms);
+      fr->set_source_paused_ms(prepared.source_paused_ms);
+      if (!stream->Write(reply)) break;  // the source never learns: it resumes its VM; we discard below
+      FailPoint("receiver.prepared");
+      continue;
+    }
+
+    if (state == State::kPrepared) {
+      if (!req.has_commit()) return fail(InvalidArgument(std::string("expected Commit, got ") + RequestName(req)));
+      FailPoint("receiver.commit");
+      engine::MigrationTarget* target = nullptr;
+      {
+        std::lock_guard lock(mu_);
+        // Resolve or a deadline may have decided first: then it is discarded.
+        if (session->state != State::kPrepared) break;
+        session->state = State::kCommitting;
+        target = session->target.get();
+      }
+      Result<double> resumed = target->OnCommit();
+      if (!resumed.ok()) return fail(resumed.status().WithContext("target could not resume the VM"));
+      FailPoint("receiver.resumed");
+      prepared.target_resume_ms = *resumed;
+      reply.Clear();
+      reply.mutable_commit()->set_target_resume_ms(*resumed);
       const bool sent = stream->Write(reply);
-      // The target has decided (and its VM may run): this is an outcome the
-      // caller must see even if the reply could not be delivered.
+      // The VM runs here: this is an outcome the caller must see even if the
+      // reply was lost (the source then learns it through Resolve).
       Status note = sent ? Status::Ok()
-                         : Unavailable("the final reply could not be delivered to the source (connection lost)");
-      EndSession(session, MigrationStatus::kCompleted, note, std::move(r).value());
+                         : Unavailable("the commit reply could not be delivered to the source (connection lost); "
+                                       "it learns the outcome through Resolve");
+      EndSession(session, MigrationStatus::kCompleted, note, prepared);
+      FailPoint("receiver.committed");
       done = true;
       continue;
     }
-    // kFailing (a Pages thread failed the session) or later.
+    // kFailing (another thread failed the session) or later.
     break;
   }
 
-  // The call ended: a clean half-close after Final, or the source went away,
-  // or we were cancelled (a Pages thread failed the session, the handshake
-  // took too long, or the server is shutting down).
-  if (!session || done) return grpc::Status::OK;
+  // The call ended: a clean half-close after Commit, or the source went
+  // away, or we were cancelled (the session failed elsewhere, a deadline
+  // passed, or the server is shutting down).
+  if (!session || done) {
+    std::lock_guard lock(session_mu);
+    if (!session && handshake_expired) {
+      return ToGrpc(Unavailable("no Hello within " + Ms(options_.handshake_timeout) + " of connecting"));
+    }
+    return grpc::Status::OK;
+  }
   Status why;
   {
     std::lock_guard lock(mu_);
@@ -449,15 +613,44 @@ grpc::Status MigrationServer::Impl::Control(
       why = session->failure;
     } else if (shutting_down_) {
       why = Aborted("the receiver is shutting down");
+    } else if (session->state == State::kPrepared) {
+      why = Unavailable("the control stream closed after the prepared reply, before Commit (source gone or "
+                        "connection lost); the VM never ran here");
     }
   }
-  if (why.ok()) {
-    why = handshake.fired() ? Unavailable("no valid Setup within " + std::to_string(options_.handshake_timeout.count()) +
-                                          " ms of connecting")
-                            : Unavailable("the control stream closed before Final (source gone or connection lost)");
-  }
+  if (why.ok()) why = Unavailable("the control stream closed before Final (source gone or connection lost)");
   EndSession(session, MigrationStatus::kFailed, why);
   return ToGrpc(why);
+}
+
+grpc::Status MigrationServer::Impl::Resolve(grpc::ServerContext* ctx, const proto::ResolveRequest* req,
+                                            proto::ResolveReply* reply) {
+  if (Status a = Authorize(*ctx); !a.ok()) return ToGrpc(a);
+  std::unique_lock lock(mu_);
+  const uint64_t id = req->session_id();
+  if (current_ && current_->id == id) {
+    Session& s = *current_;
+    // Not yet decided: decide "discarded" now, before any Commit can run.
+    if (MarkFailedLocked(s, Aborted("the source resolved the switch-over as not committed"), nullptr)) {
+      reply->set_outcome(proto::ResolveReply::DISCARDED);
+      reply->set_detail("session " + Hex(id) + " was not committed; it is discarded and will never run here");
+      return grpc::Status::OK;
+    }
+    // Restoring the state or committing right now: wait for the end.
+    cv_.wait_for(lock, options_.final_drain_timeout + options_.commit_timeout,
+                 [&] { return ended_.count(id) != 0 || shutting_down_; });
+  }
+  auto it = ended_.find(id);
+  if (it == ended_.end()) {
+    if (current_ && current_->id == id) return ToGrpc(Unavailable("session " + Hex(id) + " is still being decided"));
+    reply->set_outcome(proto::ResolveReply::UNKNOWN);
+    reply->set_detail("this receiver has no session " + Hex(id));
+    return grpc::Status::OK;
+  }
+  reply->set_outcome(it->second ? proto::ResolveReply::COMMITTED : proto::ResolveReply::DISCARDED);
+  reply->set_detail(it->second ? "session " + Hex(id) + " was committed: the VM runs here"
+                               : "session " + Hex(id) + " failed here; the VM never ran here");
+  return grpc::Status::OK;
 }
 
 // ------------------------------------------------------------- Pages
@@ -531,11 +724,13 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
       session.totals.payload_bytes += applied->normal_pages << engine::kPageShift;
       session.totals.wire_bytes += wire_bytes;
       ++session.totals.batches;
+      session.last_activity = Clock::now();
       session.rounds = std::max(session.rounds, batch.round() + 1);
     }
     cv_.notify_all();
   }
   if (!applied.ok()) return applied.status().WithContext("stream " + std::to_string(st.index));
+  FailPoint("receiver.batch");
   proto::BatchAck ack;
   ack.set_sequence(batch.sequence());
   ack.set_pages(static_cast<uint32_t>(applied->normal_pages + applied->zero_pages));
@@ -583,7 +778,14 @@ void MigrationServer::Impl::PagesDone(PagesState& st, PagesReactor* self) {
 // reads the next. At most one ack write in flight; Finish waits for it.
 class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit PagesReactor(Impl* impl) : impl_(impl) { StartRead(&in_); }
+  // A call that failed authorization ends at once with `denied`.
+  PagesReactor(Impl* impl, const Status& denied) : impl_(impl) {
+    if (!denied.ok()) {
+      Close(ToGrpc(denied));
+      return;
+    }
+    StartRead(&in_);
+  }
 
   void OnReadDone(bool ok) override {
     if (!ok) {  // the source half-closed the stream (before Final), or it broke
@@ -676,8 +878,8 @@ class MigrationServer::Impl::PagesReactor final : public grpc::ServerBidiReactor
 };
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* MigrationServer::Impl::Pages(
-    grpc::CallbackServerContext* /*ctx*/) {
-  return new PagesReactor(this);
+    grpc::CallbackServerContext* ctx) {
+  return new PagesReactor(this, Authorize(*ctx));
 }
 
 void MigrationServer::Impl::EndStreams(Session& session, const Status& why, const PagesReactor* self) {
@@ -700,6 +902,11 @@ Result<MigrationOutcome> MigrationServer::Impl::WaitForMigration(Clock::time_poi
   }
   if (shutting_down_) return Aborted("the receiver shut down before a migration ended");
   return Aborted("no migration ended before the deadline");
+}
+
+void MigrationServer::Impl::RefuseNewMigrations(std::string why) {
+  std::lock_guard lock(mu_);
+  refuse_new_ = why.empty() ? "it refuses new migrations" : std::move(why);
 }
 
 void MigrationServer::Impl::Shutdown() {
@@ -727,10 +934,28 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
                                                                 MigrationServerOptions options) {
   if (!factory) return InvalidArgument("MigrationServer: no target factory");
   if (options.max_streams == 0) return InvalidArgument("MigrationServer: max_streams must be >= 1");
+  if (options.max_vcpus == 0) return InvalidArgument("MigrationServer: max_vcpus must be >= 1");
+  for (auto d : {options.handshake_timeout, options.commit_timeout, options.final_drain_timeout}) {
+    if (d.count() <= 0) return InvalidArgument("MigrationServer: handshake, commit and drain timeouts must be positive");
+  }
+  PMLMIG_RETURN_IF_ERROR(ValidateTransportSecurity(options.security));
+  if (!options.security.authenticated() && !options.allow_insecure && !IsLoopbackListenAddress(listen)) {
+    return PermissionDenied("refusing to listen on " + listen +
+                            " without authentication: anyone who reaches it could push a VM into this host. Use "
+                            "--tls-ca/--tls-cert/--tls-key (see scripts/make-certs.sh) or --token-file, or "
+                            "--insecure on a network you trust");
+  }
   TuneMallocForTransfer();
   auto impl = std::make_unique<Impl>(std::move(factory), options);
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (options.security.tls()) {
+    grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    ssl.pem_root_certs = options.security.tls_ca_pem;
+    ssl.pem_key_cert_pairs.push_back({options.security.tls_key_pem, options.security.tls_cert_pem});
+    creds = grpc::SslServerCredentials(ssl);
+  }
   grpc::ServerBuilder b;
-  b.AddListeningPort(listen, grpc::InsecureServerCredentials(), &impl->port_);
+  b.AddListeningPort(listen, creds, &impl->port_);
   b.RegisterService(impl.get());
   b.SetMaxReceiveMessageSize(kMaxMessageBytes);
   b.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -754,6 +979,7 @@ int MigrationServer::port() const { return impl_->port_; }
 Result<MigrationOutcome> MigrationServer::WaitForMigration(std::chrono::steady_clock::time_point deadline) {
   return impl_->WaitForMigration(deadline);
 }
+void MigrationServer::RefuseNewMigrations(std::string why) { impl_->RefuseNewMigrations(std::move(why)); }
 void MigrationServer::Shutdown() { impl_->Shutdown(); }
 
 }  // namespace pmlmig::transport

@@ -1,4 +1,4 @@
-// GrpcMigrationSink: the sender of protocol version 1 (proto/migration.proto).
+// GrpcMigrationSink: the sender of protocol version 2 (proto/migration.proto).
 //
 // Threads and what they own:
 //   - the controlling thread (the engine's) runs Begin, SendPages, Finish and
@@ -24,7 +24,12 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -32,6 +37,7 @@
 
 #include "batch_codec.h"
 #include "migration.grpc.pb.h"
+#include "pmlmig/base/unique_fd.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -73,6 +79,15 @@ Status FromGrpc(const grpc::Status& s, const std::string& what) {
 // Each channel gets its own subchannel pool and a distinct argument, so
 // every data stream has its own TCP connection (and its own HTTP/2 flow
 // control and transport thread work) instead of sharing one.
+std::shared_ptr<grpc::ChannelCredentials> Credentials(const TransportSecurity& sec) {
+  if (!sec.tls()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = sec.tls_ca_pem;
+  ssl.pem_private_key = sec.tls_key_pem;
+  ssl.pem_cert_chain = sec.tls_cert_pem;
+  return grpc::SslCredentials(ssl);
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index) {
   grpc::ChannelArguments a;
   a.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -85,7 +100,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index) 
   a.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   a.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   a.SetInt("pmlmig.connection", index);
-  return grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), a);
+  if (!o.security.tls_server_name.empty()) a.SetSslTargetNameOverride(o.security.tls_server_name);
+  return grpc::CreateCustomChannel(o.target, Credentials(o.security), a);
 }
 
 // Bytes per second shared by all streams. A stream takes its batch's bytes
@@ -192,6 +208,7 @@ class GrpcMigrationSink::Impl {
   Status Begin(const engine::MigrationSetup& setup, const engine::SlotTable& source_memory);
   Result<engine::TransferStats> SendPages(uint32_t round, engine::PageList& pages);
   Result<engine::FinalReply> Finish(const engine::FinalState& state);
+  engine::CommitResult Commit();
   void Abort(const std::string& why);
 
   engine::TransferStats totals() const {
@@ -201,7 +218,7 @@ class GrpcMigrationSink::Impl {
   const GrpcSinkOptions options_;
 
  private:
-  enum class Phase { kNew, kReady, kSending, kDone, kBroken };
+  enum class Phase { kNew, kReady, kSending, kPrepared, kCommitting, kDone, kBroken };
 
   struct Inflight {
     uint64_t sequence;
@@ -250,6 +267,11 @@ class GrpcMigrationSink::Impl {
   };
 
   Status DoBegin(const engine::MigrationSetup& setup);
+  // Asks the receiver, on fresh connections, how the session ended, until
+  // it answers or resolve_timeout passes. `lost` says why we ask.
+  engine::CommitResult ResolveCommit(const Status& lost);
+  // Adds the token to a call's metadata, when there is one.
+  void Authorize(grpc::ClientContext& ctx) const;
   Status DoFinishStreams();
   void RunStream(DataStream& ds, uint32_t round, engine::PageList& pages);
   // Builds the batch of `chunk` into ds.next; returns its size on the wire.
@@ -335,10 +357,15 @@ GrpcMigrationSink::Impl::~Impl() {
   for (auto& ds : streams_) Teardown(*ds);
 }
 
+void GrpcMigrationSink::Impl::Authorize(grpc::ClientContext& ctx) const {
+  if (!options_.security.token.empty()) ctx.AddMetadata("authorization", "Bearer " + options_.security.token);
+}
+
 grpc::ClientContext* GrpcMigrationSink::Impl::NewContext() {
   std::lock_guard lock(mu_);
   contexts_.push_back(std::make_unique<grpc::ClientContext>());
   grpc::ClientContext* ctx = contexts_.back().get();
+  Authorize(*ctx);
   if (failed_ || cancelled_) ctx->TryCancel();
   return ctx;
 }
@@ -461,7 +488,11 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   auto connect = [&](grpc::Channel& ch, const std::string& which) -> Status {
     if (ch.WaitForConnected(std::chrono::system_clock::now() + options_.connect_timeout)) return Status::Ok();
     return Unavailable("connect to " + options_.target + " (" + which + "): no connection within " +
-                       Seconds(options_.connect_timeout));
+                       Seconds(options_.connect_timeout) +
+                       (options_.security.tls()
+                            ? " (with TLS: is the receiver using TLS, is its certificate signed by --tls-ca and "
+                              "issued for the host you connect to, and does it accept this side's certificate?)"
+                            : ""));
   };
   PMLMIG_RETURN_IF_ERROR(connect(*control_channel_, "control"));
   for (auto& ds : streams_) {
@@ -868,27 +899,157 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
     t->set_pages(ds->pages_sent);
   }
   if (!WriteControl(req)) return fail(ControlEnd(options_.connect_timeout, "Final"));
-  auto reply = WaitReply(options_.final_timeout, "waiting for the target to resume the VM");
+  auto reply = WaitReply(options_.final_timeout, "waiting for the target to restore the VM");
   if (!reply.ok()) return fail(reply.status());
   if (!reply->has_final()) return fail(InvalidArgument("receiver answered Final with something else"));
+  if (!reply->final().prepared()) return fail(Internal("receiver answered Final without preparing the VM"));
 
-  // The target has answered: from here on the migration is decided, and no
-  // later problem may turn it into a failure (the VM may run there now).
   engine::FinalReply out;
-  out.resumed = reply->final().resumed();
+  out.prepared = true;
   out.verified = reply->final().verified();
   out.verify_detail = reply->final().verify_detail();
   out.target_restore_ms = reply->final().target_restore_ms();
   out.source_paused_ms = reply->final().source_paused_ms();
-  {
-    std::lock_guard lock(control_write_mu_);
-    control_->WritesDone();
-    control_writes_done_ = true;
-  }
-  (void)ControlEnd(options_.abort_grace, "Final");
   std::lock_guard lock(mu_);
-  phase_ = Phase::kDone;
+  if (failed_) return failure_;
+  phase_ = Phase::kPrepared;
   return out;
+}
+
+engine::CommitResult GrpcMigrationSink::Impl::Commit() {
+  engine::CommitResult result;
+  {
+    std::lock_guard lock(mu_);
+    if (phase_ != Phase::kPrepared || failed_) {
+      // Nothing was sent: the receiver cannot run the VM.
+      result.state = engine::CommitState::kNotCommitted;
+      result.detail = failed_ ? failure_ : InvalidArgument("GrpcMigrationSink::Commit: not after a successful Finish");
+      return result;
+    }
+    phase_ = Phase::kCommitting;  // from here Abort does nothing
+  }
+  proto::ControlRequest req;
+  req.mutable_commit();
+  Status lost;
+  if (!WriteControl(req)) {
+    lost = Unavailable("the control stream broke while sending Commit");
+  } else {
+    auto reply = WaitReply(options_.commit_timeout, "waiting for the target to resume the VM");
+    if (reply.ok() && reply->has_commit()) {
+      result.state = engine::CommitState::kCommitted;
+      result.target_resume_ms = reply->commit().target_resume_ms();
+      {
+        std::lock_guard lock(control_write_mu_);
+        control_->WritesDone();
+        control_writes_done_ = true;
+      }
+      (void)ControlEnd(options_.abort_grace, "Commit");
+      std::lock_guard lock(mu_);
+      phase_ = Phase::kDone;
+      return result;
+    }
+    lost = reply.ok() ? InvalidArgument("receiver answered Commit with something else") : reply.status();
+  }
+  CancelAll();
+  result = ResolveCommit(lost);
+  std::lock_guard lock(mu_);
+  phase_ = result.state == engine::CommitState::kCommitted ? Phase::kDone : Phase::kBroken;
+  return result;
+}
+
+namespace {
+
+// Whether nothing listens at `target` ("host:port"): every address of the
+// host actively refuses a TCP connection. A timeout or any other error is
+// not a refusal.
+bool ConnectionRefused(const std::string& target) {
+  std::string host = target, port;
+  if (!host.empty() && host.front() == '[') {
+    const size_t close = host.find(']');
+    if (close == std::string::npos || close + 1 >= host.size() || host[close + 1] != ':') return false;
+    port = host.substr(close + 2);
+    host = host.substr(1, close - 1);
+  } else {
+    const size_t colon = host.rfind(':');
+    if (colon == std::string::npos) return false;
+    port = host.substr(colon + 1);
+    host = host.substr(0, colon);
+  }
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &res) != 0 || res == nullptr) return false;
+  bool all_refused = true;
+  for (addrinfo* ai = res; ai != nullptr && all_refused; ai = ai->ai_next) {
+    UniqueFd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
+    if (!fd.valid()) {
+      all_refused = false;
+      break;
+    }
+    int rc = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
+    int err = rc == 0 ? 0 : errno;
+    if (err == EINPROGRESS) {
+      pollfd p{fd.get(), POLLOUT, 0};
+      if (::poll(&p, 1, 1000) == 1) {
+        socklen_t len = sizeof err;
+        ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+      } else {
+        err = ETIMEDOUT;
+      }
+    }
+    if (err != ECONNREFUSED) all_refused = false;
+  }
+  freeaddrinfo(res);
+  return all_refused;
+}
+
+}  // namespace
+
+engine::CommitResult GrpcMigrationSink::Impl::ResolveCommit(const Status& lost) {
+  engine::CommitResult result;
+  result.resolved = true;
+  const auto deadline = Clock::now() + options_.resolve_timeout;
+  std::string last = lost.message();
+  for (int attempt = 0; Clock::now() < deadline; ++attempt) {
+    if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    auto channel = MakeChannel(options_, 1000 + attempt);  // a fresh connection each time
+    auto stub = proto::Migration::NewStub(channel);
+    grpc::ClientContext ctx;
+    Authorize(ctx);
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    proto::ResolveRequest req;
+    req.set_session_id(session_id_);
+    proto::ResolveReply rep;
+    const grpc::Status st = stub->Resolve(&ctx, req, &rep);
+    if (st.ok()) {
+      if (rep.outcome() == proto::ResolveReply::COMMITTED) {
+        result.state = engine::CommitState::kCommitted;
+        return result;
+      }
+      result.state = engine::CommitState::kNotCommitted;
+      result.detail = Aborted("the commit's answer was lost (" + lost.message() + "); the receiver says: " +
+                              rep.detail());
+      return result;
+    }
+    if (st.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
+        st.error_code() == grpc::StatusCode::UNIMPLEMENTED) {
+      last = FromGrpc(st, "resolve").message();
+      break;  // asking again will not help
+    }
+    last = FromGrpc(st, "resolve").message();
+    if (ConnectionRefused(options_.target)) {
+      result.state = engine::CommitState::kNotCommitted;
+      result.detail = Aborted("the commit's answer was lost (" + lost.message() + ") and " + options_.target +
+                              " now refuses connections: no receiver process there runs the VM");
+      return result;
+    }
+  }
+  result.state = engine::CommitState::kInDoubt;
+  result.detail = Unavailable(
+      "switch-over in doubt: Commit was sent but its answer was lost (" + lost.message() +
+      "), and the receiver could not be asked within " + Seconds(options_.resolve_timeout) + " (last: " + last +
+      "). The VM may be running on the target, so it stays paused here; find out on the target before resuming it");
+  return result;
 }
 
 // ------------------------------------------------------------- Abort
@@ -897,7 +1058,7 @@ void GrpcMigrationSink::Impl::Abort(const std::string& why) {
   bool tell;
   {
     std::lock_guard lock(mu_);
-    if (aborted_ || phase_ == Phase::kDone) return;
+    if (aborted_ || phase_ == Phase::kDone || phase_ == Phase::kCommitting) return;
     aborted_ = true;
     tell = control_started_ && !control_ended_ && !cancelled_;
   }
@@ -938,8 +1099,9 @@ Result<std::unique_ptr<GrpcMigrationSink>> GrpcMigrationSink::Create(GrpcSinkOpt
   if (o.compress != Compression::kNone && o.compress != Compression::kLz4 && o.compress != Compression::kZstd) {
     return InvalidArgument("compression: unknown value");
   }
-  for (auto d : {o.connect_timeout, o.setup_timeout, o.stall_timeout, o.final_timeout, o.keepalive_time,
-                 o.keepalive_timeout, o.abort_grace}) {
+  PMLMIG_RETURN_IF_ERROR(ValidateTransportSecurity(o.security));
+  for (auto d : {o.connect_timeout, o.setup_timeout, o.stall_timeout, o.final_timeout, o.commit_timeout,
+                 o.resolve_timeout, o.keepalive_time, o.keepalive_timeout, o.abort_grace}) {
     if (d.count() <= 0) return InvalidArgument("sink timeouts must be positive");
   }
   TuneMallocForTransfer();
@@ -958,6 +1120,7 @@ Result<engine::TransferStats> GrpcMigrationSink::SendPages(uint32_t round, engin
 Result<engine::FinalReply> GrpcMigrationSink::Finish(const engine::FinalState& state) {
   return impl_->Finish(state);
 }
+engine::CommitResult GrpcMigrationSink::Commit() { return impl_->Commit(); }
 void GrpcMigrationSink::Abort(const std::string& why) { impl_->Abort(why); }
 engine::TransferStats GrpcMigrationSink::totals() const { return impl_->totals(); }
 const GrpcSinkOptions& GrpcMigrationSink::options() const { return impl_->options_; }

@@ -55,6 +55,14 @@ class LocalSink final : public engine::MigrationSink {
     return st;
   }
   Result<engine::FinalReply> Finish(const engine::FinalState& state) override { return target_.OnFinal(state); }
+  engine::CommitResult Commit() override {
+    engine::CommitResult r;
+    auto resumed = target_.OnCommit();
+    r.state = resumed.ok() ? engine::CommitState::kCommitted : engine::CommitState::kNotCommitted;
+    if (resumed.ok()) r.target_resume_ms = *resumed;
+    else r.detail = resumed.status();
+    return r;
+  }
   void Abort(const std::string& why) override {
     std::lock_guard lock(mu_);
     aborted_ = true;

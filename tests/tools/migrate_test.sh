@@ -67,7 +67,7 @@ expect_completed "3.5 GiB guest across the PCI hole, hotset, ring, 2 streams" \
   --memory 3584M --vcpus 1 --workload hotset:fraction=0.01,share=0.9 --tracker ring --streams 2
 
 # A guest that dirties faster than the link carries: cancelled, not converging, the VM kept running.
-migrate "not converging" "" --memory 256M --vcpus 1 --workload random --fill zero --max-bandwidth 40M --timeout 4s --on-timeout cancel
+migrate "not converging" "--attempts 1" --memory 256M --vcpus 1 --workload random --fill zero --max-bandwidth 40M --timeout 4s --on-timeout cancel
 if [ $src_rc -eq 1 ] && python3 - "$tmp/s.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))

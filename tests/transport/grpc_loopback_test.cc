@@ -93,6 +93,7 @@ struct Probe {
   std::mutex mu;
   int setups = 0;
   int finals = 0;
+  int commits = 0;
   std::vector<std::string> aborts;
   engine::MigrationSetup setup;
   std::vector<uint8_t> vm_state;
@@ -118,7 +119,7 @@ class FakeTarget final : public engine::MigrationTarget {
   const engine::SlotTable& memory() const override { return mem_.slots; }
   Result<engine::FinalReply> OnFinal(const engine::FinalState& state) override {
     engine::FinalReply r;
-    r.resumed = true;
+    r.prepared = true;
     if (state.has_digest) {
       r.verified = engine::MemoryDigest(mem_.slots) == state.memory_digest;
       r.verify_detail = r.verified ? "digest matches" : "digest differs";
@@ -128,6 +129,11 @@ class FakeTarget final : public engine::MigrationTarget {
     ++probe_->finals;
     probe_->vm_state = state.vm_state;
     return r;
+  }
+  Result<double> OnCommit() override {
+    std::lock_guard lock(probe_->mu);
+    ++probe_->commits;
+    return 0.25;
   }
   void OnAbort(const std::string& why) override {
     // Unmapping makes any later write by the transport crash the test.
@@ -271,7 +277,11 @@ class LoopbackTest : public ::testing::Test {
     fs.source_paused_ms = 12.5;
     auto reply = (*sink)->Finish(fs);
     ASSERT_TRUE(reply.ok()) << reply.status().message();
-    EXPECT_TRUE(reply->resumed);
+    EXPECT_TRUE(reply->prepared);
+    const engine::CommitResult commit = (*sink)->Commit();
+    ASSERT_EQ(commit.state, engine::CommitState::kCommitted) << commit.detail.message();
+    EXPECT_EQ(commit.target_resume_ms, 0.25);
+    EXPECT_FALSE(commit.resolved);
     EXPECT_EQ(reply->source_paused_ms, 12.5);
     EXPECT_TRUE(reply->verified) << reply->verify_detail;
     EXPECT_EQ((*sink)->totals().pages, pages);
@@ -565,6 +575,7 @@ TEST_F(LoopbackTest, SecondConcurrentMigrationIsRefused) {
   ASSERT_TRUE((*first)->SendPages(0, all).ok());
   auto reply = (*first)->Finish({});
   ASSERT_TRUE(reply.ok()) << reply.status().message();
+  ASSERT_EQ((*first)->Commit().state, engine::CommitState::kCommitted);
   auto out = Outcome();
   ASSERT_TRUE(out.ok());
   EXPECT_EQ(out->status, MigrationStatus::kCompleted);
@@ -605,7 +616,7 @@ class RawClientTest : public LoopbackTest {
     call_ = stub_->Control(&ctx_);
     if (!hello) return 0;
     proto::ControlRequest req;
-    req.mutable_hello()->set_version(1);
+    req.mutable_hello()->set_version(kProtocolVersion);
     EXPECT_TRUE(call_->Write(req));
     proto::ControlReply rep;
     EXPECT_TRUE(call_->Read(&rep));
@@ -685,11 +696,11 @@ class RawClientTest : public LoopbackTest {
 TEST_F(RawClientTest, RejectsAnotherVersion) {
   Open(false);
   proto::ControlRequest req;
-  req.mutable_hello()->set_version(2);
+  req.mutable_hello()->set_version(1);
   ASSERT_TRUE(call_->Write(req));
   grpc::Status st = ControlStatus();
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(st.error_message().find("protocol version 2 is not supported"), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("protocol version 1 is not supported"), std::string::npos) << st.error_message();
 }
 
 TEST_F(RawClientTest, RejectsSetupBeforeHello) {
@@ -729,7 +740,7 @@ TEST_F(RawClientTest, RejectsAbsurdSetups) {
     grpc::ClientContext ctx;
     auto call = stub_->Control(&ctx);
     proto::ControlRequest req;
-    req.mutable_hello()->set_version(1);
+    req.mutable_hello()->set_version(kProtocolVersion);
     ASSERT_TRUE(call->Write(req));
     proto::ControlReply rep;
     ASSERT_TRUE(call->Read(&rep));
@@ -905,6 +916,7 @@ TEST_F(LoopbackTest, ThroughputReport) {
                   static_cast<double>(st->wire_bytes) / (1 << 20));
     }
     ASSERT_TRUE((*sink)->Finish({}).ok());
+    ASSERT_EQ((*sink)->Commit().state, engine::CommitState::kCommitted);
     auto out = Outcome();
     ASSERT_TRUE(out.ok());
     EXPECT_EQ(out->status, MigrationStatus::kCompleted);

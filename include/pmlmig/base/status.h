@@ -55,6 +55,7 @@ inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; 
 inline Status DataLoss(std::string m) { return {Code::kDataLoss, std::move(m)}; }
 inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 inline Status Aborted(std::string m) { return {Code::kAborted, std::move(m)}; }
+inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
 
 // A value or the Status explaining why there is none.
 template <typename T>

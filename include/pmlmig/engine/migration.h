@@ -97,13 +97,29 @@ struct FinalState {
   double source_paused_ms = 0;    // how long the source's vCPUs had been paused when it sent this
 };
 
-// The target's answer to FinalState.
+// The target's answer to FinalState: the VM is restored (and verified) but
+// does not run until Commit.
 struct FinalReply {
-  bool resumed = false;
+  bool prepared = false;
   bool verified = false;          // digest (and checker) passed; false if not asked
   std::string verify_detail;      // what was checked
-  double target_restore_ms = 0;   // from FinalState received to vCPUs running
-  double source_paused_ms = 0;    // FinalState::source_paused_ms, echoed (downtime ~ this + restore)
+  double target_restore_ms = 0;   // from FinalState received to the VM ready to run
+  double target_resume_ms = 0;    // from Commit received to vCPUs running (set once committed)
+  double source_paused_ms = 0;    // FinalState::source_paused_ms, echoed
+};
+
+// How a switch-over ended, as the source knows it.
+enum class CommitState {
+  kCommitted,     // the VM runs on the target: the source must not resume it
+  kNotCommitted,  // certain: the target does not run the VM and never will
+  kInDoubt,       // the source cannot learn which: it must not resume either
+};
+
+struct CommitResult {
+  CommitState state = CommitState::kInDoubt;
+  Status detail;                 // why not committed or in doubt; OK when committed
+  double target_resume_ms = 0;   // committed: from Commit received to vCPUs running
+  bool resolved = false;         // the answer came from a Resolve after the reply was lost
 };
 
 // Source side: implemented by the transport. One controlling thread calls
@@ -117,11 +133,15 @@ class MigrationSink {
   // Sends every page of `pages` (read from source memory at send time) over
   // the streams; returns when the target has applied them all.
   virtual Result<TransferStats> SendPages(uint32_t round, PageList& pages) = 0;
-  // Sends the final state; returns the target's reply once it has resumed
-  // the VM (or refused to).
+  // Sends the final state; returns the target's reply once it has restored
+  // (and verified) the VM, which does not run yet. Any error: the target
+  // will not run the VM (the source may resume its own).
   virtual Result<FinalReply> Finish(const FinalState& state) = 0;
+  // After a successful Finish: tells the target to run the VM. Never fails
+  // silently: if the answer is lost it finds out (or reports kInDoubt).
+  virtual CommitResult Commit() = 0;
   // Tells the target to discard everything (best effort) and fails any call
-  // in progress.
+  // in progress. Not after Commit.
   virtual void Abort(const std::string& why) = 0;
 };
 
@@ -135,9 +155,11 @@ class MigrationTarget {
   // Guest memory of the VM built by OnSetup: the transport writes pages
   // straight into it after checking each against these slots.
   virtual const SlotTable& memory() const = 0;
-  // Restores state, verifies if asked, resumes the vCPUs.
+  // Restores state and verifies if asked; the VM does not run yet.
   virtual Result<FinalReply> OnFinal(const FinalState& state) = 0;
-  // The source went away or aborted before completion: discard the VM.
+  // After OnFinal: resumes the vCPUs. Returns the milliseconds it took.
+  virtual Result<double> OnCommit() = 0;
+  // The source went away or aborted before Commit: discard the VM.
   virtual void OnAbort(const std::string& why) = 0;
 };
 

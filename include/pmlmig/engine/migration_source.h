@@ -10,11 +10,13 @@
 //              within the downtime limit; past max_rounds or the timeout,
 //              cancel or force as configured.
 //   switch     pause the vCPUs, a complete collection, send the rest, the
-//              vCPU/VM state (and a memory digest with verify), wait for the
-//              target to resume.
-// On any failure or cancel before the target confirmed: the tracker is
-// disabled, the VM resumed, the target told to abort, and the reason
-// reported. The caller stops the source VM after a completed migration.
+//              vCPU/VM state (and a memory digest with verify); once the
+//              target has restored it (prepared), Commit: the target resumes.
+// On any failure or cancel before Commit: the tracker is disabled, the VM
+// resumed, the target told to abort, and the reason reported. After Commit
+// the source resumes only if the sink knows the target does not run the VM
+// (kNotCommitted); in doubt the VM stays paused and the status says so.
+// The caller stops the source VM after a completed migration.
 //
 // Thread-safety: Run() on one thread; Cancel() and progress() from any.
 #pragma once
@@ -52,7 +54,10 @@ struct RoundStats {
 };
 
 struct MigrationStats {
-  std::string status = "failed";     // "completed", "failed" or "cancelled"
+  // "completed", "failed", "cancelled" (the VM runs here in both), or
+  // "in-doubt" (the VM is paused here and may run on the target: never
+  // resume it without learning the target's outcome).
+  std::string status = "failed";
   std::string error;
   double setup_time_ms = 0;
   double total_time_ms = 0;
@@ -63,12 +68,13 @@ struct MigrationStats {
   double dirty_pages_rate = 0;       // pages/s, measured over the last live round
   double expected_downtime_ms = 0;   // at the switch-over decision
   bool verified = false;
+  bool commit_resolved = false;      // the commit's reply was lost; Resolve gave the outcome
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
 };
 
 struct MigrationProgress {
-  std::string phase = "setup";       // setup, round, stop-and-copy, done
+  std::string phase = "setup";       // setup, round, stop-and-copy, commit, done
   uint32_t round = 0;
   uint64_t remaining_pages = 0;
   double bandwidth_mbps = 0;

@@ -1,12 +1,12 @@
 // VmMigrationTarget: the engine's side of receiving a VM. Builds it through
 // a factory (the VMM decodes its own vm_description), checks that its memory
 // layout is the one announced, restores the state, verifies (memory digest
-// against the source's, then an optional VMM-level check), and only then
-// resumes the vCPUs. Anything that fails leaves the VM unstarted; OnAbort
-// discards it.
+// against the source's, then an optional VMM-level check), and resumes the
+// vCPUs only at OnCommit. Anything that fails leaves the VM unstarted;
+// OnAbort discards a VM that never ran.
 //
-// Thread-safety: the transport calls OnSetup, OnFinal and OnAbort from its
-// control thread, in that order; memory() may be read by data streams after
+// Thread-safety: the transport calls OnSetup, OnFinal, OnCommit and OnAbort
+// from its control thread, in that order; memory() may be read by data streams after
 // OnSetup returned. TakeVm() after the migration ended.
 #pragma once
 
@@ -33,9 +33,10 @@ class VmMigrationTarget final : public MigrationTarget {
   Status OnSetup(const MigrationSetup& setup) override;
   const SlotTable& memory() const override;
   Result<FinalReply> OnFinal(const FinalState& state) override;
+  Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;
 
-  // The resumed VM (nullptr unless OnFinal resumed it), and when.
+  // The resumed VM (nullptr unless OnCommit resumed it), and when.
   std::unique_ptr<VmControl> TakeVm();
   std::chrono::steady_clock::time_point resumed_at() const { return resumed_at_; }
 
@@ -45,6 +46,7 @@ class VmMigrationTarget final : public MigrationTarget {
   MigrationSetup setup_;
   std::unique_ptr<VmControl> vm_;
   SlotTable empty_;
+  bool prepared_ = false;
   bool resumed_ = false;
   std::chrono::steady_clock::time_point resumed_at_{};
 };

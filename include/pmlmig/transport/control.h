@@ -22,6 +22,8 @@ struct MigrateCommand {
   uint64_t timeout_ms = 0;
   bool force_on_timeout = false;
   bool verify = false;
+  // Security of the migration port: paths (absolute) read by the VM's process.
+  std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
 
 struct ControlStatus {

@@ -1,5 +1,5 @@
 // MigrationServer: the receiving side of the migration transport. It serves
-// the gRPC service of proto/migration.proto (protocol version 1; the state
+// the gRPC service of proto/migration.proto (protocol version 2; the state
 // machine, limits and rejections are described at the top of that file), one
 // migration at a time, and drives an engine::MigrationTarget made by the
 // caller's factory for each migration.
@@ -18,14 +18,15 @@
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/transport/security.h"
 
 namespace pmlmig::transport {
 
 struct MigrationServerOptions {
   // Most Pages streams a sender may announce. Default 64 (also the maximum).
   uint32_t max_streams = 64;
-  // Most guest memory a Setup may ask for, in bytes. Default 0: the host's
-  // physical memory.
+  // Most guest memory a Setup may ask for, in bytes. Default 0: what the
+  // host has available (MemAvailable) when the Setup arrives.
   uint64_t max_memory_bytes = 0;
   // Most vCPUs a Setup may ask for. Default 1024.
   uint32_t max_vcpus = 1024;
@@ -35,6 +36,19 @@ struct MigrationServerOptions {
   // How long a sender may take from opening the control stream to a valid
   // Setup. Default 30 s.
   std::chrono::milliseconds handshake_timeout{30000};
+  // How long a migration may stay silent while receiving (no batch applied,
+  // no control message) before it fails. Default 60 s; 0 = no limit.
+  std::chrono::milliseconds idle_timeout{60000};
+  // How long a prepared VM waits for Commit before it is discarded.
+  // Default 30 s.
+  std::chrono::milliseconds commit_timeout{30000};
+  // Longest a migration may take from Hello to Final. Default 0: no limit.
+  std::chrono::milliseconds max_duration{0};
+  // Who may connect: mutual TLS and/or a token (see security.h).
+  TransportSecurity security;
+  // Listening on an address other than loopback without TLS or a token is
+  // refused unless this is set.
+  bool allow_insecure = false;
   // HTTP/2 keepalive pings to the sender after this much idle time... Default 5 s.
   std::chrono::milliseconds keepalive_time{5000};
   // ...answered within this, or the connection fails and the migration with
@@ -62,10 +76,10 @@ struct MigrationOutcome {
   std::unique_ptr<engine::MigrationTarget> target;
 };
 
-// Threads: Start, WaitForMigration, port and Shutdown may be called from any
-// thread. The factory and every MigrationTarget method run on gRPC's server
-// threads: OnSetup, OnFinal and OnAbort on the control stream's thread, never
-// two at once; pages are written into memory() by the Pages streams' threads
+// Threads: Start, WaitForMigration, RefuseNewMigrations, port and Shutdown
+// may be called from any thread. The factory and every MigrationTarget
+// method run on gRPC's server threads: OnSetup, OnFinal, OnCommit and OnAbort
+// on the control stream's thread, never two at once; pages are written into memory() by the Pages streams' threads
 // only between OnSetup and OnFinal/OnAbort (OnAbort and OnFinal run only once
 // no batch is being written).
 class MigrationServer {
@@ -74,6 +88,8 @@ class MigrationServer {
 
   // Listens on `listen` ("host:port"; port 0 picks a free one, see port()).
   // Like GrpcMigrationSink::Create, tunes glibc malloc once per process.
+  // Refuses a non-loopback address without TLS or a token unless
+  // options.allow_insecure.
   static Result<std::unique_ptr<MigrationServer>> Start(const std::string& listen, TargetFactory factory,
                                                         MigrationServerOptions options = {});
   ~MigrationServer();  // Shutdown()
@@ -85,6 +101,12 @@ class MigrationServer {
   // its outcome; outcomes are returned oldest first, each once. Error
   // (kAborted) when the deadline passes first or the server shuts down.
   Result<MigrationOutcome> WaitForMigration(std::chrono::steady_clock::time_point deadline);
+
+  // From now on a Hello is refused (UNAVAILABLE, naming `why`), while
+  // Resolve keeps answering. Keep the server running like this as long as a
+  // VM it received runs: a source whose commit reply was lost asks it, and
+  // takes a closed port to mean that no VM runs here.
+  void RefuseNewMigrations(std::string why);
 
   // Cancels every call (a migration in progress fails: its target's OnAbort
   // runs), stops listening, and waits for the handlers. Idempotent.

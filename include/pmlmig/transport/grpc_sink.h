@@ -1,6 +1,6 @@
 // GrpcMigrationSink: the sending side of the migration transport. It
 // implements engine::MigrationSink over the gRPC service of
-// proto/migration.proto (protocol version 1, described at the top of that
+// proto/migration.proto (protocol version 2, described at the top of that
 // file): one Control stream plus `streams` Pages streams, each on its own TCP
 // connection.
 //
@@ -16,6 +16,7 @@
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/transport/security.h"
 
 namespace pmlmig::transport {
 
@@ -56,9 +57,17 @@ struct GrpcSinkOptions {
   // gets no ack and cannot write (a stalled or dead receiver) before it
   // fails the migration. Default 10 s.
   std::chrono::milliseconds stall_timeout{10000};
-  // How long Finish waits for the receiver to restore, verify and resume the
-  // VM. Default 120 s.
+  // How long Finish waits for the receiver to restore and verify the VM.
+  // Default 120 s.
   std::chrono::milliseconds final_timeout{120000};
+  // How long Commit waits for the receiver to say the VM runs before it
+  // asks through Resolve. Default 10 s.
+  std::chrono::milliseconds commit_timeout{10000};
+  // How long Commit keeps asking (Resolve on fresh connections) before it
+  // reports the switch-over as in doubt. Default 60 s.
+  std::chrono::milliseconds resolve_timeout{60000};
+  // TLS and/or token (see security.h). Default: neither.
+  TransportSecurity security;
   // HTTP/2 keepalive: a ping after this much idle time on a connection...
   // Default 5 s.
   std::chrono::milliseconds keepalive_time{5000};
@@ -73,8 +82,8 @@ struct GrpcSinkOptions {
   std::string sender_name = "pmlmig";
 };
 
-// Threads: one controlling thread calls Begin, SendPages (per round) and
-// Finish, in that order; Abort may be called at any time from any thread and
+// Threads: one controlling thread calls Begin, SendPages (per round), Finish
+// and Commit, in that order; Abort may be called at any time from any thread and
 // unblocks the others. SendPages runs one sender thread per stream; it
 // returns once every batch of the round is acknowledged. After any failure
 // or Abort every further call fails (the sink is single use) and the
@@ -97,10 +106,15 @@ class GrpcMigrationSink final : public engine::MigrationSink {
   // batch is acknowledged. Rounds must not decrease.
   Result<engine::TransferStats> SendPages(uint32_t round, engine::PageList& pages) override;
   // Closes the Pages streams, sends Final (with per-stream totals), and
-  // returns the receiver's reply.
+  // returns the receiver's reply: the VM is restored there but not running.
   Result<engine::FinalReply> Finish(const engine::FinalState& state) override;
+  // Sends Commit and waits for CommitReply. Without it (the connection
+  // broke, or commit_timeout passed) asks Resolve on fresh connections until
+  // the receiver answers, its port refuses connections (no process there
+  // runs the VM: kNotCommitted), or resolve_timeout passes (kInDoubt).
+  engine::CommitResult Commit() override;
   // Best effort: tells the receiver to discard everything, then cancels
-  // every call. Idempotent.
+  // every call. Idempotent. Does nothing once Commit has started.
   void Abort(const std::string& why) override;
 
   // Everything sent so far (all rounds).
