@@ -9,7 +9,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libtbb-dev libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev libzstd-dev liblz4-dev libxxhash-dev
-  python3-matplotlib iproute2
+  python3-matplotlib iproute2 openssl
 )
 
 missing=()

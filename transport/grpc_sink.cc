@@ -492,7 +492,8 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
                        (options_.security.tls()
                             ? " (with TLS: is the receiver using TLS, is its certificate signed by --tls-ca and "
                               "issued for the host you connect to, and does it accept this side's certificate?)"
-                            : ""));
+                            : " (is a receiver listening there? One that demands TLS looks like this to a sender "
+                              "without --tls-*)"));
   };
   PMLMIG_RETURN_IF_ERROR(connect(*control_channel_, "control"));
   for (auto& ds : streams_) {
