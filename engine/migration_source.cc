@@ -100,6 +100,7 @@ double MigrationSource::BandwidthBytesPerSecond() const {
 }
 
 Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms) {
+  FailPoint("source.round");
   PageList list(std::move(runs));
   if (!final_round_) Publish("round", round, list.total_pages(), expected_ms);
   const auto t = Clock::now();
@@ -286,7 +287,7 @@ MigrationStats MigrationSource::RunPhases() {
   Publish("commit", stats_.rounds, 0, expected_ms);
   const CommitResult commit = sink_.Commit();
   if (commit.state == CommitState::kNotCommitted) {
-    return finish_failed(commit.detail.WithContext("switch-over (the target did not resume the VM)"), "failed");
+    return finish_failed(commit.detail.WithContext("switch-over: the target does not run the VM"), "failed");
   }
   if (commit.state == CommitState::kInDoubt) {
     (void)tracker_.Disable();

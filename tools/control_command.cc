@@ -77,7 +77,7 @@ int Migrate(ControlFlags& f) {
     } else {
       std::printf("Migration %s%s%s\n", st->migration.c_str(), st->error.empty() ? "" : ": ", st->error.c_str());
     }
-    return st->migration == "completed" ? kExitOk : kExitFailure;
+    return st->migration == "completed" ? kExitOk : st->migration == "in-doubt" ? kExitInDoubt : kExitFailure;
   }
 }
 

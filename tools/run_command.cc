@@ -110,6 +110,10 @@ class RunControl final : public transport::ControlHandler {
     std::lock_guard lock(mu_);
     if (active_) return Status(Code::kInvalidArgument, "a migration is already in progress");
     if (migrated_) return Status(Code::kInvalidArgument, "this VM has already migrated away");
+    if (last_.status == "in-doubt") {
+      return Status(Code::kInvalidArgument,
+                    "the last switch-over is in doubt: the VM stays paused here until you know whether the target runs it");
+    }
     auto compress = transport::ParseCompression(c.compress);
     if (!compress.ok()) return compress.status();
     transport::GrpcSinkOptions so;
@@ -151,7 +155,9 @@ class RunControl final : public transport::ControlHandler {
     transport::ControlStatus s;
     for (const vmm::VcpuStats& v : m_.Stats()) s.pages_written += v.pages_written;
     std::lock_guard lock(mu_);
-    s.vm = migrated_ ? "migrated" : (m_.error().ok() ? "running" : "failed");
+    s.vm = migrated_ ? "migrated"
+                     : last_.status == "in-doubt" ? "paused-in-doubt"
+                                                  : (m_.error().ok() ? "running" : "failed");
     if (active_) {
       const engine::MigrationProgress p = source_->progress();
       s.migration = "active";

@@ -27,9 +27,9 @@ struct MigrateCommand {
 };
 
 struct ControlStatus {
-  std::string vm = "running";      // running, migrated, failed
+  std::string vm = "running";      // running, migrated, failed, paused-in-doubt
   uint64_t pages_written = 0;
-  std::string migration = "none";  // none, active, completed, failed, cancelled
+  std::string migration = "none";  // none, active, completed, failed, cancelled, in-doubt
   std::string phase;
   uint32_t round = 0;
   uint64_t remaining_pages = 0;
