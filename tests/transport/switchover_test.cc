@@ -1,0 +1,391 @@
+// The two-phase switch-over under a broken network, over loopback through an
+// in-process proxy the test controls at exact protocol moments (from inside
+// the fake target's OnFinal / OnCommit):
+//   - the prepared reply lost: the source keeps its VM, the target discards;
+//   - the commit lost on its way: the sink asks Resolve, the receiver
+//     discards, the source resumes;
+//   - the commit reply lost: the sink asks Resolve, the receiver says
+//     committed, the source stops its copy;
+//   - the receiver unreachable after the commit: in doubt, never resumed,
+//     while the receiver discards the uncommitted VM at its deadline;
+//   - Resolve before a late Commit: the Commit is refused.
+// Whatever happens, the VM never runs on both sides.
+#include <gtest/gtest.h>
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "../../transport/batch_codec.h"
+#include "migration.grpc.pb.h"
+#include "pmlmig/base/mapping.h"
+#include "pmlmig/base/unique_fd.h"
+#include "pmlmig/transport/grpc_server.h"
+#include "pmlmig/transport/grpc_sink.h"
+
+namespace pmlmig::transport {
+namespace {
+
+using std::chrono::milliseconds;
+using engine::CommitState;
+
+// A loopback TCP proxy whose behaviour the test switches at run time.
+class Proxy {
+ public:
+  enum class Mode {
+    kForward,         // pass everything
+    kDropUpstream,    // connections open now: client->server bytes vanish; new ones forward
+    kBlackhole,       // every connection, old and new: nothing passes either way
+  };
+
+  explicit Proxy(int upstream_port) : upstream_(upstream_port) {
+    listener_ = UniqueFd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(listener_.get(), reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    EXPECT_EQ(::listen(listener_.get(), 64), 0);
+    socklen_t len = sizeof a;
+    ::getsockname(listener_.get(), reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    acceptor_ = std::thread([this] { Accept(); });
+  }
+  ~Proxy() {
+    stop_ = true;
+    ::shutdown(listener_.get(), SHUT_RDWR);
+    acceptor_.join();
+    std::lock_guard lock(mu_);
+    for (auto& t : workers_) t.join();
+  }
+  std::string target() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // Resets (RST) every connection open now; later ones forward.
+  void CutAll() { ++cut_generation_; }
+  void DropUpstream() { drop_generation_ = generation_.load(); }
+  void Blackhole() { blackhole_ = true; }
+
+ private:
+  void Accept() {
+    while (!stop_) {
+      int c = ::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      std::lock_guard lock(mu_);
+      const uint64_t gen = ++generation_;
+      workers_.emplace_back([this, c, gen] { Serve(UniqueFd(c), gen); });
+    }
+  }
+  void Serve(UniqueFd client, uint64_t gen) {
+    UniqueFd server(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(upstream_));
+    if (::connect(server.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return;
+    const uint64_t cut_at_start = cut_generation_;
+    char buf[65536];
+    for (;;) {
+      if (stop_ || cut_generation_ != cut_at_start) break;
+      pollfd p[2] = {{client.get(), POLLIN, 0}, {server.get(), POLLIN, 0}};
+      if (::poll(p, 2, 20) <= 0) continue;
+      if (cut_generation_ != cut_at_start) break;  // cut while waiting: nothing more passes
+      bool closed = false;
+      for (int i = 0; i < 2 && !closed; ++i) {
+        if ((p[i].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+        const ssize_t n = ::read(p[i].fd, buf, sizeof buf);
+        if (n <= 0) {
+          closed = true;
+          break;
+        }
+        const bool upstream = i == 0;
+        if (blackhole_ || (upstream && gen <= drop_generation_)) continue;  // swallowed
+        const int to = upstream ? server.get() : client.get();
+        for (ssize_t off = 0; off < n;) {
+          const ssize_t w = ::write(to, buf + off, static_cast<size_t>(n - off));
+          if (w <= 0) {
+            closed = true;
+            break;
+          }
+          off += w;
+        }
+      }
+      if (closed) break;
+    }
+    // Reset rather than close cleanly: the peers see a broken connection.
+    linger l{1, 0};
+    ::setsockopt(client.get(), SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    ::setsockopt(server.get(), SOL_SOCKET, SO_LINGER, &l, sizeof l);
+  }
+
+  const int upstream_;
+  UniqueFd listener_;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> cut_generation_{0};
+  std::atomic<uint64_t> drop_generation_{0};
+  std::atomic<bool> blackhole_{false};
+  std::mutex mu_;
+  std::vector<std::thread> workers_;  // guarded by mu_
+  std::thread acceptor_;
+};
+
+// Guest memory: one anonymous mapping.
+struct Memory {
+  explicit Memory(uint64_t size) {
+    auto m = Mapping::Map(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, "switchover test");
+    EXPECT_TRUE(m.ok());
+    map = std::move(*m);
+    std::memset(map.data(), 0x5a, size);
+    EXPECT_TRUE(slots.Set({0, 0, map.data(), size}).ok());
+  }
+  Mapping map;
+  engine::SlotTable slots;
+};
+
+// What the fake target did; the test's hooks run inside OnFinal / OnCommit.
+struct Probe {
+  std::mutex mu;
+  int commits = 0;
+  int aborts = 0;
+  std::function<void()> on_final;   // after the state is "restored", before the prepared reply
+  std::function<void()> on_commit;  // after the VM "resumed", before the commit reply
+};
+
+class FakeTarget final : public engine::MigrationTarget {
+ public:
+  explicit FakeTarget(std::shared_ptr<Probe> p) : probe_(std::move(p)) {}
+  Status OnSetup(const engine::MigrationSetup& setup) override {
+    mem_ = std::make_unique<Memory>(setup.memory.at(0).size);
+    return Status::Ok();
+  }
+  const engine::SlotTable& memory() const override { return mem_->slots; }
+  Result<engine::FinalReply> OnFinal(const engine::FinalState&) override {
+    if (probe_->on_final) probe_->on_final();
+    engine::FinalReply r;
+    r.prepared = true;
+    return r;
+  }
+  Result<double> OnCommit() override {
+    {
+      std::lock_guard lock(probe_->mu);
+      ++probe_->commits;
+    }
+    if (probe_->on_commit) probe_->on_commit();
+    return 0.1;
+  }
+  void OnAbort(const std::string&) override {
+    std::lock_guard lock(probe_->mu);
+    ++probe_->aborts;
+  }
+
+ private:
+  std::shared_ptr<Probe> probe_;
+  std::unique_ptr<Memory> mem_;
+};
+
+class SwitchoverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    MigrationServerOptions o;
+    o.commit_timeout = milliseconds(1500);
+    auto s = MigrationServer::Start("127.0.0.1:0", [p = probe_] { return std::make_unique<FakeTarget>(p); }, o);
+    ASSERT_TRUE(s.ok()) << s.status().message();
+    server_ = std::move(*s);
+    proxy_ = std::make_unique<Proxy>(server_->port());
+  }
+
+  // Begin, one round, Finish through the proxy. Returns Finish's result.
+  Result<engine::FinalReply> UpToFinish(GrpcMigrationSink& sink) {
+    engine::MigrationSetup setup;
+    setup.memory.push_back({0, 0, src_.slots.total_bytes()});
+    setup.vcpus = 1;
+    PMLMIG_RETURN_IF_ERROR(sink.Begin(setup, src_.slots));
+    engine::PageList all({{0, src_.slots.total_bytes() / engine::kPageSize}});
+    PMLMIG_RETURN_IF_ERROR(sink.SendPages(0, all).status());
+    engine::FinalState fs;
+    fs.vm_state = {1, 2, 3};
+    return sink.Finish(fs);
+  }
+
+  std::unique_ptr<GrpcMigrationSink> Sink() {
+    GrpcSinkOptions o;
+    o.target = proxy_->target();
+    o.commit_timeout = milliseconds(1000);
+    o.resolve_timeout = milliseconds(2500);
+    o.final_timeout = milliseconds(3000);
+    auto s = GrpcMigrationSink::Create(o);
+    EXPECT_TRUE(s.ok());
+    return std::move(*s);
+  }
+
+  MigrationOutcome Outcome() {
+    auto out = server_->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(10));
+    EXPECT_TRUE(out.ok()) << out.status().message();
+    return out.ok() ? std::move(*out) : MigrationOutcome{};
+  }
+  int commits() {
+    std::lock_guard lock(probe_->mu);
+    return probe_->commits;
+  }
+
+  std::shared_ptr<Probe> probe_ = std::make_shared<Probe>();
+  Memory src_{1 << 20};
+  std::unique_ptr<MigrationServer> server_;
+  std::unique_ptr<Proxy> proxy_;
+};
+
+TEST_F(SwitchoverTest, PreparedReplyLostTheSourceKeepsTheVm) {
+  probe_->on_final = [this] { proxy_->CutAll(); };
+  auto sink = Sink();
+  auto reply = UpToFinish(*sink);
+  ASSERT_FALSE(reply.ok()) << "Finish must fail when its reply is lost";
+  // The sink never sends Commit after a failed Finish.
+  EXPECT_EQ(sink->Commit().state, CommitState::kNotCommitted);
+  const MigrationOutcome out = Outcome();
+  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  EXPECT_NE(out.error.message().find("before Commit"), std::string::npos) << out.error.message();
+  EXPECT_EQ(commits(), 0) << "the target must never run a VM whose commit did not come";
+}
+
+TEST_F(SwitchoverTest, CommitLostOnItsWayResolvesAsDiscarded) {
+  probe_->on_final = [this] { proxy_->DropUpstream(); };  // the prepared reply passes, the Commit vanishes
+  auto sink = Sink();
+  auto reply = UpToFinish(*sink);
+  ASSERT_TRUE(reply.ok()) << reply.status().message();
+  const engine::CommitResult c = sink->Commit();
+  EXPECT_EQ(c.state, CommitState::kNotCommitted) << c.detail.message();
+  EXPECT_TRUE(c.resolved);
+  EXPECT_NE(c.detail.message().find("not committed"), std::string::npos) << c.detail.message();
+  const MigrationOutcome out = Outcome();
+  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  EXPECT_EQ(commits(), 0);
+}
+
+TEST_F(SwitchoverTest, CommitReplyLostResolvesAsCommitted) {
+  probe_->on_commit = [this] { proxy_->CutAll(); };  // the VM runs there; its reply dies
+  auto sink = Sink();
+  auto reply = UpToFinish(*sink);
+  ASSERT_TRUE(reply.ok()) << reply.status().message();
+  const engine::CommitResult c = sink->Commit();
+  EXPECT_EQ(c.state, CommitState::kCommitted) << c.detail.message();
+  EXPECT_TRUE(c.resolved);
+  const MigrationOutcome out = Outcome();
+  EXPECT_EQ(out.status, MigrationStatus::kCompleted);
+  EXPECT_EQ(commits(), 1);
+}
+
+TEST_F(SwitchoverTest, ReceiverUnreachableAfterCommitIsInDoubtAndNeverRunsTwice) {
+  probe_->on_final = [this] {
+    proxy_->DropUpstream();  // the Commit vanishes...
+  };
+  auto sink = Sink();
+  auto reply = UpToFinish(*sink);
+  ASSERT_TRUE(reply.ok()) << reply.status().message();
+  proxy_->Blackhole();  // ...and nothing reaches the receiver any more (a partition)
+  const auto t0 = std::chrono::steady_clock::now();
+  const engine::CommitResult c = sink->Commit();
+  EXPECT_EQ(c.state, CommitState::kInDoubt) << c.detail.message();
+  EXPECT_NE(c.detail.message().find("in doubt"), std::string::npos) << c.detail.message();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(8));
+  // The receiver never got the Commit: it discards at its commit deadline.
+  const MigrationOutcome out = Outcome();
+  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  EXPECT_NE(out.error.message().find("no Commit within"), std::string::npos) << out.error.message();
+  EXPECT_EQ(commits(), 0);
+}
+
+TEST_F(SwitchoverTest, ResolveBeforeALateCommitWinsAndTheCommitIsRefused) {
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(server_->port()), grpc::InsecureChannelCredentials());
+  auto stub = proto::Migration::NewStub(channel);
+  grpc::ClientContext ctx;
+  auto call = stub->Control(&ctx);
+  proto::ControlRequest req;
+  proto::ControlReply rep;
+  req.mutable_hello()->set_version(kProtocolVersion);
+  ASSERT_TRUE(call->Write(req));
+  ASSERT_TRUE(call->Read(&rep));
+  const uint64_t session = rep.hello().session_id();
+  req.Clear();
+  proto::Setup* s = req.mutable_setup();
+  proto::MemoryRange* m = s->add_memory();
+  m->set_size(1 << 20);
+  s->set_vcpus(1);
+  s->set_streams(1);
+  ASSERT_TRUE(call->Write(req));
+  ASSERT_TRUE(call->Read(&rep));
+  ASSERT_TRUE(rep.has_setup());
+  req.Clear();
+  req.mutable_final()->add_streams()->set_stream(0);
+  ASSERT_TRUE(call->Write(req));
+  ASSERT_TRUE(call->Read(&rep));
+  ASSERT_TRUE(rep.has_final() && rep.final().prepared());
+
+  grpc::ClientContext rctx;
+  proto::ResolveRequest rreq;
+  rreq.set_session_id(session);
+  proto::ResolveReply rrep;
+  ASSERT_TRUE(stub->Resolve(&rctx, rreq, &rrep).ok());
+  EXPECT_EQ(rrep.outcome(), proto::ResolveReply::DISCARDED) << rrep.detail();
+
+  req.Clear();
+  req.mutable_commit();
+  (void)call->Write(req);  // may already fail: the receiver ended the call
+  while (call->Read(&rep)) EXPECT_FALSE(rep.has_commit()) << "a discarded session must never commit";
+  EXPECT_FALSE(call->Finish().ok());
+  EXPECT_EQ(commits(), 0);
+  const MigrationOutcome out = Outcome();
+  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  EXPECT_NE(out.error.message().find("resolved"), std::string::npos) << out.error.message();
+
+  // Asked again, and about a session it never had.
+  grpc::ClientContext again;
+  ASSERT_TRUE(stub->Resolve(&again, rreq, &rrep).ok());
+  EXPECT_EQ(rrep.outcome(), proto::ResolveReply::DISCARDED);
+  grpc::ClientContext unknown;
+  rreq.set_session_id(session ^ 1);
+  ASSERT_TRUE(stub->Resolve(&unknown, rreq, &rrep).ok());
+  EXPECT_EQ(rrep.outcome(), proto::ResolveReply::UNKNOWN);
+}
+
+TEST_F(SwitchoverTest, AWrongTokenIsRefusedBeforeAnySession) {
+  MigrationServerOptions o;
+  o.security.token = "correct-horse-battery-staple";
+  auto s = MigrationServer::Start("127.0.0.1:0", [p = probe_] { return std::make_unique<FakeTarget>(p); }, o);
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  GrpcSinkOptions so;
+  so.target = "127.0.0.1:" + std::to_string((*s)->port());
+  so.security.token = "wrong-horse-battery-staple!";
+  auto sink = GrpcMigrationSink::Create(so);
+  ASSERT_TRUE(sink.ok());
+  engine::MigrationSetup setup;
+  setup.memory.push_back({0, 0, 1 << 20});
+  setup.vcpus = 1;
+  const Status st = (*sink)->Begin(setup, src_.slots);
+  EXPECT_EQ(st.code(), Code::kPermissionDenied) << st.message();
+  EXPECT_NE(st.message().find("token does not match"), std::string::npos) << st.message();
+  // No session was created: nothing ends.
+  auto out = (*s)->WaitForMigration(std::chrono::steady_clock::now() + milliseconds(300));
+  EXPECT_FALSE(out.ok());
+  // Resolve and Pages are guarded too.
+  auto stub = proto::Migration::NewStub(grpc::CreateChannel(so.target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  proto::ResolveRequest rreq;
+  proto::ResolveReply rrep;
+  EXPECT_EQ(stub->Resolve(&ctx, rreq, &rrep).error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  grpc::ClientContext pctx;
+  auto pages = stub->Pages(&pctx);
+  proto::BatchAck ack;
+  EXPECT_FALSE(pages->Read(&ack));
+  EXPECT_EQ(pages->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+}
+
+}  // namespace
+}  // namespace pmlmig::transport
