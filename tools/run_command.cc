@@ -416,7 +416,7 @@ int Run(const RunFlags& f) {
     const std::string ring = ring_entries ? " (" + std::to_string(ring_entries) + " entries)" : "";
     std::fprintf(stderr, "pmlmig run: %s guest, %u vCPU%s, workload %s, fill %s, tracker %s%s (setup %.2f s)%s\n",
                  FormatBytes(*memory).c_str(), f.vcpus, f.vcpus == 1 ? "" : "s",
-                 workload->ToString().c_str(), f.fill.c_str(), f.tracker.c_str(), ring.c_str(), setup_s,
+                 workload->ToString().c_str(), f.fill.c_str(), std::string(engine::TrackerKindName(*tracker_kind)).c_str(), ring.c_str(), setup_s,
                  duration->count() == 0 ? "; Ctrl-C to stop" : "");
   }
 

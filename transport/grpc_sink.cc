@@ -73,6 +73,9 @@ Status FromGrpc(const grpc::Status& s, const std::string& what) {
   std::string msg = s.error_message();
   if (msg.empty()) msg = "gRPC status " + std::to_string(static_cast<int>(s.error_code()));
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE) msg = "receiver unreachable or gone (" + msg + ")";
+  if (s.error_code() == grpc::StatusCode::CANCELLED && msg == "Cancelled on the server side") {
+    msg = "the receiver cancelled the call (one of its deadlines or limits; its report names which)";
+  }
   return Status(code, what + ": " + msg);
 }
 

@@ -265,6 +265,17 @@ void Machine::Loop(VcpuThread& t) {
     }
     vcpu.SetImmediateExit(false);
     if (t.request.load() != Request::kRun) continue;
+    // A KickAll that came after our last ack may have set immediate_exit
+    // just before we cleared it, and its signal may have landed while we
+    // were out of KVM_RUN: nothing would then make KVM_RUN return. We are
+    // out of guest mode now, which is what it waits for: ack it here. (If
+    // this load misses a new generation, its immediate_exit store comes
+    // after our clear in the seq_cst order, and KVM_RUN returns at once.)
+    if (const uint64_t gen = kick_gen_.load(); gen != t.kick_ack) {
+      std::lock_guard lock(mu_);
+      t.kick_ack = gen;
+      cv_.notify_all();
+    }
     auto ran = vcpu.Run();
     if (!ran.ok()) {
       failure = ran.status();

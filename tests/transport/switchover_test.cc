@@ -355,6 +355,70 @@ TEST_F(SwitchoverTest, ResolveBeforeALateCommitWinsAndTheCommitIsRefused) {
   EXPECT_EQ(rrep.outcome(), proto::ResolveReply::UNKNOWN);
 }
 
+// The receiver's phase deadlines: a peer that goes quiet is dropped with a
+// message naming the deadline, and the receiver takes the next migration.
+TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
+  auto probe = std::make_shared<Probe>();
+  MigrationServerOptions o;
+  o.handshake_timeout = milliseconds(400);
+  o.idle_timeout = milliseconds(400);
+  auto server = MigrationServer::Start("127.0.0.1:0", [probe] { return std::make_unique<FakeTarget>(probe); }, o);
+  ASSERT_TRUE(server.ok()) << server.status().message();
+  auto stub = proto::Migration::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()), grpc::InsecureChannelCredentials()));
+  proto::ControlRequest req;
+  proto::ControlReply rep;
+  {  // Hello, then nothing.
+    grpc::ClientContext ctx;
+    auto call = stub->Control(&ctx);
+    req.mutable_hello()->set_version(kProtocolVersion);
+    ASSERT_TRUE(call->Write(req));
+    ASSERT_TRUE(call->Read(&rep));
+    while (call->Read(&rep)) {
+    }
+    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(out.ok());
+    EXPECT_EQ(out->status, MigrationStatus::kFailed);
+    EXPECT_NE(out->error.message().find("no valid Setup within 400 ms"), std::string::npos) << out->error.message();
+  }
+  {  // Hello, Setup, then no batch.
+    grpc::ClientContext ctx;
+    auto call = stub->Control(&ctx);
+    req.Clear();
+    req.mutable_hello()->set_version(kProtocolVersion);
+    ASSERT_TRUE(call->Write(req));
+    ASSERT_TRUE(call->Read(&rep));
+    req.Clear();
+    proto::Setup* s = req.mutable_setup();
+    s->add_memory()->set_size(1 << 20);
+    s->set_vcpus(1);
+    s->set_streams(1);
+    ASSERT_TRUE(call->Write(req));
+    ASSERT_TRUE(call->Read(&rep));
+    ASSERT_TRUE(rep.has_setup());
+    while (call->Read(&rep)) {
+    }
+    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    ASSERT_TRUE(out.ok());
+    EXPECT_EQ(out->status, MigrationStatus::kFailed);
+    EXPECT_NE(out->error.message().find("no page batch and no control message for 400 ms"), std::string::npos)
+        << out->error.message();
+    std::lock_guard lock(probe->mu);
+    EXPECT_EQ(probe->aborts, 1) << "the partial VM must be discarded";
+  }
+  {  // Nothing at all, not even a Hello: the call is ended (no session, no outcome).
+    grpc::ClientContext ctx;
+    auto call = stub->Control(&ctx);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (call->Read(&rep)) {
+    }
+    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
+  }
+}
+
 TEST_F(SwitchoverTest, AWrongTokenIsRefusedBeforeAnySession) {
   MigrationServerOptions o;
   o.security.token = "correct-horse-battery-staple";
