@@ -1,7 +1,9 @@
 // Live migration of real KVM guests over gRPC on loopback, in one process:
 // MigrationSource + GrpcMigrationSink on one side, MigrationServer +
 // VmMigrationTarget on the other. Failure cases: the target dies mid-round
-// (the source VM keeps running and then migrates to a new target).
+// (the source VM keeps running and then migrates to a new target), and the
+// connection cut during stop-and-copy (the same guarantees, and the target
+// never runs the VM).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/checker.h"
 #include "pmlmig/vmm/machine.h"
+#include "../support/loopback_proxy.h"
 
 namespace pmlmig {
 namespace {
@@ -58,7 +61,7 @@ class MigrationGrpcKvmTest : public ::testing::Test {
     return server.ok() ? std::move(*server) : nullptr;
   }
 
-  engine::MigrationStats Migrate(vmm::Machine& m, engine::DirtyTracker& tracker, int port, uint64_t max_bandwidth,
+  engine::MigrationStats Migrate(engine::VmControl& m, engine::DirtyTracker& tracker, int port, uint64_t max_bandwidth,
                                  std::function<void()> during = nullptr) {
     transport::GrpcSinkOptions so;
     so.target = "127.0.0.1:" + std::to_string(port);
@@ -72,8 +75,7 @@ class MigrationGrpcKvmTest : public ::testing::Test {
     engine::MigrationOptions mo;
     mo.verify = true;
     mo.downtime_limit = 100ms;
-    engine::MigrationSource source(m, tracker, **sink,
-                                   mo, transport::EncodeVmConfig(m.options().guest, m.options().irqchip));
+    engine::MigrationSource source(m, tracker, **sink, mo, description_);
     std::thread t;
     if (during) t = std::thread(during);
     engine::MigrationStats st = source.Run();
@@ -82,6 +84,7 @@ class MigrationGrpcKvmTest : public ::testing::Test {
   }
 
   std::unique_ptr<vmm::Kvm> kvm_;
+  std::string description_;  // of the source VM
   vmm::Machine* last_target_ = nullptr;
   vmm::TestGuestConfig last_guest_;
 };
@@ -94,6 +97,7 @@ TEST_F(MigrationGrpcKvmTest, TargetDiesMidMigrationThenANewTargetSucceeds) {
   o.dirty_ring_bytes = 65536 * 16;
   auto src = vmm::Machine::Create(*kvm_, o);
   ASSERT_TRUE(src.ok()) << src.status().message();
+  description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
   auto tracker = engine::CreateTracker(engine::TrackerKind::kRing, **src, {});
   ASSERT_TRUE(tracker.ok());
   ASSERT_TRUE((*src)->Start().ok());
@@ -144,6 +148,73 @@ TEST_F(MigrationGrpcKvmTest, TargetDiesMidMigrationThenANewTargetSucceeds) {
   EXPECT_TRUE(r.ok()) << r.first_problem;
   std::printf("second attempt: %u rounds, downtime %.1f ms, %.0f Mbit/s\n", ok.rounds, ok.downtime_ms,
               ok.throughput_mbps);
+}
+
+// The source VM as the engine sees it, with a hook when it is paused for
+// stop-and-copy.
+class PauseHook final : public engine::VmControl {
+ public:
+  PauseHook(vmm::Machine& m, std::function<void()> on_pause) : m_(m), on_pause_(std::move(on_pause)) {}
+  const engine::SlotTable& memory_slots() const override { return m_.memory_slots(); }
+  int vm_fd() const override { return m_.vm_fd(); }
+  uint32_t vcpu_count() const override { return m_.vcpu_count(); }
+  int vcpu_fd(uint32_t v) const override { return m_.vcpu_fd(v); }
+  uint32_t dirty_ring_entries() const override { return m_.dirty_ring_entries(); }
+  std::optional<Backing> slot_backing(uint32_t slot) const override { return m_.slot_backing(slot); }
+  Status SetDirtyLogging(bool on) override { return m_.SetDirtyLogging(on); }
+  Status Pause() override {
+    Status s = m_.Pause();
+    if (on_pause_) on_pause_();
+    return s;
+  }
+  Status Resume() override { return m_.Resume(); }
+  Status KickAll() override { return m_.KickAll(); }
+  void SetDirtyRingFullHandler(std::function<Status(uint32_t)> h) override { m_.SetDirtyRingFullHandler(std::move(h)); }
+  Result<std::vector<uint8_t>> SaveState() override { return m_.SaveState(); }
+  Status LoadState(std::span<const uint8_t> state) override { return m_.LoadState(state); }
+
+ private:
+  vmm::Machine& m_;
+  std::function<void()> on_pause_;
+};
+
+TEST_F(MigrationGrpcKvmTest, ConnectionCutDuringStopAndCopyKeepsTheVmHere) {
+  vmm::MachineOptions o;
+  o.guest.memory_bytes = 128ull << 20;
+  o.guest.vcpus = 1;
+  o.guest.workload = *vmm::ParseWorkload("hotset:fraction=0.05,share=0.9");
+  o.dirty_ring_bytes = 65536 * 16;
+  auto src = vmm::Machine::Create(*kvm_, o);
+  ASSERT_TRUE(src.ok()) << src.status().message();
+  description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
+  auto tracker = engine::CreateTracker(engine::TrackerKind::kRing, **src, {});
+  ASSERT_TRUE(tracker.ok());
+  ASSERT_TRUE((*src)->Start().ok());
+
+  auto receiver = StartReceiver();
+  ASSERT_TRUE(receiver);
+  testing_support::Proxy proxy(receiver->port());
+  bool cut = false;
+  PauseHook hooked(**src, [&] {  // the vCPUs have just stopped: cut before the last pages go out
+    proxy.CutAll();
+    cut = true;
+  });
+  const std::string target = proxy.target();
+  engine::MigrationStats st = Migrate(hooked, **tracker, std::stoi(target.substr(target.rfind(':') + 1)), 0);
+  ASSERT_TRUE(cut) << "the migration never reached stop-and-copy";
+  EXPECT_EQ(st.status, "failed") << st.error;
+  std::printf("cut during stop-and-copy: %s\n", st.error.c_str());
+  // The source VM runs again; the target discarded its copy.
+  EXPECT_TRUE((*src)->error().ok()) << (*src)->error().message();
+  const auto before = Counters(**src);
+  std::this_thread::sleep_for(300ms);
+  const auto after = Counters(**src);
+  EXPECT_GT(after[0], before[0]) << "the source VM did not resume";
+  auto outcome = receiver->WaitForMigration(std::chrono::steady_clock::now() + 10s);
+  ASSERT_TRUE(outcome.ok()) << outcome.status().message();
+  EXPECT_EQ(outcome->status, transport::MigrationStatus::kFailed);
+  EXPECT_EQ(outcome->target, nullptr);
+  (*src)->Stop();
 }
 
 }  // namespace
