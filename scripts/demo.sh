@@ -12,7 +12,7 @@ PMLMIG=build/tools/pmlmig
 PORT=${PMLMIG_DEMO_PORT:-7400}
 
 echo "== receiver: pmlmig receive --listen 127.0.0.1:$PORT --verify --exit-after 2s"
-"$PMLMIG" receive --listen "127.0.0.1:$PORT" --verify --exit-after 2s --wait 60s &
+"$PMLMIG" receive --listen "127.0.0.1:$PORT" --verify --exit-after 2s --wait 60s --attempts 1 &
 receiver=$!
 trap 'kill $receiver 2>/dev/null || true' EXIT
 sleep 0.5

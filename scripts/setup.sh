@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pmlmig needs to build and test on Debian 12, if missing, then
 # configures and builds it. Usage: scripts/setup.sh [BUILD_DIR] [extra cmake args]
+#                                   scripts/setup.sh --install-only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+[ "${1:-}" = "--install-only" ] && exit 0
 BUILD_DIR=${1:-build}
 shift || true
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null

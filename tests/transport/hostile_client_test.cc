@@ -115,9 +115,8 @@ class FakeTarget final : public engine::MigrationTarget {
     ++probe_->finals;
     return Internal("hostile_client_test: no Final is expected to be accepted");
   }
-  // The commit step of protocol version 2 (no `override`: it also builds
-  // against interfaces without it). Never reached here.
-  Result<double> OnCommit() { return Internal("hostile_client_test: no Commit is expected"); }
+  // Never reached here: no Final is accepted.
+  Result<double> OnCommit() override { return Internal("hostile_client_test: no Commit is expected"); }
   void OnAbort(const std::string& /*why*/) override {
     // Unmapping makes any later write by the transport crash the test.
     mem_.slots = {};
