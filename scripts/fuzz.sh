@@ -25,27 +25,11 @@ CORPUS=tests/fuzz/corpus/receiver
 
 # What the project needs to configure, plus clang and libFuzzer's runtime
 # (libclang_rt.fuzzer-x86_64.a is in libclang-rt-14-dev on Debian 12).
-PACKAGES=(
-  clang-14 libclang-rt-14-dev g++ cmake ninja-build pkg-config
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libtbb-dev libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
-  libzstd-dev liblz4-dev libxxhash-dev
-)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "fuzz: installing ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+scripts/setup.sh --install-only clang-14 libclang-rt-14-dev
 
 jobs=${FUZZ_BUILD_JOBS:-$(nproc)}
 t0=$(date +%s)
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
   -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 \
   -DPMLMIG_FUZZ=ON -DPMLMIG_BUILD_BENCH=OFF >/dev/null
 cmake --build "$BUILD_DIR" -j "$jobs" --target receiver_fuzz

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pmlmig needs to build and test on Debian 12, if missing, then
 # configures and builds it. Usage: scripts/setup.sh [BUILD_DIR] [extra cmake args]
-#                                   scripts/setup.sh --install-only
+#   scripts/setup.sh --install-only [PACKAGE...]   only install (also these packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,12 @@ PACKAGES=(
   libcli11-dev nlohmann-json3-dev libzstd-dev liblz4-dev libxxhash-dev
   python3-matplotlib iproute2 openssl
 )
+install_only=false
+if [ "${1:-}" = "--install-only" ]; then
+  install_only=true
+  shift
+  PACKAGES+=("$@")
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -25,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-[ "${1:-}" = "--install-only" ] && exit 0
+$install_only && exit 0
 BUILD_DIR=${1:-build}
 shift || true
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null

@@ -83,6 +83,18 @@ class MigrationGrpcKvmTest : public ::testing::Test {
     return st;
   }
 
+  // A source VM (not started yet) that writes a 5% hot set, with a dirty ring; sets description_.
+  Result<std::unique_ptr<vmm::Machine>> StartSource(uint64_t memory_bytes, uint32_t vcpus) {
+    vmm::MachineOptions o;
+    o.guest.memory_bytes = memory_bytes;
+    o.guest.vcpus = vcpus;
+    o.guest.workload = *vmm::ParseWorkload("hotset:fraction=0.05,share=0.9");
+    o.dirty_ring_bytes = 65536 * 16;
+    PMLMIG_ASSIGN_OR_RETURN(std::unique_ptr<vmm::Machine> m, vmm::Machine::Create(*kvm_, o));
+    description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
+    return m;
+  }
+
   std::unique_ptr<vmm::Kvm> kvm_;
   std::string description_;  // of the source VM
   vmm::Machine* last_target_ = nullptr;
@@ -90,14 +102,8 @@ class MigrationGrpcKvmTest : public ::testing::Test {
 };
 
 TEST_F(MigrationGrpcKvmTest, TargetDiesMidMigrationThenANewTargetSucceeds) {
-  vmm::MachineOptions o;
-  o.guest.memory_bytes = 256ull << 20;
-  o.guest.vcpus = 2;
-  o.guest.workload = *vmm::ParseWorkload("hotset:fraction=0.05,share=0.9");
-  o.dirty_ring_bytes = 65536 * 16;
-  auto src = vmm::Machine::Create(*kvm_, o);
+  auto src = StartSource(256ull << 20, 2);
   ASSERT_TRUE(src.ok()) << src.status().message();
-  description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
   auto tracker = engine::CreateTracker(engine::TrackerKind::kRing, **src, {});
   ASSERT_TRUE(tracker.ok());
   ASSERT_TRUE((*src)->Start().ok());
@@ -179,14 +185,8 @@ class PauseHook final : public engine::VmControl {
 };
 
 TEST_F(MigrationGrpcKvmTest, ConnectionCutDuringStopAndCopyKeepsTheVmHere) {
-  vmm::MachineOptions o;
-  o.guest.memory_bytes = 128ull << 20;
-  o.guest.vcpus = 1;
-  o.guest.workload = *vmm::ParseWorkload("hotset:fraction=0.05,share=0.9");
-  o.dirty_ring_bytes = 65536 * 16;
-  auto src = vmm::Machine::Create(*kvm_, o);
+  auto src = StartSource(128ull << 20, 1);
   ASSERT_TRUE(src.ok()) << src.status().message();
-  description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
   auto tracker = engine::CreateTracker(engine::TrackerKind::kRing, **src, {});
   ASSERT_TRUE(tracker.ok());
   ASSERT_TRUE((*src)->Start().ok());

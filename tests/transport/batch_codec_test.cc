@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pmlmig/base/mapping.h"
+#include "test_memory.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -19,19 +20,7 @@ using engine::kPageSize;
 
 constexpr uint64_t kHighGpa = 4ull << 30;
 
-uint64_t SplitMix(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-void FillRandom(uint8_t* p, uint64_t len, uint64_t seed) {
-  for (uint64_t i = 0; i < len; i += 8) {
-    const uint64_t v = SplitMix(seed);
-    std::memcpy(p + i, &v, 8);
-  }
-}
+using test::FillRandom;
 
 // Compressible but not trivial: short text-like patterns.
 void FillCompressible(uint8_t* p, uint64_t len, uint64_t seed) {

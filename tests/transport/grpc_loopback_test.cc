@@ -28,6 +28,7 @@
 #include "pmlmig/base/mapping.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
+#include "test_memory.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -38,19 +39,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr uint64_t kHighGpa = 4ull << 30;
 
-uint64_t SplitMix(uint64_t& x) {
-  uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-void FillRandom(uint8_t* p, uint64_t len, uint64_t seed) {
-  for (uint64_t i = 0; i < len; i += 8) {
-    const uint64_t v = SplitMix(seed);
-    std::memcpy(p + i, &v, 8);
-  }
-}
+using test::FillRandom;
 
 void FillCompressible(uint8_t* p, uint64_t len, uint64_t seed) {
   static const char kText[] = "guest page contents that compress well, with a counter: ";
@@ -59,22 +48,7 @@ void FillCompressible(uint8_t* p, uint64_t len, uint64_t seed) {
 }
 
 // Guest memory as a few anonymous mappings.
-struct Memory {
-  std::vector<Mapping> maps;
-  engine::SlotTable slots;
-
-  Status Add(uint32_t slot, uint64_t gpa, uint64_t size) {
-    PMLMIG_ASSIGN_OR_RETURN(Mapping m, Mapping::Map(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
-                                                    0, "test guest memory"));
-    engine::MemorySlot s;
-    s.slot = slot;
-    s.gpa = gpa;
-    s.host = m.data();
-    s.size = size;
-    PMLMIG_RETURN_IF_ERROR(slots.Set(s));
-    maps.push_back(std::move(m));
-    return Status::Ok();
-  }
+struct Memory : test::TestMemory {
   std::vector<engine::MemoryRange> Ranges() const {
     std::vector<engine::MemoryRange> out;
     for (const engine::MemorySlot& s : slots.slots()) out.push_back({s.slot, s.gpa, s.size});
