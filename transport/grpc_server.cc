@@ -363,7 +363,7 @@ grpc::Status MigrationServer::Impl::Control(
   // Every phase has a deadline. Before Hello there is no session yet: the
   // handshake deadline counts from the call's start.
   const Clock::time_point call_start = Clock::now();
-  std::mutex session_mu;  // guards `session` for the watchdog
+  std::mutex session_mu;  // guards `watched`, the session the watchdog checks
   std::shared_ptr<Session> watched;
   bool handshake_expired = false;  // guarded by session_mu
   Watchdog watchdog(std::chrono::milliseconds(100), [&]() -> bool {
