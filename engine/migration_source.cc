@@ -196,6 +196,10 @@ MigrationStats MigrationSource::RunPhases() {
     }
     stats_.status = status;
     stats_.error = Fail(why).message();
+    // What went out includes the part of the round that failed.
+    if (const TransferStats sent = sink_.totals(); sent.wire_bytes > stats_.transferred.wire_bytes) {
+      stats_.transferred = sent;
+    }
     stats_.total_time_ms = MsSince(start_);
     stats_.throughput_mbps = stats_.total_time_ms > 0
                                  ? static_cast<double>(stats_.transferred.wire_bytes) * 8 / 1e3 / stats_.total_time_ms

@@ -622,12 +622,12 @@ Result<engine::TransferStats> GrpcMigrationSink::Impl::SendPages(uint32_t round,
   engine::TransferStats round_stats;
   for (auto& ds : streams_) round_stats += ds->round_stats;
   std::lock_guard lock(mu_);
+  totals_ += round_stats;  // a failed round's part too: totals() says what went out
   if (failed_) {
     phase_ = Phase::kBroken;
     return failure_;
   }
   phase_ = Phase::kReady;
-  totals_ += round_stats;
   return round_stats;
 }
 

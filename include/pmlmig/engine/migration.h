@@ -143,6 +143,8 @@ class MigrationSink {
   // Tells the target to discard everything (best effort) and fails any call
   // in progress. Not after Commit.
   virtual void Abort(const std::string& why) = 0;
+  // Everything sent so far, including the part of a round that failed.
+  virtual TransferStats totals() const { return {}; }
 };
 
 // Target side: implemented by the engine, called by the transport's server

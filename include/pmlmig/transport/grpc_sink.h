@@ -117,8 +117,8 @@ class GrpcMigrationSink final : public engine::MigrationSink {
   // every call. Idempotent. Does nothing once Commit has started.
   void Abort(const std::string& why) override;
 
-  // Everything sent so far (all rounds).
-  engine::TransferStats totals() const;
+  // Everything sent so far (all rounds, a failed one's part included).
+  engine::TransferStats totals() const override;
   const GrpcSinkOptions& options() const;
 
   class Impl;
