@@ -1,3 +1,4 @@
+#include "pmlmig/base/units.h"
 #include "pmlmig/engine/pml_model.h"
 
 #include <algorithm>
@@ -13,12 +14,6 @@ uint64_t NowNs() {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
           .count());
-}
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
 }
 
 }  // namespace
@@ -54,18 +49,18 @@ const PmlModel::Region* PmlModel::FindConst(uint64_t gpa) const {
 }
 
 Status PmlModel::OutsideGuestMemory(uint64_t gpa) const {
-  return InvalidArgument("pml model: write to gpa " + Hex(gpa) + " outside guest memory");
+  return InvalidArgument("pml model: write to gpa " + FormatHex(gpa) + " outside guest memory");
 }
 
 Status PmlModel::TakeFullExit() {
   ++full_exits_;
   if (!on_full_) {
-    return Internal("pml model: PML-full exit (index " + Hex(index_) + ") with no handler");
+    return Internal("pml model: PML-full exit (index " + FormatHex(index_) + ") with no handler");
   }
   Status s = on_full_(*this);
   if (!s.ok()) return s.WithContext("pml model: PML-full exit handler");
   if (PmlLogFull(format_, index_)) {
-    return Internal("pml model: PML-full exit handler left the log full (index " + Hex(index_) + ")");
+    return Internal("pml model: PML-full exit handler left the log full (index " + FormatHex(index_) + ")");
   }
   return Status::Ok();
 }

@@ -3,6 +3,7 @@
 // registration and write protection, PAGEMAP_SCAN, pagemap reads and
 // clear_refs writes. It must never read guest page contents (the caller
 // copies pages after Collect) and never allocate in the per-page loops.
+#include "pmlmig/base/units.h"
 #include "pmlmig/engine/userspace_tracker.h"
 
 #include <fcntl.h>
@@ -54,17 +55,11 @@ bool ClaimSoftDirty() {
 }
 void ReleaseSoftDirty() { g_soft_dirty_owned.store(false, std::memory_order_release); }
 
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 uint64_t HostBase(const MemorySlot& s) { return reinterpret_cast<uintptr_t>(s.host); }
 
 // "slot 0 (gpa 0x0, 64 MiB) host [0x7f0000000000, 0x7f0004000000)"
 std::string DescribeHost(const MemorySlot& s, uint64_t from) {
-  return DescribeSlot(s) + " host [" + Hex(from) + ", " + Hex(HostBase(s) + s.size) + ")";
+  return DescribeSlot(s) + " host [" + FormatHex(from) + ", " + FormatHex(HostBase(s) + s.size) + ")";
 }
 std::string DescribeHost(const MemorySlot& s) { return DescribeHost(s, HostBase(s)); }
 
@@ -109,7 +104,7 @@ Result<UniqueFd> OpenUffd() {
                                        "; asynchronous write protection needs Linux 6.7+)");
   }
   if ((api.features & kUffdFeatures) != kUffdFeatures) {
-    return Unavailable(std::string("UFFDIO_API: kernel offers features ") + Hex(api.features) +
+    return Unavailable(std::string("UFFDIO_API: kernel offers features ") + FormatHex(api.features) +
                        ", lacking some of " + kUffdFeatureNames);
   }
   return uffd;
@@ -210,7 +205,7 @@ Result<uint64_t> ReadPagemapEntry(int pagemap, const void* addr) {
   uint64_t entry = 0;
   const uint64_t vpn = reinterpret_cast<uintptr_t>(addr) >> kPageShift;
   PMLMIG_RETURN_IF_ERROR(PreadFull(pagemap, &entry, sizeof entry, vpn * lc::kPagemapEntryBytes,
-                                   "/proc/self/pagemap at " + Hex(reinterpret_cast<uintptr_t>(addr))));
+                                   "/proc/self/pagemap at " + FormatHex(reinterpret_cast<uintptr_t>(addr))));
   return entry;
 }
 
@@ -261,7 +256,7 @@ Status ProbeUffdOn(bool shared_memfd) {
   PMLMIG_ASSIGN_OR_RETURN(UniqueFd uffd, OpenUffd());
   const uint64_t start = reinterpret_cast<uintptr_t>(m.data());
   const uint64_t end = start + m.size();
-  const std::string what = std::string(kind) + " probe [" + Hex(start) + ", " + Hex(end) + ")";
+  const std::string what = std::string(kind) + " probe [" + FormatHex(start) + ", " + FormatHex(end) + ")";
   PMLMIG_RETURN_IF_ERROR(RegisterWp(uffd.get(), start, m.size(), what));
   PMLMIG_RETURN_IF_ERROR(WriteProtect(uffd.get(), start, m.size(), what));
   PMLMIG_ASSIGN_OR_RETURN(UniqueFd pagemap, OpenProc("/proc/self/pagemap", O_RDONLY));
@@ -509,7 +504,7 @@ Status UserspaceWriteTracker::ScanSlotUffd(size_t index, uint64_t* pages, bool m
     if (walk_end >= end) break;
     if (walk_end <= from) {
       if (mark_on_failure) MarkRestConservatively(index, (from - base) >> kPageShift);
-      return Internal("PAGEMAP_SCAN " + DescribeHost(s, from) + ": no progress (walk_end " + Hex(walk_end) + ")");
+      return Internal("PAGEMAP_SCAN " + DescribeHost(s, from) + ": no progress (walk_end " + FormatHex(walk_end) + ")");
     }
     // The region array filled up: the kernel stopped at walk_end, having
     // re-protected exactly what it reported; continue from there.
@@ -598,13 +593,13 @@ Status UserspaceWriteTracker::MarkDirty(uint64_t gpa, uint64_t length) {
   if (length == 0) return Status::Ok();
   const uint64_t end = gpa + length;
   // Messages are built only on failure: the success path allocates nothing.
-  auto range = [&] { return "MarkDirty [gpa " + Hex(gpa) + ", +" + Hex(length) + ")"; };
+  auto range = [&] { return "MarkDirty [gpa " + FormatHex(gpa) + ", +" + FormatHex(length) + ")"; };
   if (end < gpa) return InvalidArgument(range() + ": range wraps around");
   // Check the whole range first so that a bad one marks nothing. Adjacent
   // slots may share a boundary, so a range may span several.
   for (uint64_t at = gpa; at < end;) {
     const MemorySlot* s = slots_.FindByGpa(at);
-    if (s == nullptr) return InvalidArgument(range() + ": gpa " + Hex(at) + " lies outside every memory slot");
+    if (s == nullptr) return InvalidArgument(range() + ": gpa " + FormatHex(at) + " lies outside every memory slot");
     at = std::min(end, s->gpa_end());
   }
   // Pairs with the acquire fence in Collect (the marks themselves may be

@@ -17,18 +17,13 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
 namespace {
 
 using engine::kPageShift;
 using engine::kPageSize;
-
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 void HashWord(XXH64_state_t* state, uint64_t v) {
   // x86-64 only (the project refuses other hosts): native order is the
@@ -131,7 +126,7 @@ Status BatchBuilder::Build(const engine::SlotTable& memory, std::span<const engi
   *payload_len = 0;
   uint64_t pages = 0;
   for (const engine::PageRun& r : runs) {
-    if ((r.gpa & (kPageSize - 1)) != 0) return InvalidArgument("batch at gpa " + Hex(r.gpa) + ": not page aligned");
+    if ((r.gpa & (kPageSize - 1)) != 0) return InvalidArgument("batch at gpa " + FormatHex(r.gpa) + ": not page aligned");
     pages += r.pages;
   }
   if (pages == 0 || pages > kMaxBatchPages) {
@@ -163,7 +158,7 @@ Status BatchBuilder::Build(const engine::SlotTable& memory, std::span<const engi
   uint64_t left = r.pages;
   while (left > 0) {
     const engine::MemorySlot* slot = memory.FindByGpa(g);
-    if (slot == nullptr) return InvalidArgument("page at gpa " + Hex(g) + " is not in source memory");
+    if (slot == nullptr) return InvalidArgument("page at gpa " + FormatHex(g) + " is not in source memory");
     const uint64_t n = std::min(left, (slot->gpa_end() - g) >> kPageShift);
     const uint8_t* src = slot->host + (g - slot->gpa);
     proto::PageRun* run = nullptr;  // a run never crosses a slot boundary
@@ -392,12 +387,12 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     const proto::PageRun& r = b.runs(i);
     const std::string run = "run " + std::to_string(i) + ": ";
     if (r.flags() != proto::PAGE_RUN_DATA && r.flags() != proto::PAGE_RUN_ZERO) {
-      return invalid(run + "unknown flags " + Hex(r.flags()));
+      return invalid(run + "unknown flags " + FormatHex(r.flags()));
     }
-    if ((r.gpa() & (kPageSize - 1)) != 0) return invalid(run + "gpa " + Hex(r.gpa()) + " is not page aligned");
+    if ((r.gpa() & (kPageSize - 1)) != 0) return invalid(run + "gpa " + FormatHex(r.gpa()) + " is not page aligned");
     const uint64_t len = uint64_t{r.pages()} << kPageShift;
     if (memory.HostAddress(r.gpa(), len) == nullptr) {
-      const std::string where = "gpa " + Hex(r.gpa()) + " (+" + std::to_string(r.pages()) + " pages) ";
+      const std::string where = "gpa " + FormatHex(r.gpa()) + " (+" + std::to_string(r.pages()) + " pages) ";
       if (const engine::MemorySlot* s = memory.FindByGpa(r.gpa()); s != nullptr) {
         return invalid(run + where + "straddles the end of " + engine::DescribeSlot(*s));
       }
@@ -471,7 +466,7 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
   for (const auto& c : data) XXH64_update(&hash, c.data(), c.size());
   const uint64_t sum = BatchChecksum(b, XXH64_digest(&hash));
   if (sum != b.checksum()) {
-    return DataLoss(name + ": checksum mismatch (batch says " + Hex(b.checksum()) + ", contents give " + Hex(sum) +
+    return DataLoss(name + ": checksum mismatch (batch says " + FormatHex(b.checksum()) + ", contents give " + FormatHex(sum) +
                     ")");
   }
 

@@ -45,12 +45,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
-
 grpc::Status ToGrpc(const Status& s) {
   grpc::StatusCode code = grpc::StatusCode::INTERNAL;
   switch (s.code()) {
@@ -415,7 +409,7 @@ grpc::Status MigrationServer::Impl::Control(
         if (shutting_down_) return ToGrpc(Unavailable("receiver is shutting down"));
         if (!refuse_new_.empty()) return ToGrpc(Unavailable("this receiver takes no more migrations: " + refuse_new_));
         if (current_) {
-          return ToGrpc(ResourceExhausted("another migration (session " + Hex(current_->id) +
+          return ToGrpc(ResourceExhausted("another migration (session " + FormatHex(current_->id) +
                                           ") is in progress; this receiver serves one at a time"));
         }
         session = std::make_shared<Session>();
@@ -466,7 +460,7 @@ grpc::Status MigrationServer::Impl::Control(
         // Every range the source will send must be writable in the target.
         for (const engine::MemoryRange& r : setup.memory) {
           if (target->memory().HostAddress(r.gpa, r.size) == nullptr) {
-            s = Internal("target built no memory for gpa " + Hex(r.gpa) + " (" + FormatBytes(r.size) + ")");
+            s = Internal("target built no memory for gpa " + FormatHex(r.gpa) + " (" + FormatBytes(r.size) + ")");
             break;
           }
         }
@@ -633,7 +627,7 @@ grpc::Status MigrationServer::Impl::Resolve(grpc::ServerContext* ctx, const prot
     // Not yet decided: decide "discarded" now, before any Commit can run.
     if (MarkFailedLocked(s, Aborted("the source resolved the switch-over as not committed"), nullptr)) {
       reply->set_outcome(proto::ResolveReply::DISCARDED);
-      reply->set_detail("session " + Hex(id) + " was not committed; it is discarded and will never run here");
+      reply->set_detail("session " + FormatHex(id) + " was not committed; it is discarded and will never run here");
       return grpc::Status::OK;
     }
     // Restoring the state or committing right now: wait for the end.
@@ -642,14 +636,14 @@ grpc::Status MigrationServer::Impl::Resolve(grpc::ServerContext* ctx, const prot
   }
   auto it = ended_.find(id);
   if (it == ended_.end()) {
-    if (current_ && current_->id == id) return ToGrpc(Unavailable("session " + Hex(id) + " is still being decided"));
+    if (current_ && current_->id == id) return ToGrpc(Unavailable("session " + FormatHex(id) + " is still being decided"));
     reply->set_outcome(proto::ResolveReply::UNKNOWN);
-    reply->set_detail("this receiver has no session " + Hex(id));
+    reply->set_detail("this receiver has no session " + FormatHex(id));
     return grpc::Status::OK;
   }
   reply->set_outcome(it->second ? proto::ResolveReply::COMMITTED : proto::ResolveReply::DISCARDED);
-  reply->set_detail(it->second ? "session " + Hex(id) + " was committed: the VM runs here"
-                               : "session " + Hex(id) + " failed here; the VM never ran here");
+  reply->set_detail(it->second ? "session " + FormatHex(id) + " was committed: the VM runs here"
+                               : "session " + FormatHex(id) + " failed here; the VM never ran here");
   return grpc::Status::OK;
 }
 
@@ -678,7 +672,7 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
       // The first batch attaches this call to the current session.
       const std::string name = "stream " + std::to_string(batch.stream());
       if (!current_ || current_->id != batch.session_id()) {
-        return InvalidArgument(name + ": batch names session " + Hex(batch.session_id()) +
+        return InvalidArgument(name + ": batch names session " + FormatHex(batch.session_id()) +
                                ", which is not the migration in progress");
       }
       st.session = current_;

@@ -12,12 +12,6 @@
 namespace pmlmig::transport {
 namespace {
 
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
-
 }  // namespace
 
 Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
@@ -34,7 +28,7 @@ Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
   for (int i = 0; i < s.memory_size(); ++i) {
     const proto::MemoryRange& r = s.memory(i);
     const std::string name = "Setup.memory[" + std::to_string(i) + "] (slot " + std::to_string(r.slot()) +
-                             ", gpa " + Hex(r.gpa()) + ", size " + Hex(r.size()) + ")";
+                             ", gpa " + FormatHex(r.gpa()) + ", size " + FormatHex(r.size()) + ")";
     if (r.size() == 0) return InvalidArgument(name + ": empty");
     if (((r.gpa() | r.size()) & (engine::kPageSize - 1)) != 0) return InvalidArgument(name + ": not page aligned");
     if (r.gpa() + r.size() < r.gpa()) return InvalidArgument(name + ": overflows the address space");
@@ -51,8 +45,8 @@ Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i) {
     if (ranges[i].first < ranges[i - 1].second) {
-      return InvalidArgument("Setup.memory: ranges at gpa " + Hex(ranges[i - 1].first) + " and " +
-                             Hex(ranges[i].first) + " overlap");
+      return InvalidArgument("Setup.memory: ranges at gpa " + FormatHex(ranges[i - 1].first) + " and " +
+                             FormatHex(ranges[i].first) + " overlap");
     }
   }
   if (s.vcpus() == 0 || s.vcpus() > limits.max_vcpus) {
@@ -89,8 +83,8 @@ Status ValidateFinalShape(const proto::Final& f, uint32_t streams) {
 Status AdmitBatch(uint64_t session_id, uint32_t index, const StreamCursor& cursor, const proto::PageBatch& b) {
   const std::string name = "stream " + std::to_string(index) + ": batch " + std::to_string(b.sequence());
   if (b.session_id() != session_id || b.stream() != index) {
-    return InvalidArgument(name + " names session " + Hex(b.session_id()) + " stream " + std::to_string(b.stream()) +
-                           "; this call carries session " + Hex(session_id) + " stream " + std::to_string(index));
+    return InvalidArgument(name + " names session " + FormatHex(b.session_id()) + " stream " + std::to_string(b.stream()) +
+                           "; this call carries session " + FormatHex(session_id) + " stream " + std::to_string(index));
   }
   if (b.sequence() != cursor.next_sequence) {
     return InvalidArgument(name + ": expected batch " + std::to_string(cursor.next_sequence) +

@@ -33,6 +33,7 @@
 
 #include "../../transport/batch_codec.h"
 #include "migration.grpc.pb.h"
+#include "pmlmig/base/units.h"
 #include "pmlmig/base/mapping.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "test_memory.h"
@@ -366,12 +367,6 @@ class HostileClientTest : public ::testing::Test {
   std::unique_ptr<proto::Migration::Stub> stub_;
 };
 
-std::string Hex(uint64_t v) {
-  char buf[24];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 // ------------------------------------------------------------- control
 
 TEST_F(HostileClientTest, ReceiverServesBeforeAnyHostileInput) { ExpectServing(); }
@@ -615,7 +610,7 @@ TEST_F(HostileClientTest, GpaBeyondGuestMemoryIsRefused) {
             return Wire(b);
           },
           grpc::StatusCode::INVALID_ARGUMENT,
-          "stream 0: batch " + std::to_string(good) + ": run 0: gpa " + Hex(gpa) + " (+16 pages) lies outside guest memory");
+          "stream 0: batch " + std::to_string(good) + ": run 0: gpa " + FormatHex(gpa) + " (+16 pages) lies outside guest memory");
     }
   }
 }
@@ -631,7 +626,7 @@ TEST_F(HostileClientTest, RunStraddlingASlotEndIsRefused) {
           return Wire(b);
         },
         grpc::StatusCode::INVALID_ARGUMENT,
-        "stream 0: batch 1: run 0: gpa " + Hex(gpa) + " (+16 pages) straddles the end of slot " + std::to_string(slot));
+        "stream 0: batch 1: run 0: gpa " + FormatHex(gpa) + " (+16 pages) straddles the end of slot " + std::to_string(slot));
   }
   // A second run that straddles, after a valid first one.
   ExpectBatchRefused(
@@ -643,7 +638,7 @@ TEST_F(HostileClientTest, RunStraddlingASlotEndIsRefused) {
         Reseal(&b);
         return Wire(b);
       },
-      grpc::StatusCode::INVALID_ARGUMENT, "run 1: gpa " + Hex(kLowBytes - kPageSize) + " (+16 pages) straddles the end of slot 0");
+      grpc::StatusCode::INVALID_ARGUMENT, "run 1: gpa " + FormatHex(kLowBytes - kPageSize) + " (+16 pages) straddles the end of slot 0");
 }
 
 TEST_F(HostileClientTest, UnalignedGpaIsRefused) {
@@ -656,7 +651,7 @@ TEST_F(HostileClientTest, UnalignedGpaIsRefused) {
           Reseal(&b);
           return Wire(b);
         },
-        grpc::StatusCode::INVALID_ARGUMENT, "stream 0: batch 1: run 0: gpa " + Hex(gpa) + " is not page aligned");
+        grpc::StatusCode::INVALID_ARGUMENT, "stream 0: batch 1: run 0: gpa " + FormatHex(gpa) + " is not page aligned");
   }
 }
 

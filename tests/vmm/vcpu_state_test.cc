@@ -2,6 +2,7 @@
 // truncation, corruption, limits) without KVM, and a capture -> encode ->
 // decode -> restore -> capture round trip between two real VMs where /dev/kvm
 // exists (the tests named *Kvm*, skipped elsewhere).
+#include "pmlmig/base/units.h"
 #include "pmlmig/vmm/vcpu_state.h"
 
 #include <fcntl.h>
@@ -569,12 +570,6 @@ bool Contains(const std::vector<uint32_t>& v, uint32_t x) {
   return false;
 }
 
-std::string Hex(uint64_t v) {
-  char b[24];
-  std::snprintf(b, sizeof(b), "0x%" PRIx64, v);
-  return b;
-}
-
 class VcpuStateKvmTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -755,7 +750,7 @@ TEST_F(VcpuStateKvmTest, CaptureEncodeDecodeRestoreRoundTrip) {
     uint32_t x, y;
     std::memcpy(&x, c.lapic->regs + off, 4);
     std::memcpy(&y, a.lapic->regs + off, 4);
-    EXPECT_EQ(x, y) << "lapic register " << Hex(off);
+    EXPECT_EQ(x, y) << "lapic register " << FormatHex(off);
   }
 
   // MSRs: every value back as it was, except the TSC, which kept counting
@@ -771,8 +766,8 @@ TEST_F(VcpuStateKvmTest, CaptureEncodeDecodeRestoreRoundTrip) {
       continue;
     }
     if (c.msrs[i].data != a.msrs[i].data) {
-      mismatches += " MSR " + Hex(c.msrs[i].index) + ": " + Hex(c.msrs[i].data) + " -> " +
-                    Hex(a.msrs[i].data);
+      mismatches += " MSR " + FormatHex(c.msrs[i].index) + ": " + FormatHex(c.msrs[i].data) + " -> " +
+                    FormatHex(a.msrs[i].data);
     }
   }
   EXPECT_TRUE(mismatches.empty()) << "MSRs changed across restore:" << mismatches;

@@ -21,4 +21,7 @@ Result<std::chrono::nanoseconds> ParseDuration(std::string_view text);
 // 1536 -> "1.5 KiB"; exact multiples print without decimals ("64 GiB").
 std::string FormatBytes(uint64_t bytes);
 
+// "0x1f": lower-case hex with a 0x prefix (addresses, ids, digests in messages).
+std::string FormatHex(uint64_t v);
+
 }  // namespace pmlmig
