@@ -1,7 +1,8 @@
 // An in-process loopback TCP proxy that a test switches at exact moments
 // (from inside a fake target's or VM's hooks): forward, reset every open
-// connection, swallow what clients send on the connections open now, or
-// swallow everything. Unlike tests/support/fault_proxy (a separate process
+// connection, swallow what clients send on the connections open now,
+// swallow everything, or stall (move nothing, read nothing: the peers'
+// buffers fill up, as behind a frozen link). Unlike tests/support/fault_proxy (a separate process
 // driven by byte counts), it acts on protocol events. Test-only, header-only.
 #pragma once
 
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -55,6 +57,8 @@ class Proxy {
   void CutAll() { ++cut_generation_; }
   void DropUpstream() { drop_generation_ = generation_.load(); }
   void Blackhole() { blackhole_ = true; }
+  // Every connection, old and new: neither read nor write (CutAll still cuts).
+  void Stall() { stalled_ = true; }
 
  private:
   void Accept() {
@@ -77,6 +81,10 @@ class Proxy {
     char buf[65536];
     for (;;) {
       if (stop_ || cut_generation_ != cut_at_start) break;
+      if (stalled_) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        continue;
+      }
       pollfd p[2] = {{client.get(), POLLIN, 0}, {server.get(), POLLIN, 0}};
       if (::poll(p, 2, 20) <= 0) continue;
       if (cut_generation_ != cut_at_start) break;  // cut while waiting: nothing more passes
@@ -116,6 +124,7 @@ class Proxy {
   std::atomic<uint64_t> cut_generation_{0};
   std::atomic<uint64_t> drop_generation_{0};
   std::atomic<bool> blackhole_{false};
+  std::atomic<bool> stalled_{false};
   std::mutex mu_;
   std::vector<std::thread> workers_;  // guarded by mu_
   std::thread acceptor_;

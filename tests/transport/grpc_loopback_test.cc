@@ -29,6 +29,7 @@
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
 #include "test_memory.h"
+#include "../support/loopback_proxy.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -377,101 +378,11 @@ TEST_F(LoopbackTest, ReceiverShutDownMidRoundFailsSendPagesPromptly) {
   EXPECT_FALSE(server_->WaitForMigration(Clock::now() + std::chrono::seconds(10)).ok());
 }
 
-// A TCP proxy between sink and server that can stop moving bytes in both
-// directions (a stalled network or a frozen receiver) and can cut every
-// connection.
-class StallProxy {
- public:
-  explicit StallProxy(int target_port) : target_port_(target_port) {
-    listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a = Loopback(0);
-    EXPECT_EQ(bind(listen_fd_, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    EXPECT_EQ(listen(listen_fd_, 64), 0);
-    socklen_t len = sizeof a;
-    getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
-    acceptor_ = std::thread([this] { Accept(); });
-  }
-  ~StallProxy() { Stop(); }
-
-  int port() const { return port_; }
-  void Stall() { stalled_ = true; }
-  // Closes every connection (both sides see them drop) and stops.
-  void Stop() {
-    if (stop_.exchange(true)) return;
-    acceptor_.join();  // no more pumps start after this
-    std::lock_guard lock(mu_);
-    for (std::thread& t : pumps_) t.join();
-    for (int fd : fds_) close(fd);
-    close(listen_fd_);
-  }
-
- private:
-  static sockaddr_in Loopback(int port) {
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    return a;
-  }
-  void Accept() {
-    while (!stop_) {
-      pollfd p{listen_fd_, POLLIN, 0};
-      if (poll(&p, 1, 50) <= 0) continue;
-      const int in = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (in < 0) continue;
-      const int out = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      sockaddr_in a = Loopback(target_port_);
-      if (connect(out, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-        close(in);
-        close(out);
-        continue;
-      }
-      std::lock_guard lock(mu_);
-      fds_.push_back(in);
-      fds_.push_back(out);
-      pumps_.emplace_back([this, in, out] { Pump(in, out); });
-      pumps_.emplace_back([this, in, out] { Pump(out, in); });
-    }
-  }
-  void Pump(int from, int to) {
-    std::vector<char> buf(1 << 16);
-    while (!stop_) {
-      if (stalled_) {  // neither read nor write: the peers' buffers fill up
-        std::this_thread::sleep_for(milliseconds(10));
-        continue;
-      }
-      pollfd p{from, POLLIN, 0};
-      if (poll(&p, 1, 10) <= 0) continue;
-      const ssize_t n = read(from, buf.data(), buf.size());
-      if (n <= 0) {
-        shutdown(to, SHUT_WR);
-        return;
-      }
-      for (ssize_t done = 0; done < n;) {
-        const ssize_t w = write(to, buf.data() + done, static_cast<size_t>(n - done));
-        if (w <= 0) return;
-        done += w;
-      }
-    }
-  }
-
-  const int target_port_;
-  int listen_fd_ = -1;
-  int port_ = 0;
-  std::atomic<bool> stalled_{false};
-  std::atomic<bool> stop_{false};
-  std::mutex mu_;
-  std::vector<int> fds_;            // guarded by mu_
-  std::vector<std::thread> pumps_;  // guarded by mu_
-  std::thread acceptor_;
-};
-
 TEST_F(LoopbackTest, StalledReceiverFailsSendPagesAfterStallTimeout) {
-  StallProxy proxy(server_->port());
+  testing_support::Proxy proxy(server_->port());
   Source src(16 << 20, 8 << 20, 21);
   GrpcSinkOptions o = Options(2);
-  o.target = "127.0.0.1:" + std::to_string(proxy.port());
+  o.target = proxy.target();
   o.max_bandwidth = 8 << 20;
   o.max_inflight_bytes = 2 << 20;
   o.stall_timeout = milliseconds(1000);
@@ -496,7 +407,7 @@ TEST_F(LoopbackTest, StalledReceiverFailsSendPagesAfterStallTimeout) {
   std::printf("SendPages through a stalled link: %s (%lld ms)\n", result.status().message().c_str(),
               static_cast<long long>(std::chrono::duration_cast<milliseconds>(returned - t0).count()));
   // Once the link is cut, the receiver discards the VM and is free again.
-  proxy.Stop();
+  proxy.CutAll();
   auto out = Outcome();
   ASSERT_TRUE(out.ok()) << out.status().message();
   EXPECT_EQ(out->status, MigrationStatus::kFailed);
