@@ -967,18 +967,8 @@ namespace {
 // host actively refuses a TCP connection. A timeout or any other error is
 // not a refusal.
 bool ConnectionRefused(const std::string& target) {
-  std::string host = target, port;
-  if (!host.empty() && host.front() == '[') {
-    const size_t close = host.find(']');
-    if (close == std::string::npos || close + 1 >= host.size() || host[close + 1] != ':') return false;
-    port = host.substr(close + 2);
-    host = host.substr(1, close - 1);
-  } else {
-    const size_t colon = host.rfind(':');
-    if (colon == std::string::npos) return false;
-    port = host.substr(colon + 1);
-    host = host.substr(0, colon);
-  }
+  std::string host, port;
+  if (!SplitHostPort(target, &host, &port)) return false;
   addrinfo hints{};
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;

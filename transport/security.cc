@@ -90,16 +90,25 @@ Result<TransportSecurity> LoadTransportSecurity(const std::string& tls_ca, const
   return sec;
 }
 
-bool IsLoopbackListenAddress(std::string_view host_port) {
-  std::string host;
+bool SplitHostPort(std::string_view host_port, std::string* host, std::string* port) {
+  size_t colon;
   if (!host_port.empty() && host_port.front() == '[') {
     const size_t close = host_port.find(']');
-    if (close == std::string_view::npos) return false;
-    host = std::string(host_port.substr(1, close - 1));
+    if (close == std::string_view::npos || close + 1 >= host_port.size() || host_port[close + 1] != ':') return false;
+    *host = std::string(host_port.substr(1, close - 1));
+    colon = close + 1;
   } else {
-    const size_t colon = host_port.rfind(':');
-    host = std::string(host_port.substr(0, colon));
+    colon = host_port.rfind(':');
+    if (colon == std::string_view::npos) return false;
+    *host = std::string(host_port.substr(0, colon));
   }
+  *port = std::string(host_port.substr(colon + 1));
+  return true;
+}
+
+bool IsLoopbackListenAddress(std::string_view host_port) {
+  std::string host, port;
+  if (!SplitHostPort(host_port, &host, &port)) return false;
   if (host == "localhost") return true;
   in_addr v4{};
   if (::inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;

@@ -45,6 +45,10 @@ Result<TransportSecurity> LoadTransportSecurity(const std::string& tls_ca, const
 // Checks a TransportSecurity built in code (the same rules, no files).
 Status ValidateTransportSecurity(const TransportSecurity& sec);
 
+// Splits "host:port" or "[v6-address]:port" into host (without brackets)
+// and port. False when there is no ":port".
+bool SplitHostPort(std::string_view host_port, std::string* host, std::string* port);
+
 // Whether "host:port" names a loopback address (127.0.0.0/8, ::1,
 // localhost). Anything else, including 0.0.0.0 and [::], is not.
 bool IsLoopbackListenAddress(std::string_view host_port);
