@@ -1,0 +1,379 @@
+/*
+ * pmlmig.h: the C ABI of pmlmig (C11; also valid C++). Usable from Rust
+ * through bindgen: plain structs, enums as fixed-width integers, opaque
+ * handles, no macros needed to call anything.
+ *
+ * The model (docs/EMBEDDING.md has the whole story):
+ *   - The embedder owns its VM: the KVM VM fd, the vCPU threads, guest memory.
+ *     pmlmig drives it through a table of callbacks (pmlmig_vm_ops) and reads
+ *     guest memory through the regions the embedder describes.
+ *   - Source side: pmlmig_source migrates one running VM to a receiver
+ *     (pmlmig_source_start returns at once; the migration runs on a library
+ *     thread; pmlmig_source_wait collects the outcome).
+ *   - Target side: pmlmig_receiver listens; for each incoming migration it
+ *     calls the embedder's factory, which builds a VM from the opaque
+ *     description the source sent, and hands the resumed VM back through
+ *     pmlmig_receiver_wait.
+ *
+ * Rules of the ABI:
+ *   - Every function that can fail returns 0 or a negative errno value and
+ *     leaves a message: pmlmig_*_last_error(handle) for a handle, or
+ *     pmlmig_last_error() (per thread) for the call that failed on this thread.
+ *   - Every options or statistics struct starts with `size`, which the caller
+ *     sets to sizeof the struct it was compiled with (the *_init functions do
+ *     this): the library reads or writes only the fields that size covers, so
+ *     structs grow at their end without breaking older callers.
+ *   - No C++ exception crosses this interface; callbacks must not unwind
+ *     through it either (a C++ embedder catches its own exceptions).
+ *   - Numbered variants (pmlmig_foo_2) are how a function's signature changes;
+ *     the old one stays for the life of the ABI major version.
+ *
+ * Versions, each on its own (docs/EMBEDDING.md states what interoperates):
+ *   PMLMIG_VERSION_*       the library release;
+ *   PMLMIG_ABI_VERSION     this header's ABI (the shared library's SONAME);
+ *   PMLMIG_WIRE_VERSION    the migration protocol (proto/migration.proto).
+ * The embedder's VM state blob and description are opaque to pmlmig: their
+ * format and version are the embedder's.
+ */
+#ifndef PMLMIG_PMLMIG_H_
+#define PMLMIG_PMLMIG_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(PMLMIG_BUILDING_LIBRARY)
+#define PMLMIG_API __attribute__((visibility("default")))
+#else
+#define PMLMIG_API
+#endif
+
+#define PMLMIG_VERSION_MAJOR 0
+#define PMLMIG_VERSION_MINOR 2
+#define PMLMIG_VERSION_PATCH 0
+/* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
+#define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
+#define PMLMIG_ABI_VERSION 1
+#define PMLMIG_WIRE_VERSION 2
+
+/* ---- Versions, features, errors ------------------------------------------ */
+
+/* The library's version as PMLMIG_VERSION encodes it (may be newer than the
+ * header the caller was compiled with). */
+PMLMIG_API uint32_t pmlmig_version(void);
+/* "0.2.0" */
+PMLMIG_API const char *pmlmig_version_string(void);
+PMLMIG_API uint32_t pmlmig_abi_version(void);
+PMLMIG_API uint32_t pmlmig_wire_version(void);
+
+#define PMLMIG_FEATURE_MIGRATION (1ull << 0)    /* the gRPC transport is built in */
+#define PMLMIG_FEATURE_DIRTY_RING (1ull << 1)   /* this host's KVM offers the dirty ring */
+#define PMLMIG_FEATURE_DIRTY_BITMAP (1ull << 2) /* this host's KVM offers the dirty bitmap (/dev/kvm usable) */
+#define PMLMIG_FEATURE_TLS (1ull << 3)          /* mutual TLS and tokens on the migration port */
+#define PMLMIG_FEATURE_LZ4 (1ull << 4)
+#define PMLMIG_FEATURE_ZSTD (1ull << 5)
+#define PMLMIG_FEATURE_MARK_DIRTY (1ull << 6)   /* pmlmig_vm_mark_dirty */
+/* What this library and host offer (opens /dev/kvm to ask). */
+PMLMIG_API uint64_t pmlmig_features(void);
+
+/* The message of the last call that failed on this thread ("" if none). Valid
+ * until the next failing call on this thread. */
+PMLMIG_API const char *pmlmig_last_error(void);
+
+/* ---- The embedder's VM --------------------------------------------------- */
+
+/* One range of guest RAM. The same slots, in the same order, on both sides. */
+typedef struct pmlmig_region {
+  uint32_t slot;          /* KVM memslot id (as_id << 16 | id) */
+  uint32_t reserved;      /* 0 */
+  uint64_t gpa;           /* guest-physical base, 4 KiB aligned */
+  uint64_t size;          /* bytes, 4 KiB aligned, > 0 */
+  void *host;             /* where the embedder mapped it, 4 KiB aligned */
+  int32_t memfd;          /* the file behind it, or -1: lets round 0 skip never-written holes */
+  uint32_t reserved2;     /* 0 */
+  uint64_t memfd_offset;  /* offset of `host` in memfd */
+} pmlmig_region;
+
+/* A growable byte buffer owned by the library, filled by save_state. */
+typedef struct pmlmig_buffer pmlmig_buffer;
+PMLMIG_API int pmlmig_buffer_append(pmlmig_buffer *buffer, const void *data, size_t length);
+
+/* How pmlmig drives the embedder's VM. Each returns 0 or a negative errno.
+ * Every callback runs on a library thread (the migration's, on the source;
+ * the receiver's control thread, on the target), never two at once for one VM. */
+typedef struct pmlmig_vm_ops {
+  size_t size; /* sizeof(pmlmig_vm_ops) */
+  /* Every vCPU out of KVM_RUN and parked; returns once they are. */
+  int (*pause)(void *opaque);
+  /* Every vCPU running again (on a VM whose vCPUs never ran: starts them). */
+  int (*resume)(void *opaque);
+  /* Returns once every running vCPU has left guest mode at least once since
+   * the call (flushes PML buffers into the dirty rings). */
+  int (*kick_all)(void *opaque);
+  /* Sets (on != 0) or clears KVM_MEM_LOG_DIRTY_PAGES on every region's memslot. */
+  int (*set_dirty_logging)(void *opaque, int on);
+  /* vCPUs paused: append the VM's whole architectural state to `out`. */
+  int (*save_state)(void *opaque, pmlmig_buffer *out);
+  /* vCPUs not running: restore what save_state wrote on the source. */
+  int (*load_state)(void *opaque, const void *data, size_t length);
+  /* Optional (may be NULL): pmlmig_vm_destroy calls it last, so a VM handed
+   * to the library (by a factory) can be freed by it. */
+  void (*release)(void *opaque);
+} pmlmig_vm_ops;
+
+typedef struct pmlmig_vm_config {
+  size_t size;                 /* sizeof(pmlmig_vm_config) */
+  int32_t vm_fd;               /* the KVM VM fd */
+  uint32_t vcpu_count;
+  const int32_t *vcpu_fds;     /* vcpu_count KVM vCPU fds (the dirty rings are mapped from them) */
+  /* Entries per vCPU dirty ring (enabled on the VM before its vCPUs were
+   * created), or 0: the VM has no ring, and pmlmig tracks with the bitmap. */
+  uint32_t dirty_ring_entries;
+  uint32_t region_count;
+  const pmlmig_region *regions;
+  /* Opaque bytes for the target's factory: how to build this VM (memory,
+   * vCPUs, devices). pmlmig copies them. */
+  const void *description;
+  size_t description_length;
+} pmlmig_vm_config;
+
+/* pmlmig's view of one VM: the config (copied) and the callbacks. */
+typedef struct pmlmig_vm pmlmig_vm;
+PMLMIG_API void pmlmig_vm_config_init(pmlmig_vm_config *config);
+PMLMIG_API int pmlmig_vm_create(const pmlmig_vm_config *config, const pmlmig_vm_ops *ops, void *opaque,
+                                pmlmig_vm **out);
+/* Calls ops->release(opaque) if set. Not while a source uses the VM. */
+PMLMIG_API void pmlmig_vm_destroy(pmlmig_vm *vm);
+PMLMIG_API void *pmlmig_vm_opaque(const pmlmig_vm *vm);
+PMLMIG_API const char *pmlmig_vm_last_error(const pmlmig_vm *vm);
+/* On the vCPU's own thread, when KVM_RUN exits with KVM_EXIT_DIRTY_RING_FULL:
+ * returns once the ring has room again; then re-enter KVM_RUN. A negative
+ * value means the vCPU must stop (-ENOENT: no migration is tracking; the
+ * embedder's VM has logging on without pmlmig, which is its bug). */
+PMLMIG_API int pmlmig_vm_dirty_ring_full(pmlmig_vm *vm, uint32_t vcpu);
+/* From any thread at any time: the VMM itself wrote [gpa, gpa+length) (device
+ * emulation, a DMA, a write through another mapping), which KVM does not log.
+ * A migration in progress sends those pages again. Outside a migration it is a
+ * no-op returning 0. */
+PMLMIG_API int pmlmig_vm_mark_dirty(pmlmig_vm *vm, uint64_t gpa, uint64_t length);
+
+/* ---- Source: migrating a running VM ------------------------------------- */
+
+typedef enum pmlmig_outcome {
+  PMLMIG_OUTCOME_NONE = 0,      /* no migration has ended yet */
+  PMLMIG_OUTCOME_COMPLETED = 1, /* the VM runs on the target: stop it here, never resume it */
+  PMLMIG_OUTCOME_FAILED = 2,    /* the VM was resumed here and runs on */
+  PMLMIG_OUTCOME_CANCELLED = 3, /* on request, a timeout or the policy: the VM runs on here */
+  PMLMIG_OUTCOME_IN_DOUBT = 4   /* the commit's answer was lost: the VM stays paused here; never
+                                   resume it without learning whether the target runs it */
+} pmlmig_outcome;
+/* "none", "completed", "failed", "cancelled", "in-doubt" */
+PMLMIG_API const char *pmlmig_outcome_name(pmlmig_outcome outcome);
+
+typedef enum pmlmig_phase {
+  PMLMIG_PHASE_SETUP = 0,
+  PMLMIG_PHASE_ROUND = 1,
+  PMLMIG_PHASE_STOP_AND_COPY = 2,
+  PMLMIG_PHASE_COMMIT = 3,
+  PMLMIG_PHASE_DONE = 4
+} pmlmig_phase;
+
+typedef enum pmlmig_tracker {
+  PMLMIG_TRACKER_AUTO = 0,        /* the dirty ring if the VM has one, else the bitmap */
+  PMLMIG_TRACKER_RING = 1,
+  PMLMIG_TRACKER_BITMAP = 2,      /* KVM_GET_DIRTY_LOG */
+  PMLMIG_TRACKER_BITMAP_CLEAR = 3 /* manual protect: KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG */
+} pmlmig_tracker;
+
+typedef enum pmlmig_compression {
+  PMLMIG_COMPRESSION_NONE = 0,
+  PMLMIG_COMPRESSION_LZ4 = 1,
+  PMLMIG_COMPRESSION_ZSTD = 2
+} pmlmig_compression;
+
+/* What a switch-over policy decides before each live round. */
+typedef enum pmlmig_decision {
+  PMLMIG_DECISION_CONTINUE = 0,      /* send this round live */
+  PMLMIG_DECISION_STOP_AND_COPY = 1, /* pause now and send the rest */
+  PMLMIG_DECISION_ABORT = 2          /* give up: the VM keeps running here (CANCELLED) */
+} pmlmig_decision;
+
+/* Handed by value to the policy before each live round (round >= 1). */
+typedef struct pmlmig_round_stats {
+  size_t size;
+  uint32_t round;                /* the live round about to be sent */
+  uint32_t reserved;
+  uint64_t remaining_pages;      /* dirty pages collected for it */
+  double bytes_per_page;         /* on the wire, averaged over everything sent */
+  double bandwidth_mbps;         /* measured over the last rounds */
+  double expected_downtime_ms;   /* remaining_pages * bytes_per_page / bandwidth */
+  double dirty_pages_rate;       /* pages/s dirtied during the previous round */
+  double elapsed_ms;             /* since the migration started */
+  uint64_t wire_bytes;           /* sent so far */
+} pmlmig_round_stats;
+
+typedef struct pmlmig_progress {
+  size_t size;
+  pmlmig_phase phase;
+  uint32_t round;
+  uint64_t remaining_pages;
+  double bandwidth_mbps;
+  double expected_downtime_ms;
+  uint64_t wire_bytes;
+  double elapsed_ms;
+} pmlmig_progress;
+
+typedef struct pmlmig_migrate_options {
+  size_t size;                     /* pmlmig_migrate_options_init sets it and every default */
+  const char *target;              /* "host:port" of a receiver; required */
+  uint32_t streams;                /* parallel data connections, 1..64; default 1 */
+  pmlmig_compression compression;  /* default NONE */
+  uint64_t max_bandwidth;          /* bytes/s on the wire; 0 (default) = unlimited */
+  uint32_t downtime_limit_ms;      /* default policy: switch over when the expected downtime fits; 300 */
+  uint32_t max_rounds;             /* default policy: live rounds before giving up; 50 */
+  uint64_t timeout_ms;             /* whole migration; 0 (default) = none */
+  int32_t force_on_timeout;        /* at max_rounds or timeout: 0 (default) cancel, 1 switch over anyway */
+  int32_t verify;                  /* 1: the target compares a digest of all memory; default 0 */
+  pmlmig_tracker tracker;          /* default AUTO */
+  uint32_t reserved;
+  /* Security of the migration port: file paths, or NULL. */
+  const char *tls_ca;
+  const char *tls_cert;
+  const char *tls_key;
+  const char *tls_server_name;
+  const char *token_file;
+  /* Optional: after each round and phase change, on the migration thread. */
+  void (*on_progress)(void *user, const pmlmig_progress *progress);
+  /* Optional: replaces the default policy (downtime limit, max rounds,
+   * timeout) before each live round, on the migration thread. */
+  pmlmig_decision (*policy)(void *user, pmlmig_round_stats stats);
+  void *user;
+} pmlmig_migrate_options;
+PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
+
+typedef struct pmlmig_migration_stats {
+  size_t size;
+  pmlmig_outcome outcome;
+  uint32_t rounds;               /* rounds sent, round 0 and the final one included */
+  double setup_time_ms;
+  double total_time_ms;
+  double downtime_ms;            /* source pause to target resumed (completed only) */
+  double expected_downtime_ms;   /* at the switch-over decision */
+  uint64_t pages;                /* pages sent: normal + zero */
+  uint64_t zero_pages;           /* sent as a header only */
+  uint64_t wire_bytes;
+  double throughput_mbps;
+  int32_t verified;              /* the target's digest matched */
+  uint32_t reserved;
+} pmlmig_migration_stats;
+PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
+
+/* A migration controller for one running VM: one migration at a time; once
+ * one completed (or is in doubt) no other starts. The VM must outlive it. */
+typedef struct pmlmig_source pmlmig_source;
+PMLMIG_API int pmlmig_source_create(pmlmig_vm *vm, pmlmig_source **out);
+/* Checks the options, then starts the migration on a library thread and
+ * returns. -EBUSY: one is running; -EINVAL: bad options (see last_error). */
+PMLMIG_API int pmlmig_source_start(pmlmig_source *source, const pmlmig_migrate_options *options);
+/* Blocks until the migration started last has ended; fills *stats (may be
+ * NULL). Returns 0 when it completed; -ECANCELED when it was cancelled;
+ * -ENOTRECOVERABLE when it is in doubt; another negative errno (naming the
+ * kind of failure, the message in last_error) when it failed; -ENOENT when
+ * none was started. */
+PMLMIG_API int pmlmig_source_wait(pmlmig_source *source, pmlmig_migration_stats *stats);
+/* From any thread: the progress of the migration in flight, or of the last
+ * one (phase DONE), and how the last one ended. */
+PMLMIG_API int pmlmig_source_status(pmlmig_source *source, pmlmig_progress *progress, pmlmig_outcome *last);
+/* From any thread: stops the migration in flight; the VM runs on here.
+ * -ENOENT when none is in flight. Too late once the commit is under way. */
+PMLMIG_API int pmlmig_source_cancel(pmlmig_source *source);
+PMLMIG_API const char *pmlmig_source_last_error(const pmlmig_source *source);
+/* Cancels a migration in flight and waits for it. */
+PMLMIG_API void pmlmig_source_destroy(pmlmig_source *source);
+
+/* ---- Target: receiving a VM --------------------------------------------- */
+
+/* The memory the source announced, for the factory. */
+typedef struct pmlmig_region_layout {
+  uint32_t slot;
+  uint32_t reserved;
+  uint64_t gpa;
+  uint64_t size;
+} pmlmig_region_layout;
+
+/* Builds the embedder's VM for an incoming migration: memory zeroed, laid out
+ * exactly as `layout`, `vcpus` vCPUs created but not running; wraps it with
+ * pmlmig_vm_create (ops->release frees it) and stores it in *out. Returns 0
+ * or a negative errno to refuse (the message through pmlmig_set_error).
+ * Runs on the receiver's control thread. */
+typedef int (*pmlmig_vm_factory)(void *user, const void *description, size_t description_length,
+                                 uint32_t vcpus, const pmlmig_region_layout *layout, uint32_t region_count,
+                                 pmlmig_vm **out);
+/* Optional check of the restored VM before it resumes (state loaded, vCPUs
+ * not running): 0 accepts, a negative errno refuses the migration. */
+typedef int (*pmlmig_vm_check)(void *user, pmlmig_vm *vm);
+/* For a factory or check that refuses: the message the source will see. */
+PMLMIG_API void pmlmig_set_error(const char *message);
+
+typedef struct pmlmig_receive_options {
+  size_t size;                    /* pmlmig_receive_options_init sets it and every default */
+  const char *listen;             /* "host:port"; port 0 picks one (pmlmig_receiver_port); required */
+  pmlmig_vm_factory factory;      /* required */
+  pmlmig_vm_check check;          /* optional */
+  void *user;
+  int32_t require_verify;         /* refuse a source that sends no memory digest; default 0 */
+  int32_t allow_insecure;         /* allow a non-loopback listen without TLS or token; default 0 */
+  uint64_t max_memory_bytes;      /* 0 (default): what the host has available */
+  uint32_t max_vcpus;             /* default 1024 */
+  uint32_t max_streams;           /* default 64 */
+  uint32_t handshake_timeout_ms;  /* default 30000 */
+  uint32_t idle_timeout_ms;       /* default 60000; 0 = none */
+  uint32_t commit_timeout_ms;     /* default 30000 */
+  uint32_t reserved;
+  const char *tls_ca;
+  const char *tls_cert;
+  const char *tls_key;
+  const char *token_file;
+} pmlmig_receive_options;
+PMLMIG_API void pmlmig_receive_options_init(pmlmig_receive_options *options);
+
+typedef struct pmlmig_receive_stats {
+  size_t size;
+  pmlmig_outcome outcome;        /* COMPLETED, FAILED or CANCELLED (the source aborted) */
+  uint32_t rounds;
+  uint64_t normal_pages;
+  uint64_t zero_pages;
+  uint64_t wire_bytes;
+  double target_restore_ms;      /* Final received to VM ready */
+  double target_resume_ms;       /* Commit received to vCPUs running */
+  double downtime_ms;            /* as the target reckons it: source pause to resumed */
+  int32_t verified;
+  uint32_t reserved;
+} pmlmig_receive_stats;
+PMLMIG_API void pmlmig_receive_stats_init(pmlmig_receive_stats *stats);
+
+/* Listens; migrations are served one at a time on library threads. */
+typedef struct pmlmig_receiver pmlmig_receiver;
+PMLMIG_API int pmlmig_receiver_start(const pmlmig_receive_options *options, pmlmig_receiver **out);
+PMLMIG_API int pmlmig_receiver_port(const pmlmig_receiver *receiver);
+/* Waits up to timeout_ms (-1: forever) for the next migration to end.
+ * 0: one completed; *vm is the resumed VM, now the caller's (destroy it with
+ * pmlmig_vm_destroy); from then on the receiver refuses new migrations but
+ * keeps answering the source's commit resolution, so keep it alive while the
+ * VM runs. -ETIMEDOUT: nothing ended in time. Any other negative errno: that
+ * attempt failed (its VM was released) and the receiver waits for the next;
+ * *stats says how it ended. */
+PMLMIG_API int pmlmig_receiver_wait(pmlmig_receiver *receiver, int64_t timeout_ms, pmlmig_vm **vm,
+                                    pmlmig_receive_stats *stats);
+PMLMIG_API const char *pmlmig_receiver_last_error(const pmlmig_receiver *receiver);
+/* Stops listening; a migration in progress fails. */
+PMLMIG_API void pmlmig_receiver_destroy(pmlmig_receiver *receiver);
+
+#ifdef __cplusplus
+}  /* extern "C" */
+#endif
+
+#endif /* PMLMIG_PMLMIG_H_ */
