@@ -6,6 +6,17 @@
 
 namespace pmlmig::engine {
 
+std::string_view OutcomeName(Outcome outcome) {
+  switch (outcome) {
+    case Outcome::kNone: return "none";
+    case Outcome::kCompleted: return "completed";
+    case Outcome::kFailed: return "failed";
+    case Outcome::kCancelled: return "cancelled";
+    case Outcome::kInDoubt: return "in-doubt";
+  }
+  return "unknown";
+}
+
 bool PageList::Next(uint64_t max_pages, PageRun* out) {
   std::lock_guard lock(mu_);
   while (run_ < runs_.size() && offset_ >= runs_[run_].pages) {

@@ -1,22 +1,26 @@
 #include "pmlmig/engine/migration_source.h"
 
 #include "pmlmig/base/failpoint.h"
+#include "pmlmig/base/watchdog.h"
 
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
-#include <condition_variable>
-#include <thread>
+#include <optional>
 
 namespace pmlmig::engine {
-namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double MsSince(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
-
-}  // namespace
+std::string_view PhaseName(Phase phase) {
+  switch (phase) {
+    case Phase::kSetup: return "setup";
+    case Phase::kRound: return "round";
+    case Phase::kStopAndCopy: return "stop-and-copy";
+    case Phase::kCommit: return "commit";
+    case Phase::kDone: return "done";
+  }
+  return "unknown";
+}
 
 std::vector<PageRun> RunsOf(DirtySet& set) {
   std::vector<PageRun> runs;
@@ -30,16 +34,23 @@ std::vector<PageRun> RunsOf(DirtySet& set) {
   return runs;
 }
 
-MigrationSource::MigrationSource(VmControl& vm, DirtyTracker& tracker, MigrationSink& sink,
-                                 const MigrationOptions& options, std::string vm_description)
-    : vm_(vm), tracker_(tracker), sink_(sink), options_(options), vm_description_(std::move(vm_description)) {}
+MigrationSource::MigrationSource(VmControl& vm, DirtyTracker& tracker, MigrationSink& sink, MigrationOptions options,
+                                 std::string vm_description, const Clock& clock)
+    : vm_(vm),
+      tracker_(tracker),
+      sink_(sink),
+      options_(std::move(options)),
+      vm_description_(std::move(vm_description)),
+      clock_(clock),
+      policy_(options_.policy ? options_.policy
+                              : std::make_shared<DowntimeLimitPolicy>(options_.convergence, clock)) {}
 
 MigrationProgress MigrationSource::progress() const {
   std::lock_guard lock(progress_mu_);
   return progress_;
 }
 
-void MigrationSource::Publish(const std::string& phase, uint32_t round, uint64_t remaining, double expected_ms) {
+void MigrationSource::Publish(Phase phase, uint32_t round, uint64_t remaining, double expected_ms) {
   MigrationProgress p;
   p.phase = phase;
   p.round = round;
@@ -47,12 +58,12 @@ void MigrationSource::Publish(const std::string& phase, uint32_t round, uint64_t
   p.bandwidth_mbps = BandwidthBytesPerSecond() * 8 / 1e6;
   p.expected_downtime_ms = expected_ms;
   p.wire_bytes = stats_.transferred.wire_bytes;
-  p.elapsed_ms = MsSince(start_);
+  p.elapsed_ms = MsSince(clock_, start_);
   {
     std::lock_guard lock(progress_mu_);
     progress_ = p;
   }
-  if (on_progress_) on_progress_(p);
+  if (callbacks_.on_progress) callbacks_.on_progress(p);
 }
 
 std::vector<PageRun> MigrationSource::PagesWithData() const {
@@ -102,20 +113,21 @@ double MigrationSource::BandwidthBytesPerSecond() const {
 Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms) {
   FailPoint("source.round");
   PageList list(std::move(runs));
-  if (!final_round_) Publish("round", round, list.total_pages(), expected_ms);
-  const auto t = Clock::now();
+  if (!final_round_) Publish(Phase::kRound, round, list.total_pages(), expected_ms);
+  const auto t = clock_.Now();
   auto sent = sink_.SendPages(round, list);
   if (!sent.ok()) return sent.status().WithContext("round " + std::to_string(round));
   RoundStats r;
   r.round = round;
   r.dirty_pages = dirty;
   r.sent = *sent;
-  r.duration_ms = MsSince(t);
+  r.duration_ms = MsSince(clock_, t);
   r.bandwidth_mbps = r.duration_ms > 0 ? static_cast<double>(r.sent.wire_bytes) * 8 / 1e3 / r.duration_ms : 0;
   r.expected_downtime_ms = expected_ms;
   stats_.transferred += r.sent;
   stats_.round_stats.push_back(r);
   ++stats_.rounds;
+  if (callbacks_.on_round) callbacks_.on_round(r);
   return Status::Ok();
 }
 
@@ -130,36 +142,90 @@ Status MigrationSource::Fail(const Status& why) {
 }
 
 MigrationStats MigrationSource::Run() {
-  start_ = Clock::now();
+  start_ = clock_.Now();
   stats_ = MigrationStats{};
   final_round_ = false;
-  // With --on-timeout cancel, the timeout also ends a round in progress: a
-  // watchdog aborts the transfer (Run() then reports it and resumes the VM).
-  std::mutex watchdog_mu;
-  std::condition_variable watchdog_cv;
-  bool finished = false;
-  std::thread watchdog;
-  if (options_.timeout.count() > 0 && !options_.force_on_timeout) {
-    watchdog = std::thread([&] {
-      std::unique_lock lock(watchdog_mu);
-      if (!watchdog_cv.wait_until(lock, start_ + options_.timeout, [&] { return finished; })) {
-        timed_out_.store(true);
-        sink_.Abort("migration timeout");
-      }
+  policy_->Begin();
+  // Unless forced, the timeout also ends a round in progress: the watchdog
+  // aborts the transfer (RunPhases then reports it and resumes the VM).
+  const DowntimeLimitOptions& c = options_.convergence;
+  std::optional<Watchdog> watchdog;
+  if (c.timeout.count() > 0 && !c.force_on_timeout) {
+    watchdog.emplace(std::chrono::steady_clock::now() + c.timeout, [this] {
+      timed_out_.store(true);
+      sink_.Abort("migration timeout");
     });
   }
-  MigrationStats result = RunPhases();
-  {
-    std::lock_guard lock(watchdog_mu);
-    finished = true;
+  return RunPhases();
+}
+
+MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, const Status& why) {
+  if (timed_out_.load()) {  // the watchdog ended a round: say so, whatever failed as a result
+    outcome = Outcome::kCancelled;
+    char buf[400];
+    if (stats_.rounds >= 1) {  // round 0 done: the live rounds did not converge
+      reason = CancelReason::kNotConverging;
+      std::snprintf(buf, sizeof buf,
+                    "not converging: timed out after %lld ms in round %u; the expected downtime was still %.0f ms "
+                    "against a limit of %lld ms (about %.0f pages/s dirtied); the VM keeps running here",
+                    static_cast<long long>(options_.convergence.timeout.count()), stats_.rounds, last_expected_ms_,
+                    static_cast<long long>(options_.convergence.downtime_limit.count()), stats_.dirty_pages_rate);
+    } else {
+      reason = CancelReason::kTimedOut;
+      std::snprintf(buf, sizeof buf,
+                    "timed out after %lld ms while sending all memory (round 0); the VM keeps running here",
+                    static_cast<long long>(options_.convergence.timeout.count()));
+    }
+    stats_.error = Fail(Aborted(buf)).message();
+  } else if (outcome == Outcome::kFailed && cancel_.load()) {
+    // Cancel() aborted the sink, which failed the step in progress.
+    outcome = Outcome::kCancelled;
+    reason = CancelReason::kRequested;
+    stats_.error = Fail(Aborted("cancelled by request")).message();
+  } else if (outcome != Outcome::kCompleted && outcome != Outcome::kInDoubt) {
+    stats_.error = Fail(why).message();
+  } else {
+    stats_.error = why.ok() ? "" : why.message();
+    (void)tracker_.Disable();
   }
-  watchdog_cv.notify_all();
-  if (watchdog.joinable()) watchdog.join();
-  return result;
+  stats_.outcome = outcome;
+  stats_.cancel_reason = outcome == Outcome::kCancelled ? reason : CancelReason::kNone;
+  // What went out includes the part of a round that failed.
+  if (const TransferStats sent = sink_.totals();
+      outcome != Outcome::kCompleted && sent.wire_bytes > stats_.transferred.wire_bytes) {
+    stats_.transferred = sent;
+  }
+  stats_.total_time_ms = MsSince(clock_, start_);
+  stats_.throughput_mbps = stats_.total_time_ms > 0
+                               ? static_cast<double>(stats_.transferred.wire_bytes) * 8 / 1e3 / stats_.total_time_ms
+                               : 0;
+  Publish(Phase::kDone, stats_.rounds, 0, stats_.expected_downtime_ms);
+  if (callbacks_.on_done) callbacks_.on_done(stats_);
+  return stats_;
+}
+
+RoundSummary MigrationSource::Summarize(uint32_t round, uint64_t remaining, Clock::TimePoint collect_start) {
+  RoundSummary r;
+  r.round = round;
+  r.remaining_pages = remaining;
+  // Bytes per page on the wire so far (zero pages and compression make it
+  // smaller than 4 KiB), times what is left, over the measured bandwidth.
+  r.bytes_per_page = stats_.transferred.pages > 0 ? static_cast<double>(stats_.transferred.wire_bytes) /
+                                                        static_cast<double>(stats_.transferred.pages)
+                                                  : static_cast<double>(kPageSize);
+  r.bandwidth_bytes_per_s = BandwidthBytesPerSecond();
+  r.expected_downtime_ms = ExpectedDowntimeMs(remaining, r.bytes_per_page, r.bandwidth_bytes_per_s);
+  if (!stats_.round_stats.empty()) {
+    const double since = stats_.round_stats.back().duration_ms + MsSince(clock_, collect_start);
+    stats_.dirty_pages_rate = since > 0 ? static_cast<double>(remaining) / (since / 1000.0) : 0;
+  }
+  r.dirty_pages_rate = stats_.dirty_pages_rate;
+  r.wire_bytes = stats_.transferred.wire_bytes;
+  return r;
 }
 
 MigrationStats MigrationSource::RunPhases() {
-  Publish("setup", 0, 0, 0);
+  Publish(Phase::kSetup, 0, 0, 0);
 
   MigrationSetup setup;
   setup.vm_description = vm_description_;
@@ -167,152 +233,82 @@ MigrationStats MigrationSource::RunPhases() {
   setup.verify = options_.verify;
   for (const MemorySlot& s : vm_.memory_slots().slots()) setup.memory.push_back({s.slot, s.gpa, s.size});
   if (Status s = sink_.Begin(setup, vm_.memory_slots()); !s.ok()) {
-    stats_.error = Fail(s.WithContext("setup")).message();
-    stats_.total_time_ms = MsSince(start_);
-    return stats_;
+    return Finished(Outcome::kFailed, CancelReason::kNone, s.WithContext("setup"));
   }
-  stats_.setup_time_ms = MsSince(start_);
-
-  DirtySet dirty(vm_.memory_slots());
-  auto finish_failed = [&](const Status& s, const char* status) {
-    Status why = s;
-    if (timed_out_.load()) {
-      status = "cancelled";
-      char buf[400];
-      if (stats_.rounds >= 1) {  // round 0 done: the live rounds did not converge
-        std::snprintf(buf, sizeof buf,
-                      "not converging: timed out after %lld ms in round %u; the expected downtime was still %.0f ms "
-                      "against a limit of %lld ms (about %.0f pages/s dirtied); the VM keeps running here (raise "
-                      "--downtime-limit or --timeout, or use --on-timeout force)",
-                      static_cast<long long>(options_.timeout.count()), stats_.rounds, last_expected_ms_,
-                      static_cast<long long>(options_.downtime_limit.count()), stats_.dirty_pages_rate);
-      } else {
-        std::snprintf(buf, sizeof buf,
-                      "timed out after %lld ms while sending all memory (round 0); the VM keeps running here "
-                      "(raise --timeout)",
-                      static_cast<long long>(options_.timeout.count()));
-      }
-      why = Aborted(buf);
-    }
-    stats_.status = status;
-    stats_.error = Fail(why).message();
-    // What went out includes the part of the round that failed.
-    if (const TransferStats sent = sink_.totals(); sent.wire_bytes > stats_.transferred.wire_bytes) {
-      stats_.transferred = sent;
-    }
-    stats_.total_time_ms = MsSince(start_);
-    stats_.throughput_mbps = stats_.total_time_ms > 0
-                                 ? static_cast<double>(stats_.transferred.wire_bytes) * 8 / 1e3 / stats_.total_time_ms
-                                 : 0;
-    Publish("done", stats_.rounds, 0, 0);
-    return stats_;
-  };
+  stats_.setup_time_ms = MsSince(clock_, start_);
+  auto failed = [&](const Status& s) { return Finished(Outcome::kFailed, CancelReason::kNone, s); };
 
   // Tracking on before the first read of memory: every later write is seen.
-  if (Status s = tracker_.Enable(); !s.ok()) return finish_failed(s.WithContext("tracker"), "failed");
+  DirtySet dirty(vm_.memory_slots());
+  if (Status s = tracker_.Enable(); !s.ok()) return failed(s.WithContext("tracker"));
   {
     std::vector<PageRun> runs = PagesWithData();
     uint64_t pages = 0;
     for (const PageRun& r : runs) pages += r.pages;
-    if (Status s = SendRound(0, std::move(runs), pages, 0); !s.ok()) return finish_failed(s, "failed");
+    if (Status s = SendRound(0, std::move(runs), pages, 0); !s.ok()) return failed(s);
   }
 
-  // Live rounds.
-  double expected_ms = 0;
+  // Live rounds, each decided by the policy.
   for (uint32_t round = 1;; ++round) {
-    if (cancel_.load()) return finish_failed(Aborted("cancelled by request"), "cancelled");
-    const auto collect_start = Clock::now();
-    if (Status s = tracker_.Collect(dirty); !s.ok()) return finish_failed(s.WithContext("collect"), "failed");
-    const uint64_t remaining = dirty.Count();
-    // Bytes per page on the wire so far (zero pages and compression make it
-    // smaller than 4 KiB), times what is left, over the measured bandwidth.
-    const double per_page = stats_.transferred.pages > 0 ? static_cast<double>(stats_.transferred.wire_bytes) /
-                                                                static_cast<double>(stats_.transferred.pages)
-                                                          : static_cast<double>(kPageSize);
-    const double bw = BandwidthBytesPerSecond();
-    expected_ms = bw > 0 ? static_cast<double>(remaining) * per_page / bw * 1000.0 : 1e9;
-    last_expected_ms_ = expected_ms;
-    if (!stats_.round_stats.empty()) {
-      const RoundStats& last = stats_.round_stats.back();
-      const double since = last.duration_ms + std::chrono::duration<double, std::milli>(Clock::now() - collect_start).count();
-      stats_.dirty_pages_rate = since > 0 ? static_cast<double>(remaining) / (since / 1000.0) : 0;
+    if (cancel_.load()) return Finished(Outcome::kCancelled, CancelReason::kRequested, Aborted("cancelled by request"));
+    const auto collect_start = clock_.Now();
+    if (Status s = tracker_.Collect(dirty); !s.ok()) return failed(s.WithContext("collect"));
+    const RoundSummary summary = Summarize(round, dirty.Count(), collect_start);
+    last_expected_ms_ = summary.expected_downtime_ms;
+    stats_.expected_downtime_ms = summary.expected_downtime_ms;
+    const SwitchoverDecision d = policy_->Decide(summary);
+    if (d.action == SwitchoverAction::kStopAndCopy) break;
+    if (d.action == SwitchoverAction::kAbort) {
+      const bool gave_up = d.reason == SwitchoverReason::kOutOfRounds || d.reason == SwitchoverReason::kOutOfTime;
+      std::string why = d.detail.empty() ? "the switch-over policy aborted the migration" : d.detail;
+      return Finished(Outcome::kCancelled, gave_up ? CancelReason::kNotConverging : CancelReason::kPolicy,
+                      Aborted(why + "; the VM keeps running here"));
     }
-    if (expected_ms <= static_cast<double>(options_.downtime_limit.count())) break;
-    const bool out_of_rounds = round > options_.max_rounds;
-    const bool out_of_time = options_.timeout.count() > 0 && MsSince(start_) >= static_cast<double>(options_.timeout.count());
-    if (out_of_rounds || out_of_time) {
-      if (!options_.force_on_timeout) {
-        char why[512];
-        std::snprintf(why, sizeof why,
-                      "not converging: after %u rounds and %.0f ms, %llu pages stay dirty (about %.0f pages/s) and "
-                      "the expected downtime is %.0f ms against a limit of %lld ms at %.0f Mbit/s; the VM keeps "
-                      "running here (raise --downtime-limit, --max-rounds or --timeout, or use --on-timeout force)",
-                      round - 1, MsSince(start_), static_cast<unsigned long long>(remaining), stats_.dirty_pages_rate,
-                      expected_ms, static_cast<long long>(options_.downtime_limit.count()), bw * 8 / 1e6);
-        return finish_failed(Aborted(why), "cancelled");
-      }
-      break;  // force: switch over anyway
+    if (Status s = SendRound(round, RunsOf(dirty), summary.remaining_pages, summary.expected_downtime_ms); !s.ok()) {
+      return failed(s);
     }
-    if (Status s = SendRound(round, RunsOf(dirty), remaining, expected_ms); !s.ok()) return finish_failed(s, "failed");
   }
-  stats_.expected_downtime_ms = expected_ms;
+  const double expected_ms = stats_.expected_downtime_ms;
 
   // Stop and copy.
-  const auto pause = Clock::now();
-  if (Status s = vm_.Pause(); !s.ok()) return finish_failed(s.WithContext("pause"), "failed");
+  const auto pause = clock_.Now();
+  if (Status s = vm_.Pause(); !s.ok()) return failed(s.WithContext("pause"));
   // Complete collection: with the vCPUs out of guest mode, every write
   // (and every PML buffer) is in the logs. ORs into what is still unsent.
-  if (Status s = tracker_.Collect(dirty); !s.ok()) return finish_failed(s.WithContext("final collect"), "failed");
+  if (Status s = tracker_.Collect(dirty); !s.ok()) return failed(s.WithContext("final collect"));
   const uint64_t final_pages = dirty.Count();
   final_round_ = true;
-  Publish("stop-and-copy", stats_.rounds, final_pages, expected_ms);
-  if (Status s = SendRound(stats_.rounds, RunsOf(dirty), final_pages, expected_ms); !s.ok()) {
-    return finish_failed(s, "failed");
-  }
+  Publish(Phase::kStopAndCopy, stats_.rounds, final_pages, expected_ms);
+  if (Status s = SendRound(stats_.rounds, RunsOf(dirty), final_pages, expected_ms); !s.ok()) return failed(s);
   FinalState final_state;
   {
     auto state = vm_.SaveState();
-    if (!state.ok()) return finish_failed(state.status().WithContext("save state"), "failed");
+    if (!state.ok()) return failed(state.status().WithContext("save state"));
     final_state.vm_state = std::move(*state);
   }
   if (options_.verify) {
     final_state.has_digest = true;
     final_state.memory_digest = MemoryDigest(vm_.memory_slots());
   }
-  final_state.source_paused_ms = MsSince(pause);
+  final_state.source_paused_ms = MsSince(clock_, pause);
   auto reply = sink_.Finish(final_state);
-  if (!reply.ok()) return finish_failed(reply.status().WithContext("switch-over"), "failed");
-  if (!reply->prepared) {
-    return finish_failed(Internal("the target did not prepare the VM: " + reply->verify_detail), "failed");
-  }
+  if (!reply.ok()) return failed(reply.status().WithContext("switch-over"));
+  if (!reply->prepared) return failed(Internal("the target did not prepare the VM: " + reply->verify_detail));
   FailPoint("source.prepared");
   // Point of no return: from here the source never resumes its VM unless the
   // target is known not to run it.
-  Publish("commit", stats_.rounds, 0, expected_ms);
+  Publish(Phase::kCommit, stats_.rounds, 0, expected_ms);
   const CommitResult commit = sink_.Commit();
   if (commit.state == CommitState::kNotCommitted) {
-    return finish_failed(commit.detail.WithContext("switch-over: the target does not run the VM"), "failed");
+    return failed(commit.detail.WithContext("switch-over: the target does not run the VM"));
   }
-  if (commit.state == CommitState::kInDoubt) {
-    (void)tracker_.Disable();
-    stats_.status = "in-doubt";
-    stats_.error = commit.detail.message();
-    stats_.total_time_ms = MsSince(start_);
-    Publish("done", stats_.rounds, 0, expected_ms);
-    return stats_;
-  }
+  if (commit.state == CommitState::kInDoubt) return Finished(Outcome::kInDoubt, CancelReason::kNone, commit.detail);
   reply->target_resume_ms = commit.target_resume_ms;
   stats_.commit_resolved = commit.resolved;
-  stats_.downtime_ms = MsSince(pause);
+  stats_.downtime_ms = MsSince(clock_, pause);
   stats_.final_reply = *reply;
   stats_.verified = reply->verified;
-  (void)tracker_.Disable();
-  stats_.status = "completed";
-  stats_.total_time_ms = MsSince(start_);
-  stats_.throughput_mbps =
-      stats_.total_time_ms > 0 ? static_cast<double>(stats_.transferred.wire_bytes) * 8 / 1e3 / stats_.total_time_ms : 0;
-  Publish("done", stats_.rounds, 0, expected_ms);
-  return stats_;
+  return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
 }
 
 }  // namespace pmlmig::engine

@@ -26,6 +26,7 @@
 
 #include "commands.h"
 #include "plot.h"
+#include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/tracker.h"
 #include "pmlmig/vmm/capabilities.h"
@@ -202,17 +203,7 @@ Result<double> MeasureUntracked(const Setup& s, std::chrono::nanoseconds rate_ti
 }
 
 std::string MachineDescription() {
-  std::ifstream cpu("/proc/cpuinfo");
-  std::string line, model;
-  while (std::getline(cpu, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      model = line.substr(line.find(':') + 2);
-      break;
-    }
-  }
-  char host[256] = {};
-  gethostname(host, sizeof host - 1);
-  return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + model;
+  return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + CpuModelName();
 }
 
 int RunDirty(const DirtyBenchFlags& f) {

@@ -53,7 +53,9 @@
 #include "pmlmig/engine/migration_source.h"
 #include "pmlmig/engine/migration_target.h"
 #include "pmlmig/engine/tracker.h"
-#include "pmlmig/transport/config_codec.h"
+#include "pmlmig/vmm/description.h"
+#include "pmlmig/base/proc.h"
+#include "pmlmig/engine/migration_controller.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/capabilities.h"
@@ -148,36 +150,12 @@ double CpuMs(const timeval& tv) {
   return static_cast<double>(tv.tv_sec) * 1e3 + static_cast<double>(tv.tv_usec) / 1e3;
 }
 
-uint64_t AvailableMemory() {
-  std::ifstream in("/proc/meminfo");
-  std::string key, unit;
-  uint64_t kib = 0;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return 0;
-}
-
 std::string DescribeMachine() {
-  std::ifstream cpu("/proc/cpuinfo");
-  std::string line, model;
-  while (std::getline(cpu, line)) {
-    if (line.rfind("model name", 0) == 0) {
-      model = line.substr(line.find(':') + 2);
-      break;
-    }
-  }
   utsname u{};
   uname(&u);
-  return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + model + ", " +
+  return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + CpuModelName() + ", " +
          FormatBytes(static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE))) +
          ", Linux " + u.release;
-}
-
-std::vector<uint64_t> PagesWritten(const vmm::Machine& m) {
-  std::vector<uint64_t> c;
-  for (const auto& s : m.Stats()) c.push_back(s.pages_written);
-  return c;
 }
 
 // ------------------------------------------------------------ baseline
@@ -265,12 +243,6 @@ struct MigrationSetupFlags {
 #endif
 
 // What the receiving side's factory built, for stopping it afterwards.
-struct Received {
-  std::mutex mu;
-  vmm::Machine* machine = nullptr;  // guarded by mu
-  vmm::TestGuestConfig guest;       // guarded by mu
-};
-
 Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, uint32_t streams,
                         transport::Compression compress, const MigrationSetupFlags& f) {
   Row row;
@@ -302,67 +274,37 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   }
 
   // The receiver, in this process.
-  auto received = std::make_shared<Received>();
-  const bool verify = f.migration.verify;
-  const bool prefault = f.prefault_target;
-  auto factory = [&kvm, received, verify, prefault]() -> std::unique_ptr<engine::MigrationTarget> {
-    auto build = [&kvm, received, prefault](const engine::MigrationSetup& setup)
-        -> Result<std::unique_ptr<engine::VmControl>> {
-      vmm::MachineOptions to;
-      PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &to.guest, &to.irqchip));
-      PMLMIG_ASSIGN_OR_RETURN(auto m, vmm::Machine::CreateForRestore(kvm, to));
-      if (prefault && ::madvise(m->memory().host(), m->memory().size(), MADV_POPULATE_WRITE) != 0) {
-        return Status::FromErrno(errno, "madvise(MADV_POPULATE_WRITE) target memory");
-      }
-      std::lock_guard lock(received->mu);
-      received->machine = m.get();
-      received->guest = to.guest;
-      return std::unique_ptr<engine::VmControl>(std::move(m));
-    };
-    engine::VmMigrationTarget::Check check = nullptr;
-    if (verify) {
-      check = [received](engine::VmControl&) -> Result<std::string> {
-        std::lock_guard lock(received->mu);
-        const vmm::CheckReport r =
-            vmm::CheckGuestMemory(received->machine->memory(), received->guest, PagesWritten(*received->machine));
-        if (!r.ok()) return r.ToStatus();
-        return std::string("checker passed");
-      };
-    }
-    return std::make_unique<engine::VmMigrationTarget>(build, check);
-  };
-  PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", factory));
+  vmm::TestVmFactoryOptions fo;
+  fo.check_memory = f.migration.verify;
+  fo.prefault = f.prefault_target;
+  vmm::TestVmFactory factory(kvm, std::move(fo));
+  PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", [&factory] {
+    return factory.MakeTarget();
+  }));
 
   transport::GrpcSinkOptions so;
   so.target = "127.0.0.1:" + std::to_string(server->port());
   so.streams = streams;
   so.compress = compress;
   PMLMIG_ASSIGN_OR_RETURN(auto sink, transport::GrpcMigrationSink::Create(so));
-  engine::MigrationSource source(*source_vm, *tracker, *sink, f.migration,
-                                 transport::EncodeVmConfig(o.guest, o.irqchip));
-  std::atomic<bool> done{false};
-  std::thread watcher([&] {  // Ctrl-C cancels (the source VM stays, then stops)
-    while (!done.load()) {
-      if (Interrupted()) {
-        source.Cancel();
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-  });
-  const std::vector<uint64_t> before = PagesWritten(*source_vm);
+  engine::MigrationController controller(*source_vm, *tracker, vmm::EncodeTestVmDescription(o));
+  const std::vector<uint64_t> before = vmm::PagesWritten(*source_vm);
   rusage r0{}, r1{};
   getrusage(RUSAGE_SELF, &r0);
-  row.stats = source.Run();
+  PMLMIG_RETURN_IF_ERROR(controller.Start(std::move(sink), f.migration));
+  while (controller.busy()) {  // Ctrl-C cancels (the source VM stays, then stops)
+    if (Interrupted()) (void)controller.Cancel();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  row.stats = controller.Wait();
   getrusage(RUSAGE_SELF, &r1);
-  const std::vector<uint64_t> after = PagesWritten(*source_vm);
-  done = true;
-  watcher.join();
+  const std::vector<uint64_t> after = vmm::PagesWritten(*source_vm);
   source_vm->Stop();
   row.cpu_user_ms = CpuMs(r1.ru_utime) - CpuMs(r0.ru_utime);
   row.cpu_sys_ms = CpuMs(r1.ru_stime) - CpuMs(r0.ru_stime);
   for (size_t i = 0; i < after.size(); ++i) row.guest_pages_written += after[i] - before[i];
-  if (row.stats.status == "completed" && !row.stats.round_stats.empty()) {
+  const bool completed = row.stats.outcome == engine::Outcome::kCompleted;
+  if (completed && !row.stats.round_stats.empty()) {
     const engine::MigrationStats& s = row.stats;
     row.final_collect_ms = static_cast<double>(tracker->stats().last_collect_ns) / 1e6;
     row.final_round_ms = s.round_stats.back().duration_ms;
@@ -375,15 +317,9 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
 
   // The target's VM runs now (on success): stop it and free both guests
   // before the next migration.
-  if (row.stats.status == "completed") {
+  if (completed) {
     auto outcome = server->WaitForMigration(Clock::now() + std::chrono::seconds(30));
-    if (outcome.ok() && outcome->target) {
-      auto* target = dynamic_cast<engine::VmMigrationTarget*>(outcome->target.get());
-      if (target != nullptr) {
-        std::unique_ptr<engine::VmControl> vm = target->TakeVm();
-        if (vm) (void)vm->Pause();
-      }
-    }
+    if (outcome.ok() && outcome->vm) (void)outcome->vm->Pause();
   }
   server->Shutdown();
   return row;
@@ -432,7 +368,7 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
               "r0_GB/s", "cpu%", "status");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
-    const bool ok = s.status == "completed";
+    const bool ok = s.outcome == engine::Outcome::kCompleted;
     const double cpu = s.total_time_ms > 0 ? (r.cpu_user_ms + r.cpu_sys_ms) / s.total_time_ms * 100 : 0;
     char downtime[32];
     if (ok) {
@@ -448,14 +384,14 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
     std::printf("%-10s %7s %5u %7u %8s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
                 FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), s.total_time_ms,
                 s.setup_time_ms, downtime, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), r.gbps, r.ratio,
-                round0, cpu, ok ? s.status.c_str() : (s.status + ": " + s.error).c_str());
+                round0, cpu, ok ? "completed" : (std::string(engine::OutcomeName(s.outcome)) + ": " + s.error).c_str());
   }
   std::printf("\ndowntime of completed migrations, ms: final collection | stop-and-copy round (pages, batches) | "
               "vCPU pause, state capture (and the source's digest with --verify) | Final to the target's reply (of "
               "which target restore and, with --verify, its digest and checker)\n");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
-    if (s.status != "completed" || s.round_stats.empty()) continue;
+    if (s.outcome != engine::Outcome::kCompleted || s.round_stats.empty()) continue;
     std::printf("%-10s %7s %7u %8s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
                 r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, r.compress.c_str(), s.downtime_ms,
                 r.final_collect_ms, r.final_round_ms, s.round_stats.back().sent.pages,
@@ -526,16 +462,16 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
   setup.migrate_after = *after;
   setup.prefault_target = f.prefault_target;
-  setup.migration.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
-  setup.migration.max_rounds = f.max_rounds;
+  setup.migration.convergence.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
+  setup.migration.convergence.max_rounds = f.max_rounds;
   if (f.on_timeout != "cancel" && f.on_timeout != "force") {
     return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
   }
-  setup.migration.force_on_timeout = f.on_timeout == "force";
+  setup.migration.convergence.force_on_timeout = f.on_timeout == "force";
   setup.migration.verify = f.verify;
   if (f.baseline_runs == 0) return PrintError("--baseline-runs must be at least 1"), kExitUsage;
   // A random-content guest is resident twice (source and target).
-  const uint64_t avail = AvailableMemory();
+  const uint64_t avail = HostAvailableMemory();
   for (const Scenario& sc : scenarios) {
     if (sc.fill != vmm::FillMode::kRandom) continue;
     const uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
@@ -595,10 +531,10 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
                        "%-9s %s, %u stream%s, %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, %.3f GB/s "
                        "(%.2f x raw)%s%s\n",
                        sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
-                       row->compress.c_str(), s.status.c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
+                       row->compress.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
                        FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps, row->ratio,
                        s.error.empty() ? "" : ": ", s.error.c_str());
-          if (s.status != "completed") all_completed = false;
+          if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
           rows.push_back(std::move(*row));
         }
       }

@@ -7,7 +7,17 @@
 
 namespace pmlmig::tools {
 
+std::string ErrorWithAdvice(const engine::MigrationStats& s) {
+  switch (s.cancel_reason) {
+    case engine::CancelReason::kNotConverging:
+      return s.error + " (raise --downtime-limit, --max-rounds or --timeout, or use --on-timeout force)";
+    case engine::CancelReason::kTimedOut: return s.error + " (raise --timeout)";
+    default: return s.error;
+  }
+}
+
 nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
+  const bool completed = s.outcome == engine::Outcome::kCompleted;
   nlohmann::ordered_json rounds = nlohmann::ordered_json::array();
   for (const engine::RoundStats& r : s.round_stats) {
     rounds.push_back({{"round", r.round},
@@ -20,9 +30,9 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
                       {"expected_downtime_ms", r.expected_downtime_ms}});
   }
   return {
-      {"status", s.status},
+      {"status", std::string(engine::OutcomeName(s.outcome))},
       {"total_time_ms", s.total_time_ms},
-      {"downtime_ms", s.status == "completed" ? nlohmann::ordered_json(s.downtime_ms) : nlohmann::ordered_json(nullptr)},
+      {"downtime_ms", completed ? nlohmann::ordered_json(s.downtime_ms) : nlohmann::ordered_json(nullptr)},
       {"setup_time_ms", s.setup_time_ms},
       {"rounds", s.rounds},
       {"transferred_bytes", s.transferred.wire_bytes},
@@ -37,24 +47,26 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"target_restore_ms", s.final_reply.target_restore_ms},
       {"target_resume_ms", s.final_reply.target_resume_ms},
       {"commit_resolved", s.commit_resolved},
-      {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(s.error)},
+      {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(ErrorWithAdvice(s))},
       {"round_stats", rounds},
   };
 }
 
 std::string MigrationStatsText(const engine::MigrationStats& s) {
+  const bool completed = s.outcome == engine::Outcome::kCompleted;
   char buf[512];
   std::string out;
   std::snprintf(buf, sizeof buf,
                 "Migration %s in %.1f ms (setup %.1f ms), downtime %.1f ms, %u rounds\n"
                 "  transferred %s on the wire (%s of pages): %" PRIu64 " normal pages, %" PRIu64
                 " zero pages, %.0f Mbit/s\n",
-                s.status.c_str(), s.total_time_ms, s.setup_time_ms, s.status == "completed" ? s.downtime_ms : 0.0,
+                std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.setup_time_ms,
+                completed ? s.downtime_ms : 0.0,
                 s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(),
                 FormatBytes(s.transferred.payload_bytes).c_str(), s.transferred.normal_pages, s.transferred.zero_pages,
                 s.throughput_mbps);
   out += buf;
-  if (s.status == "completed") {
+  if (completed) {
     std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s; verification: %s\n",
                   s.final_reply.target_restore_ms, s.final_reply.target_resume_ms,
                   s.commit_resolved ? " (the commit's reply was lost; Resolve confirmed it)" : "",
@@ -68,7 +80,7 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                   r.bandwidth_mbps, r.expected_downtime_ms);
     out += buf;
   }
-  if (!s.error.empty()) out += "  error: " + s.error + "\n";
+  if (!s.error.empty()) out += "  error: " + ErrorWithAdvice(s) + "\n";
   return out;
 }
 
@@ -76,7 +88,7 @@ std::string ProgressLine(const engine::MigrationProgress& p) {
   char buf[256];
   std::snprintf(buf, sizeof buf,
                 "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
-                p.elapsed_ms / 1000, p.phase.c_str(), p.round, FormatBytes(p.wire_bytes).c_str(), p.remaining_pages,
+                p.elapsed_ms / 1000, std::string(engine::PhaseName(p.phase)).c_str(), p.round, FormatBytes(p.wire_bytes).c_str(), p.remaining_pages,
                 p.bandwidth_mbps, p.expected_downtime_ms);
   return buf;
 }

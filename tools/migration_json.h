@@ -8,6 +8,8 @@
 
 namespace pmlmig::tools {
 
+// The engine's error plus what the user can change on the command line.
+std::string ErrorWithAdvice(const engine::MigrationStats& s);
 nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s);
 // Multi-line human report, in the spirit of QEMU's `info migrate`.
 std::string MigrationStatsText(const engine::MigrationStats& s);

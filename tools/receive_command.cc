@@ -13,10 +13,9 @@
 #include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/migration_target.h"
-#include "pmlmig/transport/config_codec.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
-#include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/description.h"
 #include "pmlmig/vmm/machine.h"
 
 namespace pmlmig::tools {
@@ -39,12 +38,6 @@ struct ReceiveFlags {
   std::string idle_timeout = "60s";
   std::string commit_timeout = "30s";
 };
-
-std::vector<uint64_t> Counters(const vmm::Machine& m) {
-  std::vector<uint64_t> c;
-  for (const auto& s : m.Stats()) c.push_back(s.pages_written);
-  return c;
-}
 
 int Receive(const ReceiveFlags& f) {
   auto exit_after = ParseDuration(f.exit_after);
@@ -85,39 +78,19 @@ int Receive(const ReceiveFlags& f) {
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
   InstallInterruptHandler();
 
-  // What the factory built, for the report (one migration at a time).
-  vmm::Machine* machine = nullptr;
-  vmm::TestGuestConfig guest;
-  std::vector<uint64_t> at_resume;
-  std::string check_detail;
-  const vmm::Kvm& k = *kvm;
-  auto make_target = [&]() -> std::unique_ptr<engine::MigrationTarget> {
-    auto build = [&](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
-      if (f.verify && !setup.verify) {
-        return InvalidArgument("this receiver runs with --verify; run the source with --verify too");
-      }
-      vmm::MachineOptions o;
-      PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &o.guest, &o.irqchip));
-      auto m = vmm::Machine::CreateForRestore(k, o);
-      if (!m.ok()) return m.status();
-      machine = m->get();
-      guest = o.guest;
-      if (!f.quiet) {
-        std::fprintf(stderr, "pmlmig receive: building a %s guest with %u vCPU%s (workload %s)\n",
-                     FormatBytes(o.guest.memory_bytes).c_str(), o.guest.vcpus, o.guest.vcpus == 1 ? "" : "s",
-                     o.guest.workload.ToString().c_str());
-      }
-      return std::unique_ptr<engine::VmControl>(std::move(*m));
+  // Builds each incoming VM and remembers it, for the report (one migration at a time).
+  vmm::TestVmFactoryOptions fo;
+  fo.require_verify = f.verify;
+  fo.check_memory = true;
+  if (!f.quiet) {
+    fo.on_build = [](const vmm::MachineOptions& o) {
+      std::fprintf(stderr, "pmlmig receive: building a %s guest with %u vCPU%s (workload %s)\n",
+                   FormatBytes(o.guest.memory_bytes).c_str(), o.guest.vcpus, o.guest.vcpus == 1 ? "" : "s",
+                   o.guest.workload.ToString().c_str());
     };
-    auto check = [&](engine::VmControl&) -> Result<std::string> {
-      at_resume = Counters(*machine);
-      const vmm::CheckReport r = vmm::CheckGuestMemory(machine->memory(), guest, at_resume);
-      if (!r.ok()) return r.ToStatus();
-      return "memory checker passed on " + std::to_string(r.pages_checked) + " pages (" +
-             std::to_string(r.pages_stamped) + " stamped)";
-    };
-    return std::make_unique<engine::VmMigrationTarget>(build, check);
-  };
+  }
+  vmm::TestVmFactory factory(*kvm, std::move(fo));
+  auto make_target = [&factory] { return factory.MakeTarget(); };
   auto server = transport::MigrationServer::Start(f.listen, make_target, so);
   if (!server.ok()) {
     const Status& s = server.status();
@@ -134,7 +107,7 @@ int Receive(const ReceiveFlags& f) {
   // Wait for a migration that completes, waking up for Ctrl-C; a failed
   // attempt is reported and the receiver waits for the next.
   const auto started = std::chrono::steady_clock::now();
-  Result<transport::MigrationOutcome> outcome = Aborted("interrupted");
+  Result<transport::ReceivedMigration> outcome = Aborted("interrupted");
   nlohmann::ordered_json failed_attempts = nlohmann::ordered_json::array();
   for (;;) {
     if (Interrupted()) {
@@ -147,17 +120,16 @@ int Receive(const ReceiveFlags& f) {
     }
     outcome = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
     if (!outcome.ok()) continue;
-    if (outcome->status == transport::MigrationStatus::kCompleted) break;
-    failed_attempts.push_back({{"status", std::string(transport::MigrationStatusName(outcome->status))},
+    if (outcome->outcome == engine::Outcome::kCompleted) break;
+    failed_attempts.push_back({{"status", std::string(engine::OutcomeName(outcome->outcome))},
                                {"error", outcome->error.message()},
                                {"rounds", outcome->rounds}});
     if (f.attempts != 0 && failed_attempts.size() >= f.attempts) break;
     if (!f.quiet) {
       std::fprintf(stderr, "pmlmig receive: migration %s: %s (the partial VM was discarded); waiting for the next\n",
-                   std::string(transport::MigrationStatusName(outcome->status)).c_str(),
+                   std::string(engine::OutcomeName(outcome->outcome)).c_str(),
                    outcome->error.message().c_str());
     }
-    machine = nullptr;
   }
   nlohmann::ordered_json out = {{"status", "failed"}, {"resumed", false}, {"verified", nullptr},
                                 {"downtime_ms", nullptr}, {"target_restore_ms", nullptr},
@@ -170,26 +142,28 @@ int Receive(const ReceiveFlags& f) {
     PrintError(outcome.status().message());
     return Interrupted() ? kExitInterrupted : kExitFailure;
   }
-  transport::MigrationOutcome& o = *outcome;
-  out["status"] = std::string(transport::MigrationStatusName(o.status));
+  transport::ReceivedMigration& o = *outcome;
+  const std::string status(engine::OutcomeName(o.outcome));
+  out["status"] = status;
   out["rounds"] = o.rounds;
   out["received_normal_pages"] = o.totals.normal_pages;
   out["received_zero_pages"] = o.totals.zero_pages;
   out["received_bytes"] = o.totals.wire_bytes;
-  if (o.status != transport::MigrationStatus::kCompleted) {
+  if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
     out["error"] = o.error.message();
     if (f.json) std::printf("%s\n", out.dump().c_str());
-    PrintError("migration " + std::string(transport::MigrationStatusName(o.status)) + ": " + o.error.message() +
+    PrintError("migration " + status + ": " + o.error.message() +
                " (the partial VM was discarded)");
     return kExitFailure;
   }
   // Keep answering Resolve while the VM runs here (a source whose commit
   // reply was lost asks); take no other migration.
   (*server)->RefuseNewMigrations("it now runs the VM it received");
-  auto* target = dynamic_cast<engine::VmMigrationTarget*>(o.target.get());
-  std::unique_ptr<engine::VmControl> vm = target != nullptr ? target->TakeVm() : nullptr;
+  std::unique_ptr<engine::VmControl> vm = std::move(o.vm);
+  vmm::Machine* machine = factory.last_built();  // the VM in `vm`: the factory built it
   if (vm == nullptr || machine == nullptr) return PrintError("internal: completed migration without a VM"), kExitFailure;
+  std::vector<uint64_t> at_resume = factory.counters_at_check();
   out["resumed"] = true;
   out["verified"] = o.reply.verified ? nlohmann::ordered_json(true) : nlohmann::ordered_json(nullptr);
   out["verify_detail"] = o.reply.verify_detail;
@@ -198,7 +172,7 @@ int Receive(const ReceiveFlags& f) {
   out["note"] = o.error.ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(o.error.message());
   out["downtime_ms"] = o.reply.source_paused_ms > 0 ? nlohmann::ordered_json(o.reply.source_paused_ms + o.reply.target_restore_ms + o.reply.target_resume_ms)
                                                     : nlohmann::ordered_json(nullptr);
-  if (at_resume.empty()) at_resume = Counters(*machine);  // no check ran: close to the resume point
+  if (at_resume.empty()) at_resume = vmm::PagesWritten(*machine);  // no check ran: close to the resume point
   if (!f.quiet) {
     std::fprintf(stderr, "pmlmig receive: VM resumed (restore %.1f ms)%s%s; running it for %s\n",
                  o.reply.target_restore_ms, o.reply.verified ? ", verified: " : "",
@@ -209,7 +183,7 @@ int Receive(const ReceiveFlags& f) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   (void)vm->Pause();
-  const std::vector<uint64_t> now = Counters(*machine);
+  const std::vector<uint64_t> now = vmm::PagesWritten(*machine);
   uint64_t after = 0;
   nlohmann::ordered_json per = nlohmann::ordered_json::array();
   for (size_t i = 0; i < now.size(); ++i) {
@@ -225,7 +199,7 @@ int Receive(const ReceiveFlags& f) {
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::printf("Received: %s, %u rounds, %" PRIu64 " normal + %" PRIu64 " zero pages; restore %.1f ms; %s\n",
-                std::string(transport::MigrationStatusName(o.status)).c_str(), o.rounds, o.totals.normal_pages,
+                status.c_str(), o.rounds, o.totals.normal_pages,
                 o.totals.zero_pages, o.reply.target_restore_ms,
                 o.reply.verified ? o.reply.verify_detail.c_str() : "not verified");
     std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());

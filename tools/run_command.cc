@@ -14,13 +14,14 @@
 #include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "migration_json.h"
-#include "pmlmig/engine/migration_source.h"
+#include "pmlmig/engine/migration_controller.h"
+#include "pmlmig/base/proc.h"
 #include "pmlmig/engine/tracker.h"
-#include "pmlmig/transport/config_codec.h"
 #include "pmlmig/transport/control.h"
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/capabilities.h"
 #include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/description.h"
 #include "pmlmig/vmm/machine.h"
 
 namespace pmlmig::tools {
@@ -70,27 +71,6 @@ Result<uint32_t> RingEntries(const vmm::Kvm& kvm, uint32_t requested) {
   return requested;
 }
 
-// Bytes of host memory available for new allocations (MemAvailable).
-uint64_t AvailableHostMemory() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  uint64_t kib = 0;
-  std::string unit;
-  while (in >> key >> kib >> unit) {
-    if (key == "MemAvailable:") return kib * 1024;
-  }
-  return 0;
-}
-
-uint64_t PeakRssBytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
-  }
-  return 0;
-}
-
 std::string Rate(double pages_per_second) {
   char buf[32];
   if (pages_per_second >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM", pages_per_second / 1e6);
@@ -99,164 +79,103 @@ std::string Rate(double pages_per_second) {
   return buf;
 }
 
-// The control API of a running VM: one migration at a time, on its own thread.
+// The control API of a running VM, over the engine's MigrationController.
 class RunControl final : public transport::ControlHandler {
  public:
-  RunControl(const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker)
-      : options_(options), m_(m), tracker_(tracker) {}
-  ~RunControl() override { Join(); }
+  RunControl(engine::MigrationController& controller, vmm::Machine& m) : controller_(controller), m_(m) {}
 
   Status StartMigration(const transport::MigrateCommand& c) override {
-    std::lock_guard lock(mu_);
-    if (active_) return Status(Code::kInvalidArgument, "a migration is already in progress");
-    if (migrated_) return Status(Code::kInvalidArgument, "this VM has already migrated away");
-    if (last_.status == "in-doubt") {
-      return Status(Code::kInvalidArgument,
-                    "the last switch-over is in doubt: the VM stays paused here until you know whether the target runs it");
-    }
-    auto compress = transport::ParseCompression(c.compress);
-    if (!compress.ok()) return compress.status();
-    transport::GrpcSinkOptions so;
-    so.target = c.to;
-    so.streams = c.streams;
-    so.compress = *compress;
-    so.max_bandwidth = c.max_bandwidth;
-    auto sec = transport::LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file, c.tls_server_name);
-    if (!sec.ok()) return sec.status();
-    so.security = std::move(*sec);
-    auto sink = transport::GrpcMigrationSink::Create(so);
+    auto so = transport::SinkOptionsFor(c);
+    if (!so.ok()) return so.status();
+    auto sink = transport::GrpcMigrationSink::Create(std::move(*so));
     if (!sink.ok()) return sink.status();
-    engine::MigrationOptions mo;
-    mo.downtime_limit = std::chrono::milliseconds(c.downtime_limit_ms);
-    mo.max_rounds = c.max_rounds;
-    mo.timeout = std::chrono::milliseconds(c.timeout_ms);
-    mo.force_on_timeout = c.force_on_timeout;
-    mo.verify = c.verify;
-    if (thread_.joinable()) thread_.join();  // the previous, finished migration
-    sink_ = std::move(*sink);
-    source_ = std::make_unique<engine::MigrationSource>(m_, tracker_, *sink_, mo,
-                                                        transport::EncodeVmConfig(options_.guest, options_.irqchip));
-    active_ = true;
-    last_ = engine::MigrationStats{};
+    engine::MigrationCallbacks callbacks;
+    callbacks.on_done = [](const engine::MigrationStats& st) {
+      std::fprintf(stderr, "pmlmig run: control API: migration %s%s%s\n", std::string(engine::OutcomeName(st.outcome)).c_str(),
+                   st.error.empty() ? "" : ": ", ErrorWithAdvice(st).c_str());
+    };
+    PMLMIG_RETURN_IF_ERROR(controller_.Start(std::move(*sink), transport::MigrationOptionsFor(c), std::move(callbacks)));
     std::fprintf(stderr, "pmlmig run: control API: migrating to %s\n", c.to.c_str());
-    thread_ = std::thread([this] {
-      engine::MigrationStats st = source_->Run();
-      std::lock_guard l(mu_);
-      last_ = st;
-      active_ = false;
-      migrated_ = st.status == "completed";
-      std::fprintf(stderr, "pmlmig run: control API: migration %s%s%s\n", st.status.c_str(),
-                   st.error.empty() ? "" : ": ", st.error.c_str());
-    });
     return Status::Ok();
   }
 
   transport::ControlStatus GetStatus() override {
     transport::ControlStatus s;
     for (const vmm::VcpuStats& v : m_.Stats()) s.pages_written += v.pages_written;
-    std::lock_guard lock(mu_);
-    s.vm = migrated_ ? "migrated"
-                     : last_.status == "in-doubt" ? "paused-in-doubt"
-                                                  : (m_.error().ok() ? "running" : "failed");
-    if (active_) {
-      const engine::MigrationProgress p = source_->progress();
+    const engine::ControllerStatus cs = controller_.status();
+    s.vm = cs.vm == engine::VmPlacement::kHere && !m_.error().ok() ? "failed"
+                                                                  : std::string(engine::VmPlacementName(cs.vm));
+    if (cs.active) {
+      const engine::MigrationProgress& p = cs.progress;
       s.migration = "active";
-      s.phase = p.phase;
+      s.phase = engine::PhaseName(p.phase);
       s.round = p.round;
       s.remaining_pages = p.remaining_pages;
       s.bandwidth_mbps = p.bandwidth_mbps;
       s.expected_downtime_ms = p.expected_downtime_ms;
       s.sent_bytes = p.wire_bytes;
       s.elapsed_ms = p.elapsed_ms;
-    } else if (source_) {
-      s.migration = last_.status;
-      s.error = last_.error;
-      s.stats_json = MigrationStatsJson(last_).dump();
+    } else if (cs.last != engine::Outcome::kNone) {
+      s.migration = engine::OutcomeName(cs.last);
+      s.error = ErrorWithAdvice(cs.last_stats);
+      s.stats_json = MigrationStatsJson(cs.last_stats).dump();
     }
     return s;
   }
 
-  Status CancelMigration() override {
-    std::lock_guard lock(mu_);
-    if (!active_) return Status(Code::kInvalidArgument, "no migration in progress");
-    source_->Cancel();
-    return Status::Ok();
-  }
-
-  bool migrated() {
-    std::lock_guard lock(mu_);
-    return migrated_;
-  }
-  // Cancels a migration in progress and waits for its thread.
-  void Join() {
-    {
-      std::lock_guard lock(mu_);
-      if (active_ && source_) source_->Cancel();
-    }
-    if (thread_.joinable()) thread_.join();
-  }
-  engine::MigrationStats last() {
-    std::lock_guard lock(mu_);
-    return last_;
-  }
+  Status CancelMigration() override { return controller_.Cancel(); }
 
  private:
-  const vmm::MachineOptions& options_;
+  engine::MigrationController& controller_;
   vmm::Machine& m_;
-  engine::DirtyTracker& tracker_;
-  std::mutex mu_;
-  bool active_ = false;                          // guarded by mu_
-  bool migrated_ = false;                        // guarded by mu_
-  engine::MigrationStats last_;                  // guarded by mu_
-  std::unique_ptr<transport::GrpcMigrationSink> sink_;
-  std::unique_ptr<engine::MigrationSource> source_;
-  std::thread thread_;
 };
 
 // Migrates the running VM; prints the statistics; 0 only when completed.
 int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
-            const transport::GrpcSinkOptions& sink_options, const engine::MigrationOptions& migration,
-            std::chrono::steady_clock::time_point vm_start, std::chrono::nanoseconds linger) {
-  auto sink = transport::GrpcMigrationSink::Create(sink_options);
+            const transport::MigrateCommand& command, std::chrono::steady_clock::time_point vm_start,
+            std::chrono::nanoseconds linger) {
+  auto sink_options = transport::SinkOptionsFor(command);
+  if (!sink_options.ok()) return PrintError(sink_options.status().message()), kExitFailure;
+  auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
   if (!sink.ok()) return PrintError(sink.status().message()), kExitFailure;
   const std::vector<vmm::VcpuStats> before = m.Stats();
-  engine::MigrationSource source(m, tracker, **sink, migration,
-                                 transport::EncodeVmConfig(options.guest, options.irqchip));
+  engine::MigrationController controller(m, tracker, vmm::EncodeTestVmDescription(options));
   const bool tty = isatty(STDERR_FILENO) != 0;
+  engine::MigrationCallbacks callbacks;
   if (!f.quiet) {
     std::fprintf(stderr, "pmlmig run: migrating to %s (tracker %s, %u stream%s, compress %s%s%s)\n",
                  f.migrate_to.c_str(), std::string(tracker.name()).c_str(), f.streams, f.streams == 1 ? "" : "s",
                  f.compress.c_str(), f.max_bandwidth != "0" ? (", max " + f.max_bandwidth + "B/s").c_str() : "",
                  f.verify ? ", verify" : "");
-    source.SetProgressCallback([tty](const engine::MigrationProgress& p) {
+    callbacks.on_progress = [tty](const engine::MigrationProgress& p) {
       std::fprintf(stderr, tty ? "\r%-110s" : "%s\n", ProgressLine(p).c_str());
-      if (tty && p.phase == "done") std::fputc('\n', stderr);
-    });
+      if (tty && p.phase == engine::Phase::kDone) std::fputc('\n', stderr);
+    };
+  }
+  if (Status s = controller.Start(std::move(*sink), transport::MigrationOptionsFor(command), std::move(callbacks));
+      !s.ok()) {
+    return PrintError(s.message()), kExitFailure;
   }
   // Ctrl-C cancels the migration (the VM stays here).
-  std::atomic<bool> done{false};
-  std::thread watcher([&] {
-    while (!done.load()) {
-      if (Interrupted()) {
-        source.Cancel();
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  while (controller.busy()) {
+    if (Interrupted()) {
+      (void)controller.Cancel();
+      break;
     }
-  });
-  const engine::MigrationStats stats = source.Run();
-  done = true;
-  watcher.join();
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const engine::MigrationStats stats = controller.Wait();
   const std::vector<vmm::VcpuStats> after = m.Stats();
   const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
   // Failed or cancelled: the source resumed the VM; it keeps running here
   // (for --linger, so the report can show it running) before the run ends.
-  const bool failed_here = stats.status == "failed" || stats.status == "cancelled";
+  const bool failed_here = stats.outcome == engine::Outcome::kFailed || stats.outcome == engine::Outcome::kCancelled;
+  const std::string outcome(engine::OutcomeName(stats.outcome));
   std::vector<vmm::VcpuStats> lingered = after;
   if (failed_here && !Interrupted()) {
     if (!f.quiet) {
-      std::fprintf(stderr, "pmlmig run: migration %s; the VM keeps running here (for %s more)\n",
-                   stats.status.c_str(), f.linger.c_str());
+      std::fprintf(stderr, "pmlmig run: migration %s; the VM keeps running here (for %s more)\n", outcome.c_str(),
+                   f.linger.c_str());
     }
     const auto until = std::chrono::steady_clock::now() + linger;
     while (std::chrono::steady_clock::now() < until && !Interrupted() && m.error().ok()) {
@@ -288,12 +207,12 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   } else {
     std::fputs(MigrationStatsText(stats).c_str(), stdout);
   }
-  if (stats.status == "in-doubt") {
+  if (stats.outcome == engine::Outcome::kInDoubt) {
     PrintError("migration in doubt: " + stats.error);
     return kExitInDoubt;
   }
-  if (stats.status != "completed") {
-    PrintError("migration " + stats.status + ": " + stats.error + " (the VM kept running here)");
+  if (stats.outcome != engine::Outcome::kCompleted) {
+    PrintError("migration " + outcome + ": " + ErrorWithAdvice(stats) + " (the VM kept running here)");
     return kExitFailure;
   }
   return kExitOk;
@@ -313,7 +232,7 @@ int Run(const RunFlags& f) {
     return PrintError("--memory: " + layout.status().message()), kExitUsage;
   }
   if (*fill == vmm::FillMode::kRandom) {
-    const uint64_t avail = AvailableHostMemory();
+    const uint64_t avail = HostAvailableMemory();
     if (avail != 0 && *memory > avail / 10 * 9) {
       PrintError("--fill random needs " + FormatBytes(*memory) + " of host memory but only " +
                  FormatBytes(avail) + " is available; use --fill zero or a smaller --memory");
@@ -341,8 +260,7 @@ int Run(const RunFlags& f) {
     return PrintError("--control needs a tracker (ring, bitmap or bitmap-clear) for migrations"), kExitUsage;
   }
   // Migration flags, all checked before anything starts.
-  transport::GrpcSinkOptions sink_options;
-  engine::MigrationOptions migration;
+  transport::MigrateCommand command;
   std::chrono::nanoseconds migrate_after{0};
   if (migrating) {
     if (*tracker_kind == engine::TrackerKind::kNone) return PrintError("--migrate-to needs a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
@@ -351,26 +269,31 @@ int Run(const RunFlags& f) {
     migrate_after = *after;
     auto timeout = ParseDuration(f.timeout);
     if (!timeout.ok()) return PrintError("--timeout: " + timeout.status().message()), kExitUsage;
-    migration.timeout = std::chrono::duration_cast<std::chrono::milliseconds>(*timeout);
     if (f.on_timeout != "cancel" && f.on_timeout != "force") {
       return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
     }
-    migration.force_on_timeout = f.on_timeout == "force";
-    migration.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
-    migration.max_rounds = f.max_rounds;
-    migration.verify = f.verify;
     auto bw = ParseSize(f.max_bandwidth);
     if (!bw.ok()) return PrintError("--max-bandwidth: " + bw.status().message()), kExitUsage;
-    auto compress = transport::ParseCompression(f.compress);
-    if (!compress.ok()) return PrintError("--compress: " + compress.status().message()), kExitUsage;
-    sink_options.target = f.migrate_to;
-    sink_options.streams = f.streams;
-    sink_options.compress = *compress;
-    sink_options.max_bandwidth = *bw;
-    auto sec = LoadSecurity(f.security);
-    if (!sec.ok()) return PrintError(sec.status().message()), kExitUsage;
-    sink_options.security = std::move(*sec);
-    if (auto check = transport::GrpcMigrationSink::Create(sink_options); !check.ok()) {
+    if (auto compress = transport::ParseCompression(f.compress); !compress.ok()) {
+      return PrintError("--compress: " + compress.status().message()), kExitUsage;
+    }
+    command.to = f.migrate_to;
+    command.streams = f.streams;
+    command.compress = f.compress;
+    command.max_bandwidth = *bw;
+    command.downtime_limit_ms = f.downtime_limit_ms;
+    command.max_rounds = f.max_rounds;
+    command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
+    command.force_on_timeout = f.on_timeout == "force";
+    command.verify = f.verify;
+    command.tls_ca = f.security.tls_ca;
+    command.tls_cert = f.security.tls_cert;
+    command.tls_key = f.security.tls_key;
+    command.tls_server_name = f.security.tls_server_name;
+    command.token_file = f.security.token_file;
+    auto sink_options = transport::SinkOptionsFor(command);
+    if (!sink_options.ok()) return PrintError(sink_options.status().message()), kExitUsage;
+    if (auto check = transport::GrpcMigrationSink::Create(std::move(*sink_options)); !check.ok()) {
       return PrintError(check.status().message()), kExitUsage;
     }
   } else if (f.verify || f.streams != 1 || f.compress != "none" || f.max_bandwidth != "0") {
@@ -399,10 +322,13 @@ int Run(const RunFlags& f) {
   // When migrating (now or through the control API), the migration owns the
   // tracker (it enables it before round 0); otherwise it collects once a
   // second from the start.
+  std::unique_ptr<engine::MigrationController> controller;
   std::unique_ptr<RunControl> control;
   std::unique_ptr<transport::ControlServer> control_server;
+  auto migrated = [&] { return controller && controller->status().vm == engine::VmPlacement::kMigrated; };
   if (!f.control.empty()) {
-    control = std::make_unique<RunControl>(options, m, **tracker);
+    controller = std::make_unique<engine::MigrationController>(m, **tracker, vmm::EncodeTestVmDescription(options));
+    control = std::make_unique<RunControl>(*controller, m);
     auto server = transport::ControlServer::Start(f.control, *control);
     if (!server.ok()) return PrintError(server.status().message()), kExitFailure;
     control_server = std::move(*server);
@@ -430,7 +356,7 @@ int Run(const RunFlags& f) {
     const auto now = std::chrono::steady_clock::now();
     if ((migrating || duration->count() != 0) && now >= end) break;
     if (failure = m.error(); !failure.ok()) break;
-    if (control && control->migrated()) break;
+    if (migrated()) break;
     auto next = std::min(last_tick + std::chrono::seconds(1),
                          migrating || duration->count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
@@ -468,15 +394,15 @@ int Run(const RunFlags& f) {
       last_tick = t;
     }
   }
-  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, sink_options, migration, start, *linger);
-  if (control) {
-    control->Join();  // a migration still in progress is cancelled: the VM stays here
+  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, command, start, *linger);
+  if (controller) {
+    (void)controller->Cancel();  // a migration still in progress is cancelled: the VM stays here
+    const engine::MigrationStats st = controller->Wait();
     // A 'pmlmig migrate' polls every 200 ms: let it read the outcome first.
-    if (control->migrated()) std::this_thread::sleep_for(std::chrono::seconds(1));
+    if (migrated()) std::this_thread::sleep_for(std::chrono::seconds(1));
     control_server.reset();
-    if (control->migrated()) {
+    if (migrated()) {
       m.Stop();
-      const engine::MigrationStats st = control->last();
       if (f.json) {
         std::printf("%s\n", MigrationStatsJson(st).dump().c_str());
       } else {

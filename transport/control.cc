@@ -7,25 +7,17 @@
 #include <mutex>
 
 #include "control.grpc.pb.h"
+#include "grpc_status.h"
 
 namespace pmlmig::transport {
 namespace {
-
-grpc::Status ToGrpc(const Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  const grpc::StatusCode code = s.code() == Code::kInvalidArgument ? grpc::StatusCode::INVALID_ARGUMENT
-                                : s.code() == Code::kAborted       ? grpc::StatusCode::ABORTED
-                                                                   : grpc::StatusCode::FAILED_PRECONDITION;
-  return grpc::Status(code, s.message());
-}
 
 Status FromGrpc(const grpc::Status& s, const std::string& path) {
   if (s.ok()) return Status::Ok();
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE) {
     return Unavailable("control socket " + path + ": no VM answers there (" + s.error_message() + ")");
   }
-  return Status(s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ? Code::kInvalidArgument : Code::kAborted,
-                s.error_message());
+  return Status(CodeFromGrpc(s.error_code()), s.error_message());
 }
 
 class Service final : public proto::Control::Service {
@@ -165,6 +157,27 @@ Status ControlCancel(const std::string& path) {
   proto::CancelReply reply;
   auto ctx = Context();
   return FromGrpc(Connect(path)->Cancel(ctx.get(), proto::CancelRequest(), &reply), path);
+}
+
+Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& c) {
+  GrpcSinkOptions so;
+  so.target = c.to;
+  so.streams = c.streams;
+  PMLMIG_ASSIGN_OR_RETURN(so.compress, ParseCompression(c.compress));
+  so.max_bandwidth = c.max_bandwidth;
+  PMLMIG_ASSIGN_OR_RETURN(so.security, LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file,
+                                                             c.tls_server_name));
+  return so;
+}
+
+engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {
+  engine::MigrationOptions mo;
+  mo.convergence.downtime_limit = std::chrono::milliseconds(c.downtime_limit_ms);
+  mo.convergence.max_rounds = c.max_rounds;
+  mo.convergence.timeout = std::chrono::milliseconds(c.timeout_ms);
+  mo.convergence.force_on_timeout = c.force_on_timeout;
+  mo.verify = c.verify;
+  return mo;
 }
 
 }  // namespace pmlmig::transport

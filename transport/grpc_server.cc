@@ -38,28 +38,14 @@
 #include "receiver_checks.h"
 #include "migration.grpc.pb.h"
 #include "pmlmig/base/failpoint.h"
+#include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
+#include "grpc_status.h"
 
 namespace pmlmig::transport {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-grpc::Status ToGrpc(const Status& s) {
-  grpc::StatusCode code = grpc::StatusCode::INTERNAL;
-  switch (s.code()) {
-    case Code::kOk: return grpc::Status::OK;
-    case Code::kInvalidArgument: code = grpc::StatusCode::INVALID_ARGUMENT; break;
-    case Code::kNotFound: code = grpc::StatusCode::NOT_FOUND; break;
-    case Code::kPermissionDenied: code = grpc::StatusCode::PERMISSION_DENIED; break;
-    case Code::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
-    case Code::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
-    case Code::kAborted: code = grpc::StatusCode::ABORTED; break;
-    case Code::kDataLoss: code = grpc::StatusCode::DATA_LOSS; break;
-    case Code::kInternal: code = grpc::StatusCode::INTERNAL; break;
-  }
-  return grpc::Status(code, s.message());
-}
 
 const char* RequestName(const proto::ControlRequest& r) {
   switch (r.msg_case()) {
@@ -119,19 +105,7 @@ std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) +
 
 // Memory the host can give a new VM now: MemAvailable, else physical memory.
 uint64_t HostAvailableBytes() {
-  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
-    char line[256];
-    unsigned long long kib = 0;
-    bool found = false;
-    while (std::fgets(line, sizeof line, f) != nullptr) {
-      if (std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1) {
-        found = true;
-        break;
-      }
-    }
-    std::fclose(f);
-    if (found) return static_cast<uint64_t>(kib) << 10;
-  }
+  if (const uint64_t available = HostAvailableMemory(); available != 0) return available;
   const long pages = sysconf(_SC_PHYS_PAGES);
   const long size = sysconf(_SC_PAGESIZE);
   return pages > 0 && size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(size) : 0;
@@ -139,14 +113,6 @@ uint64_t HostAvailableBytes() {
 
 }  // namespace
 
-std::string_view MigrationStatusName(MigrationStatus s) {
-  switch (s) {
-    case MigrationStatus::kCompleted: return "completed";
-    case MigrationStatus::kFailed: return "failed";
-    case MigrationStatus::kAborted: return "aborted";
-  }
-  return "unknown";
-}
 
 class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMethod_Pages<proto::Migration::Service> {
  public:
@@ -162,7 +128,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Pages(grpc::CallbackServerContext* ctx) override;
   grpc::Status Resolve(grpc::ServerContext* ctx, const proto::ResolveRequest* req, proto::ResolveReply* reply) override;
 
-  Result<MigrationOutcome> WaitForMigration(Clock::time_point deadline);
+  Result<ReceivedMigration> WaitForMigration(Clock::time_point deadline);
   void RefuseNewMigrations(std::string why);
   void Shutdown();
 
@@ -212,7 +178,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   // Control thread: ends the session (once): stops and waits for the Pages
   // threads, discards the target unless completed, records the outcome, and
   // frees the receiver for the next migration.
-  void EndSession(const std::shared_ptr<Session>& session, MigrationStatus status, const Status& error,
+  void EndSession(const std::shared_ptr<Session>& session, engine::Outcome status, const Status& error,
                   engine::FinalReply reply = {});
   // Pages thread, under mu_: may this batch be applied now?
   Status Admit(const std::shared_ptr<Session>& session, uint32_t index, const proto::PageBatch& b) const;
@@ -247,7 +213,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   std::mutex mu_;
   std::condition_variable cv_;
   std::shared_ptr<Session> current_;      // guarded by mu_: the one migration in progress
-  std::deque<MigrationOutcome> outcomes_; // guarded by mu_
+  std::deque<ReceivedMigration> outcomes_; // guarded by mu_
   std::map<uint64_t, bool> ended_;        // guarded by mu_: session id -> committed, for Resolve
   std::string refuse_new_;                // guarded by mu_: why new migrations are refused, if they are
   bool shutting_down_ = false;            // guarded by mu_
@@ -312,25 +278,26 @@ Status MigrationServer::Impl::Authorize(const grpc::ServerContextBase& ctx) cons
   return Status::Ok();
 }
 
-void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, MigrationStatus status,
+void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, engine::Outcome status,
                                        const Status& error, engine::FinalReply reply) {
   std::unique_ptr<engine::MigrationTarget> target;
-  MigrationOutcome out;
+  ReceivedMigration out;
   {
     std::unique_lock lock(mu_);
     if (session->state == State::kEnded) return;
     session->state = State::kEnded;  // no batch is admitted from here on
-    EndStreams(*session, status == MigrationStatus::kCompleted ? Aborted("the migration is over") : error, nullptr);
+    EndStreams(*session, status == engine::Outcome::kCompleted ? Aborted("the migration is over") : error, nullptr);
     cv_.wait(lock, [&] { return session->applying == 0; });
     target = std::move(session->target);
     out.totals = session->totals;
     out.rounds = session->rounds;
   }
-  out.status = status;
+  out.outcome = status;
   out.error = error;
   out.session_id = session->id;
   out.reply = std::move(reply);
-  if (status == MigrationStatus::kCompleted) {
+  if (status == engine::Outcome::kCompleted) {
+    out.vm = target->TakeVm();
     out.target = std::move(target);
   } else if (target) {
     target->OnAbort(error.message());
@@ -338,7 +305,7 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
   }
   std::lock_guard lock(mu_);
   if (current_ == session) current_.reset();
-  ended_[session->id] = status == MigrationStatus::kCompleted;
+  ended_[session->id] = status == engine::Outcome::kCompleted;
   outcomes_.push_back(std::move(out));
   cv_.notify_all();
 }
@@ -380,7 +347,7 @@ grpc::Status MigrationServer::Impl::Control(
   // Ends the session as failed (discarding the target) and the call with
   // the same error.
   auto fail = [&](const Status& s) -> grpc::Status {
-    if (session) EndSession(session, MigrationStatus::kFailed, s);
+    if (session) EndSession(session, engine::Outcome::kFailed, s);
     return ToGrpc(s);
   };
 
@@ -393,7 +360,7 @@ grpc::Status MigrationServer::Impl::Control(
 
     if (req.has_abort()) {
       const Status why = Aborted("source aborted the migration: " + req.abort().reason());
-      if (session) EndSession(session, MigrationStatus::kAborted, why);
+      if (session) EndSession(session, engine::Outcome::kCancelled, why);
       return ToGrpc(why);
     }
 
@@ -581,7 +548,7 @@ grpc::Status MigrationServer::Impl::Control(
       Status note = sent ? Status::Ok()
                          : Unavailable("the commit reply could not be delivered to the source (connection lost); "
                                        "it learns the outcome through Resolve");
-      EndSession(session, MigrationStatus::kCompleted, note, prepared);
+      EndSession(session, engine::Outcome::kCompleted, note, prepared);
       FailPoint("receiver.committed");
       done = true;
       continue;
@@ -613,7 +580,7 @@ grpc::Status MigrationServer::Impl::Control(
     }
   }
   if (why.ok()) why = Unavailable("the control stream closed before Final (source gone or connection lost)");
-  EndSession(session, MigrationStatus::kFailed, why);
+  EndSession(session, engine::Outcome::kFailed, why);
   return ToGrpc(why);
 }
 
@@ -886,11 +853,11 @@ void MigrationServer::Impl::EndStreams(Session& session, const Status& why, cons
 
 // ------------------------------------------------------------- lifecycle
 
-Result<MigrationOutcome> MigrationServer::Impl::WaitForMigration(Clock::time_point deadline) {
+Result<ReceivedMigration> MigrationServer::Impl::WaitForMigration(Clock::time_point deadline) {
   std::unique_lock lock(mu_);
   cv_.wait_until(lock, deadline, [&] { return !outcomes_.empty() || shutting_down_; });
   if (!outcomes_.empty()) {
-    MigrationOutcome o = std::move(outcomes_.front());
+    ReceivedMigration o = std::move(outcomes_.front());
     outcomes_.pop_front();
     return o;
   }
@@ -970,7 +937,7 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
 MigrationServer::MigrationServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 MigrationServer::~MigrationServer() { Shutdown(); }
 int MigrationServer::port() const { return impl_->port_; }
-Result<MigrationOutcome> MigrationServer::WaitForMigration(std::chrono::steady_clock::time_point deadline) {
+Result<ReceivedMigration> MigrationServer::WaitForMigration(std::chrono::steady_clock::time_point deadline) {
   return impl_->WaitForMigration(deadline);
 }
 void MigrationServer::RefuseNewMigrations(std::string why) { impl_->RefuseNewMigrations(std::move(why)); }

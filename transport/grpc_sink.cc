@@ -36,6 +36,7 @@
 #include <thread>
 
 #include "batch_codec.h"
+#include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "pmlmig/base/unique_fd.h"
 
@@ -52,24 +53,8 @@ std::string Seconds(std::chrono::milliseconds d) {
 
 // A gRPC status as a pmlmig Status, "<what>: <the peer's message>".
 Status FromGrpc(const grpc::Status& s, const std::string& what) {
-  Code code = Code::kInternal;
-  switch (s.error_code()) {
-    case grpc::StatusCode::OK: return Status::Ok();
-    case grpc::StatusCode::INVALID_ARGUMENT:
-    case grpc::StatusCode::FAILED_PRECONDITION:
-    case grpc::StatusCode::OUT_OF_RANGE: code = Code::kInvalidArgument; break;
-    case grpc::StatusCode::DATA_LOSS: code = Code::kDataLoss; break;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: code = Code::kResourceExhausted; break;
-    case grpc::StatusCode::CANCELLED:
-    case grpc::StatusCode::ABORTED: code = Code::kAborted; break;
-    case grpc::StatusCode::UNAVAILABLE:
-    case grpc::StatusCode::DEADLINE_EXCEEDED: code = Code::kUnavailable; break;
-    case grpc::StatusCode::NOT_FOUND:
-    case grpc::StatusCode::UNIMPLEMENTED: code = Code::kNotFound; break;
-    case grpc::StatusCode::PERMISSION_DENIED:
-    case grpc::StatusCode::UNAUTHENTICATED: code = Code::kPermissionDenied; break;
-    default: break;
-  }
+  if (s.ok()) return Status::Ok();
+  const Code code = CodeFromGrpc(s.error_code());
   std::string msg = s.error_message();
   if (msg.empty()) msg = "gRPC status " + std::to_string(static_cast<int>(s.error_code()));
   if (s.error_code() == grpc::StatusCode::UNAVAILABLE) msg = "receiver unreachable or gone (" + msg + ")";

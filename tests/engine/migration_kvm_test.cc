@@ -128,10 +128,10 @@ TEST_P(MigrationKvmTest, MigratesVerifiesAndCarriesOn) {
   LocalSink sink(target);
   engine::MigrationOptions mo;
   mo.verify = true;
-  mo.downtime_limit = 50ms;
+  mo.convergence.downtime_limit = 50ms;
   engine::MigrationSource source(**src, **tracker, sink, mo, "test");
   const engine::MigrationStats st = source.Run();
-  ASSERT_EQ(st.status, "completed") << st.error;
+  ASSERT_EQ(st.outcome, engine::Outcome::kCompleted) << st.error;
   EXPECT_TRUE(st.verified);
   EXPECT_GE(st.rounds, 2u);
   EXPECT_NE(st.final_reply.verify_detail.find("checker passed"), std::string::npos) << st.final_reply.verify_detail;
@@ -170,8 +170,8 @@ TEST_P(MigrationKvmTest, NotConvergingCancelsAndTheVmKeepsRunning) {
   // under sanitizers (the guest then still writes some 20k pages/s).
   LocalSink sink(target, 4000);
   engine::MigrationOptions mo;
-  mo.downtime_limit = 10ms;
-  mo.timeout = 3000ms;
+  mo.convergence.downtime_limit = 10ms;
+  mo.convergence.timeout = 3000ms;
   engine::MigrationSource source(**src, **tracker, sink, mo, "test");
   const engine::MigrationStats st = source.Run();
   for (const auto& r : st.round_stats) {
@@ -179,7 +179,7 @@ TEST_P(MigrationKvmTest, NotConvergingCancelsAndTheVmKeepsRunning) {
                 static_cast<unsigned long long>(r.dirty_pages), static_cast<unsigned long long>(r.sent.pages),
                 r.duration_ms, r.bandwidth_mbps, r.expected_downtime_ms);
   }
-  EXPECT_EQ(st.status, "cancelled");
+  EXPECT_EQ(st.outcome, engine::Outcome::kCancelled);
   EXPECT_NE(st.error.find("not converging"), std::string::npos) << st.error;
   EXPECT_EQ(target.TakeVm(), nullptr);
   const auto before = Counters(**src);

@@ -11,7 +11,7 @@
 
 #include "pmlmig/engine/migration_source.h"
 #include "pmlmig/engine/migration_target.h"
-#include "pmlmig/transport/config_codec.h"
+#include "pmlmig/vmm/description.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/vmm/checker.h"
@@ -23,11 +23,6 @@ namespace {
 
 using namespace std::chrono_literals;
 
-std::vector<uint64_t> Counters(const vmm::Machine& m) {
-  std::vector<uint64_t> c;
-  for (const auto& s : m.Stats()) c.push_back(s.pages_written);
-  return c;
-}
 
 class MigrationGrpcKvmTest : public ::testing::Test {
  protected:
@@ -40,23 +35,8 @@ class MigrationGrpcKvmTest : public ::testing::Test {
 
   // A receiver that builds test VMs from the source's description.
   std::unique_ptr<transport::MigrationServer> StartReceiver() {
-    auto server = transport::MigrationServer::Start("127.0.0.1:0", [this]() -> std::unique_ptr<engine::MigrationTarget> {
-      return std::make_unique<engine::VmMigrationTarget>(
-          [this](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
-            vmm::MachineOptions o;
-            PMLMIG_RETURN_IF_ERROR(transport::DecodeVmConfig(setup.vm_description, &o.guest, &o.irqchip));
-            auto m = vmm::Machine::CreateForRestore(*kvm_, o);
-            if (!m.ok()) return m.status();
-            last_target_ = m->get();
-            last_guest_ = o.guest;
-            return std::unique_ptr<engine::VmControl>(std::move(*m));
-          },
-          [this](engine::VmControl&) -> Result<std::string> {
-            const vmm::CheckReport r = vmm::CheckGuestMemory(last_target_->memory(), last_guest_, Counters(*last_target_));
-            if (!r.ok()) return r.ToStatus();
-            return std::string("checker passed");
-          });
-    });
+    factory_ = std::make_unique<vmm::TestVmFactory>(*kvm_, vmm::TestVmFactoryOptions{});
+    auto server = transport::MigrationServer::Start("127.0.0.1:0", [this] { return factory_->MakeTarget(); });
     EXPECT_TRUE(server.ok()) << server.status().message();
     return server.ok() ? std::move(*server) : nullptr;
   }
@@ -74,7 +54,7 @@ class MigrationGrpcKvmTest : public ::testing::Test {
     EXPECT_TRUE(sink.ok());
     engine::MigrationOptions mo;
     mo.verify = true;
-    mo.downtime_limit = 100ms;
+    mo.convergence.downtime_limit = 100ms;
     engine::MigrationSource source(m, tracker, **sink, mo, description_);
     std::thread t;
     if (during) t = std::thread(during);
@@ -91,14 +71,13 @@ class MigrationGrpcKvmTest : public ::testing::Test {
     o.guest.workload = *vmm::ParseWorkload("hotset:fraction=0.05,share=0.9");
     o.dirty_ring_bytes = 65536 * 16;
     PMLMIG_ASSIGN_OR_RETURN(std::unique_ptr<vmm::Machine> m, vmm::Machine::Create(*kvm_, o));
-    description_ = transport::EncodeVmConfig(o.guest, o.irqchip);
+    description_ = vmm::EncodeTestVmDescription(o);
     return m;
   }
 
   std::unique_ptr<vmm::Kvm> kvm_;
   std::string description_;  // of the source VM
-  vmm::Machine* last_target_ = nullptr;
-  vmm::TestGuestConfig last_guest_;
+  std::unique_ptr<vmm::TestVmFactory> factory_;
 };
 
 TEST_F(MigrationGrpcKvmTest, TargetDiesMidMigrationThenANewTargetSucceeds) {
@@ -118,39 +97,39 @@ TEST_F(MigrationGrpcKvmTest, TargetDiesMidMigrationThenANewTargetSucceeds) {
     dying->Shutdown();
   });
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_EQ(failed.status, "failed");
+  EXPECT_EQ(failed.outcome, engine::Outcome::kFailed);
   EXPECT_FALSE(failed.error.empty());
-  std::printf("first attempt: %s after %.1f s: %s\n", failed.status.c_str(), took, failed.error.c_str());
+  std::printf("first attempt: %s after %.1f s: %s\n", std::string(engine::OutcomeName(failed.outcome)).c_str(), took, failed.error.c_str());
   EXPECT_LT(took, 15.0) << "the source noticed the dead target too late";
   first.reset();
 
   // The source VM keeps running.
   EXPECT_TRUE((*src)->error().ok()) << (*src)->error().message();
-  const auto before = Counters(**src);
+  const auto before = vmm::PagesWritten(**src);
   std::this_thread::sleep_for(300ms);
-  const auto after = Counters(**src);
+  const auto after = vmm::PagesWritten(**src);
   for (size_t i = 0; i < after.size(); ++i) EXPECT_GT(after[i], before[i]) << "vcpu " << i;
 
   // 2. The same VM migrates to a new target.
   auto second = StartReceiver();
   ASSERT_TRUE(second);
   engine::MigrationStats ok = Migrate(**src, **tracker, second->port(), 0);
-  ASSERT_EQ(ok.status, "completed") << ok.error;
+  ASSERT_EQ(ok.outcome, engine::Outcome::kCompleted) << ok.error;
   EXPECT_TRUE(ok.verified);
   (*src)->Stop();
   auto outcome = second->WaitForMigration(std::chrono::steady_clock::now() + 10s);
   ASSERT_TRUE(outcome.ok()) << outcome.status().message();
-  ASSERT_EQ(outcome->status, transport::MigrationStatus::kCompleted);
-  auto* target = dynamic_cast<engine::VmMigrationTarget*>(outcome->target.get());
-  ASSERT_NE(target, nullptr);
-  auto vm = target->TakeVm();
+  ASSERT_EQ(outcome->outcome, engine::Outcome::kCompleted);
+  std::unique_ptr<engine::VmControl> vm = std::move(outcome->vm);
   ASSERT_NE(vm, nullptr);
-  const auto at_resume = Counters(*last_target_);
+  vmm::Machine* last_target = factory_->last_built();
+  ASSERT_NE(last_target, nullptr);
+  const auto at_resume = vmm::PagesWritten(*last_target);
   std::this_thread::sleep_for(300ms);
   ASSERT_TRUE(vm->Pause().ok());
-  const auto later = Counters(*last_target_);
+  const auto later = vmm::PagesWritten(*last_target);
   for (size_t i = 0; i < later.size(); ++i) EXPECT_GT(later[i], at_resume[i]) << "vcpu " << i;
-  const vmm::CheckReport r = vmm::CheckGuestMemory(last_target_->memory(), last_guest_, later);
+  const vmm::CheckReport r = vmm::CheckGuestMemory(last_target->memory(), factory_->last_options().guest, later);
   EXPECT_TRUE(r.ok()) << r.first_problem;
   std::printf("second attempt: %u rounds, downtime %.1f ms, %.0f Mbit/s\n", ok.rounds, ok.downtime_ms,
               ok.throughput_mbps);
@@ -202,17 +181,17 @@ TEST_F(MigrationGrpcKvmTest, ConnectionCutDuringStopAndCopyKeepsTheVmHere) {
   const std::string target = proxy.target();
   engine::MigrationStats st = Migrate(hooked, **tracker, std::stoi(target.substr(target.rfind(':') + 1)), 0);
   ASSERT_TRUE(cut) << "the migration never reached stop-and-copy";
-  EXPECT_EQ(st.status, "failed") << st.error;
+  EXPECT_EQ(st.outcome, engine::Outcome::kFailed) << st.error;
   std::printf("cut during stop-and-copy: %s\n", st.error.c_str());
   // The source VM runs again; the target discarded its copy.
   EXPECT_TRUE((*src)->error().ok()) << (*src)->error().message();
-  const auto before = Counters(**src);
+  const auto before = vmm::PagesWritten(**src);
   std::this_thread::sleep_for(300ms);
-  const auto after = Counters(**src);
+  const auto after = vmm::PagesWritten(**src);
   EXPECT_GT(after[0], before[0]) << "the source VM did not resume";
   auto outcome = receiver->WaitForMigration(std::chrono::steady_clock::now() + 10s);
   ASSERT_TRUE(outcome.ok()) << outcome.status().message();
-  EXPECT_EQ(outcome->status, transport::MigrationStatus::kFailed);
+  EXPECT_EQ(outcome->outcome, engine::Outcome::kFailed);
   EXPECT_EQ(outcome->target, nullptr);
   (*src)->Stop();
 }

@@ -201,7 +201,7 @@ elif cmd == "ran":  # <run json>: the guest kept writing while the migration ran
     need(s.get("source_vm_error") is None, "source VM error: %r" % s.get("source_vm_error"))
 elif cmd == "discarded":  # <receive json>
     r = load(args[0])
-    need(r.get("status") in ("failed", "aborted"), "receiver status %r" % r.get("status"))
+    need(r.get("status") in ("failed", "cancelled"), "receiver status %r" % r.get("status"))
     need(r.get("resumed") is False and r.get("pages_written_after_resume") == 0, "receiver resumed a VM: %r" % r)
     need(len(r.get("failed_attempts", [])) == 1, "failed_attempts: %r" % r.get("failed_attempts"))
     print("   receiver: %s (%s received)" % (r.get("error"), r.get("received_bytes")))

@@ -82,6 +82,7 @@ struct Probe {
 // A MigrationTarget whose "VM" is plain memory built from the setup.
 class FakeTarget final : public engine::MigrationTarget {
  public:
+  std::unique_ptr<engine::VmControl> TakeVm() override { return nullptr; }  // no VM behind this target
   explicit FakeTarget(std::shared_ptr<Probe> probe) : probe_(std::move(probe)) {}
 
   Status OnSetup(const engine::MigrationSetup& setup) override {
@@ -220,7 +221,7 @@ class LoopbackTest : public ::testing::Test {
     return s;
   }
 
-  Result<MigrationOutcome> Outcome() { return server_->WaitForMigration(Clock::now() + std::chrono::seconds(20)); }
+  Result<ReceivedMigration> Outcome() { return server_->WaitForMigration(Clock::now() + std::chrono::seconds(20)); }
 
   // A whole migration: round 0 sends everything, then `rounds` rounds of
   // changed pages; after Finish the target's memory must equal the source.
@@ -263,7 +264,7 @@ class LoopbackTest : public ::testing::Test {
 
     auto out = Outcome();
     ASSERT_TRUE(out.ok()) << out.status().message();
-    EXPECT_EQ(out->status, MigrationStatus::kCompleted) << out->error.message();
+    EXPECT_EQ(out->outcome, engine::Outcome::kCompleted) << out->error.message();
     EXPECT_TRUE(out->error.ok()) << out->error.message();
     EXPECT_EQ(out->totals.pages, pages);
     EXPECT_EQ(out->rounds, static_cast<uint32_t>(rounds + 1));
@@ -336,8 +337,8 @@ TEST_F(LoopbackTest, AbortMidRoundDiscardsTheTargetAndFreesTheReceiver) {
 
   auto out = Outcome();
   ASSERT_TRUE(out.ok()) << out.status().message();
-  EXPECT_EQ(out->status, MigrationStatus::kAborted);
-  EXPECT_EQ(MigrationStatusName(out->status), "aborted");
+  EXPECT_EQ(out->outcome, engine::Outcome::kCancelled);
+  EXPECT_EQ(engine::OutcomeName(out->outcome), "cancelled");
   EXPECT_NE(out->error.message().find("operator cancelled"), std::string::npos) << out->error.message();
   EXPECT_EQ(out->target, nullptr);
   ASSERT_EQ(probe_->abort_count(), 1);
@@ -373,7 +374,7 @@ TEST_F(LoopbackTest, ReceiverShutDownMidRoundFailsSendPagesPromptly) {
   EXPECT_EQ(probe_->abort_count(), 1);
   auto out = Outcome();
   ASSERT_TRUE(out.ok()) << out.status().message();
-  EXPECT_EQ(out->status, MigrationStatus::kFailed);
+  EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
   // Later waits say the server is gone instead of hanging.
   EXPECT_FALSE(server_->WaitForMigration(Clock::now() + std::chrono::seconds(10)).ok());
 }
@@ -410,7 +411,7 @@ TEST_F(LoopbackTest, StalledReceiverFailsSendPagesAfterStallTimeout) {
   proxy.CutAll();
   auto out = Outcome();
   ASSERT_TRUE(out.ok()) << out.status().message();
-  EXPECT_EQ(out->status, MigrationStatus::kFailed);
+  EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
   EXPECT_EQ(probe_->abort_count(), 1);
   Source again(2 << 20, 2 << 20, 22);
   Migrate(again, Options(1), 1);
@@ -463,7 +464,7 @@ TEST_F(LoopbackTest, SecondConcurrentMigrationIsRefused) {
   ASSERT_EQ((*first)->Commit().state, engine::CommitState::kCommitted);
   auto out = Outcome();
   ASSERT_TRUE(out.ok());
-  EXPECT_EQ(out->status, MigrationStatus::kCompleted);
+  EXPECT_EQ(out->outcome, engine::Outcome::kCompleted);
   EXPECT_TRUE(SameMemory(out->target->memory(), src.mem.slots));
 }
 
@@ -480,7 +481,7 @@ TEST_F(LoopbackTest, DataStreamRejectionFailsTheMigrationWithItsReason) {
   EXPECT_NE(st.status().message().find("not in source memory"), std::string::npos) << st.status().message();
   auto out = Outcome();
   ASSERT_TRUE(out.ok());
-  EXPECT_EQ(out->status, MigrationStatus::kFailed);
+  EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
   EXPECT_EQ(probe_->abort_count(), 1);
 }
 
@@ -566,7 +567,7 @@ class RawClientTest : public LoopbackTest {
   void ExpectFailedOutcome(const std::string& what) {
     auto out = Outcome();
     ASSERT_TRUE(out.ok()) << out.status().message();
-    EXPECT_EQ(out->status, MigrationStatus::kFailed);
+    EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
     EXPECT_NE(out->error.message().find(what), std::string::npos) << out->error.message();
   }
 
@@ -804,7 +805,7 @@ TEST_F(LoopbackTest, ThroughputReport) {
     ASSERT_EQ((*sink)->Commit().state, engine::CommitState::kCommitted);
     auto out = Outcome();
     ASSERT_TRUE(out.ok());
-    EXPECT_EQ(out->status, MigrationStatus::kCompleted);
+    EXPECT_EQ(out->outcome, engine::Outcome::kCompleted);
     EXPECT_TRUE(SameMemory(out->target->memory(), src.slots));
   }
 }

@@ -70,6 +70,7 @@ struct Probe {
 // A MigrationTarget whose "VM" is plain memory built from the setup.
 class FakeTarget final : public engine::MigrationTarget {
  public:
+  std::unique_ptr<engine::VmControl> TakeVm() override { return nullptr; }  // no VM behind this target
   explicit FakeTarget(std::shared_ptr<Probe> probe) : probe_(std::move(probe)) {}
 
   Status OnSetup(const engine::MigrationSetup& setup) override {
@@ -264,7 +265,7 @@ class HostileClientTest : public ::testing::Test {
   void ExpectFailedOutcome(uint64_t session, const std::string& what) {
     auto out = server_->WaitForMigration(Clock::now() + std::chrono::seconds(20));
     ASSERT_TRUE(out.ok()) << out.status().message();
-    EXPECT_EQ(out->status, MigrationStatus::kFailed) << MigrationStatusName(out->status);
+    EXPECT_EQ(out->outcome, engine::Outcome::kFailed) << engine::OutcomeName(out->outcome);
     EXPECT_EQ(out->session_id, session);
     EXPECT_FALSE(out->error.ok());
     EXPECT_THAT(out->error.message(), HasSubstr(what));
@@ -307,7 +308,7 @@ class HostileClientTest : public ::testing::Test {
     auto out = server_->WaitForMigration(Clock::now() + std::chrono::seconds(20));
     ASSERT_TRUE(out.ok()) << out.status().message();
     EXPECT_EQ(out->session_id, session) << "an earlier outcome was left behind: " << out->error.message();
-    EXPECT_EQ(out->status, MigrationStatus::kAborted) << out->error.message();
+    EXPECT_EQ(out->outcome, engine::Outcome::kCancelled) << out->error.message();
     EXPECT_EQ(out->totals.batches, 3u);
     EXPECT_EQ(out->totals.pages, 64u + 64u + 16u);
     std::lock_guard lock(probe_->mu);
@@ -818,7 +819,7 @@ TEST_F(HostileClientTest, MessageOverTheGrpcLimitIsRefused) {
   auto out = server_->WaitForMigration(Clock::now() + std::chrono::seconds(20));
   ASSERT_TRUE(out.ok());
   EXPECT_EQ(out->session_id, session);
-  EXPECT_EQ(out->status, MigrationStatus::kAborted);
+  EXPECT_EQ(out->outcome, engine::Outcome::kCancelled);
   EXPECT_EQ(out->totals.batches, 1u);
   ExpectServing();
 
@@ -1063,7 +1064,7 @@ TEST_F(HostileClientTest, PageBatchThatIsNotProtobufIsRefused) {
   auto out = server_->WaitForMigration(Clock::now() + std::chrono::seconds(20));
   ASSERT_TRUE(out.ok());
   EXPECT_EQ(out->session_id, session);
-  EXPECT_EQ(out->status, MigrationStatus::kAborted);
+  EXPECT_EQ(out->outcome, engine::Outcome::kCancelled);
   EXPECT_EQ(out->totals.batches, 2u);
   ExpectServing();
 

@@ -63,6 +63,7 @@ struct Probe {
 
 class FakeTarget final : public engine::MigrationTarget {
  public:
+  std::unique_ptr<engine::VmControl> TakeVm() override { return nullptr; }  // no VM behind this target
   explicit FakeTarget(std::shared_ptr<Probe> p) : probe_(std::move(p)) {}
   Status OnSetup(const engine::MigrationSetup& setup) override {
     mem_ = std::make_unique<Memory>(setup.memory.at(0).size);
@@ -128,10 +129,10 @@ class SwitchoverTest : public ::testing::Test {
     return std::move(*s);
   }
 
-  MigrationOutcome Outcome() {
+  ReceivedMigration Outcome() {
     auto out = server_->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(10));
     EXPECT_TRUE(out.ok()) << out.status().message();
-    return out.ok() ? std::move(*out) : MigrationOutcome{};
+    return out.ok() ? std::move(*out) : ReceivedMigration{};
   }
   int commits() {
     std::lock_guard lock(probe_->mu);
@@ -151,8 +152,8 @@ TEST_F(SwitchoverTest, PreparedReplyLostTheSourceKeepsTheVm) {
   ASSERT_FALSE(reply.ok()) << "Finish must fail when its reply is lost";
   // The sink never sends Commit after a failed Finish.
   EXPECT_EQ(sink->Commit().state, CommitState::kNotCommitted);
-  const MigrationOutcome out = Outcome();
-  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  const ReceivedMigration out = Outcome();
+  EXPECT_EQ(out.outcome, engine::Outcome::kFailed);
   EXPECT_NE(out.error.message().find("before Commit"), std::string::npos) << out.error.message();
   EXPECT_EQ(commits(), 0) << "the target must never run a VM whose commit did not come";
 }
@@ -166,8 +167,8 @@ TEST_F(SwitchoverTest, CommitLostOnItsWayResolvesAsDiscarded) {
   EXPECT_EQ(c.state, CommitState::kNotCommitted) << c.detail.message();
   EXPECT_TRUE(c.resolved);
   EXPECT_NE(c.detail.message().find("not committed"), std::string::npos) << c.detail.message();
-  const MigrationOutcome out = Outcome();
-  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  const ReceivedMigration out = Outcome();
+  EXPECT_EQ(out.outcome, engine::Outcome::kFailed);
   EXPECT_EQ(commits(), 0);
 }
 
@@ -179,8 +180,8 @@ TEST_F(SwitchoverTest, CommitReplyLostResolvesAsCommitted) {
   const engine::CommitResult c = sink->Commit();
   EXPECT_EQ(c.state, CommitState::kCommitted) << c.detail.message();
   EXPECT_TRUE(c.resolved);
-  const MigrationOutcome out = Outcome();
-  EXPECT_EQ(out.status, MigrationStatus::kCompleted);
+  const ReceivedMigration out = Outcome();
+  EXPECT_EQ(out.outcome, engine::Outcome::kCompleted);
   EXPECT_EQ(commits(), 1);
 }
 
@@ -198,8 +199,8 @@ TEST_F(SwitchoverTest, ReceiverUnreachableAfterCommitIsInDoubtAndNeverRunsTwice)
   EXPECT_NE(c.detail.message().find("in doubt"), std::string::npos) << c.detail.message();
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(8));
   // The receiver never got the Commit: it discards at its commit deadline.
-  const MigrationOutcome out = Outcome();
-  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  const ReceivedMigration out = Outcome();
+  EXPECT_EQ(out.outcome, engine::Outcome::kFailed);
   EXPECT_NE(out.error.message().find("no Commit within"), std::string::npos) << out.error.message();
   EXPECT_EQ(commits(), 0);
 }
@@ -243,8 +244,8 @@ TEST_F(SwitchoverTest, ResolveBeforeALateCommitWinsAndTheCommitIsRefused) {
   while (call->Read(&rep)) EXPECT_FALSE(rep.has_commit()) << "a discarded session must never commit";
   EXPECT_FALSE(call->Finish().ok());
   EXPECT_EQ(commits(), 0);
-  const MigrationOutcome out = Outcome();
-  EXPECT_EQ(out.status, MigrationStatus::kFailed);
+  const ReceivedMigration out = Outcome();
+  EXPECT_EQ(out.outcome, engine::Outcome::kFailed);
   EXPECT_NE(out.error.message().find("resolved"), std::string::npos) << out.error.message();
 
   // Asked again, and about a session it never had.
@@ -281,7 +282,7 @@ TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
     EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
     auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
     ASSERT_TRUE(out.ok());
-    EXPECT_EQ(out->status, MigrationStatus::kFailed);
+    EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
     EXPECT_NE(out->error.message().find("no valid Setup within 400 ms"), std::string::npos) << out->error.message();
   }
   {  // Hello, Setup, then no batch.
@@ -304,7 +305,7 @@ TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
     EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
     auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
     ASSERT_TRUE(out.ok());
-    EXPECT_EQ(out->status, MigrationStatus::kFailed);
+    EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
     EXPECT_NE(out->error.message().find("no page batch and no control message for 400 ms"), std::string::npos)
         << out->error.message();
     std::lock_guard lock(probe->mu);

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "pmlmig/base/status.h"
@@ -25,6 +26,18 @@
 #include "pmlmig/engine/vm_control.h"
 
 namespace pmlmig::engine {
+
+// How a migration ended. The string forms (OutcomeName) are for the edges:
+// JSON, logs, the control API's wire.
+enum class Outcome : uint8_t {
+  kNone,       // not ended (or never started)
+  kCompleted,  // the VM runs on the target
+  kFailed,     // an error; the source VM runs on
+  kCancelled,  // on request, a timeout or the switch-over policy; the source VM runs on
+  kInDoubt,    // the source cannot learn whether the target runs the VM: it stays paused
+};
+// "none", "completed", "failed", "cancelled", "in-doubt".
+std::string_view OutcomeName(Outcome outcome);
 
 // A guest-physical range of guest RAM as both sides agree on it.
 struct MemoryRange {
@@ -163,6 +176,9 @@ class MigrationTarget {
   virtual Result<double> OnCommit() = 0;
   // The source went away or aborted before Commit: discard the VM.
   virtual void OnAbort(const std::string& why) = 0;
+  // After OnCommit succeeded: the running VM, handed to whoever received it
+  // (once; nullptr afterwards or if it never resumed).
+  virtual std::unique_ptr<VmControl> TakeVm() = 0;
 };
 
 // 64-bit digest of all guest memory in `slots` (page by page, in parallel;

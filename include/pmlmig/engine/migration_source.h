@@ -4,11 +4,13 @@
 //   round 0    tracking on, then every page that holds data (memfd holes,
 //              i.e. never-touched memory, are skipped without being read).
 //   rounds 1+  Collect() from the tracker (which re-protects the pages), then
-//              send them. Before sending, decide: expected downtime =
-//              remaining dirty bytes / bandwidth (measured over the last
-//              rounds, a window of at least 100 ms); switch over when it is
-//              within the downtime limit; past max_rounds or the timeout,
-//              cancel or force as configured.
+//              send them. Before sending, the switch-over policy decides
+//              from the round's summary (expected downtime = remaining dirty
+//              bytes / bandwidth measured over the last rounds, a window of
+//              at least 100 ms): continue, stop-and-copy, or abort. The
+//              default (DowntimeLimitPolicy) switches over when the expected
+//              downtime is within the limit; past max_rounds or the timeout
+//              it cancels or forces as configured.
 //   switch     pause the vCPUs, a complete collection, send the rest, the
 //              vCPU/VM state (and a memory digest with verify); once the
 //              target has restored it (prepared), Commit: the target resumes.
@@ -24,24 +26,28 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "pmlmig/base/clock.h"
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/switchover_policy.h"
 #include "pmlmig/engine/tracker.h"
 #include "pmlmig/engine/vm_control.h"
 
 namespace pmlmig::engine {
 
 struct MigrationOptions {
-  std::chrono::milliseconds downtime_limit{300};  // switch over when the expected downtime fits
-  uint32_t max_rounds = 50;                       // live rounds after round 0
-  std::chrono::milliseconds timeout{0};           // 0 = none
-  bool force_on_timeout = false;                  // false: cancel (keep the VM here); true: switch anyway
-  bool verify = false;                            // send a memory digest; the target compares
-  std::chrono::milliseconds bandwidth_window{100};
+  // The default switch-over policy's options. Its timeout also ends a round
+  // in progress (unless force_on_timeout), whatever the policy.
+  DowntimeLimitOptions convergence;
+  bool verify = false;                            // send a memory digest; the target compares; default off
+  std::chrono::milliseconds bandwidth_window{100};  // rounds measured for the bandwidth; default 100 ms
+  // Replaces the default DowntimeLimitPolicy(convergence) when set.
+  std::shared_ptr<SwitchoverPolicy> policy;
 };
 
 struct RoundStats {
@@ -53,11 +59,22 @@ struct RoundStats {
   double expected_downtime_ms = 0;   // estimated before the round started
 };
 
+// Why a migration ended cancelled, so a caller can advise its user (the
+// engine's message names no command-line flag).
+enum class CancelReason : uint8_t {
+  kNone,
+  kRequested,      // Cancel()
+  kNotConverging,  // the policy gave up (out of rounds or time) after round 0
+  kTimedOut,       // the timeout ended a round in progress (round 0: sending all memory)
+  kPolicy,         // a custom policy aborted (its detail is the error)
+};
+
 struct MigrationStats {
-  // "completed", "failed", "cancelled" (the VM runs here in both), or
-  // "in-doubt" (the VM is paused here and may run on the target: never
-  // resume it without learning the target's outcome).
-  std::string status = "failed";
+  // kCompleted; kFailed or kCancelled (the VM runs here in both); or
+  // kInDoubt (the VM is paused here and may run on the target: never resume
+  // it without learning the target's outcome).
+  Outcome outcome = Outcome::kFailed;
+  CancelReason cancel_reason = CancelReason::kNone;
   std::string error;
   double setup_time_ms = 0;
   double total_time_ms = 0;
@@ -73,8 +90,12 @@ struct MigrationStats {
   std::vector<RoundStats> round_stats;
 };
 
+enum class Phase : uint8_t { kSetup, kRound, kStopAndCopy, kCommit, kDone };
+// "setup", "round", "stop-and-copy", "commit", "done".
+std::string_view PhaseName(Phase phase);
+
 struct MigrationProgress {
-  std::string phase = "setup";       // setup, round, stop-and-copy, commit, done
+  Phase phase = Phase::kSetup;
   uint32_t round = 0;
   uint64_t remaining_pages = 0;
   double bandwidth_mbps = 0;
@@ -83,10 +104,17 @@ struct MigrationProgress {
   double elapsed_ms = 0;
 };
 
+// Events of a migration, on its thread (Run()'s): keep them short.
+struct MigrationCallbacks {
+  std::function<void(const MigrationProgress&)> on_progress;  // after each round and phase change
+  std::function<void(const RoundStats&)> on_round;            // after each round was sent
+  std::function<void(const MigrationStats&)> on_done;         // once, with the final statistics
+};
+
 class MigrationSource {
  public:
-  MigrationSource(VmControl& vm, DirtyTracker& tracker, MigrationSink& sink, const MigrationOptions& options,
-                  std::string vm_description);
+  MigrationSource(VmControl& vm, DirtyTracker& tracker, MigrationSink& sink, MigrationOptions options,
+                  std::string vm_description, const Clock& clock = Clock::Steady());
 
   // Blocks until the migration completed, failed or was cancelled.
   MigrationStats Run();
@@ -97,15 +125,17 @@ class MigrationSource {
     sink_.Abort("cancelled by request");
   }
   MigrationProgress progress() const;
-  // Called after each round and phase change, on Run()'s thread.
-  void SetProgressCallback(std::function<void(const MigrationProgress&)> fn) { on_progress_ = std::move(fn); }
+  // Before Run().
+  void SetCallbacks(MigrationCallbacks callbacks) { callbacks_ = std::move(callbacks); }
 
  private:
   MigrationStats RunPhases();
+  MigrationStats Finished(Outcome outcome, CancelReason reason, const Status& why);
   Status SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms);
+  RoundSummary Summarize(uint32_t round, uint64_t remaining, Clock::TimePoint collect_start);
   std::vector<PageRun> PagesWithData() const;
   double BandwidthBytesPerSecond() const;
-  void Publish(const std::string& phase, uint32_t round, uint64_t remaining, double expected_ms);
+  void Publish(Phase phase, uint32_t round, uint64_t remaining, double expected_ms);
   Status Fail(const Status& why);
 
   VmControl& vm_;
@@ -113,10 +143,12 @@ class MigrationSource {
   MigrationSink& sink_;
   MigrationOptions options_;
   std::string vm_description_;
+  const Clock& clock_;
+  std::shared_ptr<SwitchoverPolicy> policy_;
   std::atomic<bool> cancel_{false};
   std::atomic<bool> timed_out_{false};  // set by the timeout watchdog (cancel mode)
-  std::function<void(const MigrationProgress&)> on_progress_;
-  std::chrono::steady_clock::time_point start_;
+  MigrationCallbacks callbacks_;
+  Clock::TimePoint start_;
   MigrationStats stats_;                // Run()'s thread
   double last_expected_ms_ = 0;         // Run()'s thread
   bool final_round_ = false;            // Run()'s thread

@@ -37,7 +37,7 @@ class VmMigrationTarget final : public MigrationTarget {
   void OnAbort(const std::string& why) override;
 
   // The resumed VM (nullptr unless OnCommit resumed it), and when.
-  std::unique_ptr<VmControl> TakeVm();
+  std::unique_ptr<VmControl> TakeVm() override;
   std::chrono::steady_clock::time_point resumed_at() const { return resumed_at_; }
 
  private:

@@ -9,6 +9,8 @@
 #include <string>
 
 #include "pmlmig/base/status.h"
+#include "pmlmig/engine/migration_source.h"
+#include "pmlmig/transport/grpc_sink.h"
 
 namespace pmlmig::transport {
 
@@ -25,6 +27,12 @@ struct MigrateCommand {
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
+
+// What a MigrateCommand asks of the sink (security files read, options
+// checked) and of the engine. The one place a command's migration request
+// becomes options: `run --migrate-to` and the control API both use it.
+Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& command);
+engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& command);
 
 struct ControlStatus {
   std::string vm = "running";      // running, migrated, failed, paused-in-doubt

@@ -58,21 +58,20 @@ struct MigrationServerOptions {
   std::string receiver_name = "pmlmig";
 };
 
-enum class MigrationStatus { kCompleted, kFailed, kAborted };
-// "completed" | "failed" | "aborted".
-std::string_view MigrationStatusName(MigrationStatus s);
-
 // How one migration ended, as the receiver saw it.
-struct MigrationOutcome {
-  MigrationStatus status = MigrationStatus::kFailed;
-  Status error;                 // why it failed or was aborted; OK when completed
+struct ReceivedMigration {
+  // kCompleted, kFailed, or kCancelled (the source aborted it).
+  engine::Outcome outcome = engine::Outcome::kFailed;
+  Status error;                 // why it failed or was cancelled; OK when completed
   uint64_t session_id = 0;
   engine::FinalReply reply;     // the target's reply (completed only)
   engine::TransferStats totals; // pages and bytes applied (wire_bytes: message bytes received)
   uint32_t rounds = 0;          // highest round seen + 1
-  // The target of a completed migration, whose VM now runs: the caller owns
-  // it from here. Null otherwise (a failed target has been discarded via
-  // OnAbort and destroyed).
+  // A completed migration's resumed VM (target->TakeVm()), the caller's from
+  // here; null otherwise.
+  std::unique_ptr<engine::VmControl> vm;
+  // The target of a completed migration (its VM taken into `vm`). Null
+  // otherwise (a failed target has been discarded via OnAbort and destroyed).
   std::unique_ptr<engine::MigrationTarget> target;
 };
 
@@ -100,7 +99,7 @@ class MigrationServer {
   // Waits until a migration ends (completed, failed or aborted) and returns
   // its outcome; outcomes are returned oldest first, each once. Error
   // (kAborted) when the deadline passes first or the server shuts down.
-  Result<MigrationOutcome> WaitForMigration(std::chrono::steady_clock::time_point deadline);
+  Result<ReceivedMigration> WaitForMigration(std::chrono::steady_clock::time_point deadline);
 
   // From now on a Hello is refused (UNAVAILABLE, naming `why`), while
   // Resolve keeps answering. Keep the server running like this as long as a

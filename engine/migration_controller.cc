@@ -1,0 +1,95 @@
+#include "pmlmig/engine/migration_controller.h"
+
+namespace pmlmig::engine {
+
+std::string_view VmPlacementName(VmPlacement placement) {
+  switch (placement) {
+    case VmPlacement::kHere: return "running";
+    case VmPlacement::kMigrated: return "migrated";
+    case VmPlacement::kPausedInDoubt: return "paused-in-doubt";
+  }
+  return "unknown";
+}
+
+MigrationController::MigrationController(VmControl& vm, DirtyTracker& tracker, std::string vm_description,
+                                         const Clock& clock)
+    : vm_(vm), tracker_(tracker), vm_description_(std::move(vm_description)), clock_(clock) {
+  last_.outcome = Outcome::kNone;
+}
+
+MigrationController::~MigrationController() {
+  (void)Cancel();
+  (void)Wait();
+  Joined();
+}
+
+void MigrationController::Joined() {
+  std::thread t;
+  {
+    std::lock_guard lock(mu_);
+    if (active_) return;
+    t = std::move(thread_);
+  }
+  if (t.joinable()) t.join();
+}
+
+Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, MigrationOptions options,
+                                  MigrationCallbacks callbacks) {
+  if (!sink) return InvalidArgument("no migration sink");
+  Joined();  // the previous, finished migration's thread
+  std::lock_guard lock(mu_);
+  if (active_) return InvalidArgument("a migration is already in progress");
+  if (placement_ == VmPlacement::kMigrated) return InvalidArgument("this VM has already migrated away");
+  if (placement_ == VmPlacement::kPausedInDoubt) {
+    return InvalidArgument(
+        "the last switch-over is in doubt: the VM stays paused here until you know whether the target runs it");
+  }
+  if (thread_.joinable()) return InvalidArgument("a migration is already in progress");  // Start raced Start
+  sink_ = std::move(sink);
+  source_ = std::make_unique<MigrationSource>(vm_, tracker_, *sink_, std::move(options), vm_description_, clock_);
+  source_->SetCallbacks(std::move(callbacks));
+  active_ = true;
+  thread_ = std::thread([this, source = source_.get()] {
+    MigrationStats st = source->Run();
+    {
+      std::lock_guard l(mu_);
+      if (st.outcome == Outcome::kCompleted) placement_ = VmPlacement::kMigrated;
+      if (st.outcome == Outcome::kInDoubt) placement_ = VmPlacement::kPausedInDoubt;
+      last_ = std::move(st);
+      active_ = false;
+    }
+    cv_.notify_all();
+  });
+  return Status::Ok();
+}
+
+Status MigrationController::Cancel() {
+  std::lock_guard lock(mu_);
+  if (!active_) return InvalidArgument("no migration in progress");
+  source_->Cancel();
+  return Status::Ok();
+}
+
+MigrationStats MigrationController::Wait() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return !active_; });
+  return last_;
+}
+
+ControllerStatus MigrationController::status() const {
+  std::lock_guard lock(mu_);
+  ControllerStatus s;
+  s.vm = placement_;
+  s.active = active_;
+  if (source_) s.progress = source_->progress();
+  s.last = last_.outcome;
+  s.last_stats = last_;
+  return s;
+}
+
+bool MigrationController::busy() const {
+  std::lock_guard lock(mu_);
+  return active_;
+}
+
+}  // namespace pmlmig::engine

@@ -1,0 +1,19 @@
+// What the process and the host report through /proc: one reader for each,
+// so every component agrees on how a figure is read. Each returns 0 (or "")
+// when the file or the field is missing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pmlmig {
+
+// Memory the host can give a new allocation now (MemAvailable in
+// /proc/meminfo), in bytes.
+uint64_t HostAvailableMemory();
+// This process's peak resident set (VmHWM in /proc/self/status), in bytes.
+uint64_t PeakRssBytes();
+// The first "model name" of /proc/cpuinfo.
+std::string CpuModelName();
+
+}  // namespace pmlmig
