@@ -1,21 +1,603 @@
-// The C ABI (include/pmlmig/pmlmig.h) over the C++ API: versions, features,
-// errors. No C++ exception leaves a function defined here.
+// The C ABI (include/pmlmig/pmlmig.h) over the C++ API: the engine's
+// MigrationController on the source, the transport's MigrationServer with an
+// engine::VmMigrationTarget on the target, and the embedder's VM (c_vm.h).
+// No C++ exception leaves a function defined here: each entry point catches
+// everything and turns it into -EIO with a message.
 #include "pmlmig/pmlmig.h"
 
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
 #include <string>
+
+#include "c_vm.h"
+#include "pmlmig/base/unique_fd.h"
+#include "pmlmig/engine/migration_controller.h"
+#include "pmlmig/engine/migration_target.h"
+#include "pmlmig/engine/tracker.h"
+#include "pmlmig/transport/control.h"
+#include "pmlmig/transport/grpc_server.h"
+#include "pmlmig/transport/grpc_sink.h"
+
+namespace capi = pmlmig::capi;
+namespace engine = pmlmig::engine;
+namespace transport = pmlmig::transport;
+using pmlmig::InvalidArgument;
+using pmlmig::Result;
+using pmlmig::Status;
+
+#define PMLMIG_STR2(x) #x
+#define PMLMIG_STR(x) PMLMIG_STR2(x)
 
 namespace {
 
-thread_local std::string t_last_error;
+// Runs `body` (returning int); any exception becomes -EIO with its message.
+template <typename Fn>
+int Guard(capi::ErrorSlot* slot, Fn&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return capi::Fail(slot, pmlmig::Internal(std::string("internal error: ") + e.what()));
+  } catch (...) {
+    return capi::Fail(slot, pmlmig::Internal("internal error: unknown exception"));
+  }
+}
+
+std::string Str(const char* s) { return s != nullptr ? std::string(s) : std::string(); }
+
+pmlmig_outcome OutcomeOf(engine::Outcome o) {
+  switch (o) {
+    case engine::Outcome::kNone: return PMLMIG_OUTCOME_NONE;
+    case engine::Outcome::kCompleted: return PMLMIG_OUTCOME_COMPLETED;
+    case engine::Outcome::kFailed: return PMLMIG_OUTCOME_FAILED;
+    case engine::Outcome::kCancelled: return PMLMIG_OUTCOME_CANCELLED;
+    case engine::Outcome::kInDoubt: return PMLMIG_OUTCOME_IN_DOUBT;
+  }
+  return PMLMIG_OUTCOME_FAILED;
+}
+
+pmlmig_phase PhaseOf(engine::Phase p) {
+  switch (p) {
+    case engine::Phase::kSetup: return PMLMIG_PHASE_SETUP;
+    case engine::Phase::kRound: return PMLMIG_PHASE_ROUND;
+    case engine::Phase::kStopAndCopy: return PMLMIG_PHASE_STOP_AND_COPY;
+    case engine::Phase::kCommit: return PMLMIG_PHASE_COMMIT;
+    case engine::Phase::kDone: return PMLMIG_PHASE_DONE;
+  }
+  return PMLMIG_PHASE_DONE;
+}
+
+pmlmig_progress ProgressOf(const engine::MigrationProgress& p) {
+  pmlmig_progress out{};
+  out.size = sizeof out;
+  out.phase = PhaseOf(p.phase);
+  out.round = p.round;
+  out.remaining_pages = p.remaining_pages;
+  out.bandwidth_mbps = p.bandwidth_mbps;
+  out.expected_downtime_ms = p.expected_downtime_ms;
+  out.wire_bytes = p.wire_bytes;
+  out.elapsed_ms = p.elapsed_ms;
+  return out;
+}
+
+// The embedder's policy callback as the engine's SwitchoverPolicy.
+class CPolicy final : public engine::SwitchoverPolicy {
+ public:
+  CPolicy(pmlmig_decision (*fn)(void*, pmlmig_round_stats), void* user, const pmlmig::Clock& clock)
+      : fn_(fn), user_(user), clock_(clock) {}
+  void Begin() override { start_ = clock_.Now(); }
+  engine::SwitchoverDecision Decide(const engine::RoundSummary& r) override {
+    pmlmig_round_stats s{};
+    s.size = sizeof s;
+    s.round = r.round;
+    s.remaining_pages = r.remaining_pages;
+    s.bytes_per_page = r.bytes_per_page;
+    s.bandwidth_mbps = r.bandwidth_bytes_per_s * 8 / 1e6;
+    s.expected_downtime_ms = r.expected_downtime_ms;
+    s.dirty_pages_rate = r.dirty_pages_rate;
+    s.elapsed_ms = pmlmig::MsSince(clock_, start_);
+    s.wire_bytes = r.wire_bytes;
+    switch (fn_(user_, s)) {
+      case PMLMIG_DECISION_CONTINUE: return engine::SwitchoverDecision::Continue();
+      case PMLMIG_DECISION_STOP_AND_COPY: return {engine::SwitchoverAction::kStopAndCopy, engine::SwitchoverReason::kPolicy, ""};
+      case PMLMIG_DECISION_ABORT: break;
+    }
+    return {engine::SwitchoverAction::kAbort, engine::SwitchoverReason::kPolicy,
+            "the embedder's switch-over policy aborted the migration in round " + std::to_string(r.round)};
+  }
+
+ private:
+  pmlmig_decision (*fn_)(void*, pmlmig_round_stats);
+  void* user_;
+  const pmlmig::Clock& clock_;
+  pmlmig::Clock::TimePoint start_{};
+};
+
+Result<engine::TrackerKind> TrackerKindOf(pmlmig_tracker t, const pmlmig_vm& vm) {
+  switch (t) {
+    case PMLMIG_TRACKER_AUTO:
+      return vm.dirty_ring_entries() != 0 ? engine::TrackerKind::kRing : engine::TrackerKind::kBitmap;
+    case PMLMIG_TRACKER_RING:
+      if (vm.dirty_ring_entries() == 0) return InvalidArgument("tracker RING: the VM was created without a dirty ring");
+      return engine::TrackerKind::kRing;
+    case PMLMIG_TRACKER_BITMAP: return engine::TrackerKind::kBitmap;
+    case PMLMIG_TRACKER_BITMAP_CLEAR: return engine::TrackerKind::kBitmapClear;
+  }
+  return InvalidArgument("tracker: unknown value " + std::to_string(static_cast<int>(t)));
+}
+
+// The tracker a source's migration uses: KVM's log (chosen per migration)
+// OR the VMM's own marks. Swapped only while no migration is in flight.
+class SourceTracker final : public engine::DirtyTracker {
+ public:
+  explicit SourceTracker(pmlmig_vm& vm) : vm_(vm) {}
+  Status Select(engine::TrackerKind kind) {
+    if (kvm_ && kind == kind_) return Status::Ok();
+    PMLMIG_ASSIGN_OR_RETURN(kvm_, engine::CreateTracker(kind, vm_, {}));
+    kind_ = kind;
+    both_ = std::make_unique<engine::UnionTracker>(std::vector<engine::DirtyTracker*>{kvm_.get(), &vm_.marks()});
+    return Status::Ok();
+  }
+  std::string_view name() const override { return kvm_ ? kvm_->name() : "none"; }
+  Status Enable() override { return both_->Enable(); }
+  Status Collect(engine::DirtySet& out) override { return both_->Collect(out); }
+  Status Disable() override { return both_->Disable(); }
+  engine::TrackerStats stats() const override { return both_ ? both_->stats() : engine::TrackerStats{}; }
+
+ private:
+  pmlmig_vm& vm_;
+  engine::TrackerKind kind_ = engine::TrackerKind::kNone;
+  std::unique_ptr<engine::DirtyTracker> kvm_;
+  std::unique_ptr<engine::UnionTracker> both_;
+};
 
 }  // namespace
+
+struct pmlmig_source {
+  explicit pmlmig_source(pmlmig_vm& v) : vm(v), tracker(v), controller(v, tracker, v.description()) {}
+  pmlmig_vm& vm;
+  SourceTracker tracker;  // before controller: the controller uses it
+  capi::ErrorSlot error;
+  std::mutex start_mu;    // one Start at a time (it selects the tracker)
+  bool started = false;   // guarded by start_mu
+  engine::MigrationController controller;
+};
+
+struct pmlmig_receiver {
+  std::unique_ptr<transport::MigrationServer> server;
+  pmlmig_receive_options options{};
+  capi::ErrorSlot error;
+};
 
 extern "C" {
 
 uint32_t pmlmig_version(void) { return PMLMIG_VERSION; }
-const char* pmlmig_version_string(void) { return "0.2.0"; }
+const char* pmlmig_version_string(void) {
+  return PMLMIG_STR(PMLMIG_VERSION_MAJOR) "." PMLMIG_STR(PMLMIG_VERSION_MINOR) "." PMLMIG_STR(PMLMIG_VERSION_PATCH);
+}
 uint32_t pmlmig_abi_version(void) { return PMLMIG_ABI_VERSION; }
 uint32_t pmlmig_wire_version(void) { return PMLMIG_WIRE_VERSION; }
-const char* pmlmig_last_error(void) { return t_last_error.c_str(); }
+const char* pmlmig_last_error(void) { return capi::ThreadError().c_str(); }
+void pmlmig_set_error(const char* message) {
+  try {
+    capi::SetThreadError(Str(message));
+  } catch (...) {
+  }
+}
+
+uint64_t pmlmig_features(void) {
+  uint64_t f = PMLMIG_FEATURE_MIGRATION | PMLMIG_FEATURE_TLS | PMLMIG_FEATURE_LZ4 | PMLMIG_FEATURE_ZSTD |
+               PMLMIG_FEATURE_MARK_DIRTY;
+  const int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (kvm >= 0) {
+    pmlmig::UniqueFd owner(kvm);
+    if (::ioctl(kvm, KVM_GET_API_VERSION, 0) == KVM_API_VERSION) {
+      f |= PMLMIG_FEATURE_DIRTY_BITMAP;
+      if (::ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 ||
+          ::ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING) > 0) {
+        f |= PMLMIG_FEATURE_DIRTY_RING;
+      }
+    }
+  }
+  return f;
+}
+
+int pmlmig_buffer_append(pmlmig_buffer* buffer, const void* data, size_t length) {
+  return Guard(nullptr, [&] {
+    if (buffer == nullptr || (data == nullptr && length > 0)) return capi::Fail(nullptr, InvalidArgument("pmlmig_buffer_append: NULL"));
+    if (length > pmlmig_buffer::kLimit - buffer->bytes.size()) {
+      return capi::Fail(nullptr, pmlmig::ResourceExhausted("pmlmig_buffer_append: the state would exceed 1 GiB"));
+    }
+    const auto* p = static_cast<const uint8_t*>(data);
+    buffer->bytes.insert(buffer->bytes.end(), p, p + length);
+    return 0;
+  });
+}
+
+// ---- VM
+
+void pmlmig_vm_config_init(pmlmig_vm_config* config) {
+  if (config == nullptr) return;
+  *config = pmlmig_vm_config{};
+  config->size = sizeof *config;
+  config->vm_fd = -1;
+}
+
+void pmlmig_vm_ops_init(pmlmig_vm_ops* ops) {
+  if (ops == nullptr) return;
+  *ops = pmlmig_vm_ops{};
+  ops->size = sizeof *ops;
+}
+
+int pmlmig_vm_create(const pmlmig_vm_config* config, const pmlmig_vm_ops* ops, void* opaque, pmlmig_vm** out) {
+  return Guard(nullptr, [&] {
+    if (out == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_vm_create: out is NULL"));
+    *out = nullptr;
+    pmlmig_vm_config c{};
+    pmlmig_vm_ops o{};
+    if (Status s = capi::ReadSized(config, &c, "pmlmig_vm_config"); !s.ok()) return capi::Fail(nullptr, s);
+    if (Status s = capi::ReadSized(ops, &o, "pmlmig_vm_ops"); !s.ok()) return capi::Fail(nullptr, s);
+    auto vm = pmlmig_vm::Create(c, o, opaque);
+    if (!vm.ok()) return capi::Fail(nullptr, vm.status());
+    *out = *vm;
+    return 0;
+  });
+}
+
+void pmlmig_vm_destroy(pmlmig_vm* vm) {
+  (void)Guard(nullptr, [&] {
+    delete vm;
+    return 0;
+  });
+}
+
+void* pmlmig_vm_opaque(const pmlmig_vm* vm) { return vm != nullptr ? vm->opaque() : nullptr; }
+const char* pmlmig_vm_last_error(const pmlmig_vm* vm) {
+  return vm != nullptr ? const_cast<pmlmig_vm*>(vm)->error().c_str() : "";
+}
+
+int pmlmig_vm_dirty_ring_full(pmlmig_vm* vm, uint32_t vcpu) {
+  if (vm == nullptr) return -EINVAL;
+  return Guard(&vm->error(), [&] { return vm->OnDirtyRingFull(vcpu); });
+}
+
+int pmlmig_vm_mark_dirty(pmlmig_vm* vm, uint64_t gpa, uint64_t length) {
+  if (vm == nullptr) return -EINVAL;
+  return Guard(&vm->error(), [&] { return capi::Fail(&vm->error(), vm->marks().MarkDirty(gpa, length)); });
+}
+
+// ---- Source
+
+const char* pmlmig_outcome_name(pmlmig_outcome outcome) {
+  switch (outcome) {
+    case PMLMIG_OUTCOME_NONE: return "none";
+    case PMLMIG_OUTCOME_COMPLETED: return "completed";
+    case PMLMIG_OUTCOME_FAILED: return "failed";
+    case PMLMIG_OUTCOME_CANCELLED: return "cancelled";
+    case PMLMIG_OUTCOME_IN_DOUBT: return "in-doubt";
+  }
+  return "unknown";
+}
+
+void pmlmig_migrate_options_init(pmlmig_migrate_options* o) {
+  if (o == nullptr) return;
+  *o = pmlmig_migrate_options{};
+  o->size = sizeof *o;
+  const engine::DowntimeLimitOptions d;
+  o->streams = 1;
+  o->compression = PMLMIG_COMPRESSION_NONE;
+  o->downtime_limit_ms = static_cast<uint32_t>(d.downtime_limit.count());
+  o->max_rounds = d.max_rounds;
+  o->timeout_ms = static_cast<uint64_t>(d.timeout.count());
+  o->tracker = PMLMIG_TRACKER_AUTO;
+}
+
+void pmlmig_migration_stats_init(pmlmig_migration_stats* s) {
+  if (s == nullptr) return;
+  *s = pmlmig_migration_stats{};
+  s->size = sizeof *s;
+}
+
+int pmlmig_source_create(pmlmig_vm* vm, pmlmig_source** out) {
+  return Guard(nullptr, [&] {
+    if (vm == nullptr || out == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_create: NULL"));
+    *out = new pmlmig_source(*vm);
+    return 0;
+  });
+}
+
+int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* options) {
+  if (source == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_start: source is NULL"));
+  return Guard(&source->error, [&] {
+    pmlmig_migrate_options o;
+    pmlmig_migrate_options_init(&o);
+    if (Status s = capi::ReadSized(options, &o, "pmlmig_migrate_options"); !s.ok()) return capi::Fail(&source->error, s);
+    std::lock_guard lock(source->start_mu);
+    if (source->controller.busy()) {
+      capi::Fail(&source->error, InvalidArgument("a migration is already in progress"));
+      return -EBUSY;
+    }
+    if (o.target == nullptr || *o.target == '\0') {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: target is empty (expected host:port)"));
+    }
+    if (o.compression > PMLMIG_COMPRESSION_ZSTD) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: unknown compression " +
+                                                            std::to_string(static_cast<int>(o.compression))));
+    }
+    if (o.force_on_timeout != 0 && o.force_on_timeout != 1) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: force_on_timeout must be 0 or 1"));
+    }
+    transport::MigrateCommand c;
+    c.to = o.target;
+    c.streams = o.streams;
+    c.compress = transport::CompressionName(static_cast<transport::Compression>(o.compression));
+    c.max_bandwidth = o.max_bandwidth;
+    c.downtime_limit_ms = o.downtime_limit_ms;
+    c.max_rounds = o.max_rounds;
+    c.timeout_ms = o.timeout_ms;
+    c.force_on_timeout = o.force_on_timeout == 1;
+    c.verify = o.verify != 0;
+    c.tls_ca = Str(o.tls_ca);
+    c.tls_cert = Str(o.tls_cert);
+    c.tls_key = Str(o.tls_key);
+    c.tls_server_name = Str(o.tls_server_name);
+    c.token_file = Str(o.token_file);
+    auto sink_options = transport::SinkOptionsFor(c);
+    if (!sink_options.ok()) return capi::Fail(&source->error, sink_options.status());
+    auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
+    if (!sink.ok()) return capi::Fail(&source->error, sink.status());
+    auto kind = TrackerKindOf(o.tracker, source->vm);
+    if (!kind.ok()) return capi::Fail(&source->error, kind.status());
+    if (Status s = source->tracker.Select(*kind); !s.ok()) return capi::Fail(&source->error, s);
+
+    engine::MigrationOptions mo = transport::MigrationOptionsFor(c);
+    if (o.policy != nullptr) mo.policy = std::make_shared<CPolicy>(o.policy, o.user, pmlmig::Clock::Steady());
+    engine::MigrationCallbacks callbacks;
+    if (o.on_progress != nullptr) {
+      callbacks.on_progress = [fn = o.on_progress, user = o.user](const engine::MigrationProgress& p) {
+        const pmlmig_progress cp = ProgressOf(p);
+        fn(user, &cp);
+      };
+    }
+    if (Status s = source->controller.Start(std::move(*sink), std::move(mo), std::move(callbacks)); !s.ok()) {
+      return capi::Fail(&source->error, s);
+    }
+    source->started = true;
+    return 0;
+  });
+}
+
+int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
+  if (source == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_wait: source is NULL"));
+  return Guard(&source->error, [&] {
+    {
+      std::lock_guard lock(source->start_mu);
+      if (!source->started) {
+        capi::Fail(&source->error, InvalidArgument("no migration was started"));
+        return -ENOENT;
+      }
+    }
+    const engine::MigrationStats st = source->controller.Wait();
+    pmlmig_migration_stats out{};
+    out.size = sizeof out;
+    out.outcome = OutcomeOf(st.outcome);
+    out.rounds = st.rounds;
+    out.setup_time_ms = st.setup_time_ms;
+    out.total_time_ms = st.total_time_ms;
+    out.downtime_ms = st.downtime_ms;
+    out.expected_downtime_ms = st.expected_downtime_ms;
+    out.pages = st.transferred.pages;
+    out.zero_pages = st.transferred.zero_pages;
+    out.wire_bytes = st.transferred.wire_bytes;
+    out.throughput_mbps = st.throughput_mbps;
+    out.verified = st.verified ? 1 : 0;
+    capi::WriteSized(out, stats);
+    switch (st.outcome) {
+      case engine::Outcome::kCompleted: return 0;
+      case engine::Outcome::kCancelled: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ECANCELED;
+      case engine::Outcome::kInDoubt: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ENOTRECOVERABLE;
+      default: break;
+    }
+    // The failure's kind is in its message only; -EHOSTUNREACH covers the
+    // usual one (the receiver unreachable or gone), -EIO the rest.
+    const bool unreachable = st.error.find("unreachable") != std::string::npos ||
+                             st.error.find("no connection") != std::string::npos;
+    capi::Fail(&source->error, pmlmig::Internal(st.error));
+    return unreachable ? -EHOSTUNREACH : -EIO;
+  });
+}
+
+int pmlmig_source_status(pmlmig_source* source, pmlmig_progress* progress, pmlmig_outcome* last) {
+  if (source == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_status: source is NULL"));
+  return Guard(&source->error, [&] {
+    const engine::ControllerStatus s = source->controller.status();
+    capi::WriteSized(ProgressOf(s.progress), progress);
+    if (last != nullptr) *last = OutcomeOf(s.last);
+    return 0;
+  });
+}
+
+int pmlmig_source_cancel(pmlmig_source* source) {
+  if (source == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_cancel: source is NULL"));
+  return Guard(&source->error, [&] {
+    if (Status s = source->controller.Cancel(); !s.ok()) {
+      capi::Fail(&source->error, s);
+      return -ENOENT;
+    }
+    return 0;
+  });
+}
+
+const char* pmlmig_source_last_error(const pmlmig_source* source) {
+  return source != nullptr ? source->error.c_str() : "";
+}
+
+void pmlmig_source_destroy(pmlmig_source* source) {
+  (void)Guard(nullptr, [&] {
+    delete source;  // the controller cancels a migration in flight and waits
+    return 0;
+  });
+}
+
+// ---- Receiver
+
+void pmlmig_receive_options_init(pmlmig_receive_options* o) {
+  if (o == nullptr) return;
+  *o = pmlmig_receive_options{};
+  o->size = sizeof *o;
+  const transport::MigrationServerOptions d;
+  o->max_vcpus = d.max_vcpus;
+  o->max_streams = d.max_streams;
+  o->handshake_timeout_ms = static_cast<uint32_t>(d.handshake_timeout.count());
+  o->idle_timeout_ms = static_cast<uint32_t>(d.idle_timeout.count());
+  o->commit_timeout_ms = static_cast<uint32_t>(d.commit_timeout.count());
+}
+
+void pmlmig_receive_stats_init(pmlmig_receive_stats* s) {
+  if (s == nullptr) return;
+  *s = pmlmig_receive_stats{};
+  s->size = sizeof *s;
+}
+
+int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver** out) {
+  return Guard(nullptr, [&] {
+    if (out == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receiver_start: out is NULL"));
+    *out = nullptr;
+    auto r = std::make_unique<pmlmig_receiver>();
+    pmlmig_receive_options& o = r->options;
+    pmlmig_receive_options_init(&o);
+    if (Status s = capi::ReadSized(options, &o, "pmlmig_receive_options"); !s.ok()) return capi::Fail(nullptr, s);
+    if (o.listen == nullptr || *o.listen == '\0') {
+      return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: listen is empty (expected host:port)"));
+    }
+    if (o.factory == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: factory is NULL"));
+    if (o.max_vcpus == 0) return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: max_vcpus is 0"));
+    if (o.max_streams == 0 || o.max_streams > transport::kMaxStreams) {
+      return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: max_streams must be 1.." +
+                                                     std::to_string(transport::kMaxStreams)));
+    }
+    if (o.handshake_timeout_ms == 0 || o.commit_timeout_ms == 0) {
+      return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: handshake_timeout_ms and commit_timeout_ms must be > 0"));
+    }
+    transport::MigrationServerOptions so;
+    so.max_memory_bytes = o.max_memory_bytes;
+    so.max_vcpus = o.max_vcpus;
+    so.max_streams = o.max_streams;
+    so.handshake_timeout = std::chrono::milliseconds(o.handshake_timeout_ms);
+    so.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+    so.commit_timeout = std::chrono::milliseconds(o.commit_timeout_ms);
+    so.allow_insecure = o.allow_insecure != 0;
+    auto sec = transport::LoadTransportSecurity(Str(o.tls_ca), Str(o.tls_cert), Str(o.tls_key), Str(o.token_file));
+    if (!sec.ok()) return capi::Fail(nullptr, sec.status());
+    so.security = std::move(*sec);
+    // Copies of what the factory needs: the callbacks run on gRPC threads.
+    const pmlmig_vm_factory factory = o.factory;
+    const pmlmig_vm_check check = o.check;
+    void* const user = o.user;
+    const bool require_verify = o.require_verify != 0;
+    auto make_target = [=]() -> std::unique_ptr<engine::MigrationTarget> {
+      auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+        if (require_verify && !setup.verify) {
+          return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
+        }
+        std::vector<pmlmig_region_layout> layout;
+        for (const engine::MemoryRange& m : setup.memory) layout.push_back({m.slot, 0, m.gpa, m.size});
+        pmlmig_vm* vm = nullptr;
+        capi::SetThreadError("");
+        const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
+                               layout.data(), static_cast<uint32_t>(layout.size()), &vm);
+        if (rc < 0 || vm == nullptr) {
+          if (vm != nullptr) pmlmig_vm_destroy(vm);  // wrapped, then refused: released here
+          const int err = rc < 0 ? -rc : EINVAL;
+          const std::string why = !capi::ThreadError().empty() ? capi::ThreadError()
+                                  : rc < 0                     ? std::string(std::strerror(err))
+                                                               : std::string("it returned no VM");
+          return Status(Status::FromErrno(err, "").code(), "the receiver's VM factory refused: " + why);
+        }
+        return std::unique_ptr<engine::VmControl>(vm);
+      };
+      engine::VmMigrationTarget::Check verify = nullptr;
+      if (check != nullptr) {
+        verify = [=](engine::VmControl& vm) -> Result<std::string> {
+          capi::SetThreadError("");
+          const int rc = check(user, static_cast<pmlmig_vm*>(&vm));
+          if (rc < 0) {
+            const std::string why = capi::ThreadError().empty() ? std::strerror(-rc) : capi::ThreadError();
+            return pmlmig::DataLoss("the receiver's check refused the VM: " + why);
+          }
+          return std::string("the receiver's check passed");
+        };
+      }
+      return std::make_unique<engine::VmMigrationTarget>(build, verify);
+    };
+    auto server = transport::MigrationServer::Start(o.listen, make_target, std::move(so));
+    if (!server.ok()) return capi::Fail(nullptr, server.status());
+    r->server = std::move(*server);
+    *out = r.release();
+    return 0;
+  });
+}
+
+int pmlmig_receiver_port(const pmlmig_receiver* receiver) {
+  return receiver != nullptr && receiver->server ? receiver->server->port() : -EINVAL;
+}
+
+int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_vm** vm, pmlmig_receive_stats* stats) {
+  if (receiver == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receiver_wait: receiver is NULL"));
+  return Guard(&receiver->error, [&] {
+    if (vm != nullptr) *vm = nullptr;
+    const auto deadline = timeout_ms < 0 ? std::chrono::steady_clock::time_point::max()
+                                         : std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    auto got = receiver->server->WaitForMigration(deadline);
+    if (!got.ok()) {
+      capi::Fail(&receiver->error, got.status());
+      return -ETIMEDOUT;
+    }
+    transport::ReceivedMigration& m = *got;
+    pmlmig_receive_stats out{};
+    out.size = sizeof out;
+    out.outcome = OutcomeOf(m.outcome);
+    out.rounds = m.rounds;
+    out.normal_pages = m.totals.normal_pages;
+    out.zero_pages = m.totals.zero_pages;
+    out.wire_bytes = m.totals.wire_bytes;
+    out.target_restore_ms = m.reply.target_restore_ms;
+    out.target_resume_ms = m.reply.target_resume_ms;
+    out.downtime_ms = m.reply.source_paused_ms > 0
+                          ? m.reply.source_paused_ms + m.reply.target_restore_ms + m.reply.target_resume_ms
+                          : 0;
+    out.verified = m.reply.verified ? 1 : 0;
+    capi::WriteSized(out, stats);
+    if (m.outcome != engine::Outcome::kCompleted) {
+      const int rc = capi::Fail(&receiver->error, m.error.ok() ? pmlmig::Internal("the migration failed") : m.error);
+      return m.outcome == engine::Outcome::kCancelled ? -ECANCELED : (rc == 0 ? -EIO : rc);
+    }
+    // Keep answering Resolve while the VM runs here; take no other migration.
+    receiver->server->RefuseNewMigrations("it now runs the VM it received");
+    auto* received = static_cast<pmlmig_vm*>(m.vm.release());
+    if (vm != nullptr) {
+      *vm = received;
+    } else {
+      pmlmig_vm_destroy(received);  // the caller did not want it: it is released (and keeps running in the VMM)
+    }
+    return 0;
+  });
+}
+
+const char* pmlmig_receiver_last_error(const pmlmig_receiver* receiver) {
+  return receiver != nullptr ? receiver->error.c_str() : "";
+}
+
+void pmlmig_receiver_destroy(pmlmig_receiver* receiver) {
+  (void)Guard(nullptr, [&] {
+    delete receiver;  // MigrationServer's destructor shuts it down
+    return 0;
+  });
+}
 
 }  // extern "C"

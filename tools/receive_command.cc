@@ -94,7 +94,10 @@ int Receive(const ReceiveFlags& f) {
   auto server = transport::MigrationServer::Start(f.listen, make_target, so);
   if (!server.ok()) {
     const Status& s = server.status();
-    return PrintError(s.message()), s.code() == Code::kPermissionDenied || s.code() == Code::kInvalidArgument
+    const char* advice = s.code() == Code::kPermissionDenied
+                             ? " (use --tls-ca/--tls-cert/--tls-key, see scripts/make-certs.sh, or --token-file, or --insecure)"
+                             : "";
+    return PrintError(s.message() + advice), s.code() == Code::kPermissionDenied || s.code() == Code::kInvalidArgument
                                         ? kExitUsage
                                         : kExitFailure;
   }

@@ -94,9 +94,9 @@ ControlServer::ControlServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)
 ControlServer::~ControlServer() = default;
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& path, ControlHandler& handler) {
-  if (path.empty()) return InvalidArgument("--control: empty socket path");
+  if (path.empty()) return InvalidArgument("control socket: empty path");
   if (::access(path.c_str(), F_OK) == 0) {
-    return InvalidArgument("--control " + path + ": the path exists (another VM's socket, or stale: remove it)");
+    return InvalidArgument("control socket " + path + ": the path exists (another VM's socket, or stale: remove it)");
   }
   auto impl = std::make_unique<Impl>(handler, path);
   grpc::ServerBuilder builder;
@@ -107,7 +107,7 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& p
   const mode_t old = ::umask(0077);
   impl->server = builder.BuildAndStart();
   ::umask(old);
-  if (!impl->server) return Unavailable("--control " + path + ": cannot listen on this unix socket");
+  if (!impl->server) return Unavailable("control socket " + path + ": cannot listen on this unix socket");
   ::chmod(path.c_str(), 0600);
   return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
 }

@@ -271,7 +271,7 @@ Status MigrationServer::Impl::Authorize(const grpc::ServerContextBase& ctx) cons
   if (options_.security.token.empty()) return Status::Ok();
   const auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
-  if (it == md.end()) return PermissionDenied("this receiver requires a token (--token-file); the sender sent none");
+  if (it == md.end()) return PermissionDenied("this receiver requires a token; the sender sent none");
   const std::string_view got(it->second.data(), it->second.size());
   const std::string want = "Bearer " + options_.security.token;
   if (!ConstantTimeEquals(got, want)) return PermissionDenied("the sender's token does not match this receiver's");
@@ -902,9 +902,8 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
   PMLMIG_RETURN_IF_ERROR(ValidateTransportSecurity(options.security));
   if (!options.security.authenticated() && !options.allow_insecure && !IsLoopbackListenAddress(listen)) {
     return PermissionDenied("refusing to listen on " + listen +
-                            " without authentication: anyone who reaches it could push a VM into this host. Use "
-                            "--tls-ca/--tls-cert/--tls-key (see scripts/make-certs.sh) or --token-file, or "
-                            "--insecure on a network you trust");
+                            " without authentication: anyone who reaches it could push a VM into this host. Configure "
+                            "mutual TLS or a token, or allow an insecure listener on a network you trust");
   }
   TuneMallocForTransfer();
   auto impl = std::make_unique<Impl>(std::move(factory), options);

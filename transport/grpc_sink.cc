@@ -478,10 +478,10 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
     return Unavailable("connect to " + options_.target + " (" + which + "): no connection within " +
                        Seconds(options_.connect_timeout) +
                        (options_.security.tls()
-                            ? " (with TLS: is the receiver using TLS, is its certificate signed by --tls-ca and "
+                            ? " (with TLS: is the receiver using TLS, is its certificate signed by this side's TLS CA and "
                               "issued for the host you connect to, and does it accept this side's certificate?)"
                             : " (is a receiver listening there? One that demands TLS looks like this to a sender "
-                              "without --tls-*)"));
+                              "without TLS)"));
   };
   PMLMIG_RETURN_IF_ERROR(connect(*control_channel_, "control"));
   for (auto& ds : streams_) {

@@ -38,7 +38,7 @@ Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
     total += r.size();
     if (total < r.size() || total > limits.max_memory_bytes) {
       return ResourceExhausted("Setup.memory: more than the " + FormatBytes(limits.max_memory_bytes) +
-                               " of guest memory this receiver accepts (receive --max-memory)");
+                               " of guest memory this receiver accepts (its memory limit)");
     }
     ranges.emplace_back(r.gpa(), r.gpa() + r.size());
   }

@@ -46,14 +46,14 @@ Status CheckToken(std::string_view token) {
 Status ValidateTransportSecurity(const TransportSecurity& sec) {
   const int tls_parts = !sec.tls_ca_pem.empty() + !sec.tls_cert_pem.empty() + !sec.tls_key_pem.empty();
   if (tls_parts != 0 && tls_parts != 3) {
-    return InvalidArgument("TLS needs all three of --tls-ca, --tls-cert and --tls-key");
+    return InvalidArgument("TLS needs all three of a CA certificate, a certificate and a private key");
   }
   if (tls_parts == 3) {
-    PMLMIG_RETURN_IF_ERROR(CheckPem("--tls-ca", "certificate", sec.tls_ca_pem));
-    PMLMIG_RETURN_IF_ERROR(CheckPem("--tls-cert", "certificate", sec.tls_cert_pem));
-    PMLMIG_RETURN_IF_ERROR(CheckPem("--tls-key", "private key", sec.tls_key_pem));
+    PMLMIG_RETURN_IF_ERROR(CheckPem("the TLS CA file", "certificate", sec.tls_ca_pem));
+    PMLMIG_RETURN_IF_ERROR(CheckPem("the TLS certificate file", "certificate", sec.tls_cert_pem));
+    PMLMIG_RETURN_IF_ERROR(CheckPem("the TLS key file", "private key", sec.tls_key_pem));
   } else if (!sec.tls_server_name.empty()) {
-    return InvalidArgument("--tls-server-name needs TLS (--tls-ca, --tls-cert, --tls-key)");
+    return InvalidArgument("a TLS server name needs TLS (a CA certificate, a certificate and a private key)");
   }
   if (!sec.token.empty()) PMLMIG_RETURN_IF_ERROR(CheckToken(sec.token));
   return Status::Ok();
@@ -65,25 +65,25 @@ Result<TransportSecurity> LoadTransportSecurity(const std::string& tls_ca, const
   TransportSecurity sec;
   sec.tls_server_name = tls_server_name;
   if (!tls_ca.empty()) {
-    PMLMIG_ASSIGN_OR_RETURN(sec.tls_ca_pem, ReadSmallFile("--tls-ca", tls_ca));
+    PMLMIG_ASSIGN_OR_RETURN(sec.tls_ca_pem, ReadSmallFile("TLS CA file", tls_ca));
   }
   if (!tls_cert.empty()) {
-    PMLMIG_ASSIGN_OR_RETURN(sec.tls_cert_pem, ReadSmallFile("--tls-cert", tls_cert));
+    PMLMIG_ASSIGN_OR_RETURN(sec.tls_cert_pem, ReadSmallFile("TLS certificate file", tls_cert));
   }
   if (!tls_key.empty()) {
-    PMLMIG_ASSIGN_OR_RETURN(sec.tls_key_pem, ReadSmallFile("--tls-key", tls_key));
+    PMLMIG_ASSIGN_OR_RETURN(sec.tls_key_pem, ReadSmallFile("TLS key file", tls_key));
   }
   if (!token_file.empty()) {
     struct stat st {};
     if (::stat(token_file.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
       char mode[8];
       std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-      return InvalidArgument("--token-file " + token_file + ": readable or writable by others (mode " + mode +
+      return InvalidArgument("token file " + token_file + ": readable or writable by others (mode " + mode +
                              "); run chmod 600 on it");
     }
-    PMLMIG_ASSIGN_OR_RETURN(std::string token, ReadSmallFile("--token-file", token_file));
+    PMLMIG_ASSIGN_OR_RETURN(std::string token, ReadSmallFile("token file", token_file));
     while (!token.empty() && (token.back() == '\n' || token.back() == '\r')) token.pop_back();
-    if (Status s = CheckToken(token); !s.ok()) return InvalidArgument("--token-file " + token_file + ": " + s.message());
+    if (Status s = CheckToken(token); !s.ok()) return InvalidArgument("token file " + token_file + ": " + s.message());
     sec.token = std::move(token);
   }
   PMLMIG_RETURN_IF_ERROR(ValidateTransportSecurity(sec));

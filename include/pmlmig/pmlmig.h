@@ -16,6 +16,9 @@
  *     pmlmig_receiver_wait.
  *
  * Rules of the ABI:
+ *   - Errors: a Status kind becomes -EINVAL (bad input), -ENOENT, -EACCES,
+ *     -EHOSTUNREACH (unavailable: a peer or a capability), -ENOMEM,
+ *     -ECANCELED, -EBADMSG (data loss) or -EIO (anything else).
  *   - Every function that can fail returns 0 or a negative errno value and
  *     leaves a message: pmlmig_*_last_error(handle) for a handle, or
  *     pmlmig_last_error() (per thread) for the call that failed on this thread.
@@ -101,9 +104,14 @@ typedef struct pmlmig_region {
 typedef struct pmlmig_buffer pmlmig_buffer;
 PMLMIG_API int pmlmig_buffer_append(pmlmig_buffer *buffer, const void *data, size_t length);
 
-/* How pmlmig drives the embedder's VM. Each returns 0 or a negative errno.
- * Every callback runs on a library thread (the migration's, on the source;
- * the receiver's control thread, on the target), never two at once for one VM. */
+/* How pmlmig drives the embedder's VM. Each returns 0 or a negative errno;
+ * a failing callback may say why with pmlmig_set_error (the message joins the
+ * migration's error). Every callback runs on a library thread (the
+ * migration's, on the source; the receiver's control thread, on the target),
+ * never two at once for one VM. A vCPU thread blocked in
+ * pmlmig_vm_dirty_ring_full is outside guest mode: pause and kick_all must
+ * count it as such and not wait for it to re-enter KVM_RUN (the library keeps
+ * draining the rings while they run). */
 typedef struct pmlmig_vm_ops {
   size_t size; /* sizeof(pmlmig_vm_ops) */
   /* Every vCPU out of KVM_RUN and parked; returns once they are. */
@@ -120,9 +128,11 @@ typedef struct pmlmig_vm_ops {
   /* vCPUs not running: restore what save_state wrote on the source. */
   int (*load_state)(void *opaque, const void *data, size_t length);
   /* Optional (may be NULL): pmlmig_vm_destroy calls it last, so a VM handed
-   * to the library (by a factory) can be freed by it. */
+   * to the library (by a factory) can be freed by it. Not called when
+   * pmlmig_vm_create fails. */
   void (*release)(void *opaque);
 } pmlmig_vm_ops;
+PMLMIG_API void pmlmig_vm_ops_init(pmlmig_vm_ops *ops);
 
 typedef struct pmlmig_vm_config {
   size_t size;                 /* sizeof(pmlmig_vm_config) */
@@ -130,34 +140,43 @@ typedef struct pmlmig_vm_config {
   uint32_t vcpu_count;
   const int32_t *vcpu_fds;     /* vcpu_count KVM vCPU fds (the dirty rings are mapped from them) */
   /* Entries per vCPU dirty ring (enabled on the VM before its vCPUs were
-   * created), or 0: the VM has no ring, and pmlmig tracks with the bitmap. */
+   * created, with KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING;
+   * a power of two; this host needs at least 2048, see docs/EMBEDDING.md),
+   * or 0: the VM has no ring, and pmlmig tracks with the bitmap. */
   uint32_t dirty_ring_entries;
   uint32_t region_count;
   const pmlmig_region *regions;
   /* Opaque bytes for the target's factory: how to build this VM (memory,
-   * vCPUs, devices). pmlmig copies them. */
+   * vCPUs, devices); at most 1 MiB. */
   const void *description;
   size_t description_length;
 } pmlmig_vm_config;
 
-/* pmlmig's view of one VM: the config (copied) and the callbacks. */
+/* pmlmig's view of one VM: a deep copy of the config (the fd and region
+ * arrays and the description may be freed after pmlmig_vm_create returns;
+ * the fds and mappings themselves must stay valid while the VM lives) and
+ * the callbacks. The save_state blob may be up to 1 GiB. */
 typedef struct pmlmig_vm pmlmig_vm;
 PMLMIG_API void pmlmig_vm_config_init(pmlmig_vm_config *config);
 PMLMIG_API int pmlmig_vm_create(const pmlmig_vm_config *config, const pmlmig_vm_ops *ops, void *opaque,
                                 pmlmig_vm **out);
-/* Calls ops->release(opaque) if set. Not while a source uses the VM. */
+/* Calls ops->release(opaque) if set. Not while a source uses the VM or a
+ * vCPU thread may still call pmlmig_vm_dirty_ring_full. NULL: no-op (as for
+ * every *_destroy). */
 PMLMIG_API void pmlmig_vm_destroy(pmlmig_vm *vm);
 PMLMIG_API void *pmlmig_vm_opaque(const pmlmig_vm *vm);
 PMLMIG_API const char *pmlmig_vm_last_error(const pmlmig_vm *vm);
-/* On the vCPU's own thread, when KVM_RUN exits with KVM_EXIT_DIRTY_RING_FULL:
+/* `vcpu` is an index into the config's vcpu_fds.
+ * On the vCPU's own thread, when KVM_RUN exits with KVM_EXIT_DIRTY_RING_FULL:
  * returns once the ring has room again; then re-enter KVM_RUN. A negative
  * value means the vCPU must stop (-ENOENT: no migration is tracking; the
  * embedder's VM has logging on without pmlmig, which is its bug). */
 PMLMIG_API int pmlmig_vm_dirty_ring_full(pmlmig_vm *vm, uint32_t vcpu);
-/* From any thread at any time: the VMM itself wrote [gpa, gpa+length) (device
- * emulation, a DMA, a write through another mapping), which KVM does not log.
- * A migration in progress sends those pages again. Outside a migration it is a
- * no-op returning 0. */
+/* From any thread at any time, after the write: the VMM itself wrote
+ * [gpa, gpa+length) (device emulation, a DMA, a write through another
+ * mapping), which KVM does not log. The next collection of a migration in
+ * progress (or of the next one) sends those pages again. -EINVAL when the
+ * range leaves guest memory (nothing is marked). */
 PMLMIG_API int pmlmig_vm_mark_dirty(pmlmig_vm *vm, uint64_t gpa, uint64_t length);
 
 /* ---- Source: migrating a running VM ------------------------------------- */
@@ -208,7 +227,7 @@ typedef struct pmlmig_round_stats {
   uint32_t reserved;
   uint64_t remaining_pages;      /* dirty pages collected for it */
   double bytes_per_page;         /* on the wire, averaged over everything sent */
-  double bandwidth_mbps;         /* measured over the last rounds */
+  double bandwidth_mbps;         /* megabits/s, measured over the last rounds */
   double expected_downtime_ms;   /* remaining_pages * bytes_per_page / bandwidth */
   double dirty_pages_rate;       /* pages/s dirtied during the previous round */
   double elapsed_ms;             /* since the migration started */
@@ -220,7 +239,7 @@ typedef struct pmlmig_progress {
   pmlmig_phase phase;
   uint32_t round;
   uint64_t remaining_pages;
-  double bandwidth_mbps;
+  double bandwidth_mbps;         /* megabits/s */
   double expected_downtime_ms;
   uint64_t wire_bytes;
   double elapsed_ms;
@@ -265,7 +284,7 @@ typedef struct pmlmig_migration_stats {
   uint64_t pages;                /* pages sent: normal + zero */
   uint64_t zero_pages;           /* sent as a header only */
   uint64_t wire_bytes;
-  double throughput_mbps;
+  double throughput_mbps;        /* megabits/s: wire bytes over the total time */
   int32_t verified;              /* the target's digest matched */
   uint32_t reserved;
 } pmlmig_migration_stats;
@@ -275,14 +294,17 @@ PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
  * one completed (or is in doubt) no other starts. The VM must outlive it. */
 typedef struct pmlmig_source pmlmig_source;
 PMLMIG_API int pmlmig_source_create(pmlmig_vm *vm, pmlmig_source **out);
-/* Checks the options, then starts the migration on a library thread and
- * returns. -EBUSY: one is running; -EINVAL: bad options (see last_error). */
+/* Checks the options (nothing is connected yet: an unreachable target is
+ * reported by pmlmig_source_wait), then starts the migration on a library
+ * thread and returns. -EBUSY: one is running; -EINVAL: bad options, or the VM
+ * has migrated or is in doubt (see last_error). Whatever the outcome, dirty
+ * logging is off and the rings are empty once the migration has ended. */
 PMLMIG_API int pmlmig_source_start(pmlmig_source *source, const pmlmig_migrate_options *options);
 /* Blocks until the migration started last has ended; fills *stats (may be
  * NULL). Returns 0 when it completed; -ECANCELED when it was cancelled;
- * -ENOTRECOVERABLE when it is in doubt; another negative errno (naming the
- * kind of failure, the message in last_error) when it failed; -ENOENT when
- * none was started. */
+ * -ENOTRECOVERABLE when it is in doubt; when it failed, -EHOSTUNREACH (the
+ * receiver unreachable or gone) or -EIO (anything else), the message in
+ * last_error; -ENOENT when none was started. */
 PMLMIG_API int pmlmig_source_wait(pmlmig_source *source, pmlmig_migration_stats *stats);
 /* From any thread: the progress of the migration in flight, or of the last
  * one (phase DONE), and how the last one ended. */
@@ -313,9 +335,11 @@ typedef int (*pmlmig_vm_factory)(void *user, const void *description, size_t des
                                  uint32_t vcpus, const pmlmig_region_layout *layout, uint32_t region_count,
                                  pmlmig_vm **out);
 /* Optional check of the restored VM before it resumes (state loaded, vCPUs
- * not running): 0 accepts, a negative errno refuses the migration. */
+ * not running), when the source asked for verification and the memory digest
+ * matched: 0 accepts, a negative errno refuses the migration. */
 typedef int (*pmlmig_vm_check)(void *user, pmlmig_vm *vm);
-/* For a factory or check that refuses: the message the source will see. */
+/* For a callback that fails (a factory or check that refuses, a vm_ops
+ * callback): the message the migration's error will carry. */
 PMLMIG_API void pmlmig_set_error(const char *message);
 
 typedef struct pmlmig_receive_options {

@@ -1,0 +1,132 @@
+// CVm: the embedder's VM as the engine sees it (an engine::VmControl over
+// the C callback table of pmlmig_vm_ops), and the C ABI's shared helpers:
+// errno from Status, per-thread and per-handle messages, sized structs.
+// Private to capi/: nothing here is exported.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <span>
+#include <cerrno>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "pmlmig/base/status.h"
+#include "pmlmig/engine/userspace_tracker.h"
+#include "pmlmig/engine/vm_control.h"
+#include "pmlmig/pmlmig.h"
+
+namespace pmlmig::capi {
+
+// The negative errno a Status becomes at the C ABI (pmlmig.h lists it).
+int ErrnoOf(Code code);
+
+// The message of the last failing call on this thread (pmlmig_last_error);
+// also where a factory's or check's pmlmig_set_error lands.
+void SetThreadError(std::string message);
+const std::string& ThreadError();
+
+// A message readable from any thread through a handle's *_last_error. The
+// returned pointer stays valid until the next Set on the same handle.
+class ErrorSlot {
+ public:
+  void Set(std::string message) {
+    std::lock_guard lock(mu_);
+    message_ = std::move(message);
+  }
+  const char* c_str() const {
+    std::lock_guard lock(mu_);
+    return message_.c_str();
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::string message_;  // guarded by mu_
+};
+
+// Records `s` in `slot` (if any) and on this thread; returns its errno (0 for OK).
+int Fail(ErrorSlot* slot, const Status& s);
+
+// Copies the caller's sized struct over `defaults`: only the bytes its
+// `size` covers (at least the size field itself). A size below that of the
+// size field, or a null pointer, is refused.
+template <typename T>
+Status ReadSized(const T* in, T* out, const char* what) {
+  if (in == nullptr) return InvalidArgument(std::string(what) + ": NULL");
+  if (in->size < sizeof(size_t)) return InvalidArgument(std::string(what) + ": size is " + std::to_string(in->size));
+  std::memcpy(static_cast<void*>(out), static_cast<const void*>(in), std::min(in->size, sizeof(T)));
+  out->size = sizeof(T);
+  return Status::Ok();
+}
+// Writes `full` into the caller's struct, as much of it as its size covers.
+template <typename T>
+void WriteSized(const T& full, T* out) {
+  if (out == nullptr || out->size < sizeof(size_t)) return;
+  const size_t n = std::min(out->size, sizeof(T));
+  const size_t caller_size = out->size;
+  std::memcpy(static_cast<void*>(out), static_cast<const void*>(&full), n);
+  out->size = caller_size;
+}
+
+}  // namespace pmlmig::capi
+
+// The handle type of pmlmig.h (global namespace, as the header declares it).
+struct pmlmig_vm final : public pmlmig::engine::VmControl {
+ public:
+  // Checks and copies the config; the ops table is copied too.
+  static pmlmig::Result<pmlmig_vm*> Create(const pmlmig_vm_config& config, const pmlmig_vm_ops& ops, void* opaque);
+  ~pmlmig_vm() override;  // ops.release(opaque), if set
+
+  // engine::VmControl, over the callbacks.
+  const pmlmig::engine::SlotTable& memory_slots() const override { return slots_; }
+  int vm_fd() const override { return vm_fd_; }
+  uint32_t vcpu_count() const override { return static_cast<uint32_t>(vcpu_fds_.size()); }
+  int vcpu_fd(uint32_t vcpu) const override { return vcpu < vcpu_fds_.size() ? vcpu_fds_[vcpu] : -1; }
+  uint32_t dirty_ring_entries() const override { return ring_entries_; }
+  std::optional<Backing> slot_backing(uint32_t slot) const override;
+  pmlmig::Status SetDirtyLogging(bool on) override;
+  pmlmig::Status Pause() override;
+  pmlmig::Status Resume() override;
+  pmlmig::Status KickAll() override;
+  void SetDirtyRingFullHandler(std::function<pmlmig::Status(uint32_t vcpu)> handler) override;
+  pmlmig::Result<std::vector<uint8_t>> SaveState() override;
+  pmlmig::Status LoadState(std::span<const uint8_t> state) override;
+
+  // The C entry points on a vCPU thread / any thread.
+  int OnDirtyRingFull(uint32_t vcpu);
+  // The VMM's own writes (pmlmig_vm_mark_dirty), kept until a migration's
+  // collection takes them: the source tracks the union of KVM's log and this.
+  pmlmig::engine::UserspaceWriteTracker& marks() { return *marks_; }
+
+  void* opaque() const { return opaque_; }
+  const std::string& description() const { return description_; }
+  pmlmig::capi::ErrorSlot& error() { return error_; }
+
+ private:
+  pmlmig_vm(const pmlmig_vm_ops& ops, void* opaque) : ops_(ops), opaque_(opaque) {}
+  // A callback's result as a Status naming it ("pause callback: ...").
+  pmlmig::Status Call(const char* what, int rc) const;
+
+  pmlmig_vm_ops ops_{};
+  void* opaque_ = nullptr;
+  pmlmig::engine::SlotTable slots_;
+  std::vector<pmlmig_region> regions_;
+  std::vector<int> vcpu_fds_;
+  int vm_fd_ = -1;
+  uint32_t ring_entries_ = 0;
+  std::string description_;
+  std::mutex ring_mu_;
+  std::function<pmlmig::Status(uint32_t)> ring_full_;  // guarded by ring_mu_
+  std::unique_ptr<pmlmig::engine::UserspaceWriteTracker> marks_;
+  pmlmig::capi::ErrorSlot error_;
+};
+
+// The buffer save_state appends to (pmlmig_buffer_append).
+struct pmlmig_buffer {
+  static constexpr size_t kLimit = 1u << 30;  // a state blob beyond 1 GiB is a bug, not a VM
+  std::vector<uint8_t> bytes;
+};

@@ -1,0 +1,372 @@
+/* The C ABI from C (C11), without KVM: versions and features, option
+ * defaults, sized structs, every refusal with its errno and message, and a
+ * migration between a source and a receiver in this process whose VMs are
+ * plain memory. Round 0 really travels (the receiver's factory builds the VM,
+ * the pages land in it); the first collection then fails, because a VM
+ * without a KVM fd has no dirty log. That failure is the point: the source VM
+ * is resumed, the receiver's VM is released, and both sides say why.
+ * The live migration of a real KVM guest through this ABI is
+ * tests/tools/embed_test.sh (examples/). */
+#define _DEFAULT_SOURCE 1 /* MAP_ANONYMOUS under -std=c11 */
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "pmlmig/pmlmig.h"
+
+static int failures = 0;
+
+#define CHECK(cond)                                                     \
+  do {                                                                  \
+    if (!(cond)) {                                                      \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                       \
+    }                                                                   \
+  } while (0)
+#define CHECK_ERR(expr, err, text)                                                                        \
+  do {                                                                                                    \
+    int rc_ = (expr);                                                                                     \
+    if (rc_ != (err) || strstr(pmlmig_last_error(), (text)) == NULL) {                                    \
+      fprintf(stderr, "%s:%d: %s returned %d (want %d), message \"%s\" (want \"%s\")\n", __FILE__, __LINE__, \
+              #expr, rc_, (err), pmlmig_last_error(), (text));                                            \
+      ++failures;                                                                                         \
+    }                                                                                                     \
+  } while (0)
+
+#define PAGES 64
+#define MEM_BYTES (PAGES * 4096u)
+
+/* A VM that is plain memory. */
+typedef struct fake_vm {
+  unsigned char *mem;
+  int pauses, resumes, logging, released;
+  int fail_logging; /* set_dirty_logging(on) fails with -EPERM */
+  int from_factory; /* built by the receiver's factory (on the heap) */
+} fake_vm;
+
+static int op_pause(void *o) { ((fake_vm *)o)->pauses++; return 0; }
+static int op_resume(void *o) { ((fake_vm *)o)->resumes++; return 0; }
+static int op_kick(void *o) { (void)o; return 0; }
+static int op_logging(void *o, int on) {
+  fake_vm *v = o;
+  if (on && v->fail_logging) {
+    pmlmig_set_error("the test VMM refuses dirty logging");
+    return -EPERM;
+  }
+  v->logging = on;
+  return 0;
+}
+static int op_save(void *o, pmlmig_buffer *out) { (void)o; return pmlmig_buffer_append(out, "state", 5); }
+static int op_load(void *o, const void *d, size_t n) { (void)o; return n == 5 && memcmp(d, "state", 5) == 0 ? 0 : -EINVAL; }
+static fake_vm *g_released_target; /* the receiver's VM, after release */
+static void op_release(void *o) {
+  fake_vm *v = o;
+  v->released = 1;
+  munmap(v->mem, MEM_BYTES);
+  if (v->from_factory) g_released_target = v;
+}
+
+static pmlmig_vm_ops ops(int with_release) {
+  pmlmig_vm_ops o;
+  pmlmig_vm_ops_init(&o);
+  o.pause = op_pause;
+  o.resume = op_resume;
+  o.kick_all = op_kick;
+  o.set_dirty_logging = op_logging;
+  o.save_state = op_save;
+  o.load_state = op_load;
+  if (with_release) o.release = op_release;
+  return o;
+}
+
+static int g_fd = -1;
+
+static int make_vm(fake_vm *v, const char *description, pmlmig_vm **out) {
+  pmlmig_region r;
+  memset(&r, 0, sizeof r);
+  r.gpa = 0;
+  r.size = MEM_BYTES;
+  r.host = v->mem;
+  r.memfd = -1;
+  pmlmig_vm_config c;
+  pmlmig_vm_config_init(&c);
+  c.vm_fd = -1;
+  c.vcpu_count = 1;
+  c.vcpu_fds = &g_fd;
+  c.region_count = 1;
+  c.regions = &r;
+  c.description = description;
+  c.description_length = description ? strlen(description) : 0;
+  pmlmig_vm_ops o = ops(1);
+  return pmlmig_vm_create(&c, &o, v, out);
+}
+
+static int g_factory_calls;
+static char g_factory_description[64];
+static int factory(void *user, const void *d, size_t n, uint32_t vcpus, const pmlmig_region_layout *layout,
+                   uint32_t count, pmlmig_vm **out) {
+  (void)user;
+  g_factory_calls++;
+  if (n >= sizeof g_factory_description || vcpus != 1 || count != 1 || layout[0].size != MEM_BYTES) {
+    pmlmig_set_error("unexpected layout");
+    return -EINVAL;
+  }
+  memcpy(g_factory_description, d, n);
+  g_factory_description[n] = '\0';
+  fake_vm *v = calloc(1, sizeof *v);
+  v->from_factory = 1;
+  v->mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return make_vm(v, NULL, out);
+}
+
+static int refusing_factory(void *user, const void *d, size_t n, uint32_t vcpus, const pmlmig_region_layout *layout,
+                            uint32_t count, pmlmig_vm **out) {
+  (void)user, (void)d, (void)n, (void)vcpus, (void)layout, (void)count, (void)out;
+  pmlmig_set_error("this test receiver takes no VM");
+  return -EPERM;
+}
+
+static pmlmig_receiver *start_receiver(pmlmig_vm_factory f) {
+  pmlmig_receive_options ro;
+  pmlmig_receive_options_init(&ro);
+  ro.listen = "127.0.0.1:0";
+  ro.factory = f;
+  pmlmig_receiver *r = NULL;
+  CHECK(pmlmig_receiver_start(&ro, &r) == 0);
+  CHECK(r != NULL && pmlmig_receiver_port(r) > 0);
+  return r;
+}
+
+static void test_versions_and_defaults(void) {
+  CHECK(pmlmig_version() == PMLMIG_VERSION);
+  CHECK(strcmp(pmlmig_version_string(), "0.2.0") == 0);
+  CHECK(pmlmig_abi_version() == PMLMIG_ABI_VERSION);
+  CHECK(pmlmig_wire_version() == PMLMIG_WIRE_VERSION);
+  CHECK((pmlmig_features() & PMLMIG_FEATURE_MIGRATION) != 0);
+  CHECK((pmlmig_features() & PMLMIG_FEATURE_MARK_DIRTY) != 0);
+  CHECK(strcmp(pmlmig_outcome_name(PMLMIG_OUTCOME_IN_DOUBT), "in-doubt") == 0);
+
+  pmlmig_migrate_options o;
+  memset(&o, 0xff, sizeof o);
+  pmlmig_migrate_options_init(&o);
+  CHECK(o.size == sizeof o && o.target == NULL && o.streams == 1 && o.downtime_limit_ms == 300 &&
+        o.max_rounds == 50 && o.timeout_ms == 0 && o.verify == 0 && o.tracker == PMLMIG_TRACKER_AUTO &&
+        o.policy == NULL && o.on_progress == NULL);
+  pmlmig_receive_options ro;
+  pmlmig_receive_options_init(&ro);
+  CHECK(ro.size == sizeof ro && ro.max_vcpus == 1024 && ro.max_streams == 64 && ro.handshake_timeout_ms == 30000 &&
+        ro.idle_timeout_ms == 60000 && ro.commit_timeout_ms == 30000 && ro.factory == NULL);
+}
+
+static void test_vm_refusals(void) {
+  pmlmig_vm *vm = (pmlmig_vm *)1;
+  CHECK_ERR(pmlmig_vm_create(NULL, NULL, NULL, &vm), -EINVAL, "pmlmig_vm_config: NULL");
+  CHECK(vm == NULL);
+  fake_vm v = {0};
+  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  pmlmig_region r[2];
+  memset(r, 0, sizeof r);
+  r[0].size = MEM_BYTES, r[0].host = v.mem, r[0].memfd = -1;
+  r[1] = r[0];
+  r[1].slot = 1, r[1].gpa = MEM_BYTES / 2; /* overlaps slot 0 */
+  pmlmig_vm_config c;
+  pmlmig_vm_config_init(&c);
+  c.vcpu_count = 1, c.vcpu_fds = &g_fd, c.region_count = 2, c.regions = r;
+  pmlmig_vm_ops o = ops(1);
+  CHECK_ERR(pmlmig_vm_create(&c, &o, &v, &vm), -EINVAL, "region 1");
+  CHECK(v.released == 0); /* a VM never created is never released */
+  pmlmig_vm_ops missing = ops(1);
+  missing.kick_all = NULL;
+  c.region_count = 1;
+  CHECK_ERR(pmlmig_vm_create(&c, &missing, &v, &vm), -EINVAL, "are required");
+  c.dirty_ring_entries = 3000;
+  CHECK_ERR(pmlmig_vm_create(&c, &o, &v, &vm), -EINVAL, "not a power of two");
+  c.dirty_ring_entries = 0;
+  /* An older caller's shorter config (size covers only the fields up to
+   * regions): the description is then empty, not garbage. */
+  c.description = "ignored";
+  c.description_length = 7;
+  c.size = offsetof(pmlmig_vm_config, description);
+  CHECK(pmlmig_vm_create(&c, &o, &v, &vm) == 0);
+  CHECK(pmlmig_vm_opaque(vm) == &v);
+  CHECK_ERR(pmlmig_vm_dirty_ring_full(vm, 0), -ENOENT, "no migration tracks");
+  CHECK_ERR(pmlmig_vm_dirty_ring_full(vm, 7), -EINVAL, "vcpu 7");
+  CHECK(strstr(pmlmig_vm_last_error(vm), "vcpu 7") != NULL);
+  CHECK(pmlmig_vm_mark_dirty(vm, 4096, 8192) == 0);
+  CHECK_ERR(pmlmig_vm_mark_dirty(vm, MEM_BYTES - 4096, 8192), -EINVAL, "outside every memory slot");
+  pmlmig_vm_destroy(vm);
+  CHECK(v.released == 1);
+  pmlmig_vm_destroy(NULL);
+}
+
+static void test_source_refusals(void) {
+  fake_vm v = {0};
+  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  pmlmig_vm *vm = NULL;
+  CHECK(make_vm(&v, "d", &vm) == 0);
+  pmlmig_source *s = NULL;
+  CHECK(pmlmig_source_create(vm, &s) == 0);
+  CHECK_ERR(pmlmig_source_wait(s, NULL), -ENOENT, "no migration was started");
+  CHECK_ERR(pmlmig_source_cancel(s), -ENOENT, "no migration in progress");
+  pmlmig_migrate_options o;
+  pmlmig_migrate_options_init(&o);
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "target is empty");
+  CHECK(strstr(pmlmig_source_last_error(s), "target is empty") != NULL);
+  o.target = "127.0.0.1:1";
+  o.compression = (pmlmig_compression)9;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown compression 9");
+  o.compression = PMLMIG_COMPRESSION_NONE;
+  o.streams = 0;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "streams");
+  o.streams = 1;
+  o.tracker = PMLMIG_TRACKER_RING;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "without a dirty ring");
+  o.tracker = PMLMIG_TRACKER_AUTO;
+  o.token_file = "/nonexistent/token";
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "token file /nonexistent/token");
+  o.token_file = NULL;
+  o.size = 4; /* smaller than the size field itself */
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "size is 4");
+  pmlmig_progress p;
+  memset(&p, 0, sizeof p);
+  p.size = sizeof p;
+  pmlmig_outcome last = PMLMIG_OUTCOME_FAILED;
+  CHECK(pmlmig_source_status(s, &p, &last) == 0);
+  CHECK(last == PMLMIG_OUTCOME_NONE && p.phase == PMLMIG_PHASE_SETUP);
+  pmlmig_source_destroy(s);
+  pmlmig_vm_destroy(vm);
+  CHECK(v.pauses == 0 && v.resumes == 0);
+}
+
+static void test_receiver_refusals(void) {
+  pmlmig_receive_options ro;
+  pmlmig_receive_options_init(&ro);
+  pmlmig_receiver *r = (pmlmig_receiver *)1;
+  CHECK_ERR(pmlmig_receiver_start(&ro, &r), -EINVAL, "listen is empty");
+  CHECK(r == NULL);
+  ro.listen = "127.0.0.1:0";
+  CHECK_ERR(pmlmig_receiver_start(&ro, &r), -EINVAL, "factory is NULL");
+  ro.factory = factory;
+  ro.max_streams = 65;
+  CHECK_ERR(pmlmig_receiver_start(&ro, &r), -EINVAL, "max_streams");
+  ro.max_streams = 64;
+  ro.listen = "10.1.2.3:7400"; /* not loopback, no TLS, no token */
+  CHECK(pmlmig_receiver_start(&ro, &r) < 0);
+  CHECK(strlen(pmlmig_last_error()) > 0);
+  r = start_receiver(factory);
+  pmlmig_vm *got = (pmlmig_vm *)1;
+  CHECK(pmlmig_receiver_wait(r, 10, &got, NULL) == -ETIMEDOUT);
+  CHECK(got == NULL);
+  pmlmig_receiver_destroy(r);
+  pmlmig_receiver_destroy(NULL);
+}
+
+/* Round 0 of a real migration into the receiver's factory-built VM, then the
+ * failure at the first collection (no KVM fd): what each side then holds. */
+static void test_failed_migration(int refuse) {
+  g_factory_calls = 0;
+  g_released_target = NULL;
+  pmlmig_receiver *r = start_receiver(refuse ? refusing_factory : factory);
+  char target[64];
+  snprintf(target, sizeof target, "127.0.0.1:%d", pmlmig_receiver_port(r));
+
+  fake_vm v = {0};
+  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  for (unsigned i = 0; i < MEM_BYTES; ++i) v.mem[i] = (unsigned char)(i * 7 + 1);
+  pmlmig_vm *vm = NULL;
+  CHECK(make_vm(&v, "fake-vm-1", &vm) == 0);
+  pmlmig_source *s = NULL;
+  CHECK(pmlmig_source_create(vm, &s) == 0);
+  pmlmig_migrate_options o;
+  pmlmig_migrate_options_init(&o);
+  o.target = target;
+  o.tracker = PMLMIG_TRACKER_BITMAP;
+  CHECK(pmlmig_source_start(s, &o) == 0);
+  /* A caller compiled against an older, shorter stats struct: only its
+   * bytes are written. */
+  struct {
+    pmlmig_migration_stats st;
+    unsigned char canary[16];
+  } out;
+  memset(&out, 0xab, sizeof out);
+  out.st.size = offsetof(pmlmig_migration_stats, zero_pages);
+  const int rc = pmlmig_source_wait(s, &out.st);
+  CHECK(rc == -EIO);
+  CHECK(out.st.size == offsetof(pmlmig_migration_stats, zero_pages));
+  CHECK(out.st.outcome == PMLMIG_OUTCOME_FAILED);
+  const unsigned char *tail = (const unsigned char *)&out.st.zero_pages;
+  CHECK(tail[0] == 0xab && out.canary[0] == 0xab);
+  const char *why = pmlmig_source_last_error(s);
+  if (refuse) {
+    CHECK(strstr(why, "this test receiver takes no VM") != NULL);
+    CHECK(v.logging == 0);
+  } else {
+    CHECK(strstr(why, "collect") != NULL);
+    CHECK(out.st.pages >= PAGES); /* round 0 went out */
+  }
+  CHECK(v.resumes == 1 && v.pauses == 0 && v.logging == 0);
+
+  pmlmig_receive_stats rs;
+  pmlmig_receive_stats_init(&rs);
+  pmlmig_vm *got = (pmlmig_vm *)1;
+  const int wrc = pmlmig_receiver_wait(r, 10000, &got, &rs);
+  CHECK(wrc < 0 && wrc != -ETIMEDOUT && got == NULL);
+  CHECK(rs.outcome == PMLMIG_OUTCOME_FAILED || rs.outcome == PMLMIG_OUTCOME_CANCELLED);
+  if (refuse) {
+    CHECK(g_factory_calls == 0 || g_released_target == NULL);
+  } else {
+    CHECK(g_factory_calls == 1);
+    CHECK(strcmp(g_factory_description, "fake-vm-1") == 0);
+    CHECK(rs.normal_pages >= PAGES);
+    CHECK(g_released_target != NULL && g_released_target->released == 1); /* the receiver released its VM */
+    free(g_released_target);
+  }
+  pmlmig_source_destroy(s);
+  pmlmig_vm_destroy(vm);
+  pmlmig_receiver_destroy(r);
+}
+
+static void test_callback_failure(void) {
+  pmlmig_receiver *r = start_receiver(factory);
+  char target[64];
+  snprintf(target, sizeof target, "127.0.0.1:%d", pmlmig_receiver_port(r));
+  fake_vm v = {0};
+  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  v.fail_logging = 1;
+  pmlmig_vm *vm = NULL;
+  CHECK(make_vm(&v, "fake-vm-2", &vm) == 0);
+  pmlmig_source *s = NULL;
+  CHECK(pmlmig_source_create(vm, &s) == 0);
+  pmlmig_migrate_options o;
+  pmlmig_migrate_options_init(&o);
+  o.target = target;
+  CHECK(pmlmig_source_start(s, &o) == 0);
+  CHECK(pmlmig_source_wait(s, NULL) == -EIO);
+  CHECK(strstr(pmlmig_source_last_error(s), "set_dirty_logging callback") != NULL);
+  CHECK(strstr(pmlmig_source_last_error(s), "the test VMM refuses dirty logging") != NULL);
+  CHECK(v.resumes == 1);
+  pmlmig_source_destroy(s);
+  pmlmig_vm_destroy(vm);
+  pmlmig_receiver_destroy(r);
+  free(g_released_target); /* the receiver's VM of this failed attempt, if its factory ran */
+  g_released_target = NULL;
+}
+
+int main(void) {
+  test_versions_and_defaults();
+  test_vm_refusals();
+  test_source_refusals();
+  test_receiver_refusals();
+  test_failed_migration(0);
+  test_failed_migration(1);
+  test_callback_failure();
+  if (failures != 0) {
+    fprintf(stderr, "capi_test: %d checks failed\n", failures);
+    return 1;
+  }
+  printf("capi_test: all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Embedding pmlmig from C, as a VMM author meets it: examples/ (minivmm, a
+# tiny KVM VMM in C that uses nothing of pmlmig but pmlmig/pmlmig.h and
+# libpmlmig.so) built against an installed pmlmig, then a live migration
+# between two minivmm processes.
+#
+#   1. `cmake --install` the build tree to a temporary prefix.
+#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.2),
+#      pmlmig::pmlmig) and a second time through pkg-config (examples/Makefile,
+#      or its one-line cc command where make is absent).
+#   3. The CMake build: --help, and --run with random pauses (every page
+#      checked at each pause: the VMM on its own, no migration).
+#   4. `minivmm --receive 127.0.0.1:0` (CMake build; it prints the port it
+#      got) and `minivmm --send 127.0.0.1:PORT --verify` (pkg-config build):
+#      both must exit 0; the receiver must have checked every page before the
+#      resume and again after running on; the sender's final memory digest and
+#      vCPU positions must equal what the receiver restored; pmlmig's own
+#      digest must have been verified.
+#   5. A failure: --send to a port nobody listens on exits 1, says why, and
+#      shows the VM kept running on the source (every page checked, every vCPU
+#      advanced).
+# Exit 0 pass, 1 fail, 77 skip (no usable /dev/kvm).
+#
+# Environment: PMLMIG_SOURCE_DIR (the project's source root; default: this
+# checkout), PMLMIG_BUILD_DIR (a configured and built build tree; required),
+# CC (default cc), PMLMIG_TEST_FLAGS (sanitizer flags of an instrumented
+# build, used for the example too).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+src=${PMLMIG_SOURCE_DIR:-$(cd "$here/../.." && pwd)}
+build=${PMLMIG_BUILD_DIR:?embed_test: set PMLMIG_BUILD_DIR to a built pmlmig build tree}
+CC=${CC:-cc}
+read -r -a test_flags <<<"${PMLMIG_TEST_FLAGS:-}"
+
+if [ ! -c /dev/kvm ] || [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+  echo "embed_test: SKIP: minivmm needs a usable /dev/kvm (absent or not read-writable here)"
+  exit 77
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pmlmig-embed.XXXXXX")
+children=()
+cleanup() {
+  local pid
+  for pid in "${children[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+die() {
+  echo "embed_test: FAIL: $*" >&2
+  exit 1
+}
+pass() { echo "embed_test: ok: $*"; }
+
+# quiet LOG CMD...: runs CMD, its output shown only when it fails.
+quiet() {
+  local log=$1
+  shift
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    die "$* (log above)"
+  fi
+}
+
+# show FILE...: the files, indented, for a failure report.
+show() {
+  local f
+  for f in "$@"; do
+    echo "--- $f" >&2
+    sed 's/^/    /' "$f" >&2
+  done
+}
+
+# ---- 1. install -------------------------------------------------------------
+
+prefix=$tmp/prefix
+quiet "$tmp/install.log" cmake --install "$build" --prefix "$prefix"
+pc=$(find "$prefix" -name pmlmig.pc -path '*/pkgconfig/*' | head -n 1)
+[ -n "$pc" ] || die "the installation under $prefix has no pkgconfig/pmlmig.pc"
+pcdir=$(dirname "$pc")
+libdir=$(dirname "$pcdir")
+[ -e "$libdir/libpmlmig.so" ] || die "no libpmlmig.so beside $pcdir (in $libdir)"
+pass "installed to a temporary prefix ($(basename "$libdir")/pkgconfig/pmlmig.pc)"
+
+# ---- 2. two builds ----------------------------------------------------------
+
+cmake_build=$tmp/cmake-build
+generator=()
+if command -v ninja >/dev/null; then generator=(-G Ninja); fi
+quiet "$tmp/configure.log" cmake -S "$src/examples" -B "$cmake_build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_C_COMPILER="$CC" -DCMAKE_C_FLAGS="${test_flags[*]}"
+quiet "$tmp/build.log" cmake --build "$cmake_build" -j 2
+cmake_vmm=$cmake_build/minivmm
+[ -x "$cmake_vmm" ] || die "the CMake build made no minivmm"
+pass "examples/ built with find_package(pmlmig 0.2) + pmlmig::pmlmig"
+
+pc_build=$tmp/pc-build
+mkdir -p "$pc_build"
+export PKG_CONFIG_PATH=$pcdir
+if command -v make >/dev/null; then
+  quiet "$tmp/make.log" make -C "$src/examples" O="$pc_build" CC="$CC" \
+    CFLAGS="-O2 -g ${test_flags[*]}" LDFLAGS="${test_flags[*]}"
+  how="examples/Makefile"
+else
+  # The one-line command of examples/README.md.
+  read -r -a pc_flags <<<"$(pkg-config --cflags --libs pmlmig)"
+  quiet "$tmp/cc.log" "$CC" -std=c11 -Wall -Wextra -Werror -O2 -pthread "${test_flags[@]}" \
+    "$src"/examples/*.c "${pc_flags[@]}" -o "$pc_build/minivmm"
+  how="the one-line cc command"
+fi
+pc_vmm=$pc_build/minivmm
+[ -x "$pc_vmm" ] || die "the pkg-config build made no minivmm"
+pass "examples/ built with pkg-config ($how)"
+export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+# ---- 3. the VMM on its own --------------------------------------------------
+
+"$cmake_vmm" --help >"$tmp/help.out" || die "minivmm --help exited $?"
+grep -q -- "--receive HOST:PORT" "$tmp/help.out" || die "minivmm --help does not describe --receive"
+if "$cmake_vmm" --run 1 --bogus >/dev/null 2>"$tmp/usage.err"; then die "minivmm accepted --bogus"; else rc=$?; fi
+[ "$rc" -eq 2 ] || die "a bad flag exited $rc, not 2"
+if ! timeout 120 "$cmake_vmm" --run 2 --pauses 20 --vcpus 2 --memory 16 >"$tmp/run.out" 2>"$tmp/run.err"; then
+  show "$tmp/run.out" "$tmp/run.err"
+  die "minivmm --run failed"
+fi
+grep -Eq '^run: .* 21 checks: all 4096 of 4096 pages good each time' "$tmp/run.out" ||
+  { show "$tmp/run.out"; die "minivmm --run did not check every page at every pause"; }
+pass "minivmm --run: 21 pauses at random moments, all 4096 pages checked at each"
+
+# ---- 4. a live migration between the two builds ----------------------------
+
+timeout 300 "$cmake_vmm" --receive 127.0.0.1:0 --run-after 1 >"$tmp/receive.out" 2>"$tmp/receive.err" &
+receiver=$!
+children+=("$receiver")
+port=
+for _ in $(seq 300); do
+  port=$(sed -n 's/^receive: listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$tmp/receive.out")
+  [ -n "$port" ] && break
+  kill -0 "$receiver" 2>/dev/null || break
+  sleep 0.1
+done
+if [ -z "$port" ] || [ "$port" = 0 ]; then
+  show "$tmp/receive.out" "$tmp/receive.err"
+  die "the receiver did not report a listening port"
+fi
+
+send_rc=0
+timeout 300 "$pc_vmm" --send "127.0.0.1:$port" --verify --after 500 --memory 64 --vcpus 2 \
+  >"$tmp/send.out" 2>"$tmp/send.err" || send_rc=$?
+receive_rc=0
+wait "$receiver" || receive_rc=$?
+children=()
+if [ "$send_rc" -ne 0 ] || [ "$receive_rc" -ne 0 ]; then
+  show "$tmp/send.out" "$tmp/send.err" "$tmp/receive.out" "$tmp/receive.err"
+  die "migration: sender exited $send_rc, receiver exited $receive_rc (both must be 0)"
+fi
+
+expect() {  # expect FILE REGEX WHAT
+  grep -Eq "$2" "$1" || { show "$tmp/send.out" "$tmp/receive.out"; die "$3"; }
+}
+expect "$tmp/send.out" '^migration: completed .* verified yes$' "the sender's statistics do not say completed and verified"
+expect "$tmp/send.out" '^source: completed; final state: all 16384 of 16384 pages good' \
+  "the sender did not check its final state"
+expect "$tmp/receive.out" '^receive: check before resume: all 16384 of 16384 pages good' \
+  "the receiver did not check every page before resuming"
+expect "$tmp/receive.out" \
+  '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
+  "the receiver did not check every page after running on"
+
+digest() { sed -n "s/^$2.* memory digest \(0x[0-9a-f]*\)$/\1/p" "$1"; }
+sent=$(digest "$tmp/send.out" 'source: completed')
+restored=$(digest "$tmp/receive.out" 'receive: check before resume')
+if [ -z "$sent" ] || [ "$sent" != "$restored" ]; then
+  show "$tmp/send.out" "$tmp/receive.out"
+  die "memory digest: sent '$sent', restored '$restored'"
+fi
+# The vCPU positions the receiver restored are the sender's final ones: the
+# first block of "receive:   vcpu" lines (the second is after running on).
+sed -n 's/^source: *\(vcpu .*\)$/\1/p' "$tmp/send.out" >"$tmp/sent.pos"
+sed -n '/^receive: check before resume/,/^receive: [^ ]/s/^receive: *\(vcpu .*\)$/\1/p' "$tmp/receive.out" \
+  >"$tmp/restored.pos"
+if [ ! -s "$tmp/sent.pos" ] || ! cmp -s "$tmp/sent.pos" "$tmp/restored.pos"; then
+  show "$tmp/sent.pos" "$tmp/restored.pos"
+  die "the restored vCPU positions differ from the sent ones"
+fi
+pass "migrated live (pkg-config build -> CMake build): every page checked before and after the resume, digest $sent on both sides"
+
+# ---- 5. a failure: nobody listens -----------------------------------------
+
+# The receiver above has exited, so nothing listens on its port any more.
+fail_rc=0
+timeout 120 "$pc_vmm" --send "127.0.0.1:$port" --after 200 --memory 16 >"$tmp/fail.out" 2>"$tmp/fail.err" || fail_rc=$?
+if [ "$fail_rc" -ne 1 ]; then
+  show "$tmp/fail.out" "$tmp/fail.err"
+  die "sending to a port nobody listens on exited $fail_rc, not 1"
+fi
+grep -Eq "^minivmm: migration to 127\.0\.0\.1:$port (failed|did not start): .+" "$tmp/fail.err" ||
+  { show "$tmp/fail.out" "$tmp/fail.err"; die "the failed migration gave no reason"; }
+grep -Eq '^source: the VM was kept and runs on here: all 4096 of 4096 pages good, every vCPU advanced$' \
+  "$tmp/fail.out" || { show "$tmp/fail.out" "$tmp/fail.err"; die "the source VM was not shown running on after the failure"; }
+pass "a migration to a closed port fails with a reason ($(grep -m1 '^minivmm: migration' "$tmp/fail.err" | cut -c1-100)) and the VM runs on"
+
+echo "embed_test: PASS"
