@@ -19,10 +19,11 @@
 #include "pmlmig/engine/migration.h"
 #include "pmlmig/engine/slot_table.h"
 #include "pmlmig/transport/grpc_sink.h"
+#include "pmlmig/version.h"
 
 namespace pmlmig::transport {
 
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = kWireVersion;  // PMLMIG_WIRE_VERSION
 inline constexpr uint64_t kMaxBatchPayload = uint64_t{kMaxBatchPages} * engine::kPageSize;
 // gRPC max message size on both sides: a batch (4 MiB of data plus at most
 // 1024 runs) and the largest control message (8 MiB of VM state) fit.
