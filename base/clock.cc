@@ -17,12 +17,30 @@ const Clock& Clock::Steady() {
 }
 
 Watchdog::Watchdog(std::chrono::steady_clock::time_point deadline, std::function<void()> fire) {
-  thread_ = std::thread([this, deadline, fire = std::move(fire)] {
-    std::unique_lock lock(mu_);
-    if (cv_.wait_until(lock, deadline, [&] { return disarmed_; })) return;
-    fired_ = true;
-    lock.unlock();
+  Start(deadline, std::chrono::milliseconds(0), [fire = std::move(fire)] {
     fire();
+    return true;
+  });
+}
+
+Watchdog::Watchdog(std::chrono::milliseconds tick, std::function<bool()> check) {
+  Start(std::chrono::steady_clock::now() + tick, tick, std::move(check));
+}
+
+void Watchdog::Start(std::chrono::steady_clock::time_point first, std::chrono::milliseconds tick,
+                     std::function<bool()> check) {
+  thread_ = std::thread([this, first, tick, check = std::move(check)] {
+    std::unique_lock lock(mu_);
+    for (auto next = first;; next += tick) {
+      if (cv_.wait_until(lock, next, [&] { return disarmed_; })) return;
+      lock.unlock();
+      const bool acted = check();
+      lock.lock();
+      if (acted || tick.count() == 0) {
+        fired_ = acted;
+        return;
+      }
+    }
   });
 }
 

@@ -40,6 +40,7 @@
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
+#include "pmlmig/base/watchdog.h"
 #include "grpc_status.h"
 
 namespace pmlmig::transport {
@@ -58,36 +59,6 @@ const char* RequestName(const proto::ControlRequest& r) {
   }
   return "an empty message";
 }
-
-// Runs `check` every `tick` on its own thread until stopped; `check`
-// returns true once it has acted (then it is not called again).
-class Watchdog {
- public:
-  Watchdog(std::chrono::milliseconds tick, std::function<bool()> check)
-      : thread_([this, tick, check = std::move(check)] {
-          std::unique_lock lock(mu_);
-          while (!cv_.wait_for(lock, tick, [&] { return stopped_; })) {
-            lock.unlock();
-            const bool acted = check();
-            lock.lock();
-            if (acted) break;
-          }
-        }) {}
-  ~Watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      stopped_ = true;
-      cv_.notify_all();
-    }
-    thread_.join();
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stopped_ = false;  // guarded by mu_
-  std::thread thread_;    // last: starts after the fields above exist
-};
 
 // Compares secrets without an early exit (no timing hint of where they differ).
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {
