@@ -102,13 +102,16 @@ class CPolicy final : public engine::SwitchoverPolicy {
     s.dirty_pages_rate = r.dirty_pages_rate;
     s.elapsed_ms = pmlmig::MsSince(clock_, start_);
     s.wire_bytes = r.wire_bytes;
-    switch (fn_(user_, s)) {
-      case PMLMIG_DECISION_CONTINUE: return engine::SwitchoverDecision::Continue();
-      case PMLMIG_DECISION_STOP_AND_COPY: return {engine::SwitchoverAction::kStopAndCopy, engine::SwitchoverReason::kPolicy, ""};
-      case PMLMIG_DECISION_ABORT: break;
+    const int decision = static_cast<int>(fn_(user_, s));
+    if (decision == PMLMIG_DECISION_CONTINUE) return engine::SwitchoverDecision::Continue();
+    if (decision == PMLMIG_DECISION_STOP_AND_COPY) {
+      return {engine::SwitchoverAction::kStopAndCopy, engine::SwitchoverReason::kPolicy, ""};
     }
     return {engine::SwitchoverAction::kAbort, engine::SwitchoverReason::kPolicy,
-            "the embedder's switch-over policy aborted the migration in round " + std::to_string(r.round)};
+            decision == PMLMIG_DECISION_ABORT
+                ? "the embedder's switch-over policy aborted the migration in round " + std::to_string(r.round)
+                : "the embedder's switch-over policy returned " + std::to_string(decision) +
+                      ", which is no pmlmig_decision (taken as abort)"};
   }
 
  private:
@@ -118,7 +121,17 @@ class CPolicy final : public engine::SwitchoverPolicy {
   pmlmig::Clock::TimePoint start_{};
 };
 
-Result<engine::TrackerKind> TrackerKindOf(pmlmig_tracker t, const pmlmig_vm& vm) {
+// The integer stored in an enum field of a caller's struct, read without
+// assuming it is one of the enum's values.
+template <typename E>
+uint32_t RawEnum(const E& field) {
+  static_assert(sizeof(E) == sizeof(uint32_t));
+  uint32_t v;
+  std::memcpy(&v, &field, sizeof v);
+  return v;
+}
+
+Result<engine::TrackerKind> TrackerKindOf(uint32_t t, const pmlmig_vm& vm) {
   switch (t) {
     case PMLMIG_TRACKER_AUTO:
       return vm.dirty_ring_entries() != 0 ? engine::TrackerKind::kRing : engine::TrackerKind::kBitmap;
@@ -128,7 +141,7 @@ Result<engine::TrackerKind> TrackerKindOf(pmlmig_tracker t, const pmlmig_vm& vm)
     case PMLMIG_TRACKER_BITMAP: return engine::TrackerKind::kBitmap;
     case PMLMIG_TRACKER_BITMAP_CLEAR: return engine::TrackerKind::kBitmapClear;
   }
-  return InvalidArgument("tracker: unknown value " + std::to_string(static_cast<int>(t)));
+  return InvalidArgument("pmlmig_migrate_options: unknown tracker " + std::to_string(t));
 }
 
 // The tracker a source's migration uses: KVM's log (chosen per migration)
@@ -325,9 +338,10 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     if (o.target == nullptr || *o.target == '\0') {
       return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: target is empty (expected host:port)"));
     }
-    if (o.compression > PMLMIG_COMPRESSION_ZSTD) {
-      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: unknown compression " +
-                                                            std::to_string(static_cast<int>(o.compression))));
+    // Enum fields are read as integers: a C caller may store any value there.
+    if (const uint32_t comp = RawEnum(o.compression); comp > PMLMIG_COMPRESSION_ZSTD) {
+      return capi::Fail(&source->error,
+                        InvalidArgument("pmlmig_migrate_options: unknown compression " + std::to_string(comp)));
     }
     if (o.force_on_timeout != 0 && o.force_on_timeout != 1) {
       return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: force_on_timeout must be 0 or 1"));
@@ -335,7 +349,7 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     transport::MigrateCommand c;
     c.to = o.target;
     c.streams = o.streams;
-    c.compress = transport::CompressionName(static_cast<transport::Compression>(o.compression));
+    c.compress = transport::CompressionName(static_cast<transport::Compression>(RawEnum(o.compression)));
     c.max_bandwidth = o.max_bandwidth;
     c.downtime_limit_ms = o.downtime_limit_ms;
     c.max_rounds = o.max_rounds;
@@ -351,7 +365,7 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     if (!sink_options.ok()) return capi::Fail(&source->error, sink_options.status());
     auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
     if (!sink.ok()) return capi::Fail(&source->error, sink.status());
-    auto kind = TrackerKindOf(o.tracker, source->vm);
+    auto kind = TrackerKindOf(RawEnum(o.tracker), source->vm);
     if (!kind.ok()) return capi::Fail(&source->error, kind.status());
     if (Status s = source->tracker.Select(*kind); !s.ok()) return capi::Fail(&source->error, s);
 

@@ -1,7 +1,8 @@
 /*
  * pmlmig.h: the C ABI of pmlmig (C11; also valid C++). Usable from Rust
- * through bindgen: plain structs, enums as fixed-width integers, opaque
- * handles, no macros needed to call anything.
+ * through bindgen: plain structs, int-sized enums (a value the library does
+ * not know is refused, never trusted), opaque handles, no macros needed to
+ * call anything.
  *
  * The model (docs/EMBEDDING.md has the whole story):
  *   - The embedder owns its VM: the KVM VM fd, the vCPU threads, guest memory.

@@ -224,6 +224,8 @@ static void test_source_refusals(void) {
   o.streams = 1;
   o.tracker = PMLMIG_TRACKER_RING;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "without a dirty ring");
+  o.tracker = (pmlmig_tracker)7;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown tracker 7");
   o.tracker = PMLMIG_TRACKER_AUTO;
   o.token_file = "/nonexistent/token";
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "token file /nonexistent/token");

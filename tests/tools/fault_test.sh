@@ -305,11 +305,13 @@ done
 # b. Cut in a later round. Rounds are kept long (zero fill: round 0 carries
 #    only the pages written so far; a bandwidth cap below the dirty rate keeps
 #    every round near a second), so the cut at 60 MiB lands in round 1 or 2.
+#    A 1 ms downtime limit keeps a guest slowed by a loaded machine (fewer
+#    dirty pages) from converging before the cut.
 name="cut in a later round"
 section "$name"
 if vm_start --memory 256M --vcpus 1 --fill zero --workload hotset:fraction=0.05,share=0.9; then
   sleep 0.5
-  migrate_through_proxy "$name" cut 60M up --max-bandwidth 40M --max-rounds 20
+  migrate_through_proxy "$name" cut 60M up --max-bandwidth 40M --max-rounds 20 --downtime-limit 1
   [ "$mig_rc" -eq 1 ] || fail "$name: pmlmig migrate exit $mig_rc, expected 1"
   expect_source_failed "$name" "$tmp/m.json" '^round [1-9][0-9]*: .*(reset|unreachable|gone|closed)'
   expect_receiver_discarded "$name"

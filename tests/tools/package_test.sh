@@ -39,8 +39,8 @@ set -euo pipefail
 
 # The C ABI functions that must be exported. Add each one as the C ABI
 # implementation lands (capi/); every exported symbol must be declared
-# PMLMIG_API in pmlmig.h in any case. PMLMIG_PACKAGE_STRICT=1 requires every
-# declared function instead.
+# PMLMIG_API in pmlmig.h in any case. PMLMIG_PACKAGE_STRICT=1 (the default,
+# now that the whole ABI is implemented) requires every declared function.
 REQUIRED_SYMBOLS=(
   pmlmig_version
   pmlmig_version_string
@@ -219,7 +219,7 @@ while read -r _addr type name; do
   exported+=("$base")
 done <"$work/nm.txt"
 required=("${REQUIRED_SYMBOLS[@]}")
-[ "${PMLMIG_PACKAGE_STRICT:-0}" = 1 ] && mapfile -t required <<<"$declared"
+[ "${PMLMIG_PACKAGE_STRICT:-1}" = 1 ] && mapfile -t required <<<"$declared"
 for s in "${required[@]}"; do
   printf '%s\n' "${exported[@]}" | grep -qx "$s" || fail "libpmlmig.so does not export $s"
 done
