@@ -563,8 +563,9 @@ int pmlmig_receiver_port(const pmlmig_receiver* receiver) {
 
 int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_vm** vm, pmlmig_receive_stats* stats) {
   if (receiver == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receiver_wait: receiver is NULL"));
+  if (vm == nullptr) return capi::Fail(&receiver->error, InvalidArgument("pmlmig_receiver_wait: vm is NULL"));
   return Guard(&receiver->error, [&] {
-    if (vm != nullptr) *vm = nullptr;
+    *vm = nullptr;
     const auto deadline = timeout_ms < 0 ? std::chrono::steady_clock::time_point::max()
                                          : std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     auto got = receiver->server->WaitForMigration(deadline);
@@ -593,12 +594,7 @@ int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_v
     }
     // Keep answering Resolve while the VM runs here; take no other migration.
     receiver->server->RefuseNewMigrations("it now runs the VM it received");
-    auto* received = static_cast<pmlmig_vm*>(m.vm.release());
-    if (vm != nullptr) {
-      *vm = received;
-    } else {
-      pmlmig_vm_destroy(received);  // the caller did not want it: it is released (and keeps running in the VMM)
-    }
+    *vm = static_cast<pmlmig_vm*>(m.vm.release());  // our factory's VM: a pmlmig_vm
     return 0;
   });
 }

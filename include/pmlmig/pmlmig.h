@@ -384,7 +384,8 @@ PMLMIG_API void pmlmig_receive_stats_init(pmlmig_receive_stats *stats);
 typedef struct pmlmig_receiver pmlmig_receiver;
 PMLMIG_API int pmlmig_receiver_start(const pmlmig_receive_options *options, pmlmig_receiver **out);
 PMLMIG_API int pmlmig_receiver_port(const pmlmig_receiver *receiver);
-/* Waits up to timeout_ms (-1: forever) for the next migration to end.
+/* Waits up to timeout_ms (-1: forever) for the next migration to end; `vm`
+ * must not be NULL (-EINVAL), `stats` may be.
  * 0: one completed; *vm is the resumed VM, now the caller's (destroy it with
  * pmlmig_vm_destroy); from then on the receiver refuses new migrations but
  * keeps answering the source's commit resolution, so keep it alive while the

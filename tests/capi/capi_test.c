@@ -262,6 +262,8 @@ static void test_receiver_refusals(void) {
   pmlmig_vm *got = (pmlmig_vm *)1;
   CHECK(pmlmig_receiver_wait(r, 10, &got, NULL) == -ETIMEDOUT);
   CHECK(got == NULL);
+  CHECK(pmlmig_receiver_wait(r, 10, NULL, NULL) == -EINVAL);
+  CHECK(strstr(pmlmig_receiver_last_error(r), "vm is NULL") != NULL);
   pmlmig_receiver_destroy(r);
   pmlmig_receiver_destroy(NULL);
 }
