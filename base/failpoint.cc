@@ -19,15 +19,21 @@ std::mutex mu;
 std::map<std::string, long, std::less<>> remaining;  // guarded by mu: hits left before the kill
 }  // namespace
 
-void Hit(std::string_view name) {
+bool Hit(std::string_view name) {
   std::lock_guard lock(mu);
   auto it = remaining.find(name);
-  if (it == remaining.end() || --it->second > 0) return;
+  if (it == remaining.end() || it->second <= 0 || --it->second > 0) return false;
+  if (name.starts_with("tamper.")) {
+    std::fprintf(stderr, "pmlmig: tamper point %.*s reached: damaging data on purpose\n",
+                 static_cast<int>(name.size()), name.data());
+    return true;
+  }
   std::fprintf(stderr, "pmlmig: fail point %.*s reached: killing this process (SIGKILL)\n",
                static_cast<int>(name.size()), name.data());
   std::fflush(stderr);
   ::kill(::getpid(), SIGKILL);
   ::_exit(137);  // not reached
+  return false;
 }
 
 }  // namespace failpoint_internal
@@ -35,8 +41,12 @@ void Hit(std::string_view name) {
 bool ArmFailPointsFromEnvironment() {
   const char* env = std::getenv("PMLMIG_FAILPOINTS");
   if (env == nullptr || *env == '\0') return true;
+  return ArmFailPoints(env);
+}
+
+bool ArmFailPoints(std::string_view spec) {
   std::map<std::string, long, std::less<>> parsed;
-  std::string_view rest(env);
+  std::string_view rest(spec);
   while (!rest.empty()) {
     const size_t comma = rest.find(',');
     const std::string_view item = rest.substr(0, comma);
@@ -59,7 +69,7 @@ bool ArmFailPointsFromEnvironment() {
   }
   std::lock_guard lock(failpoint_internal::mu);
   failpoint_internal::remaining = std::move(parsed);
-  failpoint_internal::armed.store(true);
+  failpoint_internal::armed.store(!failpoint_internal::remaining.empty());
   return true;
 }
 

@@ -355,7 +355,12 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     c.max_rounds = o.max_rounds;
     c.timeout_ms = o.timeout_ms;
     c.force_on_timeout = o.force_on_timeout == 1;
-    c.verify = o.verify != 0;
+    if (o.verify < PMLMIG_VERIFY_OFF || o.verify > PMLMIG_VERIFY_AFTER_COMMIT) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: verify must be 0, 1 or 2"));
+    }
+    c.verify = o.verify != PMLMIG_VERIFY_OFF;
+    c.verify_order = o.verify == PMLMIG_VERIFY_AFTER_COMMIT ? engine::VerifyOrder::kAfterCommit
+                                                            : engine::VerifyOrder::kBeforeCommit;
     c.tls_ca = Str(o.tls_ca);
     c.tls_cert = Str(o.tls_cert);
     c.tls_key = Str(o.tls_key);
@@ -410,6 +415,9 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.wire_bytes = st.transferred.wire_bytes;
     out.throughput_mbps = st.throughput_mbps;
     out.verified = st.verified ? 1 : 0;
+    out.verify_verdict = static_cast<pmlmig_verify_verdict>(st.verification.verdict);
+    out.mismatched_chunks = static_cast<uint32_t>(st.verification.mismatch.chunks);
+    out.mismatched_bytes = st.verification.mismatch.bytes;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;

@@ -1,8 +1,6 @@
 #include "pmlmig/engine/migration.h"
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_reduce.h>
-#include <xxhash.h>
+#include "pmlmig/engine/memory_digest.h"
 
 namespace pmlmig::engine {
 
@@ -13,6 +11,14 @@ std::string_view OutcomeName(Outcome outcome) {
     case Outcome::kFailed: return "failed";
     case Outcome::kCancelled: return "cancelled";
     case Outcome::kInDoubt: return "in-doubt";
+  }
+  return "unknown";
+}
+
+std::string_view VerifyOrderName(VerifyOrder order) {
+  switch (order) {
+    case VerifyOrder::kBeforeCommit: return "before-commit";
+    case VerifyOrder::kAfterCommit: return "after-commit";
   }
   return "unknown";
 }
@@ -33,21 +39,8 @@ bool PageList::Next(uint64_t max_pages, PageRun* out) {
 }
 
 uint64_t MemoryDigest(const SlotTable& slots) {
-  // Per page: XXH3-64 seeded with the gpa, so a page that moved or a missing
-  // page changes the result; pages combine by addition, so the parallel
-  // reduction's order does not matter.
   uint64_t digest = 0;
-  for (const MemorySlot& s : slots.slots()) {
-    digest += tbb::parallel_reduce(
-        tbb::blocked_range<uint64_t>(0, s.pages(), 4096), uint64_t{0},
-        [&](const tbb::blocked_range<uint64_t>& r, uint64_t acc) {
-          for (uint64_t p = r.begin(); p != r.end(); ++p) {
-            acc += XXH3_64bits_withSeed(s.host + (p << kPageShift), kPageSize, s.gpa + (p << kPageShift));
-          }
-          return acc;
-        },
-        [](uint64_t a, uint64_t b) { return a + b; });
-  }
+  for (uint64_t d : DigestAllChunks(slots, ChunkLayout(slots))) digest += d;
   return digest;
 }
 

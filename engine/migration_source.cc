@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <optional>
+#include <thread>
 
 namespace pmlmig::engine {
 
@@ -18,6 +19,16 @@ std::string_view PhaseName(Phase phase) {
     case Phase::kStopAndCopy: return "stop-and-copy";
     case Phase::kCommit: return "commit";
     case Phase::kDone: return "done";
+  }
+  return "unknown";
+}
+
+std::string_view VerifyVerdictName(VerifyVerdict verdict) {
+  switch (verdict) {
+    case VerifyVerdict::kNotAsked: return "not-asked";
+    case VerifyVerdict::kMatched: return "matched";
+    case VerifyVerdict::kMismatch: return "mismatch";
+    case VerifyVerdict::kNotDone: return "not-done";
   }
   return "unknown";
 }
@@ -110,8 +121,26 @@ double MigrationSource::BandwidthBytesPerSecond() const {
   return ms > 0 ? bytes / (ms / 1000.0) : 0;
 }
 
+namespace {
+// Test stand-ins for a tracking miss: a page the round leaves out.
+void TamperWithRound(bool final_round, std::vector<PageRun>& runs) {
+  if (runs.empty()) return;
+  // The last page of round 0 (or of a live round): never sent, or stale.
+  if (TamperPoint("tamper.source.drop_page")) {
+    if (--runs.back().pages == 0) runs.pop_back();
+    return;
+  }
+  // The first page of the final round: the target keeps an earlier round's copy.
+  if (final_round && TamperPoint("tamper.source.stale_page")) {
+    runs.front().gpa += kPageSize;
+    if (--runs.front().pages == 0) runs.erase(runs.begin());
+  }
+}
+}  // namespace
+
 Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uint64_t dirty, double expected_ms) {
   FailPoint("source.round");
+  TamperWithRound(final_round_, runs);
   PageList list(std::move(runs));
   if (!final_round_) Publish(Phase::kRound, round, list.total_pages(), expected_ms);
   const auto t = clock_.Now();
@@ -188,6 +217,15 @@ MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, c
     stats_.error = why.ok() ? "" : why.message();
     (void)tracker_.Disable();
   }
+  if (digest_) {
+    stats_.verification.source = digest_->stats();
+    digest_.reset();  // the witness and its thread go
+  }
+  if (options_.verify && stats_.verification.verdict == VerifyVerdict::kNotAsked) {
+    stats_.verification.verdict = VerifyVerdict::kNotDone;
+    if (stats_.verification.detail.empty()) stats_.verification.detail = "the migration ended before the comparison";
+  }
+  stats_.verified = stats_.verification.verdict == VerifyVerdict::kMatched;
   stats_.outcome = outcome;
   stats_.cancel_reason = outcome == Outcome::kCancelled ? reason : CancelReason::kNone;
   // What went out includes the part of a round that failed.
@@ -224,6 +262,31 @@ RoundSummary MigrationSource::Summarize(uint32_t round, uint64_t remaining, Cloc
   return r;
 }
 
+void MigrationSource::CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine) {
+  VerifyReport& v = stats_.verification;
+  const ChunkLayout& layout = digest_->layout();
+  if (reply.chunk_digests.empty()) {
+    v.verdict = VerifyVerdict::kNotDone;
+    v.detail = "the target returned no memory digests (a receiver older than pmlmig 0.3)";
+    return;
+  }
+  if (reply.chunk_digests.size() != mine.size() || reply.chunk_bytes != layout.chunk_bytes()) {
+    v.verdict = VerifyVerdict::kNotDone;
+    v.detail = "the target returned " + std::to_string(reply.chunk_digests.size()) + " digests of " +
+               std::to_string(reply.chunk_bytes) + "-byte chunks; this source has " + std::to_string(mine.size()) +
+               " of " + std::to_string(layout.chunk_bytes());
+    return;
+  }
+  v.mismatch = CompareChunkDigests(layout, mine, reply.chunk_digests);
+  if (v.mismatch.empty()) {
+    v.verdict = VerifyVerdict::kMatched;
+    v.detail = "all " + std::to_string(mine.size()) + " chunk digests match";
+  } else {
+    v.verdict = VerifyVerdict::kMismatch;
+    v.detail = "the target's memory differs from the source's at the pause point: " + v.mismatch.Describe();
+  }
+}
+
 MigrationStats MigrationSource::RunPhases() {
   Publish(Phase::kSetup, 0, 0, 0);
 
@@ -231,6 +294,8 @@ MigrationStats MigrationSource::RunPhases() {
   setup.vm_description = vm_description_;
   setup.vcpus = vm_.vcpu_count();
   setup.verify = options_.verify;
+  setup.verify_order = options_.verify_order;
+  stats_.verification.order = options_.verify_order;
   for (const MemorySlot& s : vm_.memory_slots().slots()) setup.memory.push_back({s.slot, s.gpa, s.size});
   if (Status s = sink_.Begin(setup, vm_.memory_slots()); !s.ok()) {
     return Finished(Outcome::kFailed, CancelReason::kNone, s.WithContext("setup"));
@@ -241,6 +306,10 @@ MigrationStats MigrationSource::RunPhases() {
   // Tracking on before the first read of memory: every later write is seen.
   DirtySet dirty(vm_.memory_slots());
   if (Status s = tracker_.Enable(); !s.ok()) return failed(s.WithContext("tracker"));
+  if (options_.verify) {  // its witness, like the tracker, on before memory is first read
+    digest_ = std::make_unique<SourceDigest>(vm_.memory_slots());
+    digest_->Start();
+  }
   {
     std::vector<PageRun> runs = PagesWithData();
     uint64_t pages = 0;
@@ -253,6 +322,9 @@ MigrationStats MigrationSource::RunPhases() {
     if (cancel_.load()) return Finished(Outcome::kCancelled, CancelReason::kRequested, Aborted("cancelled by request"));
     const auto collect_start = clock_.Now();
     if (Status s = tracker_.Collect(dirty); !s.ok()) return failed(s.WithContext("collect"));
+    if (digest_) {
+      if (Status s = digest_->Refresh(); !s.ok()) return failed(s);
+    }
     const RoundSummary summary = Summarize(round, dirty.Count(), collect_start);
     last_expected_ms_ = summary.expected_downtime_ms;
     stats_.expected_downtime_ms = summary.expected_downtime_ms;
@@ -279,21 +351,60 @@ MigrationStats MigrationSource::RunPhases() {
   const uint64_t final_pages = dirty.Count();
   final_round_ = true;
   Publish(Phase::kStopAndCopy, stats_.rounds, final_pages, expected_ms);
-  if (Status s = SendRound(stats_.rounds, RunsOf(dirty), final_pages, expected_ms); !s.ok()) return failed(s);
+  // Verifying before Commit, the source's digest runs alongside the final
+  // round (both only read the paused memory).
+  std::optional<std::thread> digesting;
+  Result<std::vector<uint64_t>> mine = std::vector<uint64_t>{};
+  double digest_ms = 0;
+  auto digest_now = [&] {
+    const auto t = clock_.Now();
+    mine = digest_->AtPause();
+    digest_ms = MsSince(clock_, t);
+  };
+  if (digest_) {
+    digest_->Queue(dirty);
+    if (options_.verify_order == VerifyOrder::kBeforeCommit) digesting.emplace(digest_now);
+  }
+  auto join = [&] {
+    if (digesting) digesting->join();
+    digesting.reset();
+  };
+  if (Status s = SendRound(stats_.rounds, RunsOf(dirty), final_pages, expected_ms); !s.ok()) {
+    join();
+    return failed(s);
+  }
   FinalState final_state;
   {
     auto state = vm_.SaveState();
+    join();
     if (!state.ok()) return failed(state.status().WithContext("save state"));
     final_state.vm_state = std::move(*state);
   }
-  if (options_.verify) {
+  if (digest_ && options_.verify_order == VerifyOrder::kBeforeCommit) {
+    if (!mine.ok()) return failed(mine.status());
+    stats_.verification.source_digest_ms = digest_ms;
     final_state.has_digest = true;
-    final_state.memory_digest = MemoryDigest(vm_.memory_slots());
+    final_state.chunk_digests = *mine;
+    final_state.chunk_bytes = digest_->layout().chunk_bytes();
+    for (uint64_t d : *mine) final_state.memory_digest += d;
   }
   final_state.source_paused_ms = MsSince(clock_, pause);
   auto reply = sink_.Finish(final_state);
-  if (!reply.ok()) return failed(reply.status().WithContext("switch-over"));
+  if (!reply.ok()) {
+    if (digest_ && reply.status().code() == Code::kDataLoss &&
+        reply.status().message().find("verify:") != std::string::npos) {
+      stats_.verification.verdict = VerifyVerdict::kMismatch;  // the target compared and refused
+      stats_.verification.detail = reply.status().message();
+    }
+    return failed(reply.status().WithContext("switch-over"));
+  }
   if (!reply->prepared) return failed(Internal("the target did not prepare the VM: " + reply->verify_detail));
+  if (digest_ && options_.verify_order == VerifyOrder::kBeforeCommit) {
+    CompareDigests(*reply, *mine);
+    if (stats_.verification.verdict != VerifyVerdict::kMatched) {
+      return failed(DataLoss("verify: " + stats_.verification.detail));
+    }
+  }
   FailPoint("source.prepared");
   // Point of no return: from here the source never resumes its VM unless the
   // target is known not to run it.
@@ -307,7 +418,18 @@ MigrationStats MigrationSource::RunPhases() {
   stats_.commit_resolved = commit.resolved;
   stats_.downtime_ms = MsSince(clock_, pause);
   stats_.final_reply = *reply;
-  stats_.verified = reply->verified;
+  if (digest_ && options_.verify_order == VerifyOrder::kAfterCommit) {
+    // The VM runs on the target; this copy stays paused while the source
+    // digests it and compares.
+    digest_now();
+    stats_.verification.source_digest_ms = digest_ms;
+    if (mine.ok()) {
+      CompareDigests(*reply, *mine);
+    } else {
+      stats_.verification.verdict = VerifyVerdict::kNotDone;
+      stats_.verification.detail = "the source's digest failed: " + mine.status().message();
+    }
+  }
   return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
 }
 

@@ -2,6 +2,9 @@
 
 #include <cstdio>
 
+#include "pmlmig/base/units.h"
+#include "pmlmig/engine/memory_digest.h"
+
 namespace pmlmig::engine {
 
 Status VmMigrationTarget::OnSetup(const MigrationSetup& setup) {
@@ -30,6 +33,9 @@ Status VmMigrationTarget::OnSetup(const MigrationSetup& setup) {
   }
   setup_ = setup;
   vm_ = std::move(*vm);
+  // Its memory is zeroed: the digests start as those of zero pages and
+  // follow every page the transport writes.
+  if (setup.verify) digests_ = std::make_unique<PageDigestTable>(vm_->memory_slots(), PageDigestTable::Initial::kZero);
   return Status::Ok();
 }
 
@@ -41,27 +47,56 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
   FinalReply reply;
   PMLMIG_RETURN_IF_ERROR(vm_->LoadState(state.vm_state).WithContext("restore state"));
   if (setup_.verify) {
-    if (!state.has_digest) return InvalidArgument("verify: the source sent no memory digest");
-    const uint64_t mine = MemoryDigest(vm_->memory_slots());
-    if (mine != state.memory_digest) {
-      char buf[160];
-      std::snprintf(buf, sizeof buf, "verify: memory digest 0x%016llx differs from the source's 0x%016llx",
-                    static_cast<unsigned long long>(mine), static_cast<unsigned long long>(state.memory_digest));
-      return DataLoss(buf);
-    }
-    reply.verify_detail = "memory digest matches";
-    if (check_) {
+    PMLMIG_RETURN_IF_ERROR(Verify(state, &reply));
+    // The VMM's own check needs the vCPUs paused, so it costs downtime:
+    // only when the VM waits for verification anyway.
+    if (check_ && setup_.verify_order == VerifyOrder::kBeforeCommit) {
       auto checked = check_(*vm_);
       if (!checked.ok()) return checked.status().WithContext("verify");
       reply.verify_detail += "; " + *checked;
     }
-    reply.verified = true;
   }
   prepared_ = true;
   reply.prepared = true;
   reply.target_restore_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   reply.source_paused_ms = state.source_paused_ms;
   return reply;
+}
+
+Status VmMigrationTarget::Verify(const FinalState& state, FinalReply* reply) {
+  reply->chunk_digests = digests_->Snapshot();
+  reply->chunk_bytes = digests_->layout().chunk_bytes();
+  const size_t n = reply->chunk_digests.size();
+  if (setup_.verify_order == VerifyOrder::kAfterCommit) {
+    reply->verify_detail = "digests of " + std::to_string(n) + " chunks of " + FormatBytes(reply->chunk_bytes) +
+                           " returned to the source, which compares them after the VM resumed";
+    return Status::Ok();
+  }
+  if (!state.has_digest) return InvalidArgument("verify: the source sent no memory digest");
+  if (state.chunk_digests.empty()) {  // a source that sends only the sum
+    uint64_t mine = 0;
+    for (uint64_t d : reply->chunk_digests) mine += d;
+    if (mine != state.memory_digest) {
+      return DataLoss("verify: memory digest " + FormatHex(mine) + " differs from the source's " +
+                      FormatHex(state.memory_digest));
+    }
+    reply->verify_detail = "memory digest matches";
+    reply->verified = true;
+    return Status::Ok();
+  }
+  if (state.chunk_digests.size() != n || state.chunk_bytes != reply->chunk_bytes) {
+    return InvalidArgument("verify: the source sent " + std::to_string(state.chunk_digests.size()) +
+                           " chunk digests of " + FormatBytes(state.chunk_bytes) + ", this target has " +
+                           std::to_string(n) + " chunks of " + FormatBytes(reply->chunk_bytes));
+  }
+  const DigestMismatch m = CompareChunkDigests(digests_->layout(), reply->chunk_digests, state.chunk_digests);
+  if (!m.empty()) {
+    return DataLoss("verify: the memory received differs from the source's at the pause point: " + m.Describe());
+  }
+  reply->verify_detail = "all " + std::to_string(n) + " chunk digests match (" +
+                         FormatBytes(digests_->layout().total_pages() << kPageShift) + ")";
+  reply->verified = true;
+  return Status::Ok();
 }
 
 Result<double> VmMigrationTarget::OnCommit() {

@@ -83,6 +83,7 @@ struct MigrateBenchFlags {
   uint32_t hotset_vcpus = 2;
   uint32_t baseline_runs = 3;
   bool verify = false;
+  std::string verify_order = "after-commit";
   bool prefault_target = false;
   std::string json, plot;
 };
@@ -114,6 +115,7 @@ struct Row {
   std::string workload, fill;
   uint32_t streams = 1;
   std::string compress;
+  std::string verify = "off";  // off, before-commit or after-commit
   double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
   engine::MigrationStats stats;
   double cpu_user_ms = 0, cpu_sys_ms = 0;  // the whole process, during MigrationSource::Run
@@ -275,7 +277,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
 
   // The receiver, in this process.
   vmm::TestVmFactoryOptions fo;
-  fo.check_memory = f.migration.verify;
+  row.verify = f.migration.verify ? std::string(engine::VerifyOrderName(f.migration.verify_order)) : "off";
   fo.prefault = f.prefault_target;
   vmm::TestVmFactory factory(kvm, std::move(fo));
   PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", [&factory] {
@@ -338,6 +340,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"fill", r.fill},
           {"streams", r.streams},
           {"compress", r.compress},
+          {"verify", r.verify},
           {"prepare_ms", r.prepare_ms},
           {"throughput_gbps", r.gbps},
           {"baseline_gbps", r.baseline_gbps},
@@ -356,6 +359,31 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"migration", MigrationStatsJson(r.stats)}};
 }
 
+// With --verify every configuration runs without and then with
+// verification, back to back: the cost is the difference of the pair.
+void PrintVerifyCost(const std::vector<Row>& rows) {
+  bool header = false;
+  for (size_t i = 0; i + 1 < rows.size(); ++i) {
+    const Row& off = rows[i];
+    if (off.verify != "off") continue;
+    for (size_t j = i + 1; j < rows.size() && rows[j].verify != "off"; ++j) {
+      const Row& on = rows[j];
+      if (off.stats.outcome != engine::Outcome::kCompleted || on.stats.outcome != engine::Outcome::kCompleted) continue;
+      if (!header) {
+        std::printf("\nverification cost, pairs run back to back: downtime off -> on (delta) | total off -> on | "
+                    "source digest at the pause: pages, ms, witness | verdict\n");
+        header = true;
+      }
+      const engine::VerifyReport& v = on.stats.verification;
+      std::printf("%-10s %7s %13s %7.1f -> %7.1f (%+6.1f) ms | %8.0f -> %8.0f ms | %8llu pages %6.1f ms %s | %s\n",
+                  on.scenario.c_str(), FormatBytes(on.guest_bytes).c_str(), on.verify.c_str(), off.stats.downtime_ms,
+                  on.stats.downtime_ms, on.stats.downtime_ms - off.stats.downtime_ms, off.stats.total_time_ms,
+                  on.stats.total_time_ms, static_cast<unsigned long long>(v.source.pause_pages), v.source_digest_ms,
+                  v.source.witness ? "yes" : "no", std::string(engine::VerifyVerdictName(v.verdict)).c_str());
+    }
+  }
+}
+
 void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& rows) {
   std::printf("raw loopback TCP, 1 MiB writes, one connection (median):");
   for (const Baseline& b : baselines) {
@@ -363,8 +391,8 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
                 Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
   }
   std::printf("\n\n");
-  std::printf("%-10s %7s %5s %7s %8s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
-              "streams", "compress", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
+  std::printf("%-10s %7s %5s %7s %8s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
+              "streams", "compress", "verify", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
               "r0_GB/s", "cpu%", "status");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
@@ -381,23 +409,26 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
     if (!s.round_stats.empty() && s.round_stats[0].duration_ms > 0) {
       round0 = static_cast<double>(s.round_stats[0].sent.wire_bytes) / 1e6 / s.round_stats[0].duration_ms;
     }
-    std::printf("%-10s %7s %5u %7u %8s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
-                FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), s.total_time_ms,
+    std::printf("%-10s %7s %5u %7u %8s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
+                FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), r.verify.c_str(),
+                s.total_time_ms,
                 s.setup_time_ms, downtime, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), r.gbps, r.ratio,
                 round0, cpu, ok ? "completed" : (std::string(engine::OutcomeName(s.outcome)) + ": " + s.error).c_str());
   }
   std::printf("\ndowntime of completed migrations, ms: final collection | stop-and-copy round (pages, batches) | "
-              "vCPU pause, state capture (and the source's digest with --verify) | Final to the target's reply (of "
-              "which target restore and, with --verify, its digest and checker)\n");
+              "vCPU pause, state capture (and, verifying before commit, the wait for the source's digest) | Final to "
+              "the target's reply (of which target restore and digest comparison)\n");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
     if (s.outcome != engine::Outcome::kCompleted || s.round_stats.empty()) continue;
-    std::printf("%-10s %7s %7u %8s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
-                r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, r.compress.c_str(), s.downtime_ms,
+    std::printf("%-10s %7s %7u %8s %13s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
+                r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, r.compress.c_str(),
+                r.verify.c_str(), s.downtime_ms,
                 r.final_collect_ms, r.final_round_ms, s.round_stats.back().sent.pages,
                 s.round_stats.back().sent.batches, r.pause_other_ms, r.switchover_ms,
                 s.final_reply.target_restore_ms);
   }
+  PrintVerifyCost(rows);
 }
 
 int RunMigrateBench(const MigrateBenchFlags& f) {
@@ -468,7 +499,19 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
   }
   setup.migration.convergence.force_on_timeout = f.on_timeout == "force";
-  setup.migration.verify = f.verify;
+  std::vector<MigrationSetupFlags> variants{setup};  // verification off first, then each order asked for
+  if (f.verify) {
+    for (const std::string& item : SplitList(f.verify_order)) {
+      if (item != "before-commit" && item != "after-commit") {
+        return PrintError("--verify-order: '" + item + "' is not before-commit or after-commit"), kExitUsage;
+      }
+      MigrationSetupFlags v = setup;
+      v.migration.verify = true;
+      v.migration.verify_order =
+          item == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
+      variants.push_back(v);
+    }
+  }
   if (f.baseline_runs == 0) return PrintError("--baseline-runs must be at least 1"), kExitUsage;
   // A random-content guest is resident twice (source and target).
   const uint64_t avail = HostAvailableMemory();
@@ -519,8 +562,9 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     for (const Scenario& sc : scenarios) {
       for (uint32_t streams : stream_counts) {
         for (transport::Compression c : compressions) {
+         for (const MigrationSetupFlags& variant : variants) {
           if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-          auto row = MigrateOnce(*kvm, sc, size, streams, c, setup);
+          auto row = MigrateOnce(*kvm, sc, size, streams, c, variant);
           if (!row.ok()) {
             return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
           }
@@ -528,14 +572,16 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
           row->ratio = base > 0 ? row->gbps / base : 0;
           const engine::MigrationStats& s = row->stats;
           std::fprintf(stderr,
-                       "%-9s %s, %u stream%s, %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, %.3f GB/s "
-                       "(%.2f x raw)%s%s\n",
+                       "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
+                       "%.3f GB/s (%.2f x raw)%s%s\n",
                        sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
-                       row->compress.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
+                       row->compress.c_str(), row->verify.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
                        FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps, row->ratio,
                        s.error.empty() ? "" : ": ", s.error.c_str());
           if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
+          if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
           rows.push_back(std::move(*row));
+         }
         }
       }
     }
@@ -555,6 +601,7 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
                                 {"on_timeout", f.on_timeout},
                                 {"migrate_after", f.migrate_after},
                                 {"verify", f.verify},
+                                {"verify_order", f.verify_order},
                                 {"prefault_target", f.prefault_target},
                                 {"baseline", nlohmann::ordered_json::array()},
                                 {"results", nlohmann::ordered_json::array()}};
@@ -612,8 +659,12 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_option("--hotset-vcpus", f->hotset_vcpus, "vCPUs of the hotset scenario")->capture_default_str();
   cmd->add_option("--baseline-runs", f->baseline_runs, "Loopback TCP runs per size (the median is used)")
       ->capture_default_str();
+  cmd->add_option("--verify-order", f->verify_order,
+                  "With --verify: before-commit, after-commit, or both comma-separated")
+      ->capture_default_str();
   cmd->add_flag("--verify", f->verify,
-                "Digest all memory on both sides and run the checker on the target (inside the downtime)");
+                "Run each migration twice, back to back: without and with verification (chunk digests of both "
+                "sides), and report the difference");
   cmd->add_flag("--prefault-target", f->prefault_target,
                 "Make the target's memory resident when it is built (inside setup): separates the cost of "
                 "first-touching fresh memory from the transfer");

@@ -117,7 +117,10 @@ Command RegisterControl(CLI::App& app) {
   migrate->add_option("--timeout", f->timeout, "Give the migration at most this long (0 = no limit)")
       ->capture_default_str();
   migrate->add_option("--on-timeout", f->on_timeout, "cancel or force")->capture_default_str();
-  migrate->add_flag("--verify", f->command.verify, "Verify memory on the target before it resumes");
+  migrate->add_flag("--verify", f->command.verify, "Compare memory digests of both sides (after the target resumed)");
+  migrate->add_flag_callback(
+      "--verify-before-commit", [f] { f->command.verify_order = engine::VerifyOrder::kBeforeCommit; },
+      "With --verify: compare before the target runs the VM; a mismatch keeps it here");
   migrate->add_flag("--json", f->json, "Print the statistics as one JSON object");
   AddSecurityFlags(migrate, &f->security, /*sender=*/true);
   auto* status = app.add_subcommand("status", "Show a controlled VM and its migration");

@@ -16,6 +16,26 @@ std::string ErrorWithAdvice(const engine::MigrationStats& s) {
   }
 }
 
+nlohmann::ordered_json VerificationJson(const engine::VerifyReport& v) {
+  nlohmann::ordered_json ranges = nlohmann::ordered_json::array();
+  for (const auto& r : v.mismatch.ranges) ranges.push_back({{"gpa", FormatHex(r.gpa)}, {"bytes", r.size}});
+  return {
+      {"verdict", std::string(engine::VerifyVerdictName(v.verdict))},
+      {"order", std::string(engine::VerifyOrderName(v.order))},
+      {"detail", v.detail},
+      {"mismatched_chunks", v.mismatch.chunks},
+      {"mismatched_bytes", v.mismatch.bytes},
+      {"mismatched_ranges", ranges},
+      {"mismatched_ranges_total", v.mismatch.ranges_total},
+      {"witness", v.source.witness},
+      {"no_witness_reason", v.source.no_witness_reason.empty() ? nlohmann::ordered_json(nullptr)
+                                                               : nlohmann::ordered_json(v.source.no_witness_reason)},
+      {"pages_hashed_running", v.source.background_pages},
+      {"pages_hashed_at_pause", v.source.pause_pages},
+      {"source_digest_ms", v.source_digest_ms},
+  };
+}
+
 nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
   const bool completed = s.outcome == engine::Outcome::kCompleted;
   nlohmann::ordered_json rounds = nlohmann::ordered_json::array();
@@ -44,12 +64,25 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"expected_downtime_ms", s.expected_downtime_ms},
       {"verified", s.verified},
       {"verify_detail", s.final_reply.verify_detail},
+      {"verification", s.verification.verdict == engine::VerifyVerdict::kNotAsked ? nlohmann::ordered_json(nullptr)
+                                                                                  : VerificationJson(s.verification)},
       {"target_restore_ms", s.final_reply.target_restore_ms},
       {"target_resume_ms", s.final_reply.target_resume_ms},
       {"commit_resolved", s.commit_resolved},
       {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(ErrorWithAdvice(s))},
       {"round_stats", rounds},
   };
+}
+
+std::string VerificationText(const engine::VerifyReport& v) {
+  if (v.verdict == engine::VerifyVerdict::kNotAsked) return "not requested";
+  char buf[160];
+  std::snprintf(buf, sizeof buf, " (%s; source digest %.1f ms, %llu pages hashed at the pause%s)",
+                std::string(engine::VerifyOrderName(v.order)).c_str(), v.source_digest_ms,
+                static_cast<unsigned long long>(v.source.pause_pages), v.source.witness ? "" : ", no write witness");
+  std::string out = std::string(engine::VerifyVerdictName(v.verdict)) + ": " + v.detail + buf;
+  if (!v.source.witness && !v.source.no_witness_reason.empty()) out += "; no witness: " + v.source.no_witness_reason;
+  return out;
 }
 
 std::string MigrationStatsText(const engine::MigrationStats& s) {
@@ -67,12 +100,12 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                 s.throughput_mbps);
   out += buf;
   if (completed) {
-    std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s; verification: %s\n",
+    std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s\n",
                   s.final_reply.target_restore_ms, s.final_reply.target_resume_ms,
-                  s.commit_resolved ? " (the commit's reply was lost; Resolve confirmed it)" : "",
-                  s.verified ? s.final_reply.verify_detail.c_str() : "not requested");
+                  s.commit_resolved ? " (the commit's reply was lost; Resolve confirmed it)" : "");
     out += buf;
   }
+  out += "  verification: " + VerificationText(s.verification) + "\n";
   out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms\n";
   for (const engine::RoundStats& r : s.round_stats) {
     std::snprintf(buf, sizeof buf, "  %5u %13" PRIu64 " %9" PRIu64 " %11s %8.1f %9.0f %12.1f\n", r.round,

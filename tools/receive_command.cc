@@ -170,6 +170,11 @@ int Receive(const ReceiveFlags& f) {
   out["resumed"] = true;
   out["verified"] = o.reply.verified ? nlohmann::ordered_json(true) : nlohmann::ordered_json(nullptr);
   out["verify_detail"] = o.reply.verify_detail;
+  // Before commit this receiver compared; after commit it returned its
+  // digests and the source compares (and reports) once the VM runs here.
+  out["verified_by"] = o.reply.verified                  ? nlohmann::ordered_json("target")
+                       : !o.reply.chunk_digests.empty() ? nlohmann::ordered_json("source")
+                                                        : nlohmann::ordered_json(nullptr);
   out["target_restore_ms"] = o.reply.target_restore_ms;
   out["target_resume_ms"] = o.reply.target_resume_ms;
   out["note"] = o.error.ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(o.error.message());
@@ -178,8 +183,8 @@ int Receive(const ReceiveFlags& f) {
   if (at_resume.empty()) at_resume = vmm::PagesWritten(*machine);  // no check ran: close to the resume point
   if (!f.quiet) {
     std::fprintf(stderr, "pmlmig receive: VM resumed (restore %.1f ms)%s%s; running it for %s\n",
-                 o.reply.target_restore_ms, o.reply.verified ? ", verified: " : "",
-                 o.reply.verified ? o.reply.verify_detail.c_str() : "", f.exit_after.c_str());
+                 o.reply.target_restore_ms, o.reply.verify_detail.empty() ? "" : "; verification: ",
+                 o.reply.verify_detail.c_str(), f.exit_after.c_str());
   }
   const auto run_until = std::chrono::steady_clock::now() + *exit_after;
   while (std::chrono::steady_clock::now() < run_until && !Interrupted() && machine->error().ok()) {
@@ -218,7 +223,9 @@ Command RegisterReceive(CLI::App& app) {
   auto f = std::make_shared<ReceiveFlags>();
   auto* cmd = app.add_subcommand("receive", "Wait for one live migration, resume the VM and report");
   cmd->add_option("--listen", f->listen, "HOST:PORT to listen on (port 0: any free port)")->required();
-  cmd->add_flag("--verify", f->verify, "Require the source's memory digest and run the memory checker before resuming");
+  cmd->add_flag("--verify", f->verify,
+                "Refuse a source that does not verify memory; verifying before commit, also run the test VM's "
+                "memory checker before resuming");
   cmd->add_option("--exit-after", f->exit_after, "Keep the resumed VM running this long, then report")
       ->capture_default_str();
   cmd->add_option("--wait", f->wait, "Give up when no migration arrived within this time; 0 = wait forever")

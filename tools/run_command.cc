@@ -52,6 +52,7 @@ struct RunFlags {
   std::string compress = "none";
   std::string max_bandwidth = "0";
   bool verify = false;
+  std::string verify_order = "after-commit";
   std::string linger = "1s";  // the VM keeps running this long after a failed migration
   SecurityFlags security;
   std::string control;  // unix socket for the control API
@@ -183,6 +184,19 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     }
     lingered = m.Stats();
   }
+  // Verified after commit and found different: the target runs a VM whose
+  // memory is not the source's. This paused copy is the only right one, so
+  // it stays until the user drops it.
+  const bool mismatch = stats.outcome == engine::Outcome::kCompleted &&
+                        stats.verification.verdict == engine::VerifyVerdict::kMismatch;
+  if (mismatch) {
+    std::fprintf(stderr,
+                 "pmlmig run: VERIFICATION FAILED after the target resumed: %s\n"
+                 "pmlmig run: this process keeps the source's paused copy of the VM (pid %d); stop the target's VM, "
+                 "then press Ctrl-C or send SIGTERM here to drop this copy\n",
+                 stats.verification.detail.c_str(), static_cast<int>(::getpid()));
+    while (!Interrupted()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   m.Stop();  // completed: the VM lives on the target; in doubt: it stays paused and ends with this process
   if (f.json) {
     nlohmann::ordered_json out = MigrationStatsJson(stats);
@@ -214,6 +228,10 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   if (stats.outcome != engine::Outcome::kCompleted) {
     PrintError("migration " + outcome + ": " + ErrorWithAdvice(stats) + " (the VM kept running here)");
     return kExitFailure;
+  }
+  if (mismatch) {
+    PrintError("migrated, but verification failed: " + stats.verification.detail);
+    return kExitMismatch;
   }
   return kExitOk;
 }
@@ -286,6 +304,11 @@ int Run(const RunFlags& f) {
     command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
     command.force_on_timeout = f.on_timeout == "force";
     command.verify = f.verify;
+    if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
+      return PrintError("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit"), kExitUsage;
+    }
+    command.verify_order =
+        f.verify_order == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
     command.tls_ca = f.security.tls_ca;
     command.tls_cert = f.security.tls_cert;
     command.tls_key = f.security.tls_key;
@@ -544,7 +567,13 @@ Command RegisterRun(CLI::App& app) {
       ->capture_default_str()
       ->group(mig);
   AddSecurityFlags(cmd, &f->security, /*sender=*/true);
-  cmd->add_flag("--verify", f->verify, "Compare a digest of all memory on both sides and run the checker on the target")
+  cmd->add_flag("--verify", f->verify,
+                "Compare chunk digests of all memory on both sides at the pause point; a mismatch names the ranges")
+      ->group(mig);
+  cmd->add_option("--verify-order", f->verify_order,
+                  "after-commit: the target runs at once, this side compares afterwards and keeps its paused copy "
+                  "on a mismatch; before-commit: compare first, a mismatch keeps the VM here")
+      ->capture_default_str()
       ->group(mig);
   cmd->add_option("--control", f->control,
                   "Serve the control API on this unix socket (mode 0600) for 'pmlmig migrate/status/cancel'")

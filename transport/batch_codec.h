@@ -31,6 +31,8 @@ inline constexpr int kMaxMessageBytes = 16 << 20;
 inline constexpr uint64_t kMaxVmStateBytes = 8ull << 20;
 inline constexpr uint64_t kMaxVmDescriptionBytes = 1ull << 20;
 inline constexpr int kMaxMemoryRanges = 256;
+// engine::ChunkLayout keeps a guest at 65536 chunks, plus one partial chunk per range.
+inline constexpr uint64_t kMaxChunkDigests = 65536 + kMaxMemoryRanges;
 
 // Where a batch belongs: copied into its header and covered by its checksum.
 struct BatchHeader {
@@ -113,10 +115,14 @@ class BatchApplier {
   // and only then writes its pages into `memory` (zero runs are cleared).
   // Errors name the batch and the problem, e.g. "batch 17: run 0: gpa
   // 0x1234000 (+2 pages) lies outside guest memory".
-  Result<ApplyResult> Apply(const proto::PageBatch& batch, const engine::SlotTable& memory);
+  // With `digests` (verifying), each page's value is updated from memory
+  // after it was written.
+  Result<ApplyResult> Apply(const proto::PageBatch& batch, const engine::SlotTable& memory,
+                            engine::PageDigestTable* digests = nullptr);
   // The same for a batch split by DecodeBatch: `header`'s payload field is
   // ignored; the payload is `payload`.
-  Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory);
+  Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory,
+                            engine::PageDigestTable* digests = nullptr);
 
  private:
   std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once decompressing

@@ -35,6 +35,7 @@ class Service final : public proto::Control::Service {
     c.timeout_ms = r->timeout_ms();
     c.force_on_timeout = r->force_on_timeout();
     c.verify = r->verify();
+    c.verify_order = r->verify_before_commit() ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
     c.tls_ca = r->tls_ca();
     c.tls_cert = r->tls_cert();
     c.tls_key = r->tls_key();
@@ -123,6 +124,7 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_timeout_ms(c.timeout_ms);
   r.set_force_on_timeout(c.force_on_timeout);
   r.set_verify(c.verify);
+  r.set_verify_before_commit(c.verify_order == engine::VerifyOrder::kBeforeCommit);
   r.set_tls_ca(c.tls_ca);
   r.set_tls_cert(c.tls_cert);
   r.set_tls_key(c.tls_key);
@@ -177,6 +179,7 @@ engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {
   mo.convergence.timeout = std::chrono::milliseconds(c.timeout_ms);
   mo.convergence.force_on_timeout = c.force_on_timeout;
   mo.verify = c.verify;
+  mo.verify_order = c.verify_order;
   return mo;
 }
 

@@ -391,6 +391,8 @@ grpc::Status MigrationServer::Impl::Control(
       for (const proto::MemoryRange& r : ps.memory()) setup.memory.push_back({r.slot(), r.gpa(), r.size()});
       setup.vcpus = ps.vcpus();
       setup.verify = ps.verify();
+      setup.verify_order = ps.verify_order() == proto::VERIFY_AFTER_COMMIT ? engine::VerifyOrder::kAfterCommit
+                                                                          : engine::VerifyOrder::kBeforeCommit;
       std::unique_ptr<engine::MigrationTarget> target = factory_ ? factory_() : nullptr;
       if (!target) return fail(Internal("receiver could not create a migration target"));
       Status s = target->OnSetup(setup);
@@ -475,6 +477,8 @@ grpc::Status MigrationServer::Impl::Control(
       fs.vm_state.assign(f.vm_state().begin(), f.vm_state().end());
       fs.has_digest = f.has_digest();
       fs.memory_digest = f.memory_digest();
+      fs.chunk_digests.assign(f.chunk_digests().begin(), f.chunk_digests().end());
+      fs.chunk_bytes = f.chunk_bytes();
       fs.source_paused_ms = f.source_paused_ms();
       Result<engine::FinalReply> r = target->OnFinal(fs);
       if (!r.ok()) return fail(r.status().WithContext("target refused the final state"));
@@ -491,6 +495,8 @@ grpc::Status MigrationServer::Impl::Control(
       fr->set_verify_detail(prepared.verify_detail);
       fr->set_target_restore_ms(prepared.target_restore_ms);
       fr->set_source_paused_ms(prepared.source_paused_ms);
+      *fr->mutable_chunk_digests() = {prepared.chunk_digests.begin(), prepared.chunk_digests.end()};
+      fr->set_chunk_bytes(prepared.chunk_bytes);
       if (!stream->Write(reply)) break;  // the source never learns: it resumes its VM; we discard below
       FailPoint("receiver.prepared");
       continue;
@@ -604,6 +610,7 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
     if (!s.ok()) return s.WithContext(st.attached ? "stream " + std::to_string(st.index) : "Pages");
   }
   const engine::SlotTable* memory = nullptr;
+  engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
   {
     std::lock_guard lock(mu_);
     if (!st.session) {
@@ -635,9 +642,10 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
     PMLMIG_RETURN_IF_ERROR(Admit(st.session, st.index, batch));
     ++session.applying;
     memory = &session.target->memory();
+    digests = session.target->digests();
   }
 
-  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory);
+  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory, digests);
   uint64_t wire_bytes = 0;
   for (const auto& c : wire) wire_bytes += c.size();
   {

@@ -530,6 +530,8 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   }
   ps->set_vcpus(setup.vcpus);
   ps->set_verify(setup.verify);
+  ps->set_verify_order(setup.verify_order == engine::VerifyOrder::kAfterCommit ? proto::VERIFY_AFTER_COMMIT
+                                                                               : proto::VERIFY_BEFORE_COMMIT);
   ps->set_streams(options_.streams);
   if (!WriteControl(req)) return ControlEnd(options_.connect_timeout, "Setup").WithContext(where);
   PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply sr, WaitReply(options_.setup_timeout, "waiting for the VM to be built"));
@@ -881,6 +883,8 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
   f->set_has_digest(state.has_digest);
   f->set_memory_digest(state.memory_digest);
   f->set_source_paused_ms(state.source_paused_ms);
+  *f->mutable_chunk_digests() = {state.chunk_digests.begin(), state.chunk_digests.end()};
+  f->set_chunk_bytes(state.chunk_bytes);
   for (auto& ds : streams_) {
     proto::StreamTotals* t = f->add_streams();
     t->set_stream(ds->index);
@@ -899,6 +903,8 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
   out.verify_detail = reply->final().verify_detail();
   out.target_restore_ms = reply->final().target_restore_ms();
   out.source_paused_ms = reply->final().source_paused_ms();
+  out.chunk_digests.assign(reply->final().chunk_digests().begin(), reply->final().chunk_digests().end());
+  out.chunk_bytes = reply->final().chunk_bytes();
   std::lock_guard lock(mu_);
   if (failed_) return failure_;
   phase_ = Phase::kPrepared;

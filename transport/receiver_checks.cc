@@ -53,6 +53,9 @@ Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
     return InvalidArgument("Setup.vcpus: " + std::to_string(s.vcpus()) + " is outside 1.." +
                            std::to_string(limits.max_vcpus));
   }
+  if (!proto::VerifyOrder_IsValid(s.verify_order())) {
+    return InvalidArgument("Setup.verify_order: unknown value " + std::to_string(s.verify_order()));
+  }
   const uint32_t max_streams = std::min(limits.max_streams, kMaxStreams);
   if (s.streams() == 0 || s.streams() > max_streams) {
     return InvalidArgument("Setup.streams: " + std::to_string(s.streams()) + " is outside 1.." +
@@ -65,6 +68,10 @@ Status ValidateFinalShape(const proto::Final& f, uint32_t streams) {
   if (f.vm_state().size() > kMaxVmStateBytes) {
     return InvalidArgument("Final.vm_state: " + std::to_string(f.vm_state().size()) + " bytes, more than " +
                            std::to_string(kMaxVmStateBytes));
+  }
+  if (f.chunk_digests_size() > static_cast<int>(kMaxChunkDigests)) {
+    return InvalidArgument("Final.chunk_digests: " + std::to_string(f.chunk_digests_size()) + ", more than " +
+                           std::to_string(kMaxChunkDigests));
   }
   if (f.streams_size() != static_cast<int>(streams)) {
     return InvalidArgument("Final: totals for " + std::to_string(f.streams_size()) + " streams, the migration has " +

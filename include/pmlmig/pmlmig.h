@@ -215,6 +215,19 @@ typedef enum pmlmig_compression {
 } pmlmig_compression;
 
 /* What a switch-over policy decides before each live round. */
+/* pmlmig_migrate_options.verify */
+#define PMLMIG_VERIFY_OFF 0
+#define PMLMIG_VERIFY_BEFORE_COMMIT 1
+#define PMLMIG_VERIFY_AFTER_COMMIT 2
+
+typedef enum pmlmig_verify_verdict {
+  PMLMIG_VERIFY_NOT_ASKED = 0,
+  PMLMIG_VERIFY_MATCHED = 1,
+  PMLMIG_VERIFY_MISMATCH = 2,     /* before commit: the migration failed; after: the VM runs on the
+                                     target with wrong memory, and the source's paused copy is intact */
+  PMLMIG_VERIFY_NOT_DONE = 3,
+} pmlmig_verify_verdict;
+
 typedef enum pmlmig_decision {
   PMLMIG_DECISION_CONTINUE = 0,      /* send this round live */
   PMLMIG_DECISION_STOP_AND_COPY = 1, /* pause now and send the rest */
@@ -256,7 +269,10 @@ typedef struct pmlmig_migrate_options {
   uint32_t max_rounds;             /* default policy: live rounds before giving up; 50 */
   uint64_t timeout_ms;             /* whole migration; 0 (default) = none */
   int32_t force_on_timeout;        /* at max_rounds or timeout: 0 (default) cancel, 1 switch over anyway */
-  int32_t verify;                  /* 1: the target compares a digest of all memory; default 0 */
+  int32_t verify;                  /* 0 (default) off; PMLMIG_VERIFY_BEFORE_COMMIT (1): the target compares
+                                      memory digests before it resumes, a mismatch keeps the VM here;
+                                      PMLMIG_VERIFY_AFTER_COMMIT (2): the target resumes at once, the
+                                      source compares afterwards (see stats.verify_verdict) */
   pmlmig_tracker tracker;          /* default AUTO */
   uint32_t reserved;
   /* Security of the migration port: file paths, or NULL. */
@@ -286,8 +302,12 @@ typedef struct pmlmig_migration_stats {
   uint64_t zero_pages;           /* sent as a header only */
   uint64_t wire_bytes;
   double throughput_mbps;        /* megabits/s: wire bytes over the total time */
-  int32_t verified;              /* the target's digest matched */
+  int32_t verified;              /* the memory digests of both sides matched */
   uint32_t reserved;
+  /* Since 0.3: */
+  pmlmig_verify_verdict verify_verdict;
+  uint32_t mismatched_chunks;    /* MISMATCH: chunks of guest memory that differ */
+  uint64_t mismatched_bytes;     /* and their size */
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 

@@ -128,6 +128,7 @@ TEST_P(MigrationKvmTest, MigratesVerifiesAndCarriesOn) {
   LocalSink sink(target);
   engine::MigrationOptions mo;
   mo.verify = true;
+  mo.verify_order = engine::VerifyOrder::kBeforeCommit;  // the checker runs only then (it needs the VM paused)
   mo.convergence.downtime_limit = 50ms;
   engine::MigrationSource source(**src, **tracker, sink, mo, "test");
   const engine::MigrationStats st = source.Run();

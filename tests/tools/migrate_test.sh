@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Live migration between two pmlmig processes over loopback, end to end:
 # `pmlmig receive` in the background, `pmlmig run --migrate-to` in front.
-# Each case checks both sides' JSON: completed, verified (digest + checker on
-# the target), and the workload still writing on the target.
+# Each case checks both sides' JSON: completed, verified (chunk digests; before
+# commit also the checker on the target), and the workload still writing on
+# the target.
 set -u
 PMLMIG=${PMLMIG:-build/tools/pmlmig}
 fails=0
@@ -43,26 +44,33 @@ expect_completed() {
 import json, sys
 s = json.load(open(sys.argv[1])); r = json.load(open(sys.argv[2]))
 assert s["status"] == "completed" and s["verified"] is True, s
+v = s["verification"]
+assert v["verdict"] == "matched" and v["witness"] is True, v
 for k in ("total_time_ms", "downtime_ms", "setup_time_ms", "rounds", "transferred_bytes", "normal_pages",
           "zero_pages", "throughput_mbps", "round_stats"):
     assert k in s, k
 assert s["rounds"] >= 2 and s["transferred_bytes"] > 0
-assert r["status"] == "completed" and r["resumed"] is True and r["verified"] is True, r
+assert r["status"] == "completed" and r["resumed"] is True, r
+if v["order"] == "before-commit":
+    assert r["verified"] is True and r["verified_by"] == "target" and "checker" in r["verify_detail"], r
+else:
+    assert r["verified"] is None and r["verified_by"] == "source", r
 assert r["pages_written_after_resume"] > 0, r
 print("   %d rounds, %.0f ms total, downtime %.1f ms, %.0f Mbit/s; target: %s" % (
-    s["rounds"], s["total_time_ms"], s["downtime_ms"], s["throughput_mbps"], r["verify_detail"]))
+    s["rounds"], s["total_time_ms"], s["downtime_ms"], s["throughput_mbps"], v["order"] + ", " + v["detail"]))
 PY
   then pass "$name"; else fail "$name (source rc $src_rc, receiver rc $rcv_rc): $(tail -c 600 "$tmp/s.json" "$tmp/s.err" "$tmp/r.json" "$tmp/r.err")"; fi
 }
 
-expect_completed "random, 1 vCPU, ring, 1 stream" \
-  --memory 256M --vcpus 1 --workload random --tracker ring --streams 1
+expect_completed "random, 1 vCPU, ring, 1 stream, verified before commit" \
+  --memory 256M --vcpus 1 --workload random --tracker ring --streams 1 --verify-order before-commit
 expect_completed "hotset, 2 vCPUs, bitmap, 4 streams, lz4" \
   --memory 256M --vcpus 2 --workload hotset:fraction=0.05,share=0.9 --tracker bitmap --streams 4 --compress lz4
 expect_completed "random (rate-limited), 2 vCPUs, ring, 4 streams, zstd" \
   --memory 256M --vcpus 2 --workload random:rate=10000 --tracker ring --streams 4 --compress zstd
-expect_completed "hotset, 1 vCPU, bitmap-clear, 2 streams, zero fill" \
-  --memory 512M --vcpus 1 --workload hotset:fraction=0.1,share=0.8 --tracker bitmap-clear --streams 2 --fill zero
+expect_completed "hotset, 1 vCPU, bitmap-clear, 2 streams, zero fill, verified before commit" \
+  --memory 512M --vcpus 1 --workload hotset:fraction=0.1,share=0.8 --tracker bitmap-clear --streams 2 --fill zero \
+  --verify-order before-commit
 expect_completed "3.5 GiB guest across the PCI hole, hotset, ring, 2 streams" \
   --memory 3584M --vcpus 1 --workload hotset:fraction=0.01,share=0.9 --tracker ring --streams 2
 

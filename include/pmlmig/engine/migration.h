@@ -27,6 +27,8 @@
 
 namespace pmlmig::engine {
 
+class PageDigestTable;
+
 // How a migration ended. The string forms (OutcomeName) are for the edges:
 // JSON, logs, the control API's wire.
 enum class Outcome : uint8_t {
@@ -38,6 +40,18 @@ enum class Outcome : uint8_t {
 };
 // "none", "completed", "failed", "cancelled", "in-doubt".
 std::string_view OutcomeName(Outcome outcome);
+
+// When a verifying migration compares the two sides' memory digests
+// (memory_digest.h, source_digest.h).
+//   kBeforeCommit  strict: the target compares at Final, before the VM runs;
+//                  a mismatch fails the migration and the VM runs on here.
+//   kAfterCommit   the target runs the VM at once and returns its digests;
+//                  the source (its copy frozen) finishes its own digest and
+//                  compares afterwards. A mismatch is reported with the
+//                  ranges; the source keeps its paused copy for the caller.
+enum class VerifyOrder : uint8_t { kBeforeCommit, kAfterCommit };
+// "before-commit", "after-commit".
+std::string_view VerifyOrderName(VerifyOrder order);
 
 // A guest-physical range of guest RAM as both sides agree on it.
 struct MemoryRange {
@@ -53,7 +67,8 @@ struct MigrationSetup {
   std::string vm_description;
   std::vector<MemoryRange> memory;
   uint32_t vcpus = 0;
-  bool verify = false;  // the source will send a memory digest at the pause point
+  bool verify = false;  // the two sides will compare memory digests (see VerifyOrder)
+  VerifyOrder verify_order = VerifyOrder::kAfterCommit;
 };
 
 // A run of consecutive guest pages to send.
@@ -101,12 +116,14 @@ struct TransferStats {
   }
 };
 
-// The end of a migration: the source's state blob and, with verification,
-// its digest of all guest memory at the pause point.
+// The end of a migration: the source's state blob and, verifying before
+// Commit, its digests of guest memory at the pause point.
 struct FinalState {
   std::vector<uint8_t> vm_state;  // VmControl::SaveState()
   bool has_digest = false;
-  uint64_t memory_digest = 0;     // MemoryDigest() of the source at the pause point
+  uint64_t memory_digest = 0;     // MemoryDigest() of the source at the pause point (= sum of chunk_digests)
+  std::vector<uint64_t> chunk_digests;  // per ChunkLayout chunk; empty: only memory_digest (an older source)
+  uint64_t chunk_bytes = 0;       // the layout's chunk size
   double source_paused_ms = 0;    // how long the source's vCPUs had been paused when it sent this
 };
 
@@ -114,8 +131,12 @@ struct FinalState {
 // does not run until Commit.
 struct FinalReply {
   bool prepared = false;
-  bool verified = false;          // digest (and checker) passed; false if not asked
+  bool verified = false;          // the target compared digests (and ran its check), all matched
   std::string verify_detail;      // what was checked
+  // Verifying: the target's chunk digests of what it holds at Final (the
+  // source compares them too; after Commit it is the only comparison).
+  std::vector<uint64_t> chunk_digests;
+  uint64_t chunk_bytes = 0;
   double target_restore_ms = 0;   // from FinalState received to the VM ready to run
   double target_resume_ms = 0;    // from Commit received to vCPUs running (set once committed)
   double source_paused_ms = 0;    // FinalState::source_paused_ms, echoed
@@ -170,6 +191,9 @@ class MigrationTarget {
   // Guest memory of the VM built by OnSetup: the transport writes pages
   // straight into it after checking each against these slots.
   virtual const SlotTable& memory() const = 0;
+  // Verifying: the digest table the transport updates after writing pages
+  // into memory() (Update for data, SetZero for zero pages); else nullptr.
+  virtual PageDigestTable* digests() { return nullptr; }
   // Restores state and verifies if asked; the VM does not run yet.
   virtual Result<FinalReply> OnFinal(const FinalState& state) = 0;
   // After OnFinal: resumes the vCPUs. Returns the milliseconds it took.
@@ -182,7 +206,8 @@ class MigrationTarget {
 };
 
 // 64-bit digest of all guest memory in `slots` (page by page, in parallel;
-// the same on both sides for the same contents).
+// the same on both sides for the same contents): the sum of the chunk
+// digests of memory_digest.h.
 uint64_t MemoryDigest(const SlotTable& slots);
 
 }  // namespace pmlmig::engine

@@ -33,7 +33,9 @@
 
 #include "pmlmig/base/clock.h"
 #include "pmlmig/base/status.h"
+#include "pmlmig/engine/memory_digest.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/source_digest.h"
 #include "pmlmig/engine/switchover_policy.h"
 #include "pmlmig/engine/tracker.h"
 #include "pmlmig/engine/vm_control.h"
@@ -44,7 +46,11 @@ struct MigrationOptions {
   // The default switch-over policy's options. Its timeout also ends a round
   // in progress (unless force_on_timeout), whatever the policy.
   DowntimeLimitOptions convergence;
-  bool verify = false;                            // send a memory digest; the target compares; default off
+  // Compare chunk digests of both sides' memory at the pause point
+  // (source_digest.h says why the source's cannot miss a stale page); when
+  // is verify_order's choice. Default off.
+  bool verify = false;
+  VerifyOrder verify_order = VerifyOrder::kAfterCommit;
   std::chrono::milliseconds bandwidth_window{100};  // rounds measured for the bandwidth; default 100 ms
   // Replaces the default DowntimeLimitPolicy(convergence) when set.
   std::shared_ptr<SwitchoverPolicy> policy;
@@ -69,6 +75,26 @@ enum class CancelReason : uint8_t {
   kPolicy,         // a custom policy aborted (its detail is the error)
 };
 
+// What verification found.
+enum class VerifyVerdict : uint8_t {
+  kNotAsked,   // verify was off
+  kMatched,    // every chunk digest matched
+  kMismatch,   // some differ: `mismatch` (or, before Commit, the target's error) names them
+  kNotDone,    // the migration ended before a comparison, or the peer returned no digests
+};
+// "not-asked", "matched", "mismatch", "not-done".
+std::string_view VerifyVerdictName(VerifyVerdict verdict);
+
+struct VerifyReport {
+  VerifyVerdict verdict = VerifyVerdict::kNotAsked;
+  VerifyOrder order = VerifyOrder::kAfterCommit;
+  DigestMismatch mismatch;
+  std::string detail;          // what was compared, or why nothing was
+  SourceDigestStats source;    // the witness and the cost at the pause
+  double source_digest_ms = 0; // the source's digest at the pause (before Commit: inside the downtime,
+                               // overlapped with the final round)
+};
+
 struct MigrationStats {
   // kCompleted; kFailed or kCancelled (the VM runs here in both); or
   // kInDoubt (the VM is paused here and may run on the target: never resume
@@ -84,7 +110,8 @@ struct MigrationStats {
   double throughput_mbps = 0;        // wire bytes / total time
   double dirty_pages_rate = 0;       // pages/s, measured over the last live round
   double expected_downtime_ms = 0;   // at the switch-over decision
-  bool verified = false;
+  bool verified = false;             // verification.verdict == kMatched
+  VerifyReport verification;
   bool commit_resolved = false;      // the commit's reply was lost; Resolve gave the outcome
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
@@ -137,6 +164,8 @@ class MigrationSource {
   double BandwidthBytesPerSecond() const;
   void Publish(Phase phase, uint32_t round, uint64_t remaining, double expected_ms);
   Status Fail(const Status& why);
+  // After the target's FinalReply: compares its digests with the source's.
+  void CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine);
 
   VmControl& vm_;
   DirtyTracker& tracker_;
@@ -152,6 +181,7 @@ class MigrationSource {
   MigrationStats stats_;                // Run()'s thread
   double last_expected_ms_ = 0;         // Run()'s thread
   bool final_round_ = false;            // Run()'s thread
+  std::unique_ptr<SourceDigest> digest_;  // verifying; Run()'s thread
   mutable std::mutex progress_mu_;
   MigrationProgress progress_;          // guarded by progress_mu_
 };

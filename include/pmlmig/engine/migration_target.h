@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 
+#include "pmlmig/engine/memory_digest.h"
 #include "pmlmig/engine/migration.h"
 #include "pmlmig/engine/vm_control.h"
 
@@ -23,8 +24,10 @@ namespace pmlmig::engine {
 class VmMigrationTarget final : public MigrationTarget {
  public:
   using Factory = std::function<Result<std::unique_ptr<VmControl>>(const MigrationSetup&)>;
-  // Runs after the digest matched, before resuming: e.g. the test VM's
-  // memory checker. Returns a description of what it checked, or an error.
+  // Runs after the digests matched, before resuming, when verifying before
+  // Commit (it needs the vCPUs paused, so it adds to the downtime): e.g. the
+  // test VM's memory checker. Returns a description of what it checked, or
+  // an error.
   using Check = std::function<Result<std::string>(VmControl&)>;
 
   explicit VmMigrationTarget(Factory factory, Check check = nullptr)
@@ -32,6 +35,7 @@ class VmMigrationTarget final : public MigrationTarget {
 
   Status OnSetup(const MigrationSetup& setup) override;
   const SlotTable& memory() const override;
+  PageDigestTable* digests() override { return digests_.get(); }
   Result<FinalReply> OnFinal(const FinalState& state) override;
   Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;
@@ -41,10 +45,13 @@ class VmMigrationTarget final : public MigrationTarget {
   std::chrono::steady_clock::time_point resumed_at() const { return resumed_at_; }
 
  private:
+  Status Verify(const FinalState& state, FinalReply* reply);
+
   Factory factory_;
   Check check_;
   MigrationSetup setup_;
   std::unique_ptr<VmControl> vm_;
+  std::unique_ptr<PageDigestTable> digests_;  // verifying: what memory() holds
   SlotTable empty_;
   bool prepared_ = false;
   bool resumed_ = false;

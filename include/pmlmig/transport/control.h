@@ -24,6 +24,7 @@ struct MigrateCommand {
   uint64_t timeout_ms = 0;
   bool force_on_timeout = false;
   bool verify = false;
+  engine::VerifyOrder verify_order = engine::VerifyOrder::kAfterCommit;
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };

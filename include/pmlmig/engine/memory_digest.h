@@ -1,0 +1,121 @@
+// Memory digests for verifying a migration: both sides digest guest memory
+// per chunk, so a mismatch names the guest-physical ranges that differ.
+//
+//   page value   XXH3-64 of the 4 KiB page, seeded with its gpa: one flipped
+//                bit or a page at another address changes it.
+//   chunk digest the sum (mod 2^64) of its pages' values. A chunk is
+//                ChunkLayout::chunk_bytes() (2 MiB for guests up to 128 GiB)
+//                of one memory slot; a chunk never spans two slots.
+//   memory digest the sum of all chunk digests: MemoryDigest() of
+//                migration.h, so a peer that knows only the whole-memory
+//                digest still compares.
+// Sums make the digest independent of the order pages were hashed in
+// (parallel, across streams and rounds) and let a page's value be replaced
+// without rehashing its chunk: PageDigestTable keeps every page's value and
+// every chunk's sum, updated as pages are written (the target, as batches are
+// applied) or re-read (the source, see source_digest.h).
+//
+// Thread-safety: ChunkLayout is immutable. PageDigestTable::Update and Set
+// may run concurrently from any threads (atomics); Snapshot while none runs
+// gives the state after them.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "pmlmig/engine/slot_table.h"
+
+namespace pmlmig::engine {
+
+// The value of the 4 KiB page at `page` that lives at `gpa`.
+uint64_t PageValue(uint64_t gpa, const uint8_t* page);
+
+class ChunkLayout {
+ public:
+  ChunkLayout() = default;
+  explicit ChunkLayout(const SlotTable& slots);
+
+  struct Chunk {
+    size_t slot_index = 0;  // into SlotTable::slots()
+    uint64_t gpa = 0;
+    uint64_t pages = 0;
+  };
+  size_t size() const { return chunks_.size(); }
+  const Chunk& chunk(size_t i) const { return chunks_[i]; }
+  uint64_t chunk_bytes() const { return chunk_bytes_; }
+  uint64_t total_pages() const { return total_pages_; }
+  // The chunk holding page `page` of slot `slot_index`.
+  size_t ChunkOf(size_t slot_index, uint64_t page) const {
+    return first_chunk_[slot_index] + static_cast<size_t>(page >> chunk_shift_);
+  }
+  // Page index (over all slots, in slot order) of the first page of chunk i.
+  uint64_t FirstPage(size_t i) const { return first_page_[i]; }
+
+ private:
+  std::vector<Chunk> chunks_;
+  std::vector<size_t> first_chunk_;    // per slot
+  std::vector<uint64_t> first_page_;   // per chunk
+  uint64_t chunk_bytes_ = 0;
+  unsigned chunk_shift_ = 0;           // log2 of pages per chunk
+  uint64_t total_pages_ = 0;
+};
+
+// Digests every chunk of `slots` from its memory now, in parallel.
+std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout& layout);
+
+// Where two sets of chunk digests differ.
+struct DigestMismatch {
+  uint64_t chunks = 0;                // chunks that differ
+  uint64_t bytes = 0;                 // their size
+  struct Range {
+    uint64_t gpa = 0;
+    uint64_t size = 0;
+  };
+  std::vector<Range> ranges;          // adjacent differing chunks merged, at most kMaxRanges
+  uint64_t ranges_total = 0;          // how many there are in all
+  static constexpr size_t kMaxRanges = 16;
+  bool empty() const { return chunks == 0; }
+  // "3 chunks (6 MiB) differ: gpa 0x200000-0x5fffff, 0x10000000-0x101fffff".
+  std::string Describe() const;
+};
+
+// Compares chunk by chunk; `mine` and `theirs` must both have layout.size()
+// entries (the caller checks).
+DigestMismatch CompareChunkDigests(const ChunkLayout& layout, std::span<const uint64_t> mine,
+                                   std::span<const uint64_t> theirs);
+
+// Every page's value and every chunk's sum, kept up to date as pages change.
+class PageDigestTable {
+ public:
+  enum class Initial : uint8_t {
+    kRead,   // the values of `slots`' memory now (read in parallel)
+    kZero,   // of zero pages, memory not read (a target's freshly built, zeroed memory)
+    kUnset,  // 0: the caller Updates every page before a Snapshot means anything
+  };
+  PageDigestTable(const SlotTable& slots, Initial initial);
+
+  const ChunkLayout& layout() const { return layout_; }
+  // Re-reads `pages` pages from `gpa` (inside one slot; the caller checked)
+  // and replaces their values.
+  void Update(uint64_t gpa, uint64_t pages);
+  // Replaces the values of `pages` pages from `gpa` by those of zero pages.
+  void SetZero(uint64_t gpa, uint64_t pages);
+  // Re-reads every page of chunk `i`.
+  void UpdateChunk(size_t i);
+  std::vector<uint64_t> Snapshot() const;
+
+ private:
+  void Replace(size_t slot_index, uint64_t page, uint64_t value);
+
+  SlotTable slots_;
+  ChunkLayout layout_;
+  std::unique_ptr<std::atomic<uint64_t>[]> values_;  // per page, slot order
+  std::unique_ptr<std::atomic<uint64_t>[]> sums_;    // per chunk
+  std::vector<uint64_t> slot_first_page_;
+};
+
+}  // namespace pmlmig::engine
