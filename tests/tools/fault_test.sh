@@ -216,7 +216,9 @@ elif cmd == "completed":  # <migrate json> <receive json> [failed attempts befor
     before = int(args[2]) if len(args) > 2 else 0
     need(len(r.get("failed_attempts", [])) == before, "receiver failed_attempts: %r" % r.get("failed_attempts"))
     need(m.get("status") == "completed" and m.get("verified") is True, "source: %r" % m)
-    need(r.get("status") == "completed" and r.get("resumed") is True and r.get("verified") is True, "receiver: %r" % r)
+    need(m.get("verification", {}).get("verdict") == "matched", "source verification: %r" % m.get("verification"))
+    need(r.get("status") == "completed" and r.get("resumed") is True and r.get("verified_by") == "source",
+         "receiver: %r" % r)
     need(r.get("pages_written_after_resume", 0) > 0, "target VM not writing: %r" % r)
     print("   retry: %d rounds, %.0f ms, downtime %.1f ms; target: %s" % (
         m["rounds"], m["total_time_ms"], m["downtime_ms"], r["verify_detail"]))

@@ -90,7 +90,7 @@ if [ "$(written | cut -d' ' -f1)" = running ]; then
 import json, sys
 m = json.load(open(sys.argv[1])); r = json.load(open(sys.argv[2]))
 assert m["status"] == "completed" and m["verified"] is True, m
-assert r["status"] == "completed" and r["verified"] is True and r["pages_written_after_resume"] > 0, r
+assert r["status"] == "completed" and r["verified_by"] == "source" and r["pages_written_after_resume"] > 0, r
 PY
   then pass "retry after the kills: the same VM migrates to a fresh target and verifies"
   else fail "retry to a fresh target (rc $mrc/$rrc): $(tail -c 400 "$tmp/m.err" "$tmp/r.json.err")"; fi
@@ -137,10 +137,12 @@ done
 src=$?
 wait $rpid
 rrc=$?
-if [ $src -eq 0 ] && [ $rrc -eq 0 ] && python3 - "$tmp/r.json" <<'PY'
+if [ $src -eq 0 ] && [ $rrc -eq 0 ] && python3 - "$tmp/r.json" "$tmp/s.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-assert r["status"] == "completed" and r["verified"] is True, r
+assert r["status"] == "completed" and r["verified_by"] == "source", r
+s = json.load(open(sys.argv[2]))
+assert s["verified"] is True and s["verification"]["verdict"] == "matched", s
 fa = r["failed_attempts"]
 assert len(fa) == 2, fa
 assert all(a["status"] == "failed" for a in fa), fa

@@ -104,7 +104,11 @@ sys.excepthook = lambda t, e, tb: sys.exit("   check %s: %s: %s" % (cmd, t.__nam
 if cmd == "completed":  # <source json> <receiver json>: both sides verified, no refusal left state
     s, r = load(args[0]), load(args[1])
     assert s["status"] == "completed" and s["verified"] is True, s
-    assert r["status"] == "completed" and r["resumed"] is True and r["verified"] is True, r
+    assert s["verification"]["verdict"] == "matched", s["verification"]
+    assert r["status"] == "completed" and r["resumed"] is True, r
+    # Before commit the receiver compared too; after commit the source did.
+    assert (r["verified"] is True) == (s["verification"]["order"] == "before-commit"), r
+    assert r["verified_by"] == ("target" if r["verified"] else "source"), r
     assert r["pages_written_after_resume"] > 0, r
     assert r["failed_attempts"] == [], r["failed_attempts"]
     print("   %d rounds, %s bytes in %.0f ms; target: %s" % (s["rounds"], s["transferred_bytes"], s["total_time_ms"],
@@ -170,7 +174,7 @@ if receiver tls 7400 "${RTLS[@]}" &&
   expect_completed rightname name "TLS: with --tls-server-name localhost that receiver is accepted"
 
   rx0=$(netns_exec dst cat "/sys/class/net/$NETNS_DST_IF/statistics/rx_bytes")
-  sender stls 7400 "${STLS[@]}"
+  sender stls 7400 "${STLS[@]}" --verify-order before-commit
   finish stls tls
   rx1=$(netns_exec dst cat "/sys/class/net/$NETNS_DST_IF/statistics/rx_bytes")
   if expect_completed stls tls "mutual TLS: $NETNS_SRC -> $NETNS_DST completes, verified"; then
