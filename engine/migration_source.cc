@@ -363,7 +363,11 @@ MigrationStats MigrationSource::RunPhases() {
   };
   if (digest_) {
     digest_->Queue(dirty);
-    if (options_.verify_order == VerifyOrder::kBeforeCommit) digesting.emplace(digest_now);
+    if (options_.verify_order == VerifyOrder::kBeforeCommit) {
+      digesting.emplace(digest_now);
+    } else {
+      digest_->Hold();  // after commit it finishes; nothing of it inside the downtime
+    }
   }
   auto join = [&] {
     if (digesting) digesting->join();

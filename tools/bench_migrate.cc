@@ -82,6 +82,7 @@ struct MigrateBenchFlags {
   std::string hotset = "hotset:fraction=0.0625,share=1";
   uint32_t hotset_vcpus = 2;
   uint32_t baseline_runs = 3;
+  uint32_t repeat = 1;
   bool verify = false;
   std::string verify_order = "after-commit";
   bool prefault_target = false;
@@ -278,6 +279,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   // The receiver, in this process.
   vmm::TestVmFactoryOptions fo;
   row.verify = f.migration.verify ? std::string(engine::VerifyOrderName(f.migration.verify_order)) : "off";
+  fo.check_memory = false;  // the test VM's page checker is not part of --verify's cost (receive runs it)
   fo.prefault = f.prefault_target;
   vmm::TestVmFactory factory(kvm, std::move(fo));
   PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", [&factory] {
@@ -360,27 +362,51 @@ nlohmann::ordered_json RowJson(const Row& r) {
 }
 
 // With --verify every configuration runs without and then with
-// verification, back to back: the cost is the difference of the pair.
+// verification, back to back, --repeat times interleaved: the cost is the
+// difference of the medians (this machine is shared and noisy).
 void PrintVerifyCost(const std::vector<Row>& rows) {
-  bool header = false;
-  for (size_t i = 0; i + 1 < rows.size(); ++i) {
-    const Row& off = rows[i];
-    if (off.verify != "off") continue;
-    for (size_t j = i + 1; j < rows.size() && rows[j].verify != "off"; ++j) {
-      const Row& on = rows[j];
-      if (off.stats.outcome != engine::Outcome::kCompleted || on.stats.outcome != engine::Outcome::kCompleted) continue;
-      if (!header) {
-        std::printf("\nverification cost, pairs run back to back: downtime off -> on (delta) | total off -> on | "
-                    "source digest at the pause: pages, ms, witness | verdict\n");
-        header = true;
+  auto same_config = [](const Row& a, const Row& b) {
+    return a.scenario == b.scenario && a.guest_bytes == b.guest_bytes && a.streams == b.streams &&
+           a.compress == b.compress;
+  };
+  auto downtimes = [&](const Row& like, const std::string& verify) {
+    std::vector<double> v;
+    for (const Row& r : rows) {
+      if (same_config(r, like) && r.verify == verify && r.stats.outcome == engine::Outcome::kCompleted) {
+        v.push_back(r.stats.downtime_ms);
       }
-      const engine::VerifyReport& v = on.stats.verification;
-      std::printf("%-10s %7s %13s %7.1f -> %7.1f (%+6.1f) ms | %8.0f -> %8.0f ms | %8llu pages %6.1f ms %s | %s\n",
-                  on.scenario.c_str(), FormatBytes(on.guest_bytes).c_str(), on.verify.c_str(), off.stats.downtime_ms,
-                  on.stats.downtime_ms, on.stats.downtime_ms - off.stats.downtime_ms, off.stats.total_time_ms,
-                  on.stats.total_time_ms, static_cast<unsigned long long>(v.source.pause_pages), v.source_digest_ms,
-                  v.source.witness ? "yes" : "no", std::string(engine::VerifyVerdictName(v.verdict)).c_str());
     }
+    return v;
+  };
+  bool header = false;
+  std::vector<std::string> done;
+  for (const Row& on : rows) {
+    if (on.verify == "off") continue;
+    const std::string key = on.scenario + "/" + std::to_string(on.guest_bytes) + "/" + std::to_string(on.streams) +
+                            "/" + on.compress + "/" + on.verify;
+    if (std::find(done.begin(), done.end(), key) != done.end()) continue;
+    done.push_back(key);
+    const std::vector<double> off_ms = downtimes(on, "off"), on_ms = downtimes(on, on.verify);
+    if (off_ms.empty() || on_ms.empty()) continue;
+    std::vector<double> pause_ms, pause_pages;
+    uint64_t matched = 0, runs = 0;
+    for (const Row& r : rows) {
+      if (!same_config(r, on) || r.verify != on.verify) continue;
+      ++runs;
+      pause_ms.push_back(r.stats.verification.source_digest_ms);
+      pause_pages.push_back(static_cast<double>(r.stats.verification.source.pause_pages));
+      if (r.stats.verification.verdict == engine::VerifyVerdict::kMatched) ++matched;
+    }
+    if (!header) {
+      std::printf("\nverification cost (medians over interleaved runs): downtime off -> on (delta) | source digest "
+                  "at the pause: pages, ms | runs matched\n");
+      header = true;
+    }
+    const double off = Median(off_ms), with = Median(on_ms);
+    std::printf("%-10s %7s %13s %7.1f -> %7.1f (%+6.1f) ms | %8.0f pages %6.1f ms | %llu/%llu (n=%zu/%zu)\n",
+                on.scenario.c_str(), FormatBytes(on.guest_bytes).c_str(), on.verify.c_str(), off, with, with - off,
+                Median(pause_pages), Median(pause_ms), static_cast<unsigned long long>(matched),
+                static_cast<unsigned long long>(runs), off_ms.size(), on_ms.size());
   }
 }
 
@@ -429,6 +455,48 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
                 s.final_reply.target_restore_ms);
   }
   PrintVerifyCost(rows);
+}
+
+// The JSON document (--json, or next to --plot) and the plot.
+Status WriteResults(const MigrateBenchFlags& f, const std::vector<Baseline>& baselines, const std::vector<Row>& rows) {
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  nlohmann::ordered_json doc = {{"benchmark", "migrate"},
+                                {"date", date},
+                                {"machine", DescribeMachine()},
+                                {"tracker", f.tracker},
+                                {"downtime_limit_ms", f.downtime_limit_ms},
+                                {"max_rounds", f.max_rounds},
+                                {"on_timeout", f.on_timeout},
+                                {"migrate_after", f.migrate_after},
+                                {"verify", f.verify},
+                                {"verify_order", f.verify_order},
+                                {"repeat", f.repeat},
+                                {"prefault_target", f.prefault_target},
+                                {"baseline", nlohmann::ordered_json::array()},
+                                {"results", nlohmann::ordered_json::array()}};
+  for (const Baseline& b : baselines) {
+    doc["baseline"].push_back({{"bytes", b.bytes},
+                               {"write_bytes", kBaselineChunk},
+                               {"seconds", b.seconds},
+                               {"cpu_ms", b.cpu_ms},
+                               {"median_seconds", Median(b.seconds)},
+                               {"gbps", b.gbps}});
+  }
+  for (const Row& r : rows) doc["results"].push_back(RowJson(r));
+  std::string json_path = f.json;
+  if (json_path.empty() && !f.plot.empty()) json_path = f.plot + ".json";
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    out << doc.dump(2) << "\n";
+    if (!out) return Internal("cannot write " + json_path);
+  }
+  if (!f.plot.empty()) {
+    PMLMIG_RETURN_IF_ERROR(PlotMigrateBench(json_path, f.plot));
+    std::fprintf(stderr, "plot written to %s\n", f.plot.c_str());
+  }
+  return Status::Ok();
 }
 
 int RunMigrateBench(const MigrateBenchFlags& f) {
@@ -531,6 +599,7 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     const vmm::HostCapabilities caps = vmm::ProbeHost(*kvm);
     if (!caps.dirty_ring) return PrintError("this host's KVM has no dirty ring; use --tracker bitmap"), kExitFailure;
     setup.ring_entries = std::min<uint32_t>(65536, caps.dirty_ring_max_entries);
+    for (MigrationSetupFlags& v : variants) v.ring_entries = setup.ring_entries;
   }
   InstallInterruptHandler();
 
@@ -553,78 +622,55 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     baselines.push_back(b);
   }
 
-  // 2. The migrations.
-  std::vector<Row> rows;
-  bool all_completed = true;
+  // 2. The migrations: every configuration, --repeat times, each variant
+  // (verification off, then each order asked for) back to back.
+  struct Config {
+    uint64_t size;
+    const Scenario* scenario;
+    uint32_t streams;
+    transport::Compression compress;
+  };
+  std::vector<Config> configs;
   for (uint64_t size : sizes) {
-    const double base = std::find_if(baselines.begin(), baselines.end(),
-                                     [&](const Baseline& b) { return b.bytes == size; })->gbps;
     for (const Scenario& sc : scenarios) {
       for (uint32_t streams : stream_counts) {
-        for (transport::Compression c : compressions) {
-         for (const MigrationSetupFlags& variant : variants) {
-          if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-          auto row = MigrateOnce(*kvm, sc, size, streams, c, variant);
-          if (!row.ok()) {
-            return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
-          }
-          row->baseline_gbps = base;
-          row->ratio = base > 0 ? row->gbps / base : 0;
-          const engine::MigrationStats& s = row->stats;
-          std::fprintf(stderr,
-                       "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
-                       "%.3f GB/s (%.2f x raw)%s%s\n",
-                       sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
-                       row->compress.c_str(), row->verify.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms, s.rounds,
-                       FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps, row->ratio,
-                       s.error.empty() ? "" : ": ", s.error.c_str());
-          if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
-          if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
-          rows.push_back(std::move(*row));
-         }
+        for (transport::Compression c : compressions) configs.push_back({size, &sc, streams, c});
+      }
+    }
+  }
+  std::vector<Row> rows;
+  bool all_completed = true;
+  for (const Config& cf : configs) {
+    const double base = std::find_if(baselines.begin(), baselines.end(),
+                                     [&](const Baseline& b) { return b.bytes == cf.size; })->gbps;
+    for (uint32_t rep = 0; rep < f.repeat; ++rep) {
+      for (const MigrationSetupFlags& variant : variants) {
+        if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
+        const Scenario& sc = *cf.scenario;
+        auto row = MigrateOnce(*kvm, sc, cf.size, cf.streams, cf.compress, variant);
+        if (!row.ok()) {
+          return PrintError(sc.name + " " + FormatBytes(cf.size) + ": " + row.status().message()), kExitFailure;
         }
+        row->baseline_gbps = base;
+        row->ratio = base > 0 ? row->gbps / base : 0;
+        const engine::MigrationStats& s = row->stats;
+        std::fprintf(stderr,
+                     "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
+                     "%.3f GB/s (%.2f x raw)%s%s\n",
+                     sc.name.c_str(), FormatBytes(cf.size).c_str(), cf.streams, cf.streams == 1 ? "" : "s",
+                     row->compress.c_str(), row->verify.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(),
+                     s.total_time_ms, s.downtime_ms, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(),
+                     row->gbps, row->ratio, s.error.empty() ? "" : ": ", s.error.c_str());
+        if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
+        if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
+        rows.push_back(std::move(*row));
       }
     }
   }
 
   PrintTable(baselines, rows);
 
-  char date[32];
-  const std::time_t now = std::time(nullptr);
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  nlohmann::ordered_json doc = {{"benchmark", "migrate"},
-                                {"date", date},
-                                {"machine", DescribeMachine()},
-                                {"tracker", f.tracker},
-                                {"downtime_limit_ms", f.downtime_limit_ms},
-                                {"max_rounds", f.max_rounds},
-                                {"on_timeout", f.on_timeout},
-                                {"migrate_after", f.migrate_after},
-                                {"verify", f.verify},
-                                {"verify_order", f.verify_order},
-                                {"prefault_target", f.prefault_target},
-                                {"baseline", nlohmann::ordered_json::array()},
-                                {"results", nlohmann::ordered_json::array()}};
-  for (const Baseline& b : baselines) {
-    doc["baseline"].push_back({{"bytes", b.bytes},
-                               {"write_bytes", kBaselineChunk},
-                               {"seconds", b.seconds},
-                               {"cpu_ms", b.cpu_ms},
-                               {"median_seconds", Median(b.seconds)},
-                               {"gbps", b.gbps}});
-  }
-  for (const Row& r : rows) doc["results"].push_back(RowJson(r));
-  std::string json_path = f.json;
-  if (json_path.empty() && !f.plot.empty()) json_path = f.plot + ".json";
-  if (!json_path.empty()) {
-    std::ofstream out(json_path);
-    out << doc.dump(2) << "\n";
-    if (!out) return PrintError("cannot write " + json_path), kExitFailure;
-  }
-  if (!f.plot.empty()) {
-    if (Status s = PlotMigrateBench(json_path, f.plot); !s.ok()) return PrintError(s.message()), kExitFailure;
-    std::fprintf(stderr, "plot written to %s\n", f.plot.c_str());
-  }
+  if (Status s = WriteResults(f, baselines, rows); !s.ok()) return PrintError(s.message()), kExitFailure;
   if (!all_completed) {
     PrintError("not every migration completed (see the status column)");
     return kExitFailure;
@@ -658,6 +704,9 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_option("--hotset", f->hotset, "Workload of the hotset scenario")->capture_default_str();
   cmd->add_option("--hotset-vcpus", f->hotset_vcpus, "vCPUs of the hotset scenario")->capture_default_str();
   cmd->add_option("--baseline-runs", f->baseline_runs, "Loopback TCP runs per size (the median is used)")
+      ->capture_default_str();
+  cmd->add_option("--repeat", f->repeat, "Run every configuration this many times, interleaved (medians are reported)")
+      ->check(CLI::Range(1, 100))
       ->capture_default_str();
   cmd->add_option("--verify-order", f->verify_order,
                   "With --verify: before-commit, after-commit, or both comma-separated")

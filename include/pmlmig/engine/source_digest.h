@@ -66,6 +66,9 @@ class SourceDigest {
 
   void Start();
   Status Refresh();
+  // Stops the background thread until AtPause (which then does what is
+  // left): at the pause point, so that it takes no CPU from the final round.
+  void Hold() { StopBackground(); }
   // Queues `pages` (e.g. the final round's) to be hashed at the pause too.
   void Queue(const DirtySet& pages);
   // The chunk digests of memory now. Call with every writer stopped.
