@@ -2,6 +2,8 @@
 #include <csignal>
 #include <cstdio>
 #include <map>
+#include <optional>
+#include <string>
 
 #include "commands.h"
 #include "pmlmig/base/failpoint.h"
@@ -10,6 +12,36 @@ namespace pmlmig::tools {
 namespace {
 
 volatile std::sig_atomic_t g_interrupted = 0;
+
+// CLI11 answers a word that names no command, and a missing command, with
+// "A subcommand is required"; this names the word and lists the commands.
+// It follows the words that choose a command ("bench migrate") up to the
+// first option; everything else is CLI11's to check.
+std::optional<std::string> CommandError(const CLI::App& app, int argc, char** argv) {
+  const CLI::App* level = &app;
+  std::string path;  // the commands chosen so far, e.g. "bench"
+  for (int i = 1;; ++i) {
+    const auto subs = level->get_subcommands([](const CLI::App*) { return true; });
+    if (subs.empty()) return std::nullopt;
+    std::string names;
+    for (const CLI::App* sub : subs) names += (names.empty() ? "" : ", ") + sub->get_name();
+    const std::string where = path.empty() ? "" : path + " ";
+    const std::string help = "see 'pmlmig " + where + "--help'";
+    if (i >= argc) {
+      if (level->get_require_subcommand_min() == 0) return std::nullopt;
+      return "no " + where + "command given (commands: " + names + "; " + help + ")";
+    }
+    const std::string word = argv[i];
+    if (word.empty() || word[0] == '-') return std::nullopt;
+    const CLI::App* next = nullptr;
+    for (const CLI::App* sub : subs) {
+      if (sub->check_name(word)) next = sub;
+    }
+    if (next == nullptr) return "unknown " + where + "command '" + word + "' (commands: " + names + "; " + help + ")";
+    level = next;
+    path = where + next->get_name();
+  }
+}
 
 }  // namespace
 
@@ -47,6 +79,10 @@ int main(int argc, char** argv) {
   add(&RegisterReceive);
   add(&RegisterControl);
   add(&RegisterBench);
+  if (std::optional<std::string> e = CommandError(app, argc, argv)) {
+    PrintError(*e);
+    return kExitUsage;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

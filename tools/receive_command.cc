@@ -44,6 +44,9 @@ int Receive(const ReceiveFlags& f) {
   if (!exit_after.ok()) return PrintError("--exit-after: " + exit_after.status().message()), kExitUsage;
   auto wait = ParseDuration(f.wait);
   if (!wait.ok()) return PrintError("--wait: " + wait.status().message()), kExitUsage;
+  // Checked before KVM is opened: a bad address is a usage error anywhere.
+  auto listen = transport::ParseHostPort(f.listen);
+  if (!listen.ok()) return PrintError("--listen " + listen.status().message()), kExitUsage;
   transport::MigrationServerOptions so;
   {
     auto mem = ParseSize(f.max_memory);
@@ -101,7 +104,9 @@ int Receive(const ReceiveFlags& f) {
                                         ? kExitUsage
                                         : kExitFailure;
   }
-  if (!f.quiet) {
+  // With port 0 the line is the only way to learn the port: printed even
+  // with --quiet.
+  if (!f.quiet || listen->port == 0) {
     std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s%s%s; waiting for a migration\n",
                  f.listen.c_str(), (*server)->port(), so.security.tls() ? ", mutual TLS" : "",
                  so.security.token.empty() ? "" : ", token", f.verify ? ", verifying" : "");
@@ -222,7 +227,10 @@ int Receive(const ReceiveFlags& f) {
 Command RegisterReceive(CLI::App& app) {
   auto f = std::make_shared<ReceiveFlags>();
   auto* cmd = app.add_subcommand("receive", "Wait for one live migration, resume the VM and report");
-  cmd->add_option("--listen", f->listen, "HOST:PORT to listen on (port 0: any free port)")->required();
+  cmd->add_option("--listen", f->listen,
+                  "HOST:PORT or [IPV6]:PORT to listen on, port 0..65535 (0: a free port, named on stderr even with "
+                  "--quiet)")
+      ->required();
   cmd->add_flag("--verify", f->verify,
                 "Refuse a source that does not verify memory; verifying before commit, also run the test VM's "
                 "memory checker before resuming");

@@ -3,10 +3,13 @@
 //
 // Threads:
 //   - the Control call is served by gRPC's synchronous API (one thread per
-//     call); that thread runs the state machine and is the only one that
-//     calls the target (factory, OnSetup, OnFinal, OnCommit, OnAbort) and
-//     ends a session; a watchdog thread per call enforces the deadline of
-//     the phase the session is in (by cancelling the call);
+//     call), over raw bytes that ControlStream parses (so a message that is
+//     not a ControlRequest is refused by name rather than taken for the end
+//     of the stream); that thread runs the state machine and is the only one
+//     that calls the target (factory, OnSetup, OnFinal, OnCommit, OnAbort)
+//     and ends a session; a watchdog thread per call enforces the deadline
+//     of the phase the session is in (by cancelling the call with the
+//     reason, which is what the source then reads);
 //   - Resolve (synchronous, any thread) decides a PREPARED session as
 //     discarded under mu_, so it and a late Commit never both win;
 //   - each Pages call is a callback-API reactor over raw ByteBuffers, so a
@@ -14,7 +17,8 @@
 //     guest memory (no protobuf parse copy). Its OnReadDone checks and
 //     applies the batch and queues the ack (one write in flight at a time).
 //     When one refuses a batch it marks the session failed and cancels the
-//     control call, whose thread then discards the target.
+//     control call with the same reason, whose thread then discards the
+//     target.
 // Guest memory is written only while the session is RECEIVING, and only
 // between `applying` being raised and lowered under mu_; a session leaves
 // RECEIVING (for Final or a failure) under mu_ and then waits for applying
@@ -22,6 +26,7 @@
 // is ever written into a VM that is being torn down.
 #include "pmlmig/transport/grpc_server.h"
 
+#include <grpc/grpc.h>
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
@@ -74,6 +79,57 @@ bool ConstantTimeEquals(std::string_view a, std::string_view b) {
 
 std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; }
 
+// How long the control thread, finding the control stream gone while pages
+// are being received, waits for the attached Pages calls to report first. A
+// source that loses a data stream drops its control call, and the receiver
+// may notice that before the broken stream's callback runs; waiting lets
+// the report name the stream (the cause) rather than the control call (the
+// consequence). Calls that are cancelled report within milliseconds; only a
+// source that keeps its data streams open after leaving waits this long.
+constexpr std::chrono::milliseconds kStreamReportGrace{1000};
+
+// Ends a call now with `why` as the status its peer reads. TryCancel would
+// send only CANCELLED "Cancelled on the server side", and once a call is
+// cancelled the handler's own status is never sent. Thread-safe, as
+// TryCancel is.
+void CancelCall(grpc::ServerContextBase* ctx, const Status& why) {
+  const grpc::Status st = ToGrpc(why.ok() ? Aborted("the receiver ended the call") : why);
+  grpc_call_cancel_with_status(ctx->c_call(), static_cast<grpc_status_code>(st.error_code()),
+                               st.error_message().c_str(), nullptr);
+}
+
+// The receiver's side of the Control call, over raw bytes: gRPC's typed
+// reader returns false both at the end of the stream and for bytes that do
+// not parse, and the second must be refused by name (as the Pages streams
+// do), not taken for a source that left.
+class ControlStream {
+ public:
+  explicit ControlStream(grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* call) : call_(call) {}
+
+  // The next request (true), the end of the stream (false: the source
+  // half-closed or left, or the call was cancelled), or why the message
+  // that arrived is not a ControlRequest.
+  Result<bool> Read(proto::ControlRequest* req) {
+    grpc::ByteBuffer buf;
+    if (!call_->Read(&buf)) return false;
+    const size_t bytes = buf.Length();
+    if (!grpc::SerializationTraits<proto::ControlRequest>::Deserialize(&buf, req).ok()) {
+      return InvalidArgument("malformed ControlRequest: " + std::to_string(bytes) +
+                             " bytes that are not a valid protobuf message");
+    }
+    return true;
+  }
+  bool Write(const proto::ControlReply& reply) {
+    grpc::ByteBuffer buf;
+    bool own = false;
+    if (!grpc::SerializationTraits<proto::ControlReply>::Serialize(reply, &buf, &own).ok()) return false;
+    return call_->Write(buf);
+  }
+
+ private:
+  grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>* const call_;
+};
+
 // Memory the host can give a new VM now: MemAvailable, else physical memory.
 uint64_t HostAvailableBytes() {
   if (const uint64_t available = HostAvailableMemory(); available != 0) return available;
@@ -88,14 +144,22 @@ uint64_t HostAvailableBytes() {
 class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMethod_Pages<proto::Migration::Service> {
  public:
   using Base = proto::Migration::WithRawCallbackMethod_Pages<proto::Migration::Service>;
-  using Base::Pages;  // the synchronous overload stays disabled
+  using Base::Pages;    // the synchronous overload stays disabled
+  using Base::Control;  // never called: method 0 (Control) gets the raw handler below
   Impl(TargetFactory factory, MigrationServerOptions options)
       : factory_(std::move(factory)), options_(std::move(options)) {
     limits_ = {options_.max_memory_bytes, options_.max_vcpus, options_.max_streams};
+    // Control as a synchronous call of ByteBuffers: the handler the
+    // generated code would install, but without its protobuf parse.
+    using RawStream = grpc::ServerReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>;
+    MarkMethodStreamed(0, new grpc::internal::TemplatedBidiStreamingHandler<RawStream, false>(
+                              [this](grpc::ServerContext* ctx, RawStream* raw) {
+                                ControlStream stream(raw);
+                                return Control(ctx, &stream);
+                              }));
   }
 
-  grpc::Status Control(grpc::ServerContext* ctx,
-                       grpc::ServerReaderWriter<proto::ControlReply, proto::ControlRequest>* stream) override;
+  grpc::Status Control(grpc::ServerContext* ctx, ControlStream* stream);
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Pages(grpc::CallbackServerContext* ctx) override;
   grpc::Status Resolve(grpc::ServerContext* ctx, const proto::ResolveRequest* req, proto::ResolveReply* reply) override;
 
@@ -124,6 +188,11 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     // Everything below is guarded by Impl::mu_.
     State state = State::kWaitSetup;
     Status failure;  // why another thread failed the session (Pages, Resolve, watchdog)
+    // The first Pages call refused, while this session was current, at a
+    // first message that did not decode (so it never named a session, and
+    // could be anyone's): not a failure by itself, but the cause to report
+    // if the source then leaves.
+    Status refused_call;
     Clock::time_point opened = Clock::now();
     Clock::time_point last_activity = Clock::now();  // last batch applied or control message
     Clock::time_point prepared_at{};
@@ -135,15 +204,18 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     uint32_t rounds = 0;
   };
 
-  // Another thread than Control's (a Pages call, Resolve, the watchdog)
-  // fails the session: ends its Pages calls but `self` with `why` and
-  // cancels the control call, whose thread then ends the session. Only
-  // while it waits for Setup, receives, or is prepared (never once Final is
-  // being restored or Commit is running); returns whether it did.
-  bool MarkFailed(const std::shared_ptr<Session>& session, const Status& why, const PagesReactor* self);
+  // Under mu_, another thread than Control's (a Pages call, Resolve, the
+  // watchdog) fails the session: ends its Pages calls but `self` with `why`
+  // and cancels the control call with `why` (what the source reads), whose
+  // thread then ends the session. Only while it waits for Setup, receives,
+  // or is prepared (never once Final is being restored or Commit is
+  // running); returns whether it did.
   bool MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self);
   // The deadline of the phase `session` is in, if it has passed: why.
   Status CheckDeadline(const Session& session, Clock::time_point now) const;
+  // Under mu_: what to report when the session fails by `consequence` (its
+  // source left or a call broke): the refused call before it, if any.
+  static Status FirstCause(const Session& session, const Status& consequence);
   // A call's credentials (the shared secret, when one is configured).
   Status Authorize(const grpc::ServerContextBase& ctx) const;
   // Control thread: ends the session (once): stops and waits for the Pages
@@ -192,12 +264,6 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
 // ------------------------------------------------------------- sessions
 
-bool MigrationServer::Impl::MarkFailed(const std::shared_ptr<Session>& session, const Status& why,
-                                       const PagesReactor* self) {
-  std::lock_guard lock(mu_);
-  return MarkFailedLocked(*session, why, self);
-}
-
 bool MigrationServer::Impl::MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self) {
   if (session.state != State::kWaitSetup && session.state != State::kReceiving && session.state != State::kPrepared) {
     return false;
@@ -205,9 +271,14 @@ bool MigrationServer::Impl::MarkFailedLocked(Session& session, const Status& why
   session.state = State::kFailing;
   session.failure = why;
   EndStreams(session, why, self);
-  session.control_ctx->TryCancel();
+  CancelCall(session.control_ctx, why);
   cv_.notify_all();
   return true;
+}
+
+Status MigrationServer::Impl::FirstCause(const Session& session, const Status& consequence) {
+  if (session.refused_call.ok()) return consequence;
+  return Status(session.refused_call.code(), session.refused_call.message() + "; then " + consequence.message());
 }
 
 Status MigrationServer::Impl::CheckDeadline(const Session& session, Clock::time_point now) const {
@@ -283,8 +354,7 @@ void MigrationServer::Impl::EndSession(const std::shared_ptr<Session>& session, 
 
 // ------------------------------------------------------------- Control
 
-grpc::Status MigrationServer::Impl::Control(
-    grpc::ServerContext* ctx, grpc::ServerReaderWriter<proto::ControlReply, proto::ControlRequest>* stream) {
+grpc::Status MigrationServer::Impl::Control(grpc::ServerContext* ctx, ControlStream* stream) {
   if (Status a = Authorize(*ctx); !a.ok()) return ToGrpc(a);
   std::shared_ptr<Session> session;
   bool done = false;
@@ -306,7 +376,7 @@ grpc::Status MigrationServer::Impl::Control(
       if (!w) {
         if (Clock::now() - call_start <= options_.handshake_timeout) return false;
         handshake_expired = true;
-        ctx->TryCancel();
+        CancelCall(ctx, Unavailable("no Hello within " + Ms(options_.handshake_timeout) + " of connecting"));
         return true;
       }
     }
@@ -322,7 +392,10 @@ grpc::Status MigrationServer::Impl::Control(
     return ToGrpc(s);
   };
 
-  while (stream->Read(&req)) {
+  for (;;) {
+    Result<bool> more = stream->Read(&req);
+    if (!more.ok()) return fail(more.status());
+    if (!*more) break;
     if (done) return ToGrpc(InvalidArgument(std::string(RequestName(req)) + " after Commit: the migration is over"));
     if (session) {
       std::lock_guard lock(mu_);
@@ -546,7 +619,15 @@ grpc::Status MigrationServer::Impl::Control(
   }
   Status why;
   {
-    std::lock_guard lock(mu_);
+    std::unique_lock lock(mu_);
+    if (session->state == State::kReceiving && !shutting_down_) {
+      // Did a data stream break first? (See kStreamReportGrace.)
+      cv_.wait_for(lock, kStreamReportGrace, [&] {
+        if (session->state != State::kReceiving || shutting_down_) return true;
+        return std::none_of(session->per_stream.begin(), session->per_stream.end(),
+                            [](const StreamState& ss) { return ss.reactor != nullptr; });
+      });
+    }
     if (session->state == State::kFailing) {
       why = session->failure;
     } else if (shutting_down_) {
@@ -556,7 +637,11 @@ grpc::Status MigrationServer::Impl::Control(
                         "connection lost); the VM never ran here");
     }
   }
-  if (why.ok()) why = Unavailable("the control stream closed before Final (source gone or connection lost)");
+  if (why.ok()) {
+    std::lock_guard lock(mu_);
+    why = FirstCause(*session,
+                     Unavailable("the control stream closed before Final (source gone or connection lost)"));
+  }
   EndSession(session, engine::Outcome::kFailed, why);
   return ToGrpc(why);
 }
@@ -607,7 +692,19 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
   proto::PageBatch& batch = st.header;
   {
     Status s = DecodeBatch(wire, &batch, &st.payload);
-    if (!s.ok()) return s.WithContext(st.attached ? "stream " + std::to_string(st.index) : "Pages");
+    if (!s.ok()) {
+      s = s.WithContext(st.attached ? "stream " + std::to_string(st.index) : "Pages");
+      if (!st.session) {
+        // Recorded before the refusal reaches the sender, so before anything
+        // it does about it.
+        std::lock_guard lock(mu_);
+        if (current_ && current_->refused_call.ok() &&
+            (current_->state == State::kWaitSetup || current_->state == State::kReceiving)) {
+          current_->refused_call = s;
+        }
+      }
+      return s;
+    }
   }
   const engine::SlotTable* memory = nullptr;
   engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
@@ -677,40 +774,39 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
   return ack;
 }
 
+// Detaching the call and failing the session happen under one hold of mu_,
+// so the control thread never sees the stream gone and the session not yet
+// failed (it would report the control stream instead of the stream).
 grpc::Status MigrationServer::Impl::Refuse(PagesState& st, const Status& s, PagesReactor* self) {
-  std::shared_ptr<Session> session;
-  {
-    std::lock_guard lock(mu_);
-    session = st.session;
-    if (st.attached && st.session->per_stream[st.index].reactor == self) {
-      st.session->per_stream[st.index].reactor = nullptr;
-    }
-    st.attached = false;
+  std::lock_guard lock(mu_);
+  if (st.attached && st.session->per_stream[st.index].reactor == self) {
+    st.session->per_stream[st.index].reactor = nullptr;
   }
-  if (session) MarkFailed(session, s, self);
+  st.attached = false;
+  if (st.session) MarkFailedLocked(*st.session, s, self);
   return ToGrpc(s);
 }
 
 void MigrationServer::Impl::PagesCancelled(PagesState& st, PagesReactor* self) {
-  std::shared_ptr<Session> session;
-  uint32_t index = 0;
-  {
-    std::lock_guard lock(mu_);
-    if (!st.attached || st.session->per_stream[st.index].reactor != self) return;
-    st.session->per_stream[st.index].reactor = nullptr;
-    session = st.session;
-    index = st.index;
-  }
+  std::lock_guard lock(mu_);
+  if (!st.attached || st.session->per_stream[st.index].reactor != self) return;
+  st.session->per_stream[st.index].reactor = nullptr;
   // A data stream of a migration in progress broke: the migration cannot
-  // complete (MarkFailed does nothing once it is finalizing or over).
-  MarkFailed(session, Unavailable("stream " + std::to_string(index) + " broke (cancelled or connection lost)"),
-             self);
+  // complete (MarkFailedLocked does nothing once it is finalizing or over).
+  // gRPC does not say why; a message over its size limit ends the call the
+  // same way (the sender reads "larger than max").
+  const Status broke = Unavailable("stream " + std::to_string(st.index) +
+                                   " broke (cancelled by the source, connection lost, or a message over the " +
+                                   FormatBytes(kMaxMessageBytes) + " limit)");
+  MarkFailedLocked(*st.session, FirstCause(*st.session, broke), self);
+  cv_.notify_all();
 }
 
 void MigrationServer::Impl::PagesDone(PagesState& st, PagesReactor* self) {
   std::lock_guard lock(mu_);
   if (st.attached && st.session->per_stream[st.index].reactor == self) {
     st.session->per_stream[st.index].reactor = nullptr;
+    cv_.notify_all();  // the control thread may wait for the streams to report
   }
 }
 
@@ -856,7 +952,7 @@ void MigrationServer::Impl::Shutdown() {
     shutting_down_ = true;
     if (current_) {
       EndStreams(*current_, Unavailable("the receiver is shutting down"), nullptr);
-      current_->control_ctx->TryCancel();
+      CancelCall(current_->control_ctx, Unavailable("the receiver is shutting down"));
     }
     cv_.notify_all();
   }
@@ -872,6 +968,9 @@ void MigrationServer::Impl::Shutdown() {
 
 Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::string& listen, TargetFactory factory,
                                                                 MigrationServerOptions options) {
+  if (Result<HostPort> address = ParseHostPort(listen); !address.ok()) {
+    return InvalidArgument("listen address " + address.status().message());
+  }
   if (!factory) return InvalidArgument("MigrationServer: no target factory");
   if (options.max_streams == 0) return InvalidArgument("MigrationServer: max_streams must be >= 1");
   if (options.max_vcpus == 0) return InvalidArgument("MigrationServer: max_vcpus must be >= 1");

@@ -184,6 +184,9 @@ char kStartTag, kReadTag, kWriteTag, kWritesDoneTag, kFinishTag;
 
 constexpr const char* kPagesMethod = "/pmlmig.proto.Migration/Pages";
 
+// Whether nothing listens at `target` (defined below, beside Resolve).
+bool ConnectionRefused(const std::string& target);
+
 }  // namespace
 
 class GrpcMigrationSink::Impl {
@@ -474,7 +477,24 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
     streams_.push_back(std::move(ds));
   }
   auto connect = [&](grpc::Channel& ch, const std::string& which) -> Status {
-    if (ch.WaitForConnected(std::chrono::system_clock::now() + options_.connect_timeout)) return Status::Ok();
+    // gRPC retries a refused port (with backoff) until the deadline; once it
+    // reports a failed attempt, ask whether the port refuses connections and
+    // say so at once. Anything else (no answer, a TLS handshake that fails)
+    // waits for connect_timeout.
+    const auto deadline = std::chrono::system_clock::now() + options_.connect_timeout;
+    bool connected = false;
+    for (grpc_connectivity_state st = ch.GetState(true);; st = ch.GetState(true)) {
+      if (st == GRPC_CHANNEL_READY) {
+        connected = true;
+        break;
+      }
+      if (st == GRPC_CHANNEL_TRANSIENT_FAILURE && ConnectionRefused(options_.target)) {
+        return Unavailable("connection refused to " + options_.target + " (" + which +
+                           "): nothing listens on that port");
+      }
+      if (!ch.WaitForStateChange(st, deadline)) break;
+    }
+    if (connected) return Status::Ok();
     return Unavailable("connect to " + options_.target + " (" + which + "): no connection within " +
                        Seconds(options_.connect_timeout) +
                        (options_.security.tls()
@@ -1072,7 +1092,11 @@ void GrpcMigrationSink::Impl::Abort(const std::string& why) {
 // ------------------------------------------------------------- public
 
 Result<std::unique_ptr<GrpcMigrationSink>> GrpcMigrationSink::Create(GrpcSinkOptions o) {
-  if (o.target.empty()) return InvalidArgument("migration target: empty (expected host:port)");
+  if (Result<HostPort> address = ParseHostPort(o.target); !address.ok()) {
+    return InvalidArgument("migration target " + address.status().message());
+  } else if (address->port == 0) {
+    return InvalidArgument("migration target \"" + o.target + "\": port 0 (expected the receiver's port, 1..65535)");
+  }
   if (o.streams == 0 || o.streams > kMaxStreams) {
     return InvalidArgument("streams: " + std::to_string(o.streams) + " is outside 1.." + std::to_string(kMaxStreams));
   }

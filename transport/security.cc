@@ -106,6 +106,39 @@ bool SplitHostPort(std::string_view host_port, std::string* host, std::string* p
   return true;
 }
 
+Result<HostPort> ParseHostPort(std::string_view text) {
+  const std::string quoted = "\"" + std::string(text) + "\": ";
+  auto bad = [&](const std::string& why) { return InvalidArgument(quoted + why); };
+  if (text.empty()) return bad("empty (expected HOST:PORT)");
+  HostPort out;
+  std::string_view port;
+  if (text.front() == '[') {
+    const size_t close = text.find(']');
+    if (close == std::string_view::npos) return bad("no ']' after the IPv6 address (expected [ADDRESS]:PORT)");
+    if (close + 1 >= text.size() || text[close + 1] != ':') return bad("no ':PORT' after ']' (expected [ADDRESS]:PORT)");
+    out.host = std::string(text.substr(1, close - 1));
+    port = text.substr(close + 2);
+  } else {
+    const size_t colon = text.rfind(':');
+    if (colon == std::string_view::npos) return bad("no port (expected HOST:PORT)");
+    out.host = std::string(text.substr(0, colon));
+    port = text.substr(colon + 1);
+    if (out.host.find(':') != std::string::npos) {
+      return bad("an IPv6 address needs brackets (expected [ADDRESS]:PORT)");
+    }
+  }
+  if (out.host.empty()) return bad("no host before the port (expected HOST:PORT)");
+  if (port.empty()) return bad("no port after the ':' (expected HOST:PORT)");
+  uint32_t value = 0;
+  for (char c : port) {
+    if (c < '0' || c > '9') return bad("port '" + std::string(port) + "' is not a decimal number");
+    value = value * 10 + static_cast<uint32_t>(c - '0');
+    if (value > 65535) return bad("port " + std::string(port) + " is outside 0..65535");
+  }
+  out.port = static_cast<uint16_t>(value);
+  return out;
+}
+
 bool IsLoopbackListenAddress(std::string_view host_port) {
   std::string host, port;
   if (!SplitHostPort(host_port, &host, &port)) return false;

@@ -28,8 +28,19 @@ for cmd in "" probe run; do
   if "$PMLMIG" $cmd --help >"$tmp/out" 2>&1 && grep -q "Usage" "$tmp/out"; then pass "help '$cmd'"; else fail "help '$cmd'"; fi
 done
 
-expect_error "no command" 2 "error" 
-expect_error "unknown command" 2 "error" frobnicate
+expect_error "no command" 2 "no command given (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')"
+expect_error "unknown command" 2 "unknown command 'frobnicate' (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')" frobnicate
+expect_error "unknown command before flags" 2 "unknown command 'frobnicate'" frobnicate --memory 1G
+expect_error "no bench command" 2 "no bench command given (commands: dirty, migrate; see 'pmlmig bench --help')" bench
+expect_error "unknown bench command" 2 "unknown bench command 'frobnicate' (commands: dirty, migrate; see 'pmlmig bench --help')" bench frobnicate
+# Addresses: gRPC would take port 99999 modulo 65536 (34463), an empty port for 443.
+expect_error "listen port too large" 2 "--listen \"127.0.0.1:99999\": port 99999 is outside 0..65535" receive --wait 1s --listen 127.0.0.1:99999
+expect_error "listen port empty" 2 "--listen \"127.0.0.1:\": no port after the ':'" receive --wait 1s --listen 127.0.0.1:
+expect_error "listen port not a number" 2 "port 'http' is not a decimal number" receive --wait 1s --listen 127.0.0.1:http
+expect_error "listen host empty" 2 "no host before the port" receive --wait 1s --listen :7400
+expect_error "listen without port" 2 "no port (expected HOST:PORT)" receive --wait 1s --listen 127.0.0.1
+expect_error "target port too large" 2 "migration target \"127.0.0.1:99999\": port 99999 is outside 0..65535" run --migrate-to 127.0.0.1:99999
+expect_error "target port 0" 2 "migration target \"127.0.0.1:0\": port 0" run --migrate-to 127.0.0.1:0
 expect_error "unknown flag" 2 "--bogus" run --bogus
 expect_error "bad size" 2 "invalid size '12Q'" run --memory 12Q
 expect_error "size not multiple of 2M" 2 "multiple of 2 MiB" run --memory 3M

@@ -72,6 +72,7 @@ struct Probe {
   std::vector<std::string> aborts;
   engine::MigrationSetup setup;
   std::vector<uint8_t> vm_state;
+  milliseconds setup_delay{0};  // how long OnSetup takes (building a VM)
 
   int abort_count() {
     std::lock_guard lock(mu);
@@ -87,9 +88,14 @@ class FakeTarget final : public engine::MigrationTarget {
 
   Status OnSetup(const engine::MigrationSetup& setup) override {
     for (const engine::MemoryRange& r : setup.memory) PMLMIG_RETURN_IF_ERROR(mem_.Add(r.slot, r.gpa, r.size));
-    std::lock_guard lock(probe_->mu);
-    ++probe_->setups;
-    probe_->setup = setup;
+    milliseconds delay;
+    {
+      std::lock_guard lock(probe_->mu);
+      ++probe_->setups;
+      probe_->setup = setup;
+      delay = probe_->setup_delay;
+    }
+    std::this_thread::sleep_for(delay);
     return Status::Ok();
   }
   const engine::SlotTable& memory() const override { return mem_.slots; }
@@ -175,6 +181,25 @@ class Source {
   }
   std::mt19937_64 rng_;
 };
+
+// A TCP socket bound to a free loopback port, listening or not (then the
+// port refuses connections, and nothing else can take it meanwhile); its
+// fd, or -1.
+int LoopbackSocket(bool listening, uint16_t* port) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || (listening && listen(fd, 16) != 0) ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    close(fd);
+    return -1;
+  }
+  *port = ntohs(a.sin_port);
+  return fd;
+}
 
 bool SameMemory(const engine::SlotTable& a, const engine::SlotTable& b) {
   if (a.slots().size() != b.slots().size()) return false;
@@ -420,17 +445,11 @@ TEST_F(LoopbackTest, StalledReceiverFailsSendPagesAfterStallTimeout) {
 TEST_F(LoopbackTest, SilentPeerFailsBeginWithinConnectTimeout) {
   // A "receiver" that accepts connections and never answers: Begin must
   // give up after setup_timeout instead of hanging.
-  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  uint16_t port = 0;
+  const int fd = LoopbackSocket(true, &port);
   ASSERT_GE(fd, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  ASSERT_EQ(listen(fd, 16), 0);
-  socklen_t len = sizeof a;
-  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
   GrpcSinkOptions o = Options();
-  o.target = "127.0.0.1:" + std::to_string(ntohs(a.sin_port));
+  o.target = "127.0.0.1:" + std::to_string(port);
   o.connect_timeout = milliseconds(500);
   o.setup_timeout = milliseconds(500);
   auto sink = GrpcMigrationSink::Create(o);
@@ -442,6 +461,85 @@ TEST_F(LoopbackTest, SilentPeerFailsBeginWithinConnectTimeout) {
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(5));
   std::printf("Begin against a silent peer: %s\n", s.message().c_str());
   close(fd);
+}
+
+TEST_F(LoopbackTest, RefusedPortFailsBeginAtOnce) {
+  // A port that refuses connections (bound, not listening, so no one else
+  // takes it meanwhile): Begin says so at once instead of retrying for the
+  // whole connect_timeout.
+  uint16_t port = 0;
+  const int fd = LoopbackSocket(false, &port);
+  ASSERT_GE(fd, 0);
+  GrpcSinkOptions o = Options();
+  o.target = "127.0.0.1:" + std::to_string(port);
+  ASSERT_EQ(o.connect_timeout, milliseconds(5000));  // the default
+  auto sink = GrpcMigrationSink::Create(o);
+  ASSERT_TRUE(sink.ok());
+  Source src(1 << 20, 0, 1);
+  const auto t0 = Clock::now();
+  const Status s = (*sink)->Begin(Setup(src), src.mem.slots);
+  const auto took = Clock::now() - t0;
+  close(fd);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.message();
+  EXPECT_NE(s.message().find("connection refused to " + o.target), std::string::npos) << s.message();
+  EXPECT_LT(took, milliseconds(1500)) << s.message();
+  std::printf("Begin against a refused port: %s (%lld ms)\n", s.message().c_str(),
+              static_cast<long long>(std::chrono::duration_cast<milliseconds>(took).count()));
+}
+
+TEST(AddressTest, ListenAndTargetAddressesAreChecked) {
+  // gRPC would listen on or connect to another port than the one typed
+  // (99999 modulo 65536, 443 for an empty port) or log a lookup error:
+  // both sides refuse such an address, naming it.
+  struct Case {
+    std::string address, what;
+  };
+  const std::vector<Case> cases = {
+      {"127.0.0.1:99999", "port 99999 is outside 0..65535"},
+      {"127.0.0.1:65536", "port 65536 is outside 0..65535"},
+      {"127.0.0.1:123456789012345678901234", "port 123456789012345678901234 is outside 0..65535"},
+      {"127.0.0.1:http", "port 'http' is not a decimal number"},
+      {"127.0.0.1:-1", "port '-1' is not a decimal number"},
+      {"127.0.0.1:+80", "port '+80' is not a decimal number"},
+      {"127.0.0.1: 80", "port ' 80' is not a decimal number"},
+      {"127.0.0.1:", "no port after the ':' (expected HOST:PORT)"},
+      {":7400", "no host before the port (expected HOST:PORT)"},
+      {"127.0.0.1", "no port (expected HOST:PORT)"},
+      {"", "empty (expected HOST:PORT)"},
+      {"::1:7400", "an IPv6 address needs brackets (expected [ADDRESS]:PORT)"},
+      {"[::1:7400", "no ']' after the IPv6 address (expected [ADDRESS]:PORT)"},
+      {"[::1]7400", "no ':PORT' after ']' (expected [ADDRESS]:PORT)"},
+      {"[]:7400", "no host before the port (expected HOST:PORT)"},
+  };
+  auto factory = []() -> std::unique_ptr<engine::MigrationTarget> { return nullptr; };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.address);
+    auto server = MigrationServer::Start(c.address, factory, {});
+    ASSERT_FALSE(server.ok()) << "listening on port " << (*server)->port();
+    EXPECT_EQ(server.status().code(), Code::kInvalidArgument);
+    EXPECT_EQ(server.status().message(), "listen address \"" + c.address + "\": " + c.what);
+    GrpcSinkOptions o;
+    o.target = c.address;
+    auto sink = GrpcMigrationSink::Create(o);
+    ASSERT_FALSE(sink.ok());
+    EXPECT_EQ(sink.status().code(), Code::kInvalidArgument);
+    EXPECT_EQ(sink.status().message(), "migration target \"" + c.address + "\": " + c.what);
+  }
+  // Port 0: a receiver listens on a free port; a sender has nothing to
+  // connect to.
+  auto server = MigrationServer::Start("127.0.0.1:0", factory, {});
+  ASSERT_TRUE(server.ok()) << server.status().message();
+  EXPECT_GT((*server)->port(), 0);
+  GrpcSinkOptions o;
+  o.target = "127.0.0.1:0";
+  auto sink = GrpcMigrationSink::Create(o);
+  ASSERT_FALSE(sink.ok());
+  EXPECT_EQ(sink.status().message(), "migration target \"127.0.0.1:0\": port 0 (expected the receiver's port, 1..65535)");
+  for (const char* good : {"127.0.0.1:7400", "localhost:65535", "[::1]:1", "receiver.example:007400"}) {
+    o.target = good;
+    EXPECT_TRUE(GrpcMigrationSink::Create(o).ok()) << good;
+  }
 }
 
 TEST_F(LoopbackTest, SecondConcurrentMigrationIsRefused) {
@@ -483,6 +581,50 @@ TEST_F(LoopbackTest, DataStreamRejectionFailsTheMigrationWithItsReason) {
   ASSERT_TRUE(out.ok());
   EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
   EXPECT_EQ(probe_->abort_count(), 1);
+}
+
+TEST_F(LoopbackTest, ReceiverRefusalReachesTheSourceWithItsReason) {
+  // The receiver refuses a batch (its pages lie outside the memory the
+  // Setup declared): the source's error carries the receiver's reason, and
+  // so does the receiver's report.
+  Source src(1 << 20, 1 << 20, 13);
+  engine::MigrationSetup setup = Setup(src);
+  setup.memory.resize(1);  // slot 1 is not declared, but its pages are sent
+  auto sink = GrpcMigrationSink::Create(Options(2));
+  ASSERT_TRUE(sink.ok());
+  ASSERT_TRUE((*sink)->Begin(setup, src.mem.slots).ok());
+  engine::PageList all(src.mem.AllPages());
+  auto st = (*sink)->SendPages(0, all);
+  ASSERT_FALSE(st.ok());
+  const std::string what = "run 0: gpa 0x100000000 (+";
+  EXPECT_NE(st.status().message().find(what), std::string::npos) << st.status().message();
+  EXPECT_NE(st.status().message().find("lies outside guest memory"), std::string::npos) << st.status().message();
+  auto out = Outcome();
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
+  EXPECT_NE(out->error.message().find(what), std::string::npos) << out->error.message();
+  EXPECT_EQ(probe_->abort_count(), 1);
+}
+
+TEST_F(LoopbackTest, ReceiverDeadlineReachesTheSourceWithItsReason) {
+  // The receiver gives up (the VM takes longer to build than the handshake
+  // may) while the source waits on the control stream: the source learns
+  // why, not just that the call was cancelled.
+  MigrationServerOptions so;
+  so.handshake_timeout = milliseconds(300);
+  StartServer(so);
+  probe_->setup_delay = milliseconds(1500);
+  Source src(1 << 20, 0, 14);
+  auto sink = GrpcMigrationSink::Create(Options());
+  ASSERT_TRUE(sink.ok());
+  const Status s = (*sink)->Begin(Setup(src), src.mem.slots);
+  ASSERT_FALSE(s.ok());
+  const std::string what = "no valid Setup within 300 ms of connecting";
+  EXPECT_NE(s.message().find(what), std::string::npos) << s.message();
+  auto out = Outcome();
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
+  EXPECT_NE(out->error.message().find(what), std::string::npos) << out->error.message();
 }
 
 // ---------------------------------------------------------------- raw client

@@ -126,29 +126,79 @@ class ControlCall {
     }
     return call_->Finish();
   }
+  // Drops the call, as a sender that fails does (GrpcMigrationSink cancels
+  // every call).
+  void Cancel() { ctx_.TryCancel(); }
 
  private:
   grpc::ClientContext ctx_;
   std::unique_ptr<grpc::ClientReaderWriter<proto::ControlRequest, proto::ControlReply>> call_;
 };
 
-// One Pages call over raw bytes: what is sent need not be a PageBatch.
-class PagesCall {
+// A call of raw bytes: what is sent need not be a valid message.
+class RawCall {
  public:
-  explicit PagesCall(grpc::Channel* channel)
-      : call_(grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
-            channel, Method(), &ctx_)) {}
+  RawCall(grpc::Channel* channel, const char* method)
+      : method_(method, grpc::internal::RpcMethod::BIDI_STREAMING),
+        call_(grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+            channel, method_, &ctx_)) {}
 
   bool Send(const std::string& wire) {
     grpc::Slice slice(wire);
     grpc::ByteBuffer buf(&slice, 1);
     return call_->Write(buf);
   }
-  bool ReadAck(proto::BatchAck* ack) {
+  // The next message, parsed as an M; false at the end or if it does not parse.
+  template <typename M>
+  bool Read(M* m) {
     grpc::ByteBuffer buf;
     if (!call_->Read(&buf)) return false;
-    return grpc::SerializationTraits<proto::BatchAck>::Deserialize(&buf, ack).ok();
+    return grpc::SerializationTraits<M>::Deserialize(&buf, m).ok();
   }
+  // Drops the call, as a sender that fails does (GrpcMigrationSink cancels
+  // every call).
+  void Cancel() { ctx_.TryCancel(); }
+
+ protected:
+  // Reads until the receiver ends the call; its status.
+  grpc::Status Drain() {
+    grpc::ByteBuffer buf;
+    while (call_->Read(&buf)) {
+    }
+    return call_->Finish();
+  }
+  void WritesDone() { call_->WritesDone(); }
+
+ private:
+  const grpc::internal::RpcMethod method_;  // before call_, which is created with it
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> call_;
+};
+
+// One Control call over raw bytes: what is sent need not be a ControlRequest.
+class RawControlCall : public RawCall {
+ public:
+  explicit RawControlCall(grpc::Channel* channel) : RawCall(channel, "/pmlmig.proto.Migration/Control") {}
+
+  using RawCall::Send;
+  bool Send(const proto::ControlRequest& req) { return Send(req.SerializeAsString()); }
+  // Hello; the session id from the reply, or 0 if none came.
+  uint64_t Hello() {
+    proto::ControlRequest req;
+    req.mutable_hello()->set_version(kProtocolVersion);
+    proto::ControlReply rep;
+    if (!Send(req) || !Read(&rep) || !rep.has_hello()) return 0;
+    return rep.hello().session_id();
+  }
+  grpc::Status Finish() { return Drain(); }
+};
+
+// One Pages call over raw bytes: what is sent need not be a PageBatch.
+class PagesCall : public RawCall {
+ public:
+  explicit PagesCall(grpc::Channel* channel) : RawCall(channel, "/pmlmig.proto.Migration/Pages") {}
+
+  bool ReadAck(proto::BatchAck* ack) { return Read(ack); }
   // Sends each message and waits for its ack, stopping at the first that
   // gets none; `acked` counts the acks.
   bool SendAll(const std::vector<std::string>& wires, int* acked) {
@@ -160,21 +210,9 @@ class PagesCall {
     return true;
   }
   grpc::Status Finish() {
-    call_->WritesDone();
-    grpc::ByteBuffer buf;
-    while (call_->Read(&buf)) {
-    }
-    return call_->Finish();
+    WritesDone();
+    return Drain();
   }
-
- private:
-  static const grpc::internal::RpcMethod& Method() {
-    static const grpc::internal::RpcMethod m("/pmlmig.proto.Migration/Pages",
-                                             grpc::internal::RpcMethod::BIDI_STREAMING);
-    return m;
-  }
-  grpc::ClientContext ctx_;
-  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> call_;
 };
 
 std::string Wire(const proto::PageBatch& b) { return b.SerializeAsString(); }
@@ -256,6 +294,23 @@ class HostileClientTest : public ::testing::Test {
     return batch;
   }
 
+  // A batch of 1025 data pages on `stream`: its payload alone is over the
+  // 4 MiB a batch may carry, which decoding refuses.
+  std::string PayloadOver4MiB(uint64_t session, uint64_t seq, uint32_t stream = 0) const {
+    proto::PageBatch b = Batch(session, seq, 32 * kPageSize, 16, Compression::kNone, stream);
+    b.clear_runs();
+    proto::PageRun* r = b.add_runs();
+    r->set_gpa(0);
+    r->set_pages(1024);
+    r = b.add_runs();
+    r->set_gpa(kHighGpa);
+    r->set_pages(1);
+    b.set_payload(std::string(1025 * kPageSize, 'x'));
+    b.set_uncompressed_length(1025 * kPageSize);
+    Reseal(&b);
+    return Wire(b);
+  }
+
   static void ExpectStatus(const grpc::Status& st, grpc::StatusCode code, const std::string& what) {
     EXPECT_EQ(st.error_code(), code) << "status " << st.error_code() << ": " << st.error_message();
     EXPECT_THAT(st.error_message(), HasSubstr(what));
@@ -317,8 +372,9 @@ class HostileClientTest : public ::testing::Test {
 
   // A session in which the Pages call sends `good` valid batches (acked),
   // then `bad` (made by `make` from the session id and its sequence number
-  // `good`): the call must end with `code` naming `what`, the control call
-  // must be ended, the outcome failed naming `what`; then the receiver must
+  // `good`): the call must end with `code` naming `what`, and so must the
+  // control call (the source learns the reason there too, not just
+  // "cancelled"), the outcome failed naming `what`; then the receiver must
   // keep serving.
   void ExpectBatchRefused(int good, const std::function<std::string(uint64_t session, uint64_t seq)>& make,
                           grpc::StatusCode code, const std::string& what) {
@@ -335,7 +391,7 @@ class HostileClientTest : public ::testing::Test {
     EXPECT_FALSE(pages.SendAll(wires, &acked));
     EXPECT_EQ(acked, good);
     ExpectStatus(pages.Finish(), code, what);
-    EXPECT_FALSE(control->Finish().ok());
+    ExpectStatus(control->Finish(), code, what);
     ExpectFailedOutcome(session, what);
     ExpectServing();
   }
@@ -419,7 +475,7 @@ TEST_F(HostileClientTest, BatchBeforeSetupFailsTheMigration) {
   EXPECT_EQ(acked, 0);
   const std::string what = "stream 0: batch before the migration is set up";
   ExpectStatus(pages.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
-  EXPECT_FALSE(control.Finish().ok());
+  ExpectStatus(control.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
   ExpectFailedOutcome(session, what);
   ExpectServing();
 }
@@ -766,20 +822,7 @@ TEST_F(HostileClientTest, OversizedBatchIsRefused) {
   // 1025 data pages: the payload alone is over the 4 MiB a batch may carry.
   ExpectBatchRefused(
       1,
-      [&](uint64_t session, uint64_t seq) {
-        proto::PageBatch b = Batch(session, seq, 32 * kPageSize);
-        b.clear_runs();
-        proto::PageRun* r = b.add_runs();
-        r->set_gpa(0);
-        r->set_pages(1024);
-        r = b.add_runs();
-        r->set_gpa(kHighGpa);
-        r->set_pages(1);
-        b.set_payload(std::string(1025 * kPageSize, 'x'));
-        b.set_uncompressed_length(1025 * kPageSize);
-        Reseal(&b);
-        return Wire(b);
-      },
+      [&](uint64_t session, uint64_t seq) { return PayloadOver4MiB(session, seq); },
       grpc::StatusCode::INVALID_ARGUMENT, "malformed PageBatch at byte 45: payload of 4198400 bytes, more than 4194304");
   // A header field over 1 MiB (an unknown field: protobuf would keep it).
   ExpectBatchRefused(
@@ -870,7 +913,7 @@ TEST_F(HostileClientTest, RoundGoingBackIsRefused) {
   EXPECT_EQ(acked, 1);
   const std::string what = "stream 0: batch 1: round 2 after round 3";
   ExpectStatus(pages.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
-  EXPECT_FALSE(control->Finish().ok());
+  ExpectStatus(control->Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
   ExpectFailedOutcome(session, what);
   ExpectServing();
 }
@@ -905,8 +948,8 @@ TEST_F(HostileClientTest, SecondCallOnTheSameStreamIsRefused) {
   EXPECT_EQ(acked, 0);
   const std::string what = "stream 0: already attached to another call";
   ExpectStatus(second.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
-  EXPECT_FALSE(first.Finish().ok());  // the failed migration ends it too
-  EXPECT_FALSE(control->Finish().ok());
+  ExpectStatus(first.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);  // the failed migration ends it too
+  ExpectStatus(control->Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
   ExpectFailedOutcome(session, what);
   ExpectServing();
 }
@@ -1073,6 +1116,107 @@ TEST_F(HostileClientTest, PageBatchThatIsNotProtobufIsRefused) {
     ExpectBatchRefused(
         1, [&](uint64_t, uint64_t) { return c.wire; }, grpc::StatusCode::INVALID_ARGUMENT, "stream 0: " + c.what);
   }
+}
+
+TEST_F(HostileClientTest, ControlRequestThatIsNotProtobufIsRefused) {
+  // gRPC's typed reader takes such bytes for the end of the stream; the
+  // receiver must name them instead, whatever phase the session is in.
+  const std::vector<std::string> cases = {
+      std::string(11, '\xff'),        // a field tag that never ends
+      std::string("\x08\x80", 2),     // a truncated varint
+      std::string("\x07\x00", 2),     // field number 0
+      std::string("\x0f\x00", 2),     // wire type 7
+      std::string("\x0a\x05" "ab", 4),  // Hello, 5 bytes long, 2 present
+      std::string("\x0a\x02\xff\xff", 4),  // Hello whose own fields do not parse
+  };
+  for (const std::string& wire : cases) {
+    const std::string what =
+        "malformed ControlRequest: " + std::to_string(wire.size()) + " bytes that are not a valid protobuf message";
+    SCOPED_TRACE(what);
+    {
+      // Before Hello: no session, so nothing is recorded.
+      RawControlCall call(channel_.get());
+      call.Send(wire);
+      ExpectStatus(call.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
+      ExpectServing();
+    }
+    for (bool after_setup : {false, true}) {
+      SCOPED_TRACE(after_setup ? "after Setup" : "after Hello");
+      RawControlCall call(channel_.get());
+      const uint64_t session = call.Hello();
+      ASSERT_NE(session, 0u);
+      if (after_setup) {
+        ASSERT_TRUE(call.Send(ValidSetup()));
+        proto::ControlReply rep;
+        ASSERT_TRUE(call.Read(&rep));
+        ASSERT_TRUE(rep.has_setup());
+      }
+      call.Send(wire);
+      ExpectStatus(call.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
+      ExpectFailedOutcome(session, what);
+      ExpectServing();
+    }
+  }
+}
+
+// ------------------------------------------------------------- first cause
+
+TEST_F(HostileClientTest, RefusedNewCallIsTheCauseWhenTheSourceThenLeaves) {
+  // A source's new Pages call is refused at its first message, whose bytes
+  // do not decode (so it never named the session and does not fail it by
+  // itself); the source then drops its other calls, as GrpcMigrationSink
+  // does when a stream fails. Whichever of those the receiver notices
+  // first, its report names the refusal, not a dropped call.
+  const std::string what = "Pages: malformed PageBatch at byte 45: payload of 4198400 bytes, more than 4194304";
+  for (int i = 0; i < 6; ++i) {
+    const bool control_first = i % 2 == 0;
+    SCOPED_TRACE(control_first ? "control call dropped first" : "stream 0 dropped first");
+    uint64_t session = 0;
+    auto control = Session(&session, 2);
+    PagesCall stream0(channel_.get());
+    int acked = 0;
+    ASSERT_TRUE(stream0.SendAll({Wire(Batch(session, 0))}, &acked));
+    {
+      PagesCall stream1(channel_.get());
+      EXPECT_FALSE(stream1.SendAll({PayloadOver4MiB(session, 0, 1)}, &acked));
+      ExpectStatus(stream1.Finish(), grpc::StatusCode::INVALID_ARGUMENT, what);
+    }
+    if (control_first) {
+      control->Cancel();
+      stream0.Cancel();
+    } else {
+      stream0.Cancel();
+      control->Cancel();
+    }
+    EXPECT_FALSE(stream0.Finish().ok());
+    EXPECT_FALSE(control->Finish().ok());
+    ExpectFailedOutcome(session, what);
+    ExpectServing();
+  }
+}
+
+TEST_F(HostileClientTest, MessageOverTheGrpcLimitIsTheCauseWhicheverCallEndsFirst) {
+  // gRPC ends an attached stream whose message is over its limit (the
+  // sender reads "larger than max"); the sender then drops its control call
+  // at once, as GrpcMigrationSink does. Every time, the report must name the
+  // broken stream, not the control call that the receiver sometimes sees
+  // closing first.
+  const std::string huge(kMaxMessageBytes + (1 << 20), '\x01');
+  const std::string what =
+      "stream 0 broke (cancelled by the source, connection lost, or a message over the 16 MiB limit)";
+  for (int i = 0; i < 20; ++i) {
+    SCOPED_TRACE(i);
+    uint64_t session = 0;
+    auto control = Session(&session);
+    PagesCall pages(channel_.get());
+    int acked = 0;
+    EXPECT_FALSE(pages.SendAll({Wire(Batch(session, 0)), huge}, &acked));
+    ExpectStatus(pages.Finish(), grpc::StatusCode::RESOURCE_EXHAUSTED, "larger than max");
+    control->Cancel();
+    EXPECT_FALSE(control->Finish().ok());
+    ExpectFailedOutcome(session, what);
+  }
+  ExpectServing();
 }
 
 }  // namespace

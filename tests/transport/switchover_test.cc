@@ -259,7 +259,8 @@ TEST_F(SwitchoverTest, ResolveBeforeALateCommitWinsAndTheCommitIsRefused) {
 }
 
 // The receiver's phase deadlines: a peer that goes quiet is dropped with a
-// message naming the deadline, and the receiver takes the next migration.
+// message naming the deadline (in its report, and in the status the peer
+// reads), and the receiver takes the next migration.
 TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
   auto probe = std::make_shared<Probe>();
   MigrationServerOptions o;
@@ -279,7 +280,9 @@ TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
     ASSERT_TRUE(call->Read(&rep));
     while (call->Read(&rep)) {
     }
-    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    const grpc::Status st = call->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    EXPECT_NE(st.error_message().find("no valid Setup within 400 ms"), std::string::npos) << st.error_message();
     auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
     ASSERT_TRUE(out.ok());
     EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
@@ -302,7 +305,9 @@ TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
     ASSERT_TRUE(rep.has_setup());
     while (call->Read(&rep)) {
     }
-    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    const grpc::Status st = call->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    EXPECT_NE(st.error_message().find("no page batch and no control message for 400 ms"), std::string::npos) << st.error_message();
     auto out = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::seconds(5));
     ASSERT_TRUE(out.ok());
     EXPECT_EQ(out->outcome, engine::Outcome::kFailed);
@@ -317,7 +322,9 @@ TEST(ReceiverDeadlinesTest, HandshakeAndIdleDeadlinesEndASilentPeer) {
     const auto t0 = std::chrono::steady_clock::now();
     while (call->Read(&rep)) {
     }
-    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    const grpc::Status st = call->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAVAILABLE) << st.error_message();
+    EXPECT_NE(st.error_message().find("no Hello within 400 ms of connecting"), std::string::npos) << st.error_message();
     EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(3));
   }
 }

@@ -85,7 +85,8 @@ class MigrationServer {
  public:
   using TargetFactory = std::function<std::unique_ptr<engine::MigrationTarget>()>;
 
-  // Listens on `listen` ("host:port"; port 0 picks a free one, see port()).
+  // Listens on `listen` ("host:port" or "[v6-address]:port", checked by
+  // ParseHostPort; port 0 picks a free one, see port()).
   // Like GrpcMigrationSink::Create, tunes glibc malloc once per process.
   // Refuses a non-loopback address without TLS or a token unless
   // options.allow_insecure.

@@ -32,7 +32,8 @@ inline constexpr uint32_t kMaxStreams = 64;
 inline constexpr uint32_t kMaxBatchPages = 1024;  // 4 MiB of page data
 
 struct GrpcSinkOptions {
-  // Where the receiver listens, "host:port". Required; no default.
+  // Where the receiver listens, "host:port" or "[v6-address]:port", port
+  // 1..65535 (see ParseHostPort). Required; no default.
   std::string target;
   // Parallel Pages streams, each on its own connection. Default 1, 1..64.
   uint32_t streams = 1;
@@ -48,7 +49,10 @@ struct GrpcSinkOptions {
   // Bytes of batches a stream may have sent but not yet seen acknowledged;
   // beyond it the stream waits for acks (backpressure). Default 16 MiB.
   uint64_t max_inflight_bytes = 16ull << 20;
-  // How long Begin waits for each connection to come up. Default 5 s.
+  // How long Begin waits for each connection to come up. Default 5 s. A
+  // port that refuses connections (nothing listens there) fails Begin at
+  // once, "connection refused to <target>"; only a host that does not
+  // answer, or a handshake that fails, waits this long.
   std::chrono::milliseconds connect_timeout{5000};
   // How long Begin waits for the receiver to answer Hello and to build the VM
   // after Setup. Default 60 s.

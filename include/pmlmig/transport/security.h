@@ -12,6 +12,7 @@
 //          clear: use it alone only on a network you trust.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -48,6 +49,21 @@ Status ValidateTransportSecurity(const TransportSecurity& sec);
 // Splits "host:port" or "[v6-address]:port" into host (without brackets)
 // and port. False when there is no ":port".
 bool SplitHostPort(std::string_view host_port, std::string* host, std::string* port);
+
+// An address as a person types it: "host:port" or "[v6-address]:port".
+struct HostPort {
+  std::string host;  // without brackets; never empty
+  uint16_t port = 0;
+};
+
+// Parses and checks `text`: a host, then ':' and a decimal port 0..65535.
+// gRPC itself would take "99999" modulo 65536, an empty port for 443, and a
+// non-numeric one for a service name, so nothing reaches it unchecked.
+// Errors quote the text and say what is wrong, e.g. "\"127.0.0.1:99999\":
+// port 99999 is outside 0..65535"; callers put what the address is for in
+// front. Whether port 0 makes sense (a listener picks a free port) is the
+// caller's decision.
+Result<HostPort> ParseHostPort(std::string_view text);
 
 // Whether "host:port" names a loopback address (127.0.0.0/8, ::1,
 // localhost). Anything else, including 0.0.0.0 and [::], is not.
