@@ -179,6 +179,7 @@ bool SetupIsValid(const proto::Setup& s, const ReceiverLimits& l) {
   }
   if (total > l.max_memory_bytes) return false;
   if (s.vcpus() < 1 || s.vcpus() > l.max_vcpus) return false;
+  if (s.verify_order() != proto::VERIFY_BEFORE_COMMIT && s.verify_order() != proto::VERIFY_AFTER_COMMIT) return false;
   const uint32_t max_streams = l.max_streams < 64 ? l.max_streams : 64;
   return s.streams() >= 1 && s.streams() <= max_streams;
 }
@@ -201,7 +202,8 @@ void FuzzControl(uint8_t selector, const uint8_t* data, size_t size) {
     const proto::Final& f = req.final();
     const Status s = ValidateFinalShape(f, streams);
     if (Verbose()) std::fprintf(stderr, "receiver_fuzz: Final: %s\n", s.ok() ? "ok" : s.message().c_str());
-    bool valid = f.vm_state().size() <= (8u << 20) && f.streams_size() == static_cast<int>(streams);
+    bool valid = f.vm_state().size() <= (8u << 20) && f.streams_size() == static_cast<int>(streams) &&
+                 f.chunk_digests_size() <= 65536 + 256;
     for (int i = 0; valid && i < f.streams_size(); ++i) valid = f.streams(i).stream() == static_cast<uint32_t>(i);
     FUZZ_CHECK(s.ok() == valid, s.ok() ? "accepted" : s.message());
     FUZZ_CHECK(s.ok() || !s.message().empty());
