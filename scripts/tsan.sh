@@ -2,16 +2,18 @@
 # Builds the non-gRPC test binaries with ThreadSanitizer (build-tsan/) and runs
 # every test in them: DirtySet, the dirty ring harvester (synthetic rings with
 # a concurrent producer, and on KVM with its collector thread), the userspace
-# and union trackers, the bitmap and PML trackers, the vmm, and the migration
-# source against an in-process fake sink. gRPC and protobuf are not
-# instrumented, so nothing linking them runs here. Expects scripts/setup.sh to
+# and union trackers, the bitmap and PML trackers, the vmm, the migration
+# source against an in-process fake sink, and the transport's concurrent parts
+# that know nothing of gRPC (token bucket, buffer pool, stall watch, failure
+# latch: transport_parts_test). gRPC and protobuf are not instrumented, so
+# nothing linking them runs here. Expects scripts/setup.sh to
 # have installed the packages already. Tests that need /dev/kvm skip with a
 # reason where it is absent. Exits non-zero on any test failure or TSan report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 dir=build-tsan
-bins=(base_test engine_test tracking_kvm_test vmm_test)
+bins=(base_test engine_test tracking_kvm_test vmm_test transport_parts_test)
 
 cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPMLMIG_TSAN=ON -DPMLMIG_BUILD_BENCH=OFF >/dev/null
 cmake --build "$dir" -j "$(nproc)" --target "${bins[@]}"

@@ -1,0 +1,242 @@
+// The sender's concurrent parts that know nothing of gRPC: the token
+// bucket, the buffer pool, the stall watch, the failure latch and the
+// connection probe. This binary links neither gRPC nor protobuf, so
+// scripts/tsan.sh runs it under ThreadSanitizer: the threads below are
+// there to give TSan the accesses the sink's sender threads make.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "connection_probe.h"
+#include "failure_latch.h"
+#include "pmlmig/base/unique_fd.h"
+#include "stall_watch.h"
+#include "token_bucket.h"
+
+namespace pmlmig::transport {
+namespace {
+
+using namespace std::chrono_literals;
+using Steady = std::chrono::steady_clock;
+
+TEST(TokenBucketTest, BurstIsFreeThenDebtIsRepaidAtTheRate) {
+  const Steady::time_point t0{std::chrono::hours(1)};
+  TokenBucket b(1 << 20, t0);  // 1 MiB/s: burst is the 256 KiB floor
+  EXPECT_EQ(b.burst(), 256.0 * 1024);
+  EXPECT_EQ(b.Take(256 << 10, t0).count(), 0);
+  // 512 KiB more at once: half a second of debt.
+  EXPECT_NEAR(b.Take(512 << 10, t0).count(), 0.5, 1e-9);
+  // A second later the debt is repaid and 512 KiB more earned, but the
+  // bucket holds at most a burst: taking 256 KiB leaves nothing owed.
+  EXPECT_EQ(b.Take(256 << 10, t0 + 2s).count(), 0);
+}
+
+TEST(TokenBucketTest, ConcurrentTakersShareTheRate) {
+  TokenBucket b(64 << 20);  // 64 MiB/s, burst 3.2 MiB
+  const std::atomic<bool> stop{false};
+  const auto start = Steady::now();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 16; ++i) EXPECT_TRUE(b.Acquire(256 << 10, stop));
+    });
+  }
+  for (auto& t : threads) t.join();
+  // 16 MiB at 64 MiB/s, less the burst: at least about 0.2 s.
+  EXPECT_GE(Steady::now() - start, 150ms);
+}
+
+TEST(TokenBucketTest, WakeReleasesAWaiterWhenStopped) {
+  TokenBucket b(1 << 20);
+  std::atomic<bool> stop{false};
+  ASSERT_TRUE(b.Acquire(256 << 10, stop));  // the burst
+  std::atomic<bool> result{true};
+  std::thread waiter([&] { result = b.Acquire(10 << 20, stop); });  // 10 s of debt
+  std::this_thread::sleep_for(20ms);
+  stop = true;
+  b.Wake();
+  waiter.join();
+  EXPECT_FALSE(result);
+}
+
+TEST(BufferPoolTest, BuffersComeBackAndAreReused) {
+  auto pool = BufferPool::Create(4096);
+  uint8_t* a = pool->Get();
+  pool->Put(a);
+  EXPECT_EQ(pool->free_count(), 1u);
+  EXPECT_EQ(pool->Get(), a);
+  BufferPool::Loan loan = pool->Lend(a);
+  EXPECT_EQ(pool->free_count(), 0u);
+  loan.release(loan.arg);
+  EXPECT_EQ(pool->free_count(), 1u);
+}
+
+TEST(BufferPoolTest, LoansReleasedOnOtherThreadsKeepThePoolAlive) {
+  std::vector<BufferPool::Loan> loans;
+  std::weak_ptr<BufferPool> weak;
+  {
+    auto pool = BufferPool::Create(1 << 16);
+    weak = pool;
+    // Producers take and lend while consumers give back, as a data stream
+    // and gRPC's threads do.
+    std::vector<std::thread> threads;
+    std::mutex mu;
+    for (int t = 0; t < 2; ++t) {
+      threads.emplace_back([&] {
+        for (int i = 0; i < 200; ++i) {
+          uint8_t* buf = pool->Get();
+          buf[0] = static_cast<uint8_t>(i);  // the buffer is ours now
+          BufferPool::Loan loan = pool->Lend(buf);
+          std::lock_guard lock(mu);
+          loans.push_back(loan);
+        }
+      });
+      threads.emplace_back([&] {
+        for (int i = 0; i < 150; ++i) {
+          BufferPool::Loan loan{nullptr, nullptr};
+          {
+            std::lock_guard lock(mu);
+            if (loans.empty()) continue;
+            loan = loans.back();
+            loans.pop_back();
+          }
+          loan.release(loan.arg);
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+  }
+  // The owner is gone; outstanding loans still hold the pool.
+  EXPECT_EQ(weak.expired(), loans.empty());
+  std::thread releaser([&] {
+    for (const BufferPool::Loan& l : loans) l.release(l.arg);
+  });
+  releaser.join();
+  EXPECT_TRUE(weak.expired());
+}
+
+TEST(StallWatchTest, CheckSkipsStreamsThatAreDoneOrThrottled) {
+  StreamProgress a, b, c;
+  a.last_progress_ns = 0;
+  b.last_progress_ns = 0;
+  c.last_progress_ns = 0;
+  b.running = true;
+  b.throttled = true;
+  c.running = true;
+  StallWatch w({&a, &b, &c}, 100ms);
+  EXPECT_FALSE(w.Check(std::chrono::nanoseconds(100ms).count()).has_value());
+  std::optional<StallWatch::Stall> s = w.Check(std::chrono::nanoseconds(150ms).count());
+  ASSERT_TRUE(s.has_value());
+  EXPECT_EQ(s->stream, 2u);
+  EXPECT_EQ(s->idle, 150ms);
+}
+
+TEST(StallWatchTest, WatchReturnsWhenEveryStreamIsDone) {
+  std::vector<StreamProgress> progress(3);
+  std::vector<const StreamProgress*> ptrs;
+  for (auto& p : progress) {
+    p.Begin();
+    ptrs.push_back(&p);
+  }
+  StallWatch w(ptrs, 1s);
+  std::vector<std::thread> threads;
+  for (auto& p : progress) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        p.Touch();
+        p.throttled.store(i % 2 == 0, std::memory_order_relaxed);
+        std::this_thread::sleep_for(100us);
+      }
+      p.running.store(false, std::memory_order_relaxed);
+      w.StreamDone();
+    });
+  }
+  const std::atomic<bool> stop{false};
+  int stalls = 0;
+  w.Watch(stop, [&](const StallWatch::Stall&) { ++stalls; });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(stalls, 0);
+}
+
+TEST(StallWatchTest, AStreamWithoutProgressIsReportedOnce) {
+  StreamProgress moving, stuck;
+  moving.Begin();
+  stuck.Begin();
+  StallWatch w({&moving, &stuck}, 40ms);
+  std::atomic<bool> stop{false};
+  std::thread mover([&] {
+    while (!stop.load()) {
+      moving.Touch();
+      std::this_thread::sleep_for(1ms);
+    }
+    moving.running = false;
+    w.StreamDone();
+  });
+  std::thread sticker([&] {
+    while (!stop.load()) std::this_thread::sleep_for(1ms);  // cancelled: ends
+    stuck.running = false;
+    w.StreamDone();
+  });
+  std::vector<size_t> stalled;
+  w.Watch(stop, [&](const StallWatch::Stall& s) {
+    stalled.push_back(s.stream);
+    EXPECT_GT(s.idle, 40ms);
+    stop = true;  // what failing the migration does
+  });
+  mover.join();
+  sticker.join();
+  EXPECT_EQ(stalled, std::vector<size_t>{1});
+}
+
+TEST(FailureLatchTest, FirstInformativeErrorWins) {
+  FailureLatch l;
+  EXPECT_TRUE(l.status().ok());
+  EXPECT_TRUE(l.Record(Aborted("cancelled by the peer"), true));
+  EXPECT_TRUE(l.stop().load());
+  EXPECT_FALSE(l.Record(DataLoss("batch 3: bad checksum"), false));  // precise beats weak
+  EXPECT_FALSE(l.Record(Unavailable("later"), false));               // but not a precise one
+  EXPECT_FALSE(l.Record(Aborted("weak again"), true));
+  EXPECT_EQ(l.status().message(), "batch 3: bad checksum");
+}
+
+TEST(FailureLatchTest, ConcurrentFailuresRecordExactlyOneFirst) {
+  FailureLatch l;
+  std::atomic<int> firsts{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      while (!l.stop().load(std::memory_order_relaxed) && t == 0) {
+      }
+      if (l.Record(Unavailable("thread " + std::to_string(t)), t % 2 == 1)) ++firsts;
+      EXPECT_FALSE(l.status().ok());
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(firsts, 1);
+  EXPECT_TRUE(l.failed());
+}
+
+TEST(ConnectionProbeTest, RefusedOnlyWhenNothingListens) {
+  UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(s.valid());
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::getsockname(s.get(), reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string target = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  EXPECT_TRUE(ConnectionRefused(target));  // bound, not listening: refused
+  ASSERT_EQ(::listen(s.get(), 1), 0);
+  EXPECT_FALSE(ConnectionRefused(target));
+  EXPECT_FALSE(ConnectionRefused("not a target"));
+}
+
+}  // namespace
+}  // namespace pmlmig::transport
