@@ -1,0 +1,143 @@
+// Receiver: what every call of one MigrationServer shares (the migration in
+// progress, the outcomes, the ended sessions Resolve answers from) and the
+// session record that the Control call (ReceiverSession) and the Pages
+// calls (PagesReactor) both work on. The protocol is described in
+// proto/migration.proto; the checks of its messages in receiver_checks.h.
+//
+// Locking: one mutex, mu_, guards everything below marked so, the Session
+// records included, and cv_ is signalled whenever any of it changes. It is
+// held only for bookkeeping: never across a target call (OnSetup, OnFinal,
+// OnCommit, OnAbort) nor while a batch is decoded or applied. Guest memory
+// is written only while the session is kReceiving, and only between
+// `applying` being raised and lowered under mu_; a session leaves
+// kReceiving (for Final or a failure) under mu_ and then waits for
+// `applying` to drop to zero before the target is finalised or discarded.
+// So no batch is ever written into a VM that is being torn down.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "migration.pb.h"
+#include "pmlmig/transport/grpc_server.h"
+#include "receiver_checks.h"
+
+namespace pmlmig::transport {
+
+class PagesReactor;
+class ReceiverSession;
+
+// The protocol state of a session (proto/migration.proto's state machine;
+// WAIT_HELLO is a Control call without a session).
+enum class SessionState { kWaitSetup, kReceiving, kFinalizing, kPrepared, kCommitting, kFailing, kEnded };
+
+// One data stream of a session. Guarded by Receiver::mu_.
+struct StreamState {
+  bool attached = false;
+  PagesReactor* reactor = nullptr;  // the call attached to it, while it is open
+  uint64_t next_sequence = 0;
+  uint32_t last_round = 0;
+  uint64_t pages = 0;
+};
+
+// One migration, from Hello to its end.
+struct Session {
+  using Clock = std::chrono::steady_clock;
+  uint64_t id = 0;                               // set before it is shared
+  grpc::ServerContextBase* control_ctx = nullptr;  // set before it is shared
+  // Everything below is guarded by Receiver::mu_.
+  SessionState state = SessionState::kWaitSetup;
+  Status failure;  // why another thread failed the session (Pages, Resolve, watchdog)
+  // The first Pages call refused, while this session was current, at a
+  // first message that did not decode (so it never named a session, and
+  // could be anyone's): not a failure by itself, but the cause to report
+  // if the source then leaves.
+  Status refused_call;
+  Clock::time_point opened = Clock::now();
+  Clock::time_point last_activity = Clock::now();  // last batch applied or control message
+  Clock::time_point prepared_at{};
+  std::unique_ptr<engine::MigrationTarget> target;
+  uint32_t streams = 0;
+  std::vector<StreamState> per_stream;
+  int applying = 0;  // Pages threads writing into target memory right now
+  engine::TransferStats totals;
+  uint32_t rounds = 0;
+};
+
+// Ends a call now with `why` as the status its peer reads. TryCancel would
+// send only CANCELLED "Cancelled on the server side", and once a call is
+// cancelled the handler's own status is never sent. Thread-safe, as
+// TryCancel is.
+void CancelCall(grpc::ServerContextBase* ctx, const Status& why);
+// "250 ms".
+inline std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; }
+
+class Receiver {
+ public:
+  using Clock = std::chrono::steady_clock;
+  Receiver(MigrationServer::TargetFactory factory, MigrationServerOptions options);
+
+  const MigrationServerOptions& options() const { return options_; }
+  // A call's credentials (the shared secret, when one is configured).
+  Status Authorize(const grpc::ServerContextBase& ctx) const;
+  // Resolve: how session `id` ended, deciding a PREPARED one as discarded
+  // (under mu_, so it and a late Commit never both win).
+  grpc::Status Resolve(uint64_t id, proto::ResolveReply* reply);
+
+  Result<ReceivedMigration> WaitForMigration(Clock::time_point deadline);
+  void RefuseNewMigrations(std::string why);
+  // Fails the migration in progress and makes every wait return; false if
+  // it was already shutting down.
+  bool BeginShutdown();
+  // After the server stopped: wakes whoever still waits.
+  void NotifyAll();
+
+ private:
+  friend class ReceiverSession;
+  friend class PagesReactor;
+
+  // Under mu_, another thread than Control's (a Pages call, Resolve, the
+  // watchdog) fails the session: ends its Pages calls but `self` with `why`
+  // and cancels the control call with `why` (what the source reads), whose
+  // thread then ends the session. Only while it waits for Setup, receives,
+  // or is prepared (never once Final is being restored or Commit is
+  // running); returns whether it did.
+  bool MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self);
+  // The deadline of the phase `session` is in, if it has passed: why.
+  Status CheckDeadline(const Session& session, Clock::time_point now) const;
+  // Under mu_: what to report when the session fails by `consequence` (its
+  // source left or a call broke): the refused call before it, if any.
+  static Status FirstCause(const Session& session, const Status& consequence);
+  // Control thread: ends the session (once): stops and waits for the Pages
+  // threads, discards the target unless completed, records the outcome, and
+  // frees the receiver for the next migration.
+  void EndSession(const std::shared_ptr<Session>& session, engine::Outcome status, const Status& error,
+                  engine::FinalReply reply = {});
+  // Under mu_: ends every open Pages call of the session but `self` with
+  // `why` (the sender learns the receiver's reason, not just "cancelled").
+  void EndStreams(Session& session, const Status& why, const PagesReactor* self);
+
+  const MigrationServer::TargetFactory factory_;
+  const MigrationServerOptions options_;
+  const ReceiverLimits limits_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::mt19937_64 rng_{std::random_device{}()};  // guarded by mu_
+  std::shared_ptr<Session> current_;             // guarded by mu_: the one migration in progress
+  std::deque<ReceivedMigration> outcomes_;       // guarded by mu_
+  std::map<uint64_t, bool> ended_;               // guarded by mu_: session id -> committed, for Resolve
+  std::string refuse_new_;                       // guarded by mu_: why new migrations are refused, if they are
+  bool shutting_down_ = false;                   // guarded by mu_
+};
+
+}  // namespace pmlmig::transport

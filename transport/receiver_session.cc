@@ -1,0 +1,374 @@
+#include "receiver_session.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "batch_codec.h"
+#include "grpc_status.h"
+#include "pmlmig/base/failpoint.h"
+#include "pmlmig/base/proc.h"
+#include "pmlmig/base/units.h"
+
+namespace pmlmig::transport {
+namespace {
+
+using Clock = Session::Clock;
+
+const char* RequestName(const proto::ControlRequest& r) {
+  switch (r.msg_case()) {
+    case proto::ControlRequest::kHello: return "Hello";
+    case proto::ControlRequest::kSetup: return "Setup";
+    case proto::ControlRequest::kFinal: return "Final";
+    case proto::ControlRequest::kAbort: return "Abort";
+    case proto::ControlRequest::kCommit: return "Commit";
+    case proto::ControlRequest::MSG_NOT_SET: break;
+  }
+  return "an empty message";
+}
+
+// How long the control thread, finding the control stream gone while pages
+// are being received, waits for the attached Pages calls to report first. A
+// source that loses a data stream drops its control call, and the receiver
+// may notice that before the broken stream's callback runs; waiting lets
+// the report name the stream (the cause) rather than the control call (the
+// consequence). Calls that are cancelled report within milliseconds; only a
+// source that keeps its data streams open after leaving waits this long.
+constexpr std::chrono::milliseconds kStreamReportGrace{1000};
+
+// Memory the host can give a new VM now: MemAvailable, else physical memory.
+uint64_t HostAvailableBytes() {
+  if (const uint64_t available = HostAvailableMemory(); available != 0) return available;
+  const long pages = sysconf(_SC_PHYS_PAGES);
+  const long size = sysconf(_SC_PAGESIZE);
+  return pages > 0 && size > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(size) : 0;
+}
+
+}  // namespace
+
+Result<bool> ControlStream::Read(proto::ControlRequest* req) {
+  grpc::ByteBuffer buf;
+  if (!call_->Read(&buf)) return false;
+  const size_t bytes = buf.Length();
+  if (!grpc::SerializationTraits<proto::ControlRequest>::Deserialize(&buf, req).ok()) {
+    return InvalidArgument("malformed ControlRequest: " + std::to_string(bytes) +
+                           " bytes that are not a valid protobuf message");
+  }
+  return true;
+}
+
+bool ControlStream::Write(const proto::ControlReply& reply) {
+  grpc::ByteBuffer buf;
+  bool own = false;
+  if (!grpc::SerializationTraits<proto::ControlReply>::Serialize(reply, &buf, &own).ok()) return false;
+  return call_->Write(buf);
+}
+
+ReceiverSession::ReceiverSession(Receiver& receiver, grpc::ServerContext* ctx, ControlStream* stream)
+    : r_(receiver), ctx_(ctx), stream_(stream) {}
+
+// ------------------------------------------------------------- the loop
+
+grpc::Status ReceiverSession::Run() {
+  if (Status a = r_.Authorize(*ctx_); !a.ok()) return ToGrpc(a);
+  // Every phase has a deadline. Before Hello there is no session yet: the
+  // handshake deadline counts from the call's start.
+  watchdog_.emplace(std::chrono::milliseconds(100), [this] { return CheckDeadlines(); });
+  proto::ControlRequest req;
+  for (;;) {
+    Result<bool> more = stream_->Read(&req);
+    if (!more.ok()) return Fail(more.status());
+    if (!*more) return EndOfCall();
+    if (done_) return ToGrpc(InvalidArgument(std::string(RequestName(req)) + " after Commit: the migration is over"));
+    if (session_) {
+      std::lock_guard lock(r_.mu_);
+      session_->last_activity = Clock::now();
+    }
+    if (Next end = Dispatch(req)) return *end;
+  }
+}
+
+ReceiverSession::Next ReceiverSession::Dispatch(const proto::ControlRequest& req) {
+  if (req.has_abort()) return Abort(req.abort());
+  if (!session_) return Hello(req);
+  SessionState state;
+  {
+    std::lock_guard lock(r_.mu_);
+    state = session_->state;
+  }
+  switch (state) {
+    case SessionState::kWaitSetup: return Setup(req);
+    case SessionState::kReceiving: return Final(req);
+    case SessionState::kPrepared: return Commit(req);
+    default: return EndOfCall();  // kFailing (another thread failed the session) or later
+  }
+}
+
+bool ReceiverSession::CheckDeadlines() {
+  std::shared_ptr<Session> w;
+  {
+    std::lock_guard lock(watch_mu_);
+    w = watched_;
+    if (!w) {
+      if (Clock::now() - call_start_ <= r_.options_.handshake_timeout) return false;
+      handshake_expired_ = true;
+      CancelCall(ctx_, Unavailable("no Hello within " + Ms(r_.options_.handshake_timeout) + " of connecting"));
+      return true;
+    }
+  }
+  std::lock_guard lock(r_.mu_);
+  Status late = r_.CheckDeadline(*w, Clock::now());
+  return !late.ok() && r_.MarkFailedLocked(*w, late, nullptr);
+}
+
+grpc::Status ReceiverSession::Fail(const Status& s) {
+  if (session_) r_.EndSession(session_, engine::Outcome::kFailed, s);
+  return ToGrpc(s);
+}
+
+// ------------------------------------------------------------- the messages
+
+ReceiverSession::Next ReceiverSession::Abort(const proto::Abort& abort) {
+  const Status why = Aborted("source aborted the migration: " + abort.reason());
+  if (session_) r_.EndSession(session_, engine::Outcome::kCancelled, why);
+  return ToGrpc(why);
+}
+
+ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
+  if (!req.has_hello()) return ToGrpc(InvalidArgument(std::string("expected Hello first, got ") + RequestName(req)));
+  if (req.hello().version() != kProtocolVersion) {
+    return ToGrpc(InvalidArgument("Hello: protocol version " + std::to_string(req.hello().version()) +
+                                  " is not supported (this receiver speaks version " +
+                                  std::to_string(kProtocolVersion) + ")"));
+  }
+  {
+    std::lock_guard lock(r_.mu_);
+    if (r_.shutting_down_) return ToGrpc(Unavailable("receiver is shutting down"));
+    if (!r_.refuse_new_.empty()) {
+      return ToGrpc(Unavailable("this receiver takes no more migrations: " + r_.refuse_new_));
+    }
+    if (r_.current_) {
+      return ToGrpc(ResourceExhausted("another migration (session " + FormatHex(r_.current_->id) +
+                                      ") is in progress; this receiver serves one at a time"));
+    }
+    session_ = std::make_shared<Session>();
+    do {
+      session_->id = r_.rng_();
+    } while (session_->id == 0 || r_.ended_.count(session_->id) != 0);
+    session_->control_ctx = ctx_;
+    session_->opened = call_start_;
+    r_.current_ = session_;
+  }
+  {
+    std::lock_guard lock(watch_mu_);
+    watched_ = session_;
+  }
+  FailPoint("receiver.hello");
+  reply_.Clear();
+  proto::HelloReply* h = reply_.mutable_hello();
+  h->set_version(kProtocolVersion);
+  h->set_session_id(session_->id);
+  h->set_receiver(r_.options_.receiver_name);
+  h->set_max_batch_pages(kMaxBatchPages);
+  h->set_max_streams(std::min(r_.options_.max_streams, kMaxStreams));
+  if (!stream_->Write(reply_)) return EndOfCall();
+  return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
+  if (!req.has_setup()) return Fail(InvalidArgument(std::string("expected Setup, got ") + RequestName(req)));
+  const proto::Setup& ps = req.setup();
+  ReceiverLimits limits = r_.limits_;
+  if (limits.max_memory_bytes == 0) limits.max_memory_bytes = HostAvailableBytes();
+  if (Status v = ValidateSetup(ps, limits); !v.ok()) return Fail(v);
+  FailPoint("receiver.setup");
+  engine::MigrationSetup setup;
+  setup.vm_description = ps.vm_description();
+  for (const proto::MemoryRange& r : ps.memory()) setup.memory.push_back({r.slot(), r.gpa(), r.size()});
+  setup.vcpus = ps.vcpus();
+  setup.verify = ps.verify();
+  setup.verify_order = ps.verify_order() == proto::VERIFY_AFTER_COMMIT ? engine::VerifyOrder::kAfterCommit
+                                                                      : engine::VerifyOrder::kBeforeCommit;
+  std::unique_ptr<engine::MigrationTarget> target = r_.factory_ ? r_.factory_() : nullptr;
+  if (!target) return Fail(Internal("receiver could not create a migration target"));
+  Status s = target->OnSetup(setup);
+  if (s.ok()) {
+    // Every range the source will send must be writable in the target.
+    for (const engine::MemoryRange& r : setup.memory) {
+      if (target->memory().HostAddress(r.gpa, r.size) == nullptr) {
+        s = Internal("target built no memory for gpa " + FormatHex(r.gpa) + " (" + FormatBytes(r.size) + ")");
+        break;
+      }
+    }
+  }
+  if (!s.ok()) {
+    target->OnAbort(s.message());
+    return Fail(s.WithContext("target refused the setup"));
+  }
+  std::string failed_meanwhile;  // the session failed during OnSetup (a Pages call, a deadline)
+  {
+    std::lock_guard lock(r_.mu_);
+    if (session_->state == SessionState::kWaitSetup) {
+      session_->target = std::move(target);
+      session_->streams = ps.streams();
+      session_->per_stream.assign(ps.streams(), StreamState{});
+      session_->state = SessionState::kReceiving;
+      session_->last_activity = Clock::now();
+    } else {
+      failed_meanwhile = session_->failure.message();
+    }
+  }
+  if (target) {
+    target->OnAbort(failed_meanwhile);
+    return EndOfCall();  // ends the session with the recorded failure
+  }
+  reply_.Clear();
+  uint64_t bytes = 0;
+  for (const proto::MemoryRange& r : ps.memory()) bytes += r.size();
+  reply_.mutable_setup()->set_memory_bytes(bytes);
+  if (!stream_->Write(reply_)) return EndOfCall();
+  return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
+  if (!req.has_final()) return Fail(InvalidArgument(std::string("expected Final, got ") + RequestName(req)));
+  const proto::Final& f = req.final();
+  if (Status v = ValidateFinalShape(f, session_->streams); !v.ok()) return Fail(v);
+  FailPoint("receiver.final");
+  engine::MigrationTarget* target = nullptr;
+  {
+    std::unique_lock lock(r_.mu_);
+    // Every batch the source declares must have been applied; wait a
+    // bounded time for those still in flight.
+    std::string mismatch;
+    auto settled = [&] {
+      if (session_->state != SessionState::kReceiving) return true;
+      if (session_->applying != 0) return false;
+      mismatch.clear();
+      for (int i = 0; i < f.streams_size(); ++i) {
+        const proto::StreamTotals& t = f.streams(i);
+        const StreamState& ss = session_->per_stream[i];
+        if (t.batches() != ss.next_sequence || t.pages() != ss.pages) {
+          mismatch = "stream " + std::to_string(i) + ": source declares " + std::to_string(t.batches()) +
+                     " batches (" + std::to_string(t.pages()) + " pages) for stream " + std::to_string(t.stream()) +
+                     ", receiver applied " + std::to_string(ss.next_sequence) + " (" + std::to_string(ss.pages) +
+                     " pages)";
+          return false;
+        }
+      }
+      return true;
+    };
+    const bool ok = r_.cv_.wait_for(lock, r_.options_.final_drain_timeout, settled);
+    if (session_->state != SessionState::kReceiving) {
+      lock.unlock();
+      return EndOfCall();  // failed meanwhile
+    }
+    if (!ok) {
+      if (mismatch.empty()) mismatch = "batches still being applied";
+      const Status s = DataLoss("Final: " + mismatch);
+      lock.unlock();
+      return Fail(s);
+    }
+    session_->state = SessionState::kFinalizing;  // from here no batch is admitted
+    target = session_->target.get();
+  }
+  engine::FinalState fs;
+  fs.vm_state.assign(f.vm_state().begin(), f.vm_state().end());
+  fs.has_digest = f.has_digest();
+  fs.memory_digest = f.memory_digest();
+  fs.chunk_digests.assign(f.chunk_digests().begin(), f.chunk_digests().end());
+  fs.chunk_bytes = f.chunk_bytes();
+  fs.source_paused_ms = f.source_paused_ms();
+  Result<engine::FinalReply> r = target->OnFinal(fs);
+  if (!r.ok()) return Fail(r.status().WithContext("target refused the final state"));
+  prepared_ = std::move(r).value();
+  {
+    std::lock_guard lock(r_.mu_);
+    session_->state = SessionState::kPrepared;
+    session_->prepared_at = Clock::now();
+  }
+  reply_.Clear();
+  proto::FinalReply* fr = reply_.mutable_final();
+  fr->set_prepared(true);
+  fr->set_verified(prepared_.verified);
+  fr->set_verify_detail(prepared_.verify_detail);
+  fr->set_target_restore_ms(prepared_.target_restore_ms);
+  fr->set_source_paused_ms(prepared_.source_paused_ms);
+  *fr->mutable_chunk_digests() = {prepared_.chunk_digests.begin(), prepared_.chunk_digests.end()};
+  fr->set_chunk_bytes(prepared_.chunk_bytes);
+  if (!stream_->Write(reply_)) return EndOfCall();  // the source never learns: it resumes its VM; we discard
+  FailPoint("receiver.prepared");
+  return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::Commit(const proto::ControlRequest& req) {
+  if (!req.has_commit()) return Fail(InvalidArgument(std::string("expected Commit, got ") + RequestName(req)));
+  FailPoint("receiver.commit");
+  engine::MigrationTarget* target = nullptr;
+  {
+    std::lock_guard lock(r_.mu_);
+    // Resolve or a deadline may have decided first: then it is discarded.
+    if (session_->state == SessionState::kPrepared) {
+      session_->state = SessionState::kCommitting;
+      target = session_->target.get();
+    }
+  }
+  if (target == nullptr) return EndOfCall();
+  Result<double> resumed = target->OnCommit();
+  if (!resumed.ok()) return Fail(resumed.status().WithContext("target could not resume the VM"));
+  FailPoint("receiver.resumed");
+  prepared_.target_resume_ms = *resumed;
+  reply_.Clear();
+  reply_.mutable_commit()->set_target_resume_ms(*resumed);
+  const bool sent = stream_->Write(reply_);
+  // The VM runs here: this is an outcome the caller must see even if the
+  // reply was lost (the source then learns it through Resolve).
+  Status note = sent ? Status::Ok()
+                     : Unavailable("the commit reply could not be delivered to the source (connection lost); "
+                                   "it learns the outcome through Resolve");
+  r_.EndSession(session_, engine::Outcome::kCompleted, note, prepared_);
+  FailPoint("receiver.committed");
+  done_ = true;
+  return std::nullopt;
+}
+
+// ------------------------------------------------------------- the end
+
+grpc::Status ReceiverSession::EndOfCall() {
+  if (!session_ || done_) {
+    std::lock_guard lock(watch_mu_);
+    if (!session_ && handshake_expired_) {
+      return ToGrpc(Unavailable("no Hello within " + Ms(r_.options_.handshake_timeout) + " of connecting"));
+    }
+    return grpc::Status::OK;
+  }
+  Status why;
+  {
+    std::unique_lock lock(r_.mu_);
+    if (session_->state == SessionState::kReceiving && !r_.shutting_down_) {
+      // Did a data stream break first? (See kStreamReportGrace.)
+      r_.cv_.wait_for(lock, kStreamReportGrace, [&] {
+        if (session_->state != SessionState::kReceiving || r_.shutting_down_) return true;
+        return std::none_of(session_->per_stream.begin(), session_->per_stream.end(),
+                            [](const StreamState& ss) { return ss.reactor != nullptr; });
+      });
+    }
+    if (session_->state == SessionState::kFailing) {
+      why = session_->failure;
+    } else if (r_.shutting_down_) {
+      why = Aborted("the receiver is shutting down");
+    } else if (session_->state == SessionState::kPrepared) {
+      why = Unavailable("the control stream closed after the prepared reply, before Commit (source gone or "
+                        "connection lost); the VM never ran here");
+    }
+  }
+  if (why.ok()) {
+    std::lock_guard lock(r_.mu_);
+    why = Receiver::FirstCause(*session_,
+                               Unavailable("the control stream closed before Final (source gone or connection lost)"));
+  }
+  r_.EndSession(session_, engine::Outcome::kFailed, why);
+  return ToGrpc(why);
+}
+
+}  // namespace pmlmig::transport
