@@ -15,6 +15,8 @@
 //   - StallWatch (stall_watch.h): the round's stall watch;
 //   - CommitAndResolve (commit_resolve.h) and ConnectionRefused
 //     (connection_probe.h): the switch-over and the raw-socket probe.
+// gRPC models: Control uses the synchronous API, each Pages call a
+// completion queue; control_client.h and data_stream.h say why.
 //
 // Threads: the controlling thread (the engine's) runs Begin, SendPages,
 // Finish and Commit; Abort may run on any thread: it writes Abort on the
@@ -75,7 +77,8 @@ std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index) 
 
 class GrpcMigrationSink::Impl {
  public:
-  explicit Impl(GrpcSinkOptions o) : options_(std::move(o)), calls_(options_.security), control_(calls_, options_.target) {
+  explicit Impl(GrpcSinkOptions o)
+      : options_(std::move(o)), calls_(options_.security), control_(calls_, options_.target) {
     if (options_.max_bandwidth > 0) bucket_ = std::make_unique<TokenBucket>(options_.max_bandwidth);
     calls_.AddWaker([this] {
       if (bucket_) bucket_->Wake();
@@ -136,9 +139,10 @@ GrpcMigrationSink::Impl::~Impl() {
 
 Status GrpcMigrationSink::Impl::Break(const Status& s) {
   calls_.Fail(s);
+  Status f = calls_.failure();  // the first informative error, perhaps not `s`
   std::lock_guard lock(mu_);
   phase_ = Phase::kBroken;
-  return calls_.failure();
+  return f;
 }
 
 // ------------------------------------------------------------- Begin
@@ -199,7 +203,8 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   req.mutable_hello()->set_version(kProtocolVersion);
   req.mutable_hello()->set_sender(options_.sender_name);
   if (!control_.Write(req)) return control_.End(options_.connect_timeout, "Hello").WithContext(where);
-  PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply hello, control_.WaitReply(options_.setup_timeout, "waiting for HelloReply"));
+  PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply hello,
+                          control_.WaitReply(options_.setup_timeout, "waiting for HelloReply"));
   if (!hello.has_hello()) return InvalidArgument(where + ": receiver answered Hello with something else");
   if (hello.hello().version() != kProtocolVersion) {
     return InvalidArgument(where + ": receiver speaks protocol version " + std::to_string(hello.hello().version()) +
