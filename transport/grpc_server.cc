@@ -198,6 +198,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     Clock::time_point prepared_at{};
     std::unique_ptr<engine::MigrationTarget> target;
     uint32_t streams = 0;
+    Checksum checksum = Checksum::kXxh64;  // of every batch, from Setup
     std::vector<StreamState> per_stream;
     int applying = 0;  // Pages threads writing into target memory right now
     engine::TransferStats totals;
@@ -235,6 +236,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
     proto::PageBatch header;           // reused
     ChunkList payload;
     BatchApplier applier;
+    SlotFiles files;  // of the session's target memory, once attached
   };
   // Decodes, checks and applies one received batch; returns its ack.
   Result<proto::BatchAck> HandleBatch(PagesState& st, Chunks wire, PagesReactor* self);
@@ -443,6 +445,7 @@ grpc::Status MigrationServer::Impl::Control(grpc::ServerContext* ctx, ControlStr
       h->set_receiver(options_.receiver_name);
       h->set_max_batch_pages(kMaxBatchPages);
       h->set_max_streams(std::min(options_.max_streams, kMaxStreams));
+      h->add_checksums(proto::BATCH_CHECKSUM_XXH3);
       if (!stream->Write(reply)) break;
       continue;
     }
@@ -488,6 +491,7 @@ grpc::Status MigrationServer::Impl::Control(grpc::ServerContext* ctx, ControlStr
         if (session->state == State::kWaitSetup) {
           session->target = std::move(target);
           session->streams = ps.streams();
+          session->checksum = ps.checksum() == proto::BATCH_CHECKSUM_XXH3 ? Checksum::kXxh3 : Checksum::kXxh64;
           session->per_stream.assign(ps.streams(), StreamState{});
           session->state = State::kReceiving;
           session->last_activity = Clock::now();
@@ -733,6 +737,8 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
       }
       st.index = batch.stream();
       st.attached = true;
+      st.files = SlotFiles::Of(*session.target);
+      st.applier.set_checksum(session.checksum);
       session.per_stream[st.index].attached = true;
       session.per_stream[st.index].reactor = self;
     }
@@ -742,7 +748,7 @@ Result<proto::BatchAck> MigrationServer::Impl::HandleBatch(PagesState& st, Chunk
     digests = session.target->digests();
   }
 
-  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory, digests);
+  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory, digests, &st.files);
   uint64_t wire_bytes = 0;
   for (const auto& c : wire) wire_bytes += c.size();
   {

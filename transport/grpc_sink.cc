@@ -537,6 +537,12 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
                            " streams, asked for " + std::to_string(options_.streams));
   }
   session_id_ = hello.hello().session_id();
+  // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
+  Checksum checksum = Checksum::kXxh64;
+  for (int c : hello.hello().checksums()) {
+    if (c == proto::BATCH_CHECKSUM_XXH3) checksum = Checksum::kXxh3;
+  }
+  for (auto& ds : streams_) ds->builder.set_checksum(checksum);
 
   // Setup.
   req.Clear();
@@ -553,6 +559,7 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   ps->set_verify_order(setup.verify_order == engine::VerifyOrder::kAfterCommit ? proto::VERIFY_AFTER_COMMIT
                                                                                : proto::VERIFY_BEFORE_COMMIT);
   ps->set_streams(options_.streams);
+  ps->set_checksum(checksum == Checksum::kXxh3 ? proto::BATCH_CHECKSUM_XXH3 : proto::BATCH_CHECKSUM_XXH64);
   if (!WriteControl(req)) return ControlEnd(options_.connect_timeout, "Setup").WithContext(where);
   PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply sr, WaitReply(options_.setup_timeout, "waiting for the VM to be built"));
   if (!sr.has_setup()) return InvalidArgument(where + ": receiver answered Setup with something else");
