@@ -33,6 +33,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <algorithm>
 #include <thread>
 
 #include "batch_codec.h"
@@ -88,6 +89,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index) 
   a.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   a.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   a.SetInt("pmlmig.connection", index);
+  SetBulkTransferArgs([&](const char* k, int v) { a.SetInt(k, v); });
   if (!o.security.tls_server_name.empty()) a.SetSslTargetNameOverride(o.security.tls_server_name);
   return grpc::CreateCustomChannel(o.target, Credentials(o.security), a);
 }
@@ -1098,13 +1100,19 @@ void GrpcMigrationSink::Impl::Abort(const std::string& why) {
 
 // ------------------------------------------------------------- public
 
+uint32_t DefaultStreams() {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return std::clamp<uint32_t>(cpus / 2, 2, 8);
+}
+
 Result<std::unique_ptr<GrpcMigrationSink>> GrpcMigrationSink::Create(GrpcSinkOptions o) {
   if (Result<HostPort> address = ParseHostPort(o.target); !address.ok()) {
     return InvalidArgument("migration target " + address.status().message());
   } else if (address->port == 0) {
     return InvalidArgument("migration target \"" + o.target + "\": port 0 (expected the receiver's port, 1..65535)");
   }
-  if (o.streams == 0 || o.streams > kMaxStreams) {
+  if (o.streams == 0) o.streams = DefaultStreams();
+  if (o.streams > kMaxStreams) {
     return InvalidArgument("streams: " + std::to_string(o.streams) + " is outside 1.." + std::to_string(kMaxStreams));
   }
   if (o.batch_pages == 0 || o.batch_pages > kMaxBatchPages) {

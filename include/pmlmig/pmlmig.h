@@ -262,7 +262,7 @@ typedef struct pmlmig_progress {
 typedef struct pmlmig_migrate_options {
   size_t size;                     /* pmlmig_migrate_options_init sets it and every default */
   const char *target;              /* "host:port" of a receiver; required */
-  uint32_t streams;                /* parallel data connections, 1..64; default 1 */
+  uint32_t streams;                /* parallel data connections, 1..64; default half the CPUs, 2..8 */
   pmlmig_compression compression;  /* default NONE */
   uint64_t max_bandwidth;          /* bytes/s on the wire; 0 (default) = unlimited */
   uint32_t downtime_limit_ms;      /* default policy: switch over when the expected downtime fits; 300 */
