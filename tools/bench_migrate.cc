@@ -488,12 +488,12 @@ struct Comparison {
 std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<Baseline>& reused,
                                 const std::vector<Baseline>& fresh, const QemuPeer& qemu) {
   std::vector<Comparison> out;
+  auto same = [](const Comparison& c, const Row& r) {
+    return c.scenario == r.scenario && c.guest_bytes == r.guest_bytes && c.streams == r.streams &&
+           c.compress == r.compress && c.verify == r.verify;
+  };
   for (const Row& r : rows) {
-    auto same = [&](const Comparison& c) {
-      return c.scenario == r.scenario && c.guest_bytes == r.guest_bytes && c.streams == r.streams &&
-             c.compress == r.compress && c.verify == r.verify;
-    };
-    if (std::any_of(out.begin(), out.end(), same)) continue;
+    if (std::any_of(out.begin(), out.end(), [&](const Comparison& c) { return same(c, r); })) continue;
     Comparison c;
     c.scenario = r.scenario;
     c.compress = r.compress;
@@ -502,10 +502,7 @@ std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<
     c.streams = r.streams;
     std::vector<double> ms, r0, cpu;
     for (const Row& x : rows) {
-      if (x.scenario != c.scenario || x.guest_bytes != c.guest_bytes || x.streams != c.streams ||
-          x.compress != c.compress || x.verify != c.verify) {
-        continue;
-      }
+      if (!same(c, x)) continue;
       ++c.runs;
       if (x.stats.outcome != engine::Outcome::kCompleted) continue;
       ++c.completed;
@@ -544,7 +541,8 @@ void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, ui
               "seconds (both sides) per 10^9 guest bytes; (a) raw TCP into a reused buffer, (b) raw TCP into a "
               "fresh memfd, both with as many connections as streams; QEMU%s\n",
               repeat,
-              qemu.binary.empty() ? (": skipped (" + qemu.skipped + ")").c_str()
+              qemu.binary.empty()  ? (": skipped (" + qemu.skipped + ")").c_str()
+              : qemu.runs.empty() ? (": failed (" + qemu.skipped + ")").c_str()
                                   : (" " + qemu.version + ", -accel " + qemu.accel +
                                      ", paused guest in /dev/shm, time = query-migrate total-time" +
                                      (qemu.skipped.empty() ? "" : "; stopped: " + qemu.skipped))
@@ -904,7 +902,9 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   Results res;
   res.sizes = sizes;
   res.streams = stream_counts;
-  if (f.peers) {
+  if (!f.peers) {
+    res.qemu.skipped = "not asked for: --peers";
+  } else {
     res.qemu.binary = FindOnPath(f.qemu);
     if (res.qemu.binary.empty()) {
       res.qemu.skipped = f.qemu + " not installed";
@@ -929,14 +929,16 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   // in all, spread over the iterations (at least once in each).
   const uint32_t baseline_total = std::max(f.baseline_runs, repeat);
   bool all_completed = true;
+  // QEMU's run (if it runs at all); false only on Ctrl-C.
+  auto qemu = [&](uint64_t size, uint32_t channels, uint32_t rep) {
+    const Status s = RunQemu(size, channels, rep, seed, f.qemu_timeout_s, res);
+    if (!s.ok() && s.code() != Code::kAborted) all_completed = false;
+    return s.code() != Code::kAborted;
+  };
   for (uint32_t rep = 0; rep < repeat; ++rep) {
     const uint32_t baseline_now = baseline_total / repeat + (rep < baseline_total % repeat ? 1 : 0);
     for (uint64_t size : sizes) {
-      if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-      if (Status s = RunQemu(size, 0, rep, seed, f.qemu_timeout_s, res); !s.ok()) {
-        if (s.code() == Code::kAborted) return PrintError("interrupted"), kExitInterrupted;
-        all_completed = false;
-      }
+      if (Interrupted() || !qemu(size, 0, rep)) return PrintError("interrupted"), kExitInterrupted;
       for (uint32_t streams : stream_counts) {
         for (uint32_t i = 0; i < baseline_now; ++i) {
           if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
@@ -968,10 +970,7 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
             }
           }
         }
-        if (Status s = RunQemu(size, streams, rep, seed, f.qemu_timeout_s, res); !s.ok()) {
-          if (s.code() == Code::kAborted) return PrintError("interrupted"), kExitInterrupted;
-          all_completed = false;
-        }
+        if (!qemu(size, streams, rep)) return PrintError("interrupted"), kExitInterrupted;
       }
     }
   }

@@ -207,7 +207,10 @@ class QemuProcess {
       int status = 0;
       if (::waitpid(q.pid_, &status, WNOHANG) == q.pid_) {
         q.pid_ = -1;
-        return Unavailable(argv[0] + " exited at start: " + Tail(log));
+        const std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
+                                                  : "was killed by signal " + std::to_string(WTERMSIG(status));
+        const std::string said = Tail(log);
+        return Unavailable(argv[0] + " " + how + " at start" + (said.empty() ? "" : ": " + said));
       }
       UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
       if (!s.valid()) return Status::FromErrno(errno, "socket (AF_UNIX)");

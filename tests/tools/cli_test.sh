@@ -173,6 +173,16 @@ bench_smoke "no QEMU" skipped PATH=/nonexistent
 if grep -qF "qemu: skipped (qemu-system-x86_64 not installed)" "$tmp/err"; then pass "bench migrate says QEMU was skipped"
 else fail "bench migrate: no 'qemu: skipped' line: $(cat "$tmp/err")"; fi
 if command -v qemu-system-x86_64 >/dev/null; then bench_smoke "QEMU" ran; else echo "SKIP: bench migrate against QEMU (not installed)"; fi
+# A QEMU that does not start fails the benchmark clearly and leaves nothing in /dev/shm
+# (its files are named after the benchmark's pid).
+"$PMLMIG" bench migrate --peers --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --migrate-after 100ms \
+  --qemu /bin/false >"$tmp/out" 2>"$tmp/err" &
+pid=$!
+wait $pid
+rc=$?
+if [ "$rc" -eq 1 ] && grep -qF "QEMU source (-accel tcg): /bin/false exited with status 1 at start" "$tmp/err" &&
+   ! compgen -G "/dev/shm/pmlmig-qemu-$pid-*" >/dev/null
+then pass "bench migrate --qemu that does not start"; else fail "bench migrate --qemu /bin/false: rc=$rc $(cat "$tmp/err")"; fi
 
 echo "cli_test: $fails failure(s)"
 exit $((fails > 0))
