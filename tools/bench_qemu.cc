@@ -291,6 +291,79 @@ std::vector<std::string> QemuArgs(const QemuMigrateOptions& o, const std::string
 
 std::string QueryStatus(const Json& q) { return q.is_object() ? q.value("status", "") : ""; }
 
+// Sets both processes up, migrates, and fills `run` from query-migrate.
+Status Drive(QemuProcess& source, QemuProcess& target, const QemuMigrateOptions& o, QemuMigrateRun& run) {
+  for (QemuProcess* p : {&source, &target}) {
+    const bool multifd = o.multifd_channels > 0;
+    PMLMIG_RETURN_IF_ERROR(p->qmp()
+                               .Execute("migrate-set-capabilities",
+                                        {{"capabilities", Json::array({{{"capability", "multifd"}, {"state", multifd}}})}})
+                               .status());
+    if (multifd) {
+      PMLMIG_RETURN_IF_ERROR(p->qmp()
+                                 .Execute("migrate-set-parameters", {{"multifd-channels", o.multifd_channels},
+                                                                     {"multifd-compression", "none"}})
+                                 .status());
+    }
+  }
+  // Unlimited bandwidth (10 TB/s): 7.2's default is 128 MiB/s.
+  PMLMIG_RETURN_IF_ERROR(source.qmp().Execute("migrate-set-parameters", {{"max-bandwidth", 10000000000000ull}}).status());
+  PMLMIG_RETURN_IF_ERROR(target.qmp().Execute("migrate-incoming", {{"uri", "tcp:127.0.0.1:0"}}).status());
+  PMLMIG_ASSIGN_OR_RETURN(Json listening, target.qmp().Execute("query-migrate"));
+  std::string port;
+  try {
+    port = listening.at("socket-address").at(0).at("port").get<std::string>();
+  } catch (const Json::exception&) {
+    return Internal("QEMU target: query-migrate names no listening port: " + listening.dump());
+  }
+
+  PMLMIG_ASSIGN_OR_RETURN(const double source_cpu0, source.CpuMs());
+  PMLMIG_ASSIGN_OR_RETURN(const double target_cpu0, target.CpuMs());
+  const Clock::time_point t0 = Clock::now();
+  PMLMIG_RETURN_IF_ERROR(source.qmp().Execute("migrate", {{"uri", "tcp:127.0.0.1:" + port}}).status());
+  const Clock::time_point deadline = t0 + o.timeout;
+  Json done;
+  for (QemuProcess* p : {&source, &target}) {
+    for (;;) {
+      PMLMIG_ASSIGN_OR_RETURN(Json q, p->qmp().Execute("query-migrate"));
+      const std::string status = QueryStatus(q);
+      if (status == "completed") {
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (p == &source) {
+          run.wall_ms = ms;
+          done = q;
+        } else {
+          run.target_wall_ms = ms;
+        }
+        break;
+      }
+      if (status == "failed" || status == "cancelled") {
+        return Internal(std::string("QEMU ") + (p == &source ? "source" : "target") + ": migration " + status +
+                        (q.contains("error-desc") ? ": " + q["error-desc"].get<std::string>() : std::string()));
+      }
+      if (Interrupted()) return Aborted("interrupted");
+      if (Clock::now() > deadline) {
+        return Internal("QEMU migration of " + std::to_string(o.bytes >> 20) + " MiB not completed after " +
+                        std::to_string(o.timeout.count()) + " s (status '" + status + "')");
+      }
+      std::this_thread::sleep_for(kPoll);
+    }
+  }
+  PMLMIG_ASSIGN_OR_RETURN(const double source_cpu1, source.CpuMs());
+  PMLMIG_ASSIGN_OR_RETURN(const double target_cpu1, target.CpuMs());
+  run.source_cpu_ms = source_cpu1 - source_cpu0;
+  run.target_cpu_ms = target_cpu1 - target_cpu0;
+  run.total_ms = done.value("total-time", 0.0);
+  run.setup_ms = done.value("setup-time", 0.0);
+  run.downtime_ms = done.value("downtime", 0.0);
+  if (done.contains("ram")) {
+    run.transferred_bytes = done["ram"].value("transferred", uint64_t{0});
+    run.normal_pages = done["ram"].value("normal", uint64_t{0});
+    run.zero_pages = done["ram"].value("duplicate", uint64_t{0});
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::string FindOnPath(const std::string& name) {
@@ -325,19 +398,18 @@ Result<QemuMigrateRun> QemuMigrate(const QemuMigrateOptions& o) {
   std::vector<std::string> accels = {o.accel};
   if (o.accel.empty()) accels = {"kvm", "tcg"};
   std::optional<QemuProcess> source;
-  Status started;
+  std::string failures;
   for (const std::string& accel : accels) {
     auto p = QemuProcess::Start(QemuArgs(o, accel, source_ram.path(), source_qmp, false), source_log, source_qmp);
     if (p.ok()) {
       source.emplace(std::move(*p));
       run.accel = accel;
-      started = Status::Ok();
       break;
     }
-    started = p.status().WithContext("QEMU source (-accel " + accel + ")");
     if (p.status().code() == Code::kAborted) return p.status();
+    failures += (failures.empty() ? "" : "; ") + p.status().WithContext("QEMU source (-accel " + accel + ")").message();
   }
-  PMLMIG_RETURN_IF_ERROR(started);
+  if (!source) return Unavailable(failures);
   PMLMIG_ASSIGN_OR_RETURN(QemuProcess target,
                           QemuProcess::Start(QemuArgs(o, run.accel, target_ram.path(), target_qmp, true), target_log,
                                              target_qmp));
@@ -346,73 +418,11 @@ Result<QemuMigrateRun> QemuMigrate(const QemuMigrateOptions& o) {
   target_ram.Unlink();
   run.version = source->version();
 
-  for (QemuProcess* p : {&*source, &target}) {
-    const bool multifd = o.multifd_channels > 0;
-    PMLMIG_RETURN_IF_ERROR(p->qmp()
-                               .Execute("migrate-set-capabilities",
-                                        {{"capabilities", Json::array({{{"capability", "multifd"}, {"state", multifd}}})}})
-                               .status());
-    if (multifd) {
-      PMLMIG_RETURN_IF_ERROR(p->qmp()
-                                 .Execute("migrate-set-parameters", {{"multifd-channels", o.multifd_channels},
-                                                                     {"multifd-compression", "none"}})
-                                 .status());
-    }
-  }
-  // Unlimited bandwidth (10 TB/s): 7.2's default is 128 MiB/s.
-  PMLMIG_RETURN_IF_ERROR(source->qmp().Execute("migrate-set-parameters", {{"max-bandwidth", 10000000000000ull}}).status());
-  PMLMIG_RETURN_IF_ERROR(target.qmp().Execute("migrate-incoming", {{"uri", "tcp:127.0.0.1:0"}}).status());
-  PMLMIG_ASSIGN_OR_RETURN(Json listening, target.qmp().Execute("query-migrate"));
-  std::string port;
-  try {
-    port = listening.at("socket-address").at(0).at("port").get<std::string>();
-  } catch (const Json::exception&) {
-    return Internal("QEMU target: query-migrate names no listening port: " + listening.dump());
-  }
-
-  PMLMIG_ASSIGN_OR_RETURN(const double source_cpu0, source->CpuMs());
-  PMLMIG_ASSIGN_OR_RETURN(const double target_cpu0, target.CpuMs());
-  const Clock::time_point t0 = Clock::now();
-  PMLMIG_RETURN_IF_ERROR(source->qmp().Execute("migrate", {{"uri", "tcp:127.0.0.1:" + port}}).status());
-  const Clock::time_point deadline = t0 + o.timeout;
-  Json done;
-  for (QemuProcess* p : {&*source, &target}) {
-    for (;;) {
-      PMLMIG_ASSIGN_OR_RETURN(Json q, p->qmp().Execute("query-migrate"));
-      const std::string status = QueryStatus(q);
-      if (status == "completed") {
-        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (p == &*source) {
-          run.wall_ms = ms;
-          done = q;
-        } else {
-          run.target_wall_ms = ms;
-        }
-        break;
-      }
-      if (status == "failed" || status == "cancelled") {
-        return Internal(std::string("QEMU ") + (p == &*source ? "source" : "target") + ": migration " + status +
-                        (q.contains("error-desc") ? ": " + q["error-desc"].get<std::string>() : std::string()));
-      }
-      if (Interrupted()) return Aborted("interrupted");
-      if (Clock::now() > deadline) {
-        return Internal("QEMU migration of " + std::to_string(o.bytes >> 20) + " MiB not completed after " +
-                        std::to_string(o.timeout.count()) + " s (status '" + status + "')");
-      }
-      std::this_thread::sleep_for(kPoll);
-    }
-  }
-  PMLMIG_ASSIGN_OR_RETURN(const double source_cpu1, source->CpuMs());
-  PMLMIG_ASSIGN_OR_RETURN(const double target_cpu1, target.CpuMs());
-  run.source_cpu_ms = source_cpu1 - source_cpu0;
-  run.target_cpu_ms = target_cpu1 - target_cpu0;
-  run.total_ms = done.value("total-time", 0.0);
-  run.setup_ms = done.value("setup-time", 0.0);
-  run.downtime_ms = done.value("downtime", 0.0);
-  if (done.contains("ram")) {
-    run.transferred_bytes = done["ram"].value("transferred", uint64_t{0});
-    run.normal_pages = done["ram"].value("normal", uint64_t{0});
-    run.zero_pages = done["ram"].value("duplicate", uint64_t{0});
+  if (Status st = Drive(*source, target, o, run); !st.ok()) {
+    if (st.code() == Code::kAborted) return st;
+    const std::string source_said = Tail(source_log), target_said = Tail(target_log);
+    return Status(st.code(), st.message() + (source_said.empty() ? "" : " [source log: " + source_said + "]") +
+                                 (target_said.empty() ? "" : " [target log: " + target_said + "]"));
   }
   return run;
 }
