@@ -88,7 +88,7 @@ using Clock = std::chrono::steady_clock;
 struct MigrateBenchFlags {
   std::string sizes = "1G,4G";
   std::string scenarios = "untouched,random,hotset";
-  std::string streams = "1";
+  std::string streams = std::to_string(transport::DefaultStreams());
   std::string compress = "none";
   uint32_t downtime_limit_ms = 300;
   uint32_t max_rounds = 50;

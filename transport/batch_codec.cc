@@ -9,6 +9,7 @@
 #include <xxh_x86dispatch.h>  // XXH3 with AVX2 where the CPU has it
 #include <zstd.h>
 
+#include <fcntl.h>
 #include <malloc.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -449,6 +450,27 @@ bool IsHole(int fd, uint64_t pos, uint64_t len) {
 
 }  // namespace
 
+bool BatchApplier::AllMapped(const uint8_t* host, uint64_t pages) {
+  // /proc/self/pagemap: one 64-bit entry per virtual page, bit 63 = present.
+  if (!pagemap_.valid()) {
+    if (pagemap_failed_) return false;
+    pagemap_ = UniqueFd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+    if (!pagemap_.valid()) {
+      pagemap_failed_ = true;
+      return false;
+    }
+  }
+  // The first and the last page only: runs are filled one way or the other
+  // (fresh, or populated ahead), and a wrong guess only costs a fault.
+  for (const uint64_t page : {uint64_t{0}, pages - 1}) {
+    uint64_t entry = 0;
+    const off_t pos = static_cast<off_t>((reinterpret_cast<uintptr_t>(host) >> kPageShift) + page) * 8;
+    if (::pread(pagemap_.get(), &entry, sizeof entry, pos) != static_cast<ssize_t>(sizeof entry)) return false;
+    if ((entry >> 63) == 0) return false;
+  }
+  return true;
+}
+
 Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& batch, const engine::SlotTable& memory,
                                         engine::PageDigestTable* digests, const SlotFiles* files) {
   const std::span<const uint8_t> payload(reinterpret_cast<const uint8_t*>(batch.payload().data()),
@@ -575,7 +597,10 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     const engine::MemorySlot* slot = files != nullptr && !files->empty() ? memory.FindByGpa(r.gpa()) : nullptr;
     const engine::MemoryFile* file = slot != nullptr ? files->Find(slot->slot) : nullptr;
     const uint64_t file_pos = file != nullptr ? file->offset + (r.gpa() - slot->gpa) : 0;
-    if (r.flags() == proto::PAGE_RUN_DATA && file != nullptr) {
+    // Through the file where the pages are not yet mapped here (fresh
+    // memory: no page-table fault per page); through the mapping where they
+    // are (a plain copy, twice as fast as pwritev into resident pages).
+    if (r.flags() == proto::PAGE_RUN_DATA && file != nullptr && !AllMapped(dst, r.pages())) {
       PMLMIG_RETURN_IF_ERROR(WriteToFile(file->fd, file_pos, len, data, &chunk, &off).WithContext(name));
       if (TamperPoint("tamper.receiver.after_checksum")) dst[len / 2] ^= 0x01;
       if (digests != nullptr) digests->Update(r.gpa(), r.pages());

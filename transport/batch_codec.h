@@ -18,6 +18,7 @@
 
 #include "migration.pb.h"
 #include "pmlmig/base/status.h"
+#include "pmlmig/base/unique_fd.h"
 #include "pmlmig/engine/migration.h"
 #include "pmlmig/engine/slot_table.h"
 #include "pmlmig/transport/grpc_sink.h"
@@ -170,6 +171,11 @@ class BatchApplier {
   std::unique_ptr<uint8_t[]> gather_;   // kMaxBatchPayload bytes, for a compressed payload in pieces
   Checksum checksum_ = Checksum::kXxh64;
   void* zstd_ = nullptr;                // ZSTD_DCtx*
+  UniqueFd pagemap_;                    // /proc/self/pagemap, opened at the first file-backed run
+  bool pagemap_failed_ = false;
+  // Whether the `pages` pages at `host` are mapped in this process (then a
+  // copy through the mapping takes no fault), judged by the first and last.
+  bool AllMapped(const uint8_t* host, uint64_t pages);
 };
 
 // Whether the 4 KiB page at `p` is all zero.

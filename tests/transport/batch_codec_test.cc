@@ -400,6 +400,11 @@ TEST_F(BatchCodecTest, WritesThroughTheMemoryFile) {
   EXPECT_EQ(::lseek(target.fd(), 10 * kPageSize, SEEK_DATA), static_cast<off_t>(20 * kPageSize))
       << "the zero pages 10-19 were made resident";
   EXPECT_EQ(std::memcmp(src_.At(0), target.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
+  // Pages now mapped here (the memcmp read them) are copied through the mapping: same result.
+  std::memset(target.memory().HostAddress(0, 64 * kPageSize), 0x5a, 64 * kPageSize);
+  r = applier.Apply(b, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(std::memcmp(src_.At(0), target.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
   // Data where a zero page comes later: it is cleared, whichever way it was written.
   proto::PageBatch zeros = Build(src_, 10 * kPageSize, 10);
   zeros.mutable_runs(0)->set_gpa(0);
