@@ -302,7 +302,7 @@ void pmlmig_migrate_options_init(pmlmig_migrate_options* o) {
   *o = pmlmig_migrate_options{};
   o->size = sizeof *o;
   const engine::DowntimeLimitOptions d;
-  o->streams = 1;
+  o->streams = transport::DefaultStreams();
   o->compression = PMLMIG_COMPRESSION_NONE;
   o->downtime_limit_ms = static_cast<uint32_t>(d.downtime_limit.count());
   o->max_rounds = d.max_rounds;

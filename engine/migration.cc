@@ -1,5 +1,7 @@
 #include "pmlmig/engine/migration.h"
 
+#include <algorithm>
+
 #include "pmlmig/engine/memory_digest.h"
 
 namespace pmlmig::engine {
@@ -23,19 +25,32 @@ std::string_view VerifyOrderName(VerifyOrder order) {
   return "unknown";
 }
 
-bool PageList::Next(uint64_t max_pages, PageRun* out) {
-  std::lock_guard lock(mu_);
-  while (run_ < runs_.size() && offset_ >= runs_[run_].pages) {
-    ++run_;
-    offset_ = 0;
+PageList::PageList(std::vector<PageRun> runs) {
+  runs_.reserve(runs.size());
+  starts_.reserve(runs.size());
+  for (const PageRun& r : runs) {
+    if (r.pages == 0) continue;
+    runs_.push_back(r);
+    starts_.push_back(total_pages_);
+    total_pages_ += r.pages;
   }
-  if (run_ >= runs_.size() || max_pages == 0) return false;
-  const PageRun& r = runs_[run_];
-  const uint64_t n = std::min(max_pages, r.pages - offset_);
-  out->gpa = r.gpa + (offset_ << kPageShift);
-  out->pages = n;
-  offset_ += n;
-  return true;
+}
+
+bool PageList::Next(uint64_t max_pages, PageRun* out) {
+  if (max_pages == 0) return false;
+  uint64_t at = next_.load(std::memory_order_relaxed);
+  for (;;) {
+    if (at >= total_pages_) return false;
+    // The run holding page `at`: the last one starting at or before it.
+    const size_t i = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), at) - starts_.begin()) - 1;
+    const uint64_t offset = at - starts_[i];
+    const uint64_t n = std::min(max_pages, runs_[i].pages - offset);
+    if (next_.compare_exchange_weak(at, at + n, std::memory_order_relaxed)) {
+      out->gpa = runs_[i].gpa + (offset << kPageShift);
+      out->pages = n;
+      return true;
+    }
+  }
 }
 
 uint64_t MemoryDigest(const SlotTable& slots) {

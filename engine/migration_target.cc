@@ -41,6 +41,13 @@ Status VmMigrationTarget::OnSetup(const MigrationSetup& setup) {
 
 const SlotTable& VmMigrationTarget::memory() const { return vm_ ? vm_->memory_slots() : empty_; }
 
+std::optional<MemoryFile> VmMigrationTarget::memory_file(uint32_t slot) const {
+  if (!vm_) return std::nullopt;
+  const std::optional<VmControl::Backing> b = vm_->slot_backing(slot);
+  if (!b) return std::nullopt;
+  return MemoryFile{b->fd, b->offset};
+}
+
 Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
   if (!vm_) return InvalidArgument("final state before setup");
   const auto start = std::chrono::steady_clock::now();

@@ -1,9 +1,14 @@
-// pmlmig bench migrate: live migration over loopback gRPC against raw
-// loopback TCP, in one process and one invocation.
+// pmlmig bench migrate: live migration over loopback gRPC against the
+// machine's own limits and against QEMU, in one process and one invocation.
 //
-// 1. Baseline: for each guest size, that many bytes over a plain TCP
-//    connection on 127.0.0.1 between two threads (1 MiB writes, 1 MiB
-//    reads, the receiver discards); the median of --baseline-runs.
+// 1. Baselines (bench_baselines.h), for each guest size and stream count N,
+//    the guest's size over N plain TCP connections on 127.0.0.1, a sender
+//    and a receiver thread each, 1 MiB writes and reads:
+//    (a) into a reused buffer (the receiver discards): the socket layer;
+//    (b) with --peers, into a fresh memfd of the guest's size that nothing
+//        has touched, each receiver into its own slice, from a resident
+//        source of the same size: the limit of any migration target here.
+//    --baseline-runs runs of each in all (at least one per --repeat).
 // 2. Migrations: for each guest size, scenario (untouched: zero fill, idle;
 //    random: random fill, idle; hotset: random fill, 2 vCPUs writing a hot
 //    set), stream count and compression, a source VM is built and started,
@@ -11,22 +16,33 @@
 //    through transport::GrpcMigrationSink to a transport::MigrationServer
 //    in the same process (an engine::VmMigrationTarget that builds the VM
 //    from the wire config), exactly as `run --migrate-to` and `receive` do.
+// 3. With --peers, QEMU (bench_qemu.h) when qemu-system-x86_64 is found
+//    (else "qemu: skipped"): a paused guest of each size with the random
+//    scenario's bytes, in /dev/shm on both sides, migrated with one channel
+//    and with multifd over N channels; time is QEMU's own total-time.
 //
-// Throughput is wire bytes over the migration's total time (setup to the
-// target's resume), in GB/s (10^9 bytes); the ratio divides it by the
-// baseline of the same size measured in this run. The process's CPU time
-// (user + kernel, all threads: sender, receiver, guest vCPUs) during each
-// migration is reported too: this host has 2 cores. For each completed
-// migration the downtime is split into the final collection, the
+// Everything runs once per --repeat iteration, in turn (QEMU one channel;
+// then per stream count the baselines, the migrations, QEMU multifd), so
+// drift on this machine hits all alike; the tables give medians. --peers
+// makes --repeat default to 3.
+//
+// Throughput in the per-run table is wire bytes over the migration's total
+// time (setup to the target's resume), in GB/s (10^9 bytes); x_raw divides
+// it by (a) of the same size and stream count. The comparison table gives,
+// per configuration, the medians of time and of guest bytes per second for
+// pmlmig, (a), (b) and QEMU, pmlmig's speed-up over QEMU multifd with as many
+// channels as streams, pmlmig / (b), round 0 / (a), and CPU-seconds per 10^9
+// guest bytes of each: getrusage of this process for pmlmig (source and
+// target both live here, with the guest's vCPUs) and for (a) and (b), and
+// /proc/PID/stat of both QEMU processes. This host has 2 cores. For each
+// completed migration the downtime is split into the final collection, the
 // stop-and-copy round, the rest of the source's pause (vCPU pause, state
 // capture) and Final to the target's reply. --prefault-target makes the
 // target's memory resident while its VM is built (inside setup), which
 // separates the cost of first-touching fresh memory from the transfer.
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
+#include <sys/statvfs.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -45,6 +61,8 @@
 #include <thread>
 #include <vector>
 
+#include "bench_baselines.h"
+#include "bench_qemu.h"
 #include "commands.h"
 #include "migration_json.h"
 #include "plot.h"
@@ -67,12 +85,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr uint64_t kBaselineChunk = 1ull << 20;  // 1 MiB writes and reads
-
 struct MigrateBenchFlags {
   std::string sizes = "1G,4G";
   std::string scenarios = "untouched,random,hotset";
-  std::string streams = "1";
+  std::string streams = std::to_string(transport::DefaultStreams());
   std::string compress = "none";
   uint32_t downtime_limit_ms = 300;
   uint32_t max_rounds = 50;
@@ -86,6 +102,10 @@ struct MigrateBenchFlags {
   bool verify = false;
   std::string verify_order = "after-commit";
   bool prefault_target = false;
+  bool peers = false;                     // also (b) and QEMU; --repeat defaults to 3
+  bool repeat_given = false;              // --repeat was on the command line
+  std::string qemu = "qemu-system-x86_64";  // with --peers: found on PATH, or a path
+  uint32_t qemu_timeout_s = 300;
   std::string json, plot;
 };
 
@@ -97,16 +117,14 @@ struct Scenario {
   uint32_t vcpus = 1;
 };
 
+// One baseline, (a) or (b), for one size and connection count.
 struct Baseline {
   uint64_t bytes = 0;
+  uint32_t connections = 1;
   std::vector<double> seconds;  // every run
   std::vector<double> cpu_ms;   // the process's CPU (user + kernel) in every run
   double gbps = 0;              // bytes / median seconds / 1e9
-};
-
-struct LoopbackRun {
-  double seconds = 0;
-  double cpu_ms = 0;
+  double cpu_s_per_gb = 0;      // median CPU / bytes, seconds per 10^9 bytes
 };
 
 struct Row {
@@ -129,14 +147,48 @@ struct Row {
   double pause_other_ms = 0;
   double switchover_ms = 0;
   double gbps = 0;                         // wire bytes / total time
-  double baseline_gbps = 0;
+  double baseline_gbps = 0;                // (a) of the same size and connection count, median
   double ratio = 0;                        // gbps / baseline_gbps
+  uint32_t repeat = 0;                     // which --repeat iteration
+};
+
+// One QEMU migration of the comparison.
+struct QemuRow {
+  uint64_t guest_bytes = 0;
+  uint32_t channels = 0;  // multifd channels; 0: one channel, multifd off
+  uint32_t repeat = 0;
+  QemuMigrateRun run;
+};
+
+// The QEMU side of --peers.
+struct QemuPeer {
+  std::string binary;  // "" when skipped
+  std::string skipped;  // why not (or why it stopped), for the output
+  std::string accel, version;
+  std::vector<QemuRow> runs;
 };
 
 template <typename T>
 T Median(std::vector<T> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// CPU seconds per 10^9 bytes of guest memory.
+double CpuSPerGb(double cpu_ms, uint64_t bytes) { return bytes == 0 ? 0 : cpu_ms / 1e3 / (static_cast<double>(bytes) / 1e9); }
+
+// Round 0 alone (all memory with data): wire bytes over its duration, GB/s.
+double Round0Gbps(const Row& r) {
+  const engine::MigrationStats& s = r.stats;
+  if (s.round_stats.empty() || s.round_stats[0].duration_ms <= 0) return 0;
+  return static_cast<double>(s.round_stats[0].sent.wire_bytes) / 1e6 / s.round_stats[0].duration_ms;
+}
+
+const Baseline* FindBaseline(const std::vector<Baseline>& v, uint64_t bytes, uint32_t connections) {
+  for (const Baseline& b : v) {
+    if (b.bytes == bytes && b.connections == connections) return &b;
+  }
+  return nullptr;
 }
 
 std::vector<std::string> SplitList(const std::string& text) {
@@ -159,76 +211,6 @@ std::string DescribeMachine() {
   return std::to_string(std::thread::hardware_concurrency()) + " CPUs, " + CpuModelName() + ", " +
          FormatBytes(static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGESIZE))) +
          ", Linux " + u.release;
-}
-
-// ------------------------------------------------------------ baseline
-
-// Time to move `bytes` over a fresh loopback TCP connection, from the first
-// write to the receiver's last read, and the CPU both threads spent.
-Result<LoopbackRun> LoopbackTransfer(uint64_t bytes) {
-  UniqueFd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!listener.valid()) return Status::FromErrno(errno, "socket");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  if (::bind(listener.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    return Status::FromErrno(errno, "bind (127.0.0.1:0)");
-  }
-  if (::listen(listener.get(), 1) != 0) return Status::FromErrno(errno, "listen");
-  socklen_t len = sizeof addr;
-  if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    return Status::FromErrno(errno, "getsockname");
-  }
-  UniqueFd sender(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (!sender.valid()) return Status::FromErrno(errno, "socket");
-  if (::connect(sender.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    return Status::FromErrno(errno, "connect (loopback)");
-  }
-  UniqueFd receiver(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-  if (!receiver.valid()) return Status::FromErrno(errno, "accept");
-
-  Clock::time_point received_all{};
-  Status read_error;
-  std::thread reader([&] {
-    std::unique_ptr<uint8_t[]> buf(new uint8_t[kBaselineChunk]);
-    uint64_t got = 0;
-    while (got < bytes) {
-      const ssize_t n = ::read(receiver.get(), buf.get(), kBaselineChunk);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        read_error = n < 0 ? Status::FromErrno(errno, "read (loopback)") : Internal("loopback: early end of stream");
-        return;
-      }
-      got += static_cast<uint64_t>(n);
-    }
-    received_all = Clock::now();
-  });
-  std::unique_ptr<uint8_t[]> buf(new uint8_t[kBaselineChunk]);
-  for (uint64_t i = 0; i < kBaselineChunk; ++i) buf[i] = static_cast<uint8_t>(i * 2654435761u >> 13);
-  Status write_error;
-  rusage r0{}, r1{};
-  getrusage(RUSAGE_SELF, &r0);
-  const Clock::time_point start = Clock::now();
-  for (uint64_t sent = 0; sent < bytes;) {
-    const uint64_t want = std::min(kBaselineChunk, bytes - sent);
-    const ssize_t n = ::write(sender.get(), buf.get(), want);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      write_error = Status::FromErrno(errno, "write (loopback)");
-      ::shutdown(sender.get(), SHUT_RDWR);
-      break;
-    }
-    sent += static_cast<uint64_t>(n);
-  }
-  reader.join();
-  getrusage(RUSAGE_SELF, &r1);
-  if (!write_error.ok()) return write_error;
-  if (!read_error.ok()) return read_error;
-  LoopbackRun run;
-  run.seconds = std::chrono::duration<double>(received_all - start).count();
-  run.cpu_ms = CpuMs(r1.ru_utime) - CpuMs(r0.ru_utime) + CpuMs(r1.ru_stime) - CpuMs(r0.ru_stime);
-  return run;
 }
 
 // ------------------------------------------------------------ migrations
@@ -347,6 +329,9 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"throughput_gbps", r.gbps},
           {"baseline_gbps", r.baseline_gbps},
           {"ratio_to_raw_tcp", r.ratio},
+          {"repeat", r.repeat},
+          {"round0_gbps", Round0Gbps(r)},
+          {"cpu_s_per_gb", CpuSPerGb(r.cpu_user_ms + r.cpu_sys_ms, r.guest_bytes)},
           {"cpu_user_ms", r.cpu_user_ms},
           {"cpu_sys_ms", r.cpu_sys_ms},
           {"guest_pages_written_during_migration", r.guest_pages_written},
@@ -410,13 +395,20 @@ void PrintVerifyCost(const std::vector<Row>& rows) {
   }
 }
 
-void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& rows) {
-  std::printf("raw loopback TCP, 1 MiB writes, one connection (median):");
+void PrintBaselines(const char* what, const std::vector<Baseline>& baselines) {
+  if (baselines.empty()) return;
+  std::printf("%s (median):", what);
   for (const Baseline& b : baselines) {
-    std::printf("  %s %.2f GB/s (cpu %.0f%%)", FormatBytes(b.bytes).c_str(), b.gbps,
-                Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
+    std::printf("  %s x%u %.2f GB/s (cpu %.0f%%, %.2f CPU-s/GB)", FormatBytes(b.bytes).c_str(), b.connections, b.gbps,
+                Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100, b.cpu_s_per_gb);
   }
-  std::printf("\n\n");
+  std::printf("\n");
+}
+
+void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>& fresh, const std::vector<Row>& rows) {
+  PrintBaselines("(a) raw loopback TCP into a reused buffer, 1 MiB writes, N connections", reused);
+  PrintBaselines("(b) raw loopback TCP into a fresh memfd of the guest's size, N connections", fresh);
+  std::printf("\n");
   std::printf("%-10s %7s %5s %7s %8s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
               "streams", "compress", "verify", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
               "r0_GB/s", "cpu%", "status");
@@ -430,11 +422,7 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
     } else {
       std::snprintf(downtime, sizeof downtime, "-");
     }
-    // Round 0 alone (all memory with data): wire bytes over its duration.
-    double round0 = 0;
-    if (!s.round_stats.empty() && s.round_stats[0].duration_ms > 0) {
-      round0 = static_cast<double>(s.round_stats[0].sent.wire_bytes) / 1e6 / s.round_stats[0].duration_ms;
-    }
+    const double round0 = Round0Gbps(r);
     std::printf("%-10s %7s %5u %7u %8s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
                 FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), r.verify.c_str(),
                 s.total_time_ms,
@@ -457,8 +445,237 @@ void PrintTable(const std::vector<Baseline>& baselines, const std::vector<Row>& 
   PrintVerifyCost(rows);
 }
 
-// The JSON document (--json, or next to --plot) and the plot.
-Status WriteResults(const MigrateBenchFlags& f, const std::vector<Baseline>& baselines, const std::vector<Row>& rows) {
+// ------------------------------------------------------------ comparison
+
+// QEMU's median for one size and channel count (0: one channel).
+struct QemuMedian {
+  size_t runs = 0;
+  double total_ms = 0, gbps = 0, cpu_s_per_gb = 0;
+};
+
+QemuMedian MedianOf(const QemuPeer& q, uint64_t bytes, uint32_t channels) {
+  std::vector<double> ms, cpu;
+  for (const QemuRow& r : q.runs) {
+    if (r.guest_bytes != bytes || r.channels != channels) continue;
+    ms.push_back(r.run.total_ms);
+    cpu.push_back(CpuSPerGb(r.run.source_cpu_ms + r.run.target_cpu_ms, bytes));
+  }
+  QemuMedian m;
+  m.runs = ms.size();
+  if (ms.empty()) return m;
+  m.total_ms = Median(ms);
+  m.gbps = m.total_ms > 0 ? static_cast<double>(bytes) / 1e6 / m.total_ms : 0;
+  m.cpu_s_per_gb = Median(cpu);
+  return m;
+}
+
+// One pmlmig configuration against its limits and QEMU: medians over the
+// interleaved runs. GB/s here is guest bytes over time, for every column.
+struct Comparison {
+  std::string scenario, compress, verify;
+  uint64_t guest_bytes = 0;
+  uint32_t streams = 1;
+  size_t runs = 0, completed = 0;
+  double time_ms = 0, gbps = 0, round0_gbps = 0, cpu_s_per_gb = 0;  // pmlmig, completed runs
+  const Baseline* reused = nullptr;  // (a)
+  const Baseline* fresh = nullptr;   // (b), with --peers
+  QemuMedian qemu_single, qemu_multifd;
+  double x_faster = 0;          // QEMU multifd time / pmlmig time
+  double of_fresh = 0;          // pmlmig GB/s / (b) GB/s
+  double round0_of_reused = 0;  // round 0 GB/s / (a) GB/s
+};
+
+std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<Baseline>& reused,
+                                const std::vector<Baseline>& fresh, const QemuPeer& qemu) {
+  std::vector<Comparison> out;
+  auto same = [](const Comparison& c, const Row& r) {
+    return c.scenario == r.scenario && c.guest_bytes == r.guest_bytes && c.streams == r.streams &&
+           c.compress == r.compress && c.verify == r.verify;
+  };
+  for (const Row& r : rows) {
+    if (std::any_of(out.begin(), out.end(), [&](const Comparison& c) { return same(c, r); })) continue;
+    Comparison c;
+    c.scenario = r.scenario;
+    c.compress = r.compress;
+    c.verify = r.verify;
+    c.guest_bytes = r.guest_bytes;
+    c.streams = r.streams;
+    std::vector<double> ms, r0, cpu;
+    for (const Row& x : rows) {
+      if (!same(c, x)) continue;
+      ++c.runs;
+      if (x.stats.outcome != engine::Outcome::kCompleted) continue;
+      ++c.completed;
+      ms.push_back(x.stats.total_time_ms);
+      r0.push_back(Round0Gbps(x));
+      cpu.push_back(CpuSPerGb(x.cpu_user_ms + x.cpu_sys_ms, x.guest_bytes));
+    }
+    if (!ms.empty()) {
+      c.time_ms = Median(ms);
+      c.gbps = c.time_ms > 0 ? static_cast<double>(c.guest_bytes) / 1e6 / c.time_ms : 0;
+      c.round0_gbps = Median(r0);
+      c.cpu_s_per_gb = Median(cpu);
+    }
+    c.reused = FindBaseline(reused, c.guest_bytes, c.streams);
+    c.fresh = FindBaseline(fresh, c.guest_bytes, c.streams);
+    c.qemu_single = MedianOf(qemu, c.guest_bytes, 0);
+    c.qemu_multifd = MedianOf(qemu, c.guest_bytes, c.streams);
+    if (c.time_ms > 0 && c.qemu_multifd.runs > 0) c.x_faster = c.qemu_multifd.total_ms / c.time_ms;
+    if (c.fresh != nullptr && c.fresh->gbps > 0) c.of_fresh = c.gbps / c.fresh->gbps;
+    if (c.reused != nullptr && c.reused->gbps > 0) c.round0_of_reused = c.round0_gbps / c.reused->gbps;
+    out.push_back(c);
+  }
+  return out;
+}
+
+// "-" for a figure not measured.
+std::string Fig(double v, const char* format, bool measured = true) {
+  if (!measured) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+
+void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, uint32_t repeat) {
+  std::printf("\ncomparison, medians of %u interleaved run(s); GB/s = guest bytes (10^9) / time; CPU-s/GB = CPU "
+              "seconds (both sides) per 10^9 guest bytes; (a) raw TCP into a reused buffer, (b) raw TCP into a "
+              "fresh memfd, both with as many connections as streams; QEMU%s\n",
+              repeat,
+              qemu.binary.empty()  ? (": skipped (" + qemu.skipped + ")").c_str()
+              : qemu.runs.empty() ? (": failed (" + qemu.skipped + ")").c_str()
+                                  : (" " + qemu.version + ", -accel " + qemu.accel +
+                                     ", paused guest in /dev/shm, time = query-migrate total-time" +
+                                     (qemu.skipped.empty() ? "" : "; stopped: " + qemu.skipped))
+                                        .c_str());
+  std::printf("%-10s %7s %7s %8s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
+              "compress", "verify", "pmlmig_s", "GB/s", "(a)", "(b)", "qemu1_s", "qemuN_s", "x_faster", "/(b)",
+              "r0/(a)", "CPU-s/GB: pmlmig   (a)    (b)  qemu1  qemuN");
+  for (const Comparison& c : cs) {
+    const bool ok = c.completed > 0;
+    std::printf("%-10s %7s %7u %8s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
+                c.scenario.c_str(), FormatBytes(c.guest_bytes).c_str(), c.streams, c.compress.c_str(),
+                c.verify.c_str(), Fig(c.time_ms / 1e3, "%.3f", ok).c_str(), Fig(c.gbps, "%.3f", ok).c_str(),
+                Fig(c.reused ? c.reused->gbps : 0, "%.2f", c.reused).c_str(),
+                Fig(c.fresh ? c.fresh->gbps : 0, "%.2f", c.fresh).c_str(),
+                Fig(c.qemu_single.total_ms / 1e3, "%.3f", c.qemu_single.runs > 0).c_str(),
+                Fig(c.qemu_multifd.total_ms / 1e3, "%.3f", c.qemu_multifd.runs > 0).c_str(),
+                Fig(c.x_faster, "%.2f", c.x_faster > 0).c_str(), Fig(c.of_fresh, "%.2f", c.of_fresh > 0).c_str(),
+                Fig(c.round0_of_reused, "%.2f", ok && c.reused).c_str(), Fig(c.cpu_s_per_gb, "%.2f", ok).c_str(),
+                Fig(c.reused ? c.reused->cpu_s_per_gb : 0, "%.2f", c.reused).c_str(),
+                Fig(c.fresh ? c.fresh->cpu_s_per_gb : 0, "%.2f", c.fresh).c_str(),
+                Fig(c.qemu_single.cpu_s_per_gb, "%.2f", c.qemu_single.runs > 0).c_str(),
+                Fig(c.qemu_multifd.cpu_s_per_gb, "%.2f", c.qemu_multifd.runs > 0).c_str());
+  }
+  std::printf("x_faster: QEMU multifd (as many channels as streams) time / pmlmig time; /(b): pmlmig GB/s / (b); "
+              "r0/(a): round 0's GB/s (wire bytes) / (a), meaningful with --prefault-target\n");
+}
+
+// ------------------------------------------------------------ results
+
+nlohmann::ordered_json BaselinesJson(const std::vector<Baseline>& v) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const Baseline& b : v) {
+    out.push_back({{"bytes", b.bytes},
+                   {"connections", b.connections},
+                   {"write_bytes", kBaselineChunk},
+                   {"seconds", b.seconds},
+                   {"cpu_ms", b.cpu_ms},
+                   {"median_seconds", Median(b.seconds)},
+                   {"gbps", b.gbps},
+                   {"cpu_s_per_gb", b.cpu_s_per_gb}});
+  }
+  return out;
+}
+
+nlohmann::ordered_json QemuJson(const QemuPeer& q, const std::vector<uint64_t>& sizes,
+                                const std::vector<uint32_t>& channels) {
+  nlohmann::ordered_json j = {{"status", q.binary.empty() ? "skipped" : (q.skipped.empty() ? "ran" : "failed")},
+                              {"reason", q.skipped},
+                              {"binary", q.binary},
+                              {"version", q.version},
+                              {"accel", q.accel},
+                              {"memory", "memory-backend-file share=on in /dev/shm, both sides; guest paused (-S)"},
+                              {"runs", nlohmann::ordered_json::array()},
+                              {"medians", nlohmann::ordered_json::array()}};
+  for (const QemuRow& r : q.runs) {
+    j["runs"].push_back({{"guest_bytes", r.guest_bytes},
+                         {"multifd", r.channels > 0},
+                         {"channels", r.channels == 0 ? 1 : r.channels},
+                         {"repeat", r.repeat},
+                         {"total_ms", r.run.total_ms},
+                         {"setup_ms", r.run.setup_ms},
+                         {"downtime_ms", r.run.downtime_ms},
+                         {"wall_ms", r.run.wall_ms},
+                         {"target_wall_ms", r.run.target_wall_ms},
+                         {"transferred_bytes", r.run.transferred_bytes},
+                         {"normal_pages", r.run.normal_pages},
+                         {"zero_pages", r.run.zero_pages},
+                         {"source_cpu_ms", r.run.source_cpu_ms},
+                         {"target_cpu_ms", r.run.target_cpu_ms},
+                         {"gbps", r.run.total_ms > 0 ? static_cast<double>(r.guest_bytes) / 1e6 / r.run.total_ms : 0},
+                         {"cpu_s_per_gb", CpuSPerGb(r.run.source_cpu_ms + r.run.target_cpu_ms, r.guest_bytes)}});
+  }
+  std::vector<uint32_t> all = {0};
+  all.insert(all.end(), channels.begin(), channels.end());
+  for (uint64_t bytes : sizes) {
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (std::find(all.begin(), all.begin() + static_cast<long>(i), all[i]) != all.begin() + static_cast<long>(i)) {
+        continue;
+      }
+      const QemuMedian m = MedianOf(q, bytes, all[i]);
+      if (m.runs == 0) continue;
+      j["medians"].push_back({{"guest_bytes", bytes},
+                              {"multifd", all[i] > 0},
+                              {"channels", all[i] == 0 ? 1 : all[i]},
+                              {"runs", m.runs},
+                              {"total_ms", m.total_ms},
+                              {"gbps", m.gbps},
+                              {"cpu_s_per_gb", m.cpu_s_per_gb}});
+    }
+  }
+  return j;
+}
+
+nlohmann::ordered_json ComparisonJson(const Comparison& c) {
+  auto or_null = [](bool measured, double v) { return measured ? nlohmann::ordered_json(v) : nlohmann::ordered_json(); };
+  const bool ok = c.completed > 0;
+  return {{"scenario", c.scenario},
+          {"guest_bytes", c.guest_bytes},
+          {"streams", c.streams},
+          {"compress", c.compress},
+          {"verify", c.verify},
+          {"runs", c.runs},
+          {"completed", c.completed},
+          {"pmlmig_ms", or_null(ok, c.time_ms)},
+          {"pmlmig_gbps", or_null(ok, c.gbps)},
+          {"pmlmig_round0_gbps", or_null(ok, c.round0_gbps)},
+          {"pmlmig_cpu_s_per_gb", or_null(ok, c.cpu_s_per_gb)},
+          {"reused_buffer_gbps", or_null(c.reused, c.reused ? c.reused->gbps : 0)},
+          {"reused_buffer_cpu_s_per_gb", or_null(c.reused, c.reused ? c.reused->cpu_s_per_gb : 0)},
+          {"fresh_memory_gbps", or_null(c.fresh, c.fresh ? c.fresh->gbps : 0)},
+          {"fresh_memory_cpu_s_per_gb", or_null(c.fresh, c.fresh ? c.fresh->cpu_s_per_gb : 0)},
+          {"qemu_single_ms", or_null(c.qemu_single.runs > 0, c.qemu_single.total_ms)},
+          {"qemu_single_gbps", or_null(c.qemu_single.runs > 0, c.qemu_single.gbps)},
+          {"qemu_single_cpu_s_per_gb", or_null(c.qemu_single.runs > 0, c.qemu_single.cpu_s_per_gb)},
+          {"qemu_multifd_ms", or_null(c.qemu_multifd.runs > 0, c.qemu_multifd.total_ms)},
+          {"qemu_multifd_gbps", or_null(c.qemu_multifd.runs > 0, c.qemu_multifd.gbps)},
+          {"qemu_multifd_cpu_s_per_gb", or_null(c.qemu_multifd.runs > 0, c.qemu_multifd.cpu_s_per_gb)},
+          {"x_faster_than_qemu_multifd", or_null(c.x_faster > 0, c.x_faster)},
+          {"ratio_to_fresh_memory", or_null(c.of_fresh > 0, c.of_fresh)},
+          {"round0_ratio_to_reused_buffer", or_null(ok && c.reused, c.round0_of_reused)}};
+}
+
+struct Results {
+  std::vector<uint64_t> sizes;
+  std::vector<uint32_t> streams;
+  std::vector<Baseline> reused, fresh;  // (a), (b)
+  std::vector<Row> rows;
+  QemuPeer qemu;
+};
+
+// The JSON document (--json, or next to --plot) and the plots.
+Status WriteResults(const MigrateBenchFlags& f, uint32_t repeat, const Results& res,
+                    const std::vector<Comparison>& comparison) {
   char date[32];
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
@@ -472,19 +689,16 @@ Status WriteResults(const MigrateBenchFlags& f, const std::vector<Baseline>& bas
                                 {"migrate_after", f.migrate_after},
                                 {"verify", f.verify},
                                 {"verify_order", f.verify_order},
-                                {"repeat", f.repeat},
+                                {"repeat", repeat},
+                                {"peers", f.peers},
                                 {"prefault_target", f.prefault_target},
-                                {"baseline", nlohmann::ordered_json::array()},
-                                {"results", nlohmann::ordered_json::array()}};
-  for (const Baseline& b : baselines) {
-    doc["baseline"].push_back({{"bytes", b.bytes},
-                               {"write_bytes", kBaselineChunk},
-                               {"seconds", b.seconds},
-                               {"cpu_ms", b.cpu_ms},
-                               {"median_seconds", Median(b.seconds)},
-                               {"gbps", b.gbps}});
-  }
-  for (const Row& r : rows) doc["results"].push_back(RowJson(r));
+                                {"baseline", BaselinesJson(res.reused)},
+                                {"fresh_memory_baseline", BaselinesJson(res.fresh)},
+                                {"qemu", QemuJson(res.qemu, res.sizes, res.streams)},
+                                {"results", nlohmann::ordered_json::array()},
+                                {"comparison", nlohmann::ordered_json::array()}};
+  for (const Row& r : res.rows) doc["results"].push_back(RowJson(r));
+  for (const Comparison& c : comparison) doc["comparison"].push_back(ComparisonJson(c));
   std::string json_path = f.json;
   if (json_path.empty() && !f.plot.empty()) json_path = f.plot + ".json";
   if (!json_path.empty()) {
@@ -495,7 +709,77 @@ Status WriteResults(const MigrateBenchFlags& f, const std::vector<Baseline>& bas
   if (!f.plot.empty()) {
     PMLMIG_RETURN_IF_ERROR(PlotMigrateBench(json_path, f.plot));
     std::fprintf(stderr, "plot written to %s\n", f.plot.c_str());
+    if (res.streams.size() > 1) {
+      const std::string streams_png = StreamsPlotPath(f.plot);
+      PMLMIG_RETURN_IF_ERROR(PlotMigrateStreams(json_path, streams_png));
+      std::fprintf(stderr, "throughput against stream count written to %s\n", streams_png.c_str());
+    }
   }
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------ the run
+
+// Runs (a), and with --peers (b), once for `bytes` over `connections`, and
+// adds the run to its baseline.
+Status RunBaselines(uint64_t bytes, uint32_t connections, bool fresh_too, uint64_t seed, Results& res) {
+  auto add = [&](std::vector<Baseline>& v, const TcpRun& run, const char* what) {
+    Baseline* b = nullptr;
+    for (Baseline& x : v) {
+      if (x.bytes == bytes && x.connections == connections) b = &x;
+    }
+    if (b == nullptr) {
+      v.push_back({bytes, connections, {}, {}, 0, 0});
+      b = &v.back();
+    }
+    b->seconds.push_back(run.seconds);
+    b->cpu_ms.push_back(run.cpu_ms);
+    b->gbps = static_cast<double>(bytes) / 1e9 / Median(b->seconds);
+    b->cpu_s_per_gb = CpuSPerGb(Median(b->cpu_ms), bytes);
+    std::fprintf(stderr, "baseline %s: %s over %u loopback TCP connection%s in %.3f s: %.2f GB/s, cpu %.0f%%\n", what,
+                 FormatBytes(bytes).c_str(), connections, connections == 1 ? "" : "s", run.seconds,
+                 static_cast<double>(bytes) / 1e9 / run.seconds, run.cpu_ms / (run.seconds * 1e3) * 100);
+  };
+  auto reused = TcpIntoReusedBuffer(bytes, connections);
+  if (!reused.ok()) return reused.status().WithContext("baseline (a), reused buffer");
+  add(res.reused, *reused, "(a) reused buffer");
+  if (!fresh_too) return Status::Ok();
+  auto fresh = TcpIntoFreshMemory(bytes, connections, seed);
+  if (!fresh.ok()) return fresh.status().WithContext("baseline (b), fresh memory");
+  add(res.fresh, *fresh, "(b) fresh memfd");
+  return Status::Ok();
+}
+
+// One QEMU migration into res.qemu; a failure stops QEMU for the rest of
+// the benchmark (the reason is reported) unless it was Ctrl-C.
+Status RunQemu(uint64_t bytes, uint32_t channels, uint32_t rep, uint64_t seed, uint32_t timeout_s, Results& res) {
+  QemuPeer& q = res.qemu;
+  if (q.binary.empty() || !q.skipped.empty()) return Status::Ok();
+  QemuMigrateOptions o;
+  o.binary = q.binary;
+  o.bytes = bytes;
+  o.multifd_channels = channels;
+  o.seed = seed;
+  o.accel = q.accel;
+  o.timeout = std::chrono::seconds(timeout_s);
+  auto run = QemuMigrate(o);
+  const std::string what = channels == 0 ? "one channel" : "multifd, " + std::to_string(channels) + " channel" +
+                                                               (channels == 1 ? "" : "s");
+  if (!run.ok()) {
+    if (run.status().code() == Code::kAborted) return run.status();
+    q.skipped = FormatBytes(bytes) + ", " + what + ": " + run.status().message();
+    PrintError("qemu: " + q.skipped);
+    return run.status();
+  }
+  q.accel = run->accel;
+  q.version = run->version;
+  std::fprintf(stderr,
+               "qemu %s, %s: total-time %.0f ms (polled %.0f ms, target done at %.0f ms), %.3f GB/s, cpu source "
+               "%.0f ms + target %.0f ms\n",
+               FormatBytes(bytes).c_str(), what.c_str(), run->total_ms, run->wall_ms, run->target_wall_ms,
+               run->total_ms > 0 ? static_cast<double>(bytes) / 1e6 / run->total_ms : 0, run->source_cpu_ms,
+               run->target_cpu_ms);
+  q.runs.push_back({bytes, channels, rep, *run});
   return Status::Ok();
 }
 
@@ -581,15 +865,50 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     }
   }
   if (f.baseline_runs == 0) return PrintError("--baseline-runs must be at least 1"), kExitUsage;
-  // A random-content guest is resident twice (source and target).
+  if (!f.peers && f.qemu != MigrateBenchFlags{}.qemu) return PrintError("--qemu needs --peers"), kExitUsage;
+  if (f.qemu.empty()) return PrintError("--qemu: empty"), kExitUsage;
+  if (f.qemu_timeout_s == 0) return PrintError("--qemu-timeout must be at least 1 (seconds)"), kExitUsage;
+  if (f.plot.find('\'') != std::string::npos || f.json.find('\'') != std::string::npos) {
+    return PrintError("--plot, --json: file names must not contain a quote"), kExitUsage;
+  }
+  // A random-content guest is resident twice (source and target); so are
+  // the buffers of (b) and QEMU's two guests, which also need /dev/shm.
   const uint64_t avail = HostAvailableMemory();
+  const uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
+  if (f.peers && avail != 0 && 2 * largest > avail / 10 * 9) {
+    return PrintError("--peers needs 2 x " + FormatBytes(largest) + " of host memory (the baseline's source and "
+                      "target, QEMU's two guests) but only " + FormatBytes(avail) + " is available; use smaller --sizes"),
+           kExitUsage;
+  }
+  if (f.peers) {
+    struct statvfs shm {};
+    if (::statvfs("/dev/shm", &shm) == 0 && 2 * largest > static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) {
+      return PrintError("--peers: QEMU's two guests need 2 x " + FormatBytes(largest) + " in /dev/shm but only " +
+                        FormatBytes(static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) + " is free there"),
+             kExitUsage;
+    }
+  }
   for (const Scenario& sc : scenarios) {
     if (sc.fill != vmm::FillMode::kRandom) continue;
-    const uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
     if (avail != 0 && 2 * largest > avail / 10 * 9) {
       return PrintError("the " + sc.name + " scenario needs 2 x " + FormatBytes(largest) +
                         " of host memory (source and target) but only " + FormatBytes(avail) +
                         " is available; use smaller --sizes"), kExitUsage;
+    }
+  }
+
+  const uint32_t repeat = f.peers && !f.repeat_given ? 3 : f.repeat;
+  const uint64_t seed = vmm::TestGuestConfig{}.seed;  // the random scenarios' fill
+  Results res;
+  res.sizes = sizes;
+  res.streams = stream_counts;
+  if (!f.peers) {
+    res.qemu.skipped = "not asked for: --peers";
+  } else {
+    res.qemu.binary = FindOnPath(f.qemu);
+    if (res.qemu.binary.empty()) {
+      res.qemu.skipped = f.qemu + " not installed";
+      std::fprintf(stderr, "qemu: skipped (%s)\n", res.qemu.skipped.c_str());
     }
   }
 
@@ -603,76 +922,74 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   }
   InstallInterruptHandler();
 
-  // 1. The raw loopback baseline, once per size.
-  std::vector<Baseline> baselines;
-  for (uint64_t size : sizes) {
-    if (std::any_of(baselines.begin(), baselines.end(), [&](const Baseline& b) { return b.bytes == size; })) continue;
-    Baseline b;
-    b.bytes = size;
-    for (uint32_t i = 0; i < f.baseline_runs; ++i) {
-      auto run = LoopbackTransfer(size);
-      if (!run.ok()) return PrintError("loopback baseline: " + run.status().message()), kExitFailure;
-      b.seconds.push_back(run->seconds);
-      b.cpu_ms.push_back(run->cpu_ms);
-    }
-    b.gbps = static_cast<double>(size) / 1e9 / Median(b.seconds);
-    std::fprintf(stderr, "baseline: %s over loopback TCP in %.3f s (median of %u): %.2f GB/s, cpu %.0f%%\n",
-                 FormatBytes(size).c_str(), Median(b.seconds), f.baseline_runs, b.gbps,
-                 Median(b.cpu_ms) / (Median(b.seconds) * 1e3) * 100);
-    baselines.push_back(b);
-  }
-
-  // 2. The migrations: every configuration, --repeat times, each variant
-  // (verification off, then each order asked for) back to back.
-  struct Config {
-    uint64_t size;
-    const Scenario* scenario;
-    uint32_t streams;
-    transport::Compression compress;
-  };
-  std::vector<Config> configs;
-  for (uint64_t size : sizes) {
-    for (const Scenario& sc : scenarios) {
-      for (uint32_t streams : stream_counts) {
-        for (transport::Compression c : compressions) configs.push_back({size, &sc, streams, c});
-      }
-    }
-  }
-  std::vector<Row> rows;
+  // Every --repeat iteration runs everything once, in turn, so drift on this
+  // machine hits every figure alike: per size, QEMU with one channel, then
+  // per stream count the baselines, the migrations (each verification variant
+  // back to back) and QEMU multifd. The baselines run --baseline-runs times
+  // in all, spread over the iterations (at least once in each).
+  const uint32_t baseline_total = std::max(f.baseline_runs, repeat);
   bool all_completed = true;
-  for (const Config& cf : configs) {
-    const double base = std::find_if(baselines.begin(), baselines.end(),
-                                     [&](const Baseline& b) { return b.bytes == cf.size; })->gbps;
-    for (uint32_t rep = 0; rep < f.repeat; ++rep) {
-      for (const MigrationSetupFlags& variant : variants) {
-        if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-        const Scenario& sc = *cf.scenario;
-        auto row = MigrateOnce(*kvm, sc, cf.size, cf.streams, cf.compress, variant);
-        if (!row.ok()) {
-          return PrintError(sc.name + " " + FormatBytes(cf.size) + ": " + row.status().message()), kExitFailure;
+  // QEMU's run (if it runs at all); false only on Ctrl-C.
+  auto qemu = [&](uint64_t size, uint32_t channels, uint32_t rep) {
+    const Status s = RunQemu(size, channels, rep, seed, f.qemu_timeout_s, res);
+    if (!s.ok() && s.code() != Code::kAborted) all_completed = false;
+    return s.code() != Code::kAborted;
+  };
+  for (uint32_t rep = 0; rep < repeat; ++rep) {
+    const uint32_t baseline_now = baseline_total / repeat + (rep < baseline_total % repeat ? 1 : 0);
+    for (uint64_t size : sizes) {
+      if (Interrupted() || !qemu(size, 0, rep)) return PrintError("interrupted"), kExitInterrupted;
+      for (uint32_t streams : stream_counts) {
+        for (uint32_t i = 0; i < baseline_now; ++i) {
+          if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
+          if (Status s = RunBaselines(size, streams, f.peers, seed, res); !s.ok()) {
+            return PrintError(s.message()), kExitFailure;
+          }
         }
-        row->baseline_gbps = base;
-        row->ratio = base > 0 ? row->gbps / base : 0;
-        const engine::MigrationStats& s = row->stats;
-        std::fprintf(stderr,
-                     "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
-                     "%.3f GB/s (%.2f x raw)%s%s\n",
-                     sc.name.c_str(), FormatBytes(cf.size).c_str(), cf.streams, cf.streams == 1 ? "" : "s",
-                     row->compress.c_str(), row->verify.c_str(), std::string(engine::OutcomeName(s.outcome)).c_str(),
-                     s.total_time_ms, s.downtime_ms, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(),
-                     row->gbps, row->ratio, s.error.empty() ? "" : ": ", s.error.c_str());
-        if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
-        if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
-        rows.push_back(std::move(*row));
+        for (const Scenario& sc : scenarios) {
+          for (transport::Compression c : compressions) {
+            for (const MigrationSetupFlags& variant : variants) {
+              if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
+              auto row = MigrateOnce(*kvm, sc, size, streams, c, variant);
+              if (!row.ok()) {
+                return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
+              }
+              row->repeat = rep;
+              const engine::MigrationStats& s = row->stats;
+              std::fprintf(stderr,
+                           "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
+                           "%.3f GB/s%s%s\n",
+                           sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
+                           row->compress.c_str(), row->verify.c_str(),
+                           std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms,
+                           s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps,
+                           s.error.empty() ? "" : ": ", s.error.c_str());
+              if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
+              if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
+              res.rows.push_back(std::move(*row));
+            }
+          }
+        }
+        if (!qemu(size, streams, rep)) return PrintError("interrupted"), kExitInterrupted;
       }
     }
   }
+  // Each migration against the median of (a) of its size and stream count.
+  for (Row& r : res.rows) {
+    const Baseline* b = FindBaseline(res.reused, r.guest_bytes, r.streams);
+    r.baseline_gbps = b != nullptr ? b->gbps : 0;
+    r.ratio = r.baseline_gbps > 0 ? r.gbps / r.baseline_gbps : 0;
+  }
 
-  PrintTable(baselines, rows);
+  PrintTable(res.reused, res.fresh, res.rows);
+  const std::vector<Comparison> comparison = Compare(res.rows, res.reused, res.fresh, res.qemu);
+  PrintComparison(comparison, res.qemu, repeat);
 
-  if (Status s = WriteResults(f, baselines, rows); !s.ok()) return PrintError(s.message()), kExitFailure;
+  if (Status s = WriteResults(f, repeat, res, comparison); !s.ok()) return PrintError(s.message()), kExitFailure;
   if (!all_completed) {
-    PrintError("not every migration completed (see the status column)");
+    PrintError(res.qemu.skipped.empty() || res.qemu.binary.empty()
+                   ? "not every migration completed (see the status column)"
+                   : "not every migration completed (QEMU: " + res.qemu.skipped + ")");
     return kExitFailure;
   }
   return kExitOk;
@@ -703,11 +1020,15 @@ Command RegisterBenchMigrate(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--hotset", f->hotset, "Workload of the hotset scenario")->capture_default_str();
   cmd->add_option("--hotset-vcpus", f->hotset_vcpus, "vCPUs of the hotset scenario")->capture_default_str();
-  cmd->add_option("--baseline-runs", f->baseline_runs, "Loopback TCP runs per size (the median is used)")
+  cmd->add_option("--baseline-runs", f->baseline_runs,
+                  "Runs of each loopback TCP baseline per size and stream count, spread over the --repeat iterations "
+                  "(at least one in each; the median is used)")
       ->capture_default_str();
-  cmd->add_option("--repeat", f->repeat, "Run every configuration this many times, interleaved (medians are reported)")
-      ->check(CLI::Range(1, 100))
-      ->capture_default_str();
+  CLI::Option* repeat =
+      cmd->add_option("--repeat", f->repeat,
+                      "Run everything this many times, interleaved (medians are reported); 3 with --peers")
+          ->check(CLI::Range(1, 100))
+          ->capture_default_str();
   cmd->add_option("--verify-order", f->verify_order,
                   "With --verify: before-commit, after-commit, or both comma-separated")
       ->capture_default_str();
@@ -717,9 +1038,24 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_flag("--prefault-target", f->prefault_target,
                 "Make the target's memory resident when it is built (inside setup): separates the cost of "
                 "first-touching fresh memory from the transfer");
-  cmd->add_option("--json", f->json, "Write the baseline and every migration's statistics as JSON to this file");
-  cmd->add_option("--plot", f->plot, "Write a PNG of per-round dirty pages and bandwidth of the hotset migrations");
-  return [f]() { return RunMigrateBench(*f); };
+  cmd->add_flag("--peers", f->peers,
+                "Also measure the limit and the peer, interleaved with the migrations: (b) raw TCP into a fresh memfd "
+                "of the guest's size, and QEMU (one channel and multifd with as many channels as streams) when "
+                "--qemu is installed; --repeat defaults to 3");
+  cmd->add_option("--qemu", f->qemu, "With --peers: the QEMU binary, looked up on PATH unless it is a path")
+      ->capture_default_str();
+  cmd->add_option("--qemu-timeout", f->qemu_timeout_s, "With --peers: seconds one QEMU migration may take")
+      ->capture_default_str();
+  cmd->add_option("--json", f->json,
+                  "Write the baselines, QEMU's runs, every migration's statistics and the comparison as JSON to this "
+                  "file");
+  cmd->add_option("--plot", f->plot,
+                  "Write a PNG of per-round dirty pages and bandwidth of the hotset migrations; with several "
+                  "--streams also FILE-streams.png, throughput against stream count");
+  return [f, repeat]() {
+    f->repeat_given = repeat->count() > 0;
+    return RunMigrateBench(*f);
+  };
 }
 
 }  // namespace pmlmig::tools

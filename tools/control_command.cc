@@ -107,7 +107,9 @@ Command RegisterControl(CLI::App& app) {
   auto* migrate = app.add_subcommand("migrate", "Migrate a VM run with 'pmlmig run --control PATH'");
   AddControlOption(migrate, f.get());
   migrate->add_option("--to", f->command.to, "The receiver, HOST:PORT")->required();
-  migrate->add_option("--streams", f->command.streams, "Parallel data streams (1-64)")->capture_default_str();
+  migrate->add_option("--streams", f->command.streams,
+                      "Parallel data streams (1-64); 0 = the source's default (half its CPUs, 2 to 8)")
+      ->capture_default_str();
   migrate->add_option("--compress", f->command.compress, "none, lz4 or zstd")->capture_default_str();
   migrate->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str();

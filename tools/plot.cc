@@ -71,7 +71,8 @@ top.set_ylabel("dirty pages sent (4 KiB)")
 top.set_title("Live migration of a hotset guest, per round (square: stop-and-copy)\n" + doc.get("machine", ""),
               fontsize=9)
 top.grid(True, which="both", alpha=0.3)
-top.legend(fontsize=7)
+if rows:
+    top.legend(fontsize=7)
 mid.set_ylabel("round bandwidth (GB/s)")
 mid.grid(True, alpha=0.3)
 baselines = doc.get("baseline", [])
@@ -87,6 +88,54 @@ bottom.set_ylabel("pages per gRPC batch")
 bottom.set_xlabel("round (0: all memory)")
 bottom.grid(True, which="both", alpha=0.3)
 bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=110)
+)PY";
+
+// Reads the results JSON of `pmlmig bench migrate` run with several stream
+// counts; argv: json png.
+constexpr const char* kStreamsPlot = R"PY(
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+doc = json.load(open(sys.argv[1]))
+fig, ax = plt.subplots(figsize=(8, 5))
+sizes = sorted({c["guest_bytes"] for c in doc["comparison"]})
+dashes = ["-", "--", "-.", ":"]
+def gib(b):
+    return "%g GiB" % (b / 2**30) if b >= 2**30 else "%d MiB" % (b // 2**20)
+for k, size in enumerate(sizes):
+    ls = dashes[k % len(dashes)]
+    tag = "" if len(sizes) == 1 else ", " + gib(size)
+    for cfg in sorted({(c["scenario"], c["compress"], c["verify"]) for c in doc["comparison"]}):
+        pts = sorted((c["streams"], c["pmlmig_gbps"]) for c in doc["comparison"]
+                     if c["guest_bytes"] == size and (c["scenario"], c["compress"], c["verify"]) == cfg
+                     and c["pmlmig_gbps"] is not None)
+        if pts:
+            label = "pmlmig " + cfg[0] + ("" if cfg[1] == "none" else ", " + cfg[1]) + \
+                    ("" if cfg[2] == "off" else ", verify " + cfg[2]) + tag
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" + ls, label=label)
+    q = [m for m in doc["qemu"]["medians"] if m["guest_bytes"] == size]
+    pts = sorted((m["channels"], m["gbps"]) for m in q if m["multifd"])
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "s" + ls, color="tab:red", label="QEMU multifd" + tag)
+    for m in q:
+        if not m["multifd"]:
+            ax.axhline(m["gbps"], linestyle=ls, color="tab:red", alpha=0.4, label="QEMU one channel" + tag)
+    for key, name, color in (("fresh_memory_baseline", "(b) raw TCP into fresh memfd", "black"),
+                             ("baseline", "(a) raw TCP into reused buffer", "gray")):
+        pts = sorted((b["connections"], b["gbps"]) for b in doc.get(key, []) if b["bytes"] == size)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "^" + ls, color=color, label=name + tag)
+ax.set_xlabel("streams / channels / TCP connections")
+ax.set_ylabel("GB/s (10^9 bytes of guest memory per second)")
+ax.set_xticks(sorted({c["streams"] for c in doc["comparison"]}))
+ax.set_ylim(bottom=0)
+ax.set_title("Migration throughput against stream count, medians of %d interleaved runs\n%s" %
+             (doc.get("repeat", 1), doc.get("machine", "")), fontsize=9)
+ax.grid(True, alpha=0.3)
+ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 )PY";
@@ -118,6 +167,18 @@ Status PlotDirtyBench(const std::string& json_path, const std::string& png_path)
 
 Status PlotMigrateBench(const std::string& json_path, const std::string& png_path) {
   return RunPython(kMigratePlot, json_path, png_path);
+}
+
+Status PlotMigrateStreams(const std::string& json_path, const std::string& png_path) {
+  return RunPython(kStreamsPlot, json_path, png_path);
+}
+
+std::string StreamsPlotPath(const std::string& png_path) {
+  const std::string ext = ".png";
+  if (png_path.size() > ext.size() && png_path.compare(png_path.size() - ext.size(), ext.size(), ext) == 0) {
+    return png_path.substr(0, png_path.size() - ext.size()) + "-streams.png";
+  }
+  return png_path + "-streams.png";
 }
 
 }  // namespace pmlmig::tools

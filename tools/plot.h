@@ -15,4 +15,11 @@ Status PlotDirtyBench(const std::string& json_path, const std::string& png_path)
 // results JSON of `pmlmig bench migrate` (`json_path`), one line each.
 Status PlotMigrateBench(const std::string& json_path, const std::string& png_path);
 
+// Throughput against stream count of `pmlmig bench migrate` (several
+// --streams): pmlmig, QEMU multifd (and one channel), baselines (b) and (a).
+Status PlotMigrateStreams(const std::string& json_path, const std::string& png_path);
+
+// Where PlotMigrateStreams writes next to --plot FILE: FILE-streams.png.
+std::string StreamsPlotPath(const std::string& png_path);
+
 }  // namespace pmlmig::tools

@@ -48,7 +48,7 @@ struct RunFlags {
   uint32_t max_rounds = 50;
   std::string timeout = "0";
   std::string on_timeout = "cancel";
-  uint32_t streams = 1;
+  uint32_t streams = transport::DefaultStreams();
   std::string compress = "none";
   std::string max_bandwidth = "0";
   bool verify = false;
@@ -319,7 +319,7 @@ int Run(const RunFlags& f) {
     if (auto check = transport::GrpcMigrationSink::Create(std::move(*sink_options)); !check.ok()) {
       return PrintError(check.status().message()), kExitUsage;
     }
-  } else if (f.verify || f.streams != 1 || f.compress != "none" || f.max_bandwidth != "0") {
+  } else if (f.verify || f.streams != transport::DefaultStreams() || f.compress != "none" || f.max_bandwidth != "0") {
     return PrintError("--verify, --streams, --compress and --max-bandwidth need --migrate-to"), kExitUsage;
   }
   auto kvm = vmm::Kvm::Open();
@@ -559,7 +559,9 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--timeout", f->timeout, "Give the migration at most this long (0 = no limit)")->capture_default_str()->group(mig);
   cmd->add_option("--on-timeout", f->on_timeout, "cancel (keep the VM here) or force (switch over anyway)")
       ->capture_default_str()->group(mig);
-  cmd->add_option("--streams", f->streams, "Parallel data streams (1-64)")->capture_default_str()->group(mig);
+  cmd->add_option("--streams", f->streams, "Parallel data streams (1-64; the default is half this machine's CPUs, 2 to 8)")
+      ->capture_default_str()
+      ->group(mig);
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd")->capture_default_str()->group(mig);
   cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str()->group(mig);

@@ -13,9 +13,12 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#define XXH_STATIC_LINKING_ONLY  // the hash states, by value
+#include <xxhash.h>
 
 #include "migration.pb.h"
 #include "pmlmig/base/status.h"
+#include "pmlmig/base/unique_fd.h"
 #include "pmlmig/engine/migration.h"
 #include "pmlmig/engine/slot_table.h"
 #include "pmlmig/transport/grpc_sink.h"
@@ -42,9 +45,26 @@ struct BatchHeader {
   uint64_t sequence = 0;
 };
 
+// How batches are checksummed (proto::BatchChecksum; see the top of
+// proto/migration.proto). Both sides agree on it at Setup.
+enum class Checksum { kXxh64, kXxh3 };
+
+// The hash of a batch's uncompressed payload, fed in pieces.
+class PayloadHash {
+ public:
+  explicit PayloadHash(Checksum kind);
+  void Update(const void* data, size_t len);
+  uint64_t Digest();
+
+ private:
+  Checksum kind_;
+  XXH64_state_t xxh64_;
+  XXH3_state_t xxh3_;
+};
+
 // The checksum of a batch whose payload, uncompressed, hashes to
-// `payload_hash` (XXH64, seed 0); see proto/migration.proto.
-uint64_t BatchChecksum(const proto::PageBatch& batch, uint64_t payload_hash);
+// `payload_hash` (PayloadHash of the same kind).
+uint64_t BatchChecksum(const proto::PageBatch& batch, uint64_t payload_hash, Checksum kind = Checksum::kXxh64);
 
 // Bytes as they arrived, possibly in several pieces (gRPC slices), in order.
 using Chunks = std::span<const std::span<const uint8_t>>;
@@ -68,6 +88,8 @@ class BatchBuilder {
  public:
   explicit BatchBuilder(Compression compression, int zstd_level = 1);
   ~BatchBuilder();
+  // The checksum of the batches built from now on (XXH64 until set).
+  void set_checksum(Checksum c) { checksum_ = c; }
   BatchBuilder(const BatchBuilder&) = delete;
   BatchBuilder& operator=(const BatchBuilder&) = delete;
 
@@ -91,8 +113,24 @@ class BatchBuilder {
  private:
   Compression compression_;
   int zstd_level_;
+  Checksum checksum_ = Checksum::kXxh64;
   std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once compressing
   void* zstd_ = nullptr;                // ZSTD_CCtx*
+};
+
+// The files behind the target's memory slots, by slot id (from
+// engine::MigrationTarget::memory_file): BatchApplier writes data pages
+// through them with pwritev(2), which fills fresh memory without a page-
+// table fault per page. Slots without a file are written through the mapping.
+class SlotFiles {
+ public:
+  SlotFiles() = default;
+  static SlotFiles Of(const engine::MigrationTarget& target);
+  const engine::MemoryFile* Find(uint32_t slot) const;
+  bool empty() const { return files_.empty(); }
+
+ private:
+  std::vector<std::pair<uint32_t, engine::MemoryFile>> files_;
 };
 
 struct ApplyResult {
@@ -107,6 +145,8 @@ class BatchApplier {
  public:
   BatchApplier();
   ~BatchApplier();
+  // The checksum batches must carry from now on (XXH64 until set).
+  void set_checksum(Checksum c) { checksum_ = c; }
   BatchApplier(const BatchApplier&) = delete;
   BatchApplier& operator=(const BatchApplier&) = delete;
 
@@ -116,18 +156,26 @@ class BatchApplier {
   // Errors name the batch and the problem, e.g. "batch 17: run 0: gpa
   // 0x1234000 (+2 pages) lies outside guest memory".
   // With `digests` (verifying), each page's value is updated from memory
-  // after it was written.
+  // after it was written. With `files`, data runs of slots that have a file
+  // are written through it (an error writing it, e.g. ENOMEM, fails the
+  // batch after part of it may have been written: the migration ends).
   Result<ApplyResult> Apply(const proto::PageBatch& batch, const engine::SlotTable& memory,
-                            engine::PageDigestTable* digests = nullptr);
+                            engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr);
   // The same for a batch split by DecodeBatch: `header`'s payload field is
   // ignored; the payload is `payload`.
   Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory,
-                            engine::PageDigestTable* digests = nullptr);
+                            engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr);
 
  private:
   std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once decompressing
   std::unique_ptr<uint8_t[]> gather_;   // kMaxBatchPayload bytes, for a compressed payload in pieces
+  Checksum checksum_ = Checksum::kXxh64;
   void* zstd_ = nullptr;                // ZSTD_DCtx*
+  UniqueFd pagemap_;                    // /proc/self/pagemap, opened at the first file-backed run
+  bool pagemap_failed_ = false;
+  // Whether the `pages` pages at `host` are mapped in this process (then a
+  // copy through the mapping takes no fault), judged by the first and last.
+  bool AllMapped(const uint8_t* host, uint64_t pages);
 };
 
 // Whether the 4 KiB page at `p` is all zero.

@@ -46,6 +46,8 @@ class DataStream {
   DataStream& operator=(const DataStream&) = delete;
 
   uint32_t index() const { return index_; }
+  // The batch checksum agreed in Hello (before the first Run).
+  void set_checksum(Checksum c) { builder_.set_checksum(c); }
   grpc::Channel& channel() { return *channel_; }
   // Starts the Pages call (on a connected channel) and posts the first read
   // for acks, which stays posted from here on.

@@ -27,6 +27,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <mutex>
 #include <thread>
 
@@ -35,6 +36,7 @@
 #include "connection_probe.h"
 #include "control_client.h"
 #include "data_stream.h"
+#include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "pmlmig/base/watchdog.h"
 #include "sink_calls.h"
@@ -71,6 +73,7 @@ std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index) 
   a.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
   a.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   a.SetInt("pmlmig.connection", index);
+  SetBulkTransferArgs([&](const char* k, int v) { a.SetInt(k, v); });
   if (!o.security.tls_server_name.empty()) a.SetSslTargetNameOverride(o.security.tls_server_name);
   return grpc::CreateCustomChannel(o.target, Credentials(o.security), a);
 }
@@ -219,6 +222,12 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
                            " streams, asked for " + std::to_string(options_.streams));
   }
   session_id_ = hello.hello().session_id();
+  // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
+  Checksum checksum = Checksum::kXxh64;
+  for (int c : hello.hello().checksums()) {
+    if (c == proto::BATCH_CHECKSUM_XXH3) checksum = Checksum::kXxh3;
+  }
+  for (auto& ds : streams_) ds->set_checksum(checksum);
 
   // Setup.
   req.Clear();
@@ -235,6 +244,7 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   ps->set_verify_order(setup.verify_order == engine::VerifyOrder::kAfterCommit ? proto::VERIFY_AFTER_COMMIT
                                                                                : proto::VERIFY_BEFORE_COMMIT);
   ps->set_streams(options_.streams);
+  ps->set_checksum(checksum == Checksum::kXxh3 ? proto::BATCH_CHECKSUM_XXH3 : proto::BATCH_CHECKSUM_XXH64);
   if (!control_.Write(req)) return control_.End(options_.connect_timeout, "Setup").WithContext(where);
   PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply sr,
                           control_.WaitReply(options_.setup_timeout, "waiting for the VM to be built"));
@@ -400,13 +410,19 @@ void GrpcMigrationSink::Impl::Abort(const std::string& why) {
 
 // ------------------------------------------------------------- public
 
+uint32_t DefaultStreams() {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return std::clamp<uint32_t>(cpus / 2, 2, 8);
+}
+
 Result<std::unique_ptr<GrpcMigrationSink>> GrpcMigrationSink::Create(GrpcSinkOptions o) {
   if (Result<HostPort> address = ParseHostPort(o.target); !address.ok()) {
     return InvalidArgument("migration target " + address.status().message());
   } else if (address->port == 0) {
     return InvalidArgument("migration target \"" + o.target + "\": port 0 (expected the receiver's port, 1..65535)");
   }
-  if (o.streams == 0 || o.streams > kMaxStreams) {
+  if (o.streams == 0) o.streams = DefaultStreams();
+  if (o.streams > kMaxStreams) {
     return InvalidArgument("streams: " + std::to_string(o.streams) + " is outside 1.." + std::to_string(kMaxStreams));
   }
   if (o.batch_pages == 0 || o.batch_pages > kMaxBatchPages) {

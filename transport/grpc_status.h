@@ -2,6 +2,7 @@
 // service and client of the transport (migration and control).
 #pragma once
 
+#include <grpc/grpc.h>  // GRPC_ARG_*
 #include <grpcpp/support/status.h>
 
 #include "pmlmig/base/status.h"
@@ -43,6 +44,20 @@ inline Code CodeFromGrpc(grpc::StatusCode c) {
     case grpc::StatusCode::UNAUTHENTICATED: return Code::kPermissionDenied;
     default: return Code::kInternal;
   }
+}
+
+// Channel arguments for bulk page data, the same on both sides: an 8 MiB
+// initial HTTP/2 stream window (two 4 MiB batches in flight before the
+// first WINDOW_UPDATE, instead of 64 KiB growing by BDP probes) and TCP reads
+// of 256 KiB to 4 MiB (gRPC's default starts at 8 KiB), so a batch takes a
+// few read calls instead of hundreds. Measured with transport_test's
+// ThroughputReport (docs/BENCHMARKS.md, issue 11).
+template <typename Set>
+void SetBulkTransferArgs(Set&& set) {
+  set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
+  set(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
+  set(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 4 << 20);
+  set(GRPC_ARG_TCP_READ_CHUNK_SIZE, 1 << 20);
 }
 
 }  // namespace pmlmig::transport

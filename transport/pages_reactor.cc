@@ -139,6 +139,8 @@ Result<proto::BatchAck> PagesReactor::HandleBatch(Chunks wire) {
       }
       st.index = batch.stream();
       st.attached = true;
+      st.files = SlotFiles::Of(*session.target);
+      st.applier.set_checksum(session.checksum);
       session.per_stream[st.index].attached = true;
       session.per_stream[st.index].reactor = this;
     }
@@ -148,7 +150,7 @@ Result<proto::BatchAck> PagesReactor::HandleBatch(Chunks wire) {
     digests = session.target->digests();
   }
 
-  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory, digests);
+  Result<ApplyResult> applied = st.applier.Apply(batch, st.payload, *memory, digests, &st.files);
   uint64_t wire_bytes = 0;
   for (const auto& c : wire) wire_bytes += c.size();
   {

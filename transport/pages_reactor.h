@@ -58,6 +58,7 @@ class PagesReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc
     proto::PageBatch header;           // reused
     ChunkList payload;
     BatchApplier applier;
+    SlotFiles files;  // of the session's target memory, once attached
   };
 
   // Under Receiver::mu_: may this batch be applied now?

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "batch_codec.h"
 #include "migration.pb.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "receiver_checks.h"
@@ -67,6 +68,7 @@ struct Session {
   Clock::time_point prepared_at{};
   std::unique_ptr<engine::MigrationTarget> target;
   uint32_t streams = 0;
+  Checksum checksum = Checksum::kXxh64;  // of every batch, from Setup
   std::vector<StreamState> per_stream;
   int applying = 0;  // Pages threads writing into target memory right now
   engine::TransferStats totals;

@@ -56,6 +56,9 @@ Status ValidateSetup(const proto::Setup& s, const ReceiverLimits& limits) {
   if (!proto::VerifyOrder_IsValid(s.verify_order())) {
     return InvalidArgument("Setup.verify_order: unknown value " + std::to_string(s.verify_order()));
   }
+  if (!proto::BatchChecksum_IsValid(s.checksum())) {
+    return InvalidArgument("Setup.checksum: unknown value " + std::to_string(s.checksum()));
+  }
   const uint32_t max_streams = std::min(limits.max_streams, kMaxStreams);
   if (s.streams() == 0 || s.streams() > max_streams) {
     return InvalidArgument("Setup.streams: " + std::to_string(s.streams()) + " is outside 1.." +

@@ -171,6 +171,7 @@ ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
   h->set_receiver(r_.options_.receiver_name);
   h->set_max_batch_pages(kMaxBatchPages);
   h->set_max_streams(std::min(r_.options_.max_streams, kMaxStreams));
+  h->add_checksums(proto::BATCH_CHECKSUM_XXH3);
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
@@ -211,6 +212,7 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     if (session_->state == SessionState::kWaitSetup) {
       session_->target = std::move(target);
       session_->streams = ps.streams();
+      session_->checksum = ps.checksum() == proto::BATCH_CHECKSUM_XXH3 ? Checksum::kXxh3 : Checksum::kXxh64;
       session_->per_stream.assign(ps.streams(), StreamState{});
       session_->state = SessionState::kReceiving;
       session_->last_activity = Clock::now();

@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 3
+#define PMLMIG_VERSION_MINOR 4
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -68,7 +68,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.3.0" */
+/* "0.4.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);
@@ -262,7 +262,7 @@ typedef struct pmlmig_progress {
 typedef struct pmlmig_migrate_options {
   size_t size;                     /* pmlmig_migrate_options_init sets it and every default */
   const char *target;              /* "host:port" of a receiver; required */
-  uint32_t streams;                /* parallel data connections, 1..64; default 1 */
+  uint32_t streams;                /* parallel data connections, 1..64; default half the CPUs, 2..8 */
   pmlmig_compression compression;  /* default NONE */
   uint64_t max_bandwidth;          /* bytes/s on the wire; 0 (default) = unlimited */
   uint32_t downtime_limit_ms;      /* default policy: switch over when the expected downtime fits; 300 */

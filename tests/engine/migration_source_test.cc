@@ -6,6 +6,7 @@
 
 #include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "pmlmig/engine/migration_controller.h"
@@ -317,6 +318,55 @@ TEST(MigrationController, InDoubtLatches) {
   EXPECT_EQ(c.status().vm, VmPlacement::kPausedInDoubt);
   const Status again = c.Start(std::make_unique<RecordingSink>(), {});
   EXPECT_NE(again.message().find("in doubt"), std::string::npos) << again.message();
+}
+
+TEST(PageListTest, HandsOutEveryPageOnceAcrossThreadsWithinRuns) {
+  // Runs of odd sizes, an empty one (dropped), far apart.
+  std::vector<PageRun> runs;
+  uint64_t total = 0;
+  for (uint64_t i = 0; i < 200; ++i) {
+    const uint64_t pages = (i * 37) % 3000;
+    runs.push_back({i << 32, pages});
+    total += pages;
+  }
+  PageList list(runs);
+  EXPECT_EQ(list.total_pages(), total);
+  std::vector<std::vector<PageRun>> got(4);
+  std::vector<std::thread> threads;
+  for (auto& out : got) {
+    threads.emplace_back([&list, &out] {
+      PageRun r;
+      while (list.Next(1024, &r)) out.push_back(r);
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::vector<PageRun> all;
+  for (const auto& v : got) all.insert(all.end(), v.begin(), v.end());
+  std::sort(all.begin(), all.end(), [](const PageRun& a, const PageRun& b) { return a.gpa < b.gpa; });
+  // Merged back, the chunks are exactly the non-empty runs; none crosses a run.
+  std::vector<PageRun> merged;
+  for (const PageRun& c : all) {
+    ASSERT_GE(c.pages, 1u);
+    ASSERT_LE(c.pages, 1024u);
+    EXPECT_EQ(c.gpa >> 32, (c.gpa + (c.pages << kPageShift) - 1) >> 32) << "a chunk crosses a run";
+    if (!merged.empty() && merged.back().gpa + (merged.back().pages << kPageShift) == c.gpa) {
+      merged.back().pages += c.pages;
+    } else {
+      merged.push_back(c);
+    }
+  }
+  std::vector<PageRun> want;
+  for (const PageRun& r : runs) {
+    if (r.pages > 0) want.push_back(r);
+  }
+  ASSERT_EQ(merged.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(merged[i].gpa, want[i].gpa);
+    EXPECT_EQ(merged[i].pages, want[i].pages);
+  }
+  PageRun r;
+  EXPECT_FALSE(list.Next(1024, &r));
+  EXPECT_FALSE(PageList({}).Next(1, &r));
 }
 
 }  // namespace

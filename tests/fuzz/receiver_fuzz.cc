@@ -180,6 +180,7 @@ bool SetupIsValid(const proto::Setup& s, const ReceiverLimits& l) {
   if (total > l.max_memory_bytes) return false;
   if (s.vcpus() < 1 || s.vcpus() > l.max_vcpus) return false;
   if (s.verify_order() != proto::VERIFY_BEFORE_COMMIT && s.verify_order() != proto::VERIFY_AFTER_COMMIT) return false;
+  if (s.checksum() != proto::BATCH_CHECKSUM_XXH64 && s.checksum() != proto::BATCH_CHECKSUM_XXH3) return false;
   const uint32_t max_streams = l.max_streams < 64 ? l.max_streams : 64;
   return s.streams() >= 1 && s.streams() <= max_streams;
 }

@@ -56,6 +56,16 @@ expect_error "random fill beyond host memory" 2 "use --fill zero" run --memory 2
 expect_error "bad tracker" 2 "unknown tracker 'pml'" run --tracker pml
 expect_error "ring entries without ring" 2 "--ring-entries needs --tracker ring" run --tracker bitmap --ring-entries 4096
 expect_error "missing kvm device" 1 "/nonexistent/kvm" probe --device /nonexistent/kvm
+# bench migrate: every flag is checked before anything runs.
+expect_error "bench migrate --qemu without --peers" 2 "--qemu needs --peers" bench migrate --qemu /usr/bin/true
+expect_error "bench migrate --qemu-timeout 0" 2 "--qemu-timeout must be at least 1" bench migrate --peers --qemu-timeout 0
+expect_error "bench migrate --repeat 0" 2 "--repeat" bench migrate --repeat 0
+expect_error "bench migrate --streams 0" 2 "--streams: '0' is not a number from 1 to" bench migrate --streams 1,0
+expect_error "bench migrate --streams word" 2 "--streams: 'two' is not a number" bench migrate --streams two
+expect_error "bench migrate --scenarios" 2 "--scenarios: 'busy' is not untouched, random or hotset" bench migrate --scenarios busy
+expect_error "bench migrate --sizes" 2 "--sizes: memory size 3 MiB is not a multiple of 2 MiB" bench migrate --sizes 3M
+expect_error "bench migrate --baseline-runs 0" 2 "--baseline-runs must be at least 1" bench migrate --baseline-runs 0
+expect_error "bench migrate --peers too large" 2 "use smaller --sizes" bench migrate --peers --scenarios untouched --sizes 200G
 
 if [ ! -w /dev/kvm ]; then
   echo "SKIP: KVM end-to-end checks (/dev/kvm absent or not writable)"
@@ -124,6 +134,55 @@ then pass "Ctrl-C prints the summary"; else fail "Ctrl-C: rc=$rc $(cat "$tmp/int
 if "$PMLMIG" run --memory 64G --vcpus 1 --workload idle --fill zero --duration 2s --json >"$tmp/big.json" 2>"$tmp/err" &&
    python3 -c "import json; j=json.load(open('$tmp/big.json')); print('64G idle peak RSS', j['peak_rss_bytes']//(1<<20), 'MiB'); assert j['peak_rss_bytes'] < 256*(1<<20), j"
 then pass "64G idle under 256 MiB RSS"; else fail "64G idle: $(cat "$tmp/big.json" "$tmp/err")"; fi
+
+# bench migrate --peers, small: the baselines (a) and (b), one migration and
+# the comparison; QEMU is skipped with a reason when it is not on PATH (as in
+# CI), and runs (one channel and multifd) when it is.
+bench_smoke() {  # bench_smoke <what> <expect qemu: ran|skipped> [env...]
+  local what=$1 qemu=$2
+  shift 2
+  if env "$@" "$PMLMIG" bench migrate --peers --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random \
+       --migrate-after 100ms --json "$tmp/bench.json" >"$tmp/bench.out" 2>"$tmp/err" &&
+     python3 - "$tmp/bench.json" "$qemu" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["peers"] is True and j["repeat"] == 1, j
+for key in ("baseline", "fresh_memory_baseline"):
+    b = j[key]
+    assert len(b) == 1 and b[0]["connections"] == 1 and b[0]["gbps"] > 0 and b[0]["cpu_s_per_gb"] > 0, b
+assert len(j["results"]) == 1 and j["results"][0]["migration"]["status"] == "completed", j["results"]
+c = j["comparison"][0]
+assert c["pmlmig_gbps"] > 0 and c["fresh_memory_gbps"] > 0 and c["ratio_to_fresh_memory"] > 0, c
+assert c["pmlmig_cpu_s_per_gb"] > 0 and c["round0_ratio_to_reused_buffer"] > 0, c
+q = j["qemu"]
+assert q["status"] == sys.argv[2], q
+if q["status"] == "skipped":
+    assert q["runs"] == [] and c["qemu_multifd_ms"] is None and c["x_faster_than_qemu_multifd"] is None, (q, c)
+else:
+    assert sorted(r["multifd"] for r in q["runs"]) == [False, True], q
+    for r in q["runs"]:
+        # QEMU's own total-time against the same interval polled here.
+        assert 0 < r["total_ms"] <= r["wall_ms"] + 5 and r["wall_ms"] < r["total_ms"] + 500, r
+        assert r["transferred_bytes"] >= 64 << 20 and r["zero_pages"] < 1024, r
+        assert r["source_cpu_ms"] > 0 and r["target_cpu_ms"] > 0, r
+    assert c["x_faster_than_qemu_multifd"] > 0 and c["qemu_multifd_cpu_s_per_gb"] > 0, c
+PY
+  then pass "bench migrate --peers ($what)"; else fail "bench migrate --peers ($what): $(cat "$tmp/err")"; fi
+}
+bench_smoke "no QEMU" skipped PATH=/nonexistent
+if grep -qF "qemu: skipped (qemu-system-x86_64 not installed)" "$tmp/err"; then pass "bench migrate says QEMU was skipped"
+else fail "bench migrate: no 'qemu: skipped' line: $(cat "$tmp/err")"; fi
+if command -v qemu-system-x86_64 >/dev/null; then bench_smoke "QEMU" ran; else echo "SKIP: bench migrate against QEMU (not installed)"; fi
+# A QEMU that does not start fails the benchmark clearly and leaves nothing in /dev/shm
+# (its files are named after the benchmark's pid).
+"$PMLMIG" bench migrate --peers --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --migrate-after 100ms \
+  --qemu /bin/false >"$tmp/out" 2>"$tmp/err" &
+pid=$!
+wait $pid
+rc=$?
+if [ "$rc" -eq 1 ] && grep -qF "QEMU source (-accel tcg): /bin/false exited with status 1 at start" "$tmp/err" &&
+   ! compgen -G "/dev/shm/pmlmig-qemu-$pid-*" >/dev/null
+then pass "bench migrate --qemu that does not start"; else fail "bench migrate --qemu /bin/false: rc=$rc $(cat "$tmp/err")"; fi
 
 echo "cli_test: $fails failure(s)"
 exit $((fails > 0))

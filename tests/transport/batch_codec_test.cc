@@ -5,12 +5,14 @@
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include <cstring>
 #include <vector>
 
 #include "pmlmig/base/mapping.h"
+#include "pmlmig/base/unique_fd.h"
 #include "test_memory.h"
 
 namespace pmlmig::transport {
@@ -324,6 +326,106 @@ TEST_F(BatchCodecTest, ResealedTamperingIsCaughtByStructureChecks) {
   b.mutable_runs(0)->set_gpa(kHighGpa + 62 * kPageSize);
   Reseal(&b, reinterpret_cast<const uint8_t*>(b.payload().data()), b.payload().size());
   ExpectRejected(b, "straddles the end of slot 1");
+}
+
+TEST_F(BatchCodecTest, Xxh3ChecksumRoundTripsAndIsNotXxh64) {
+  BatchBuilder xxh3(Compression::kNone);
+  xxh3.set_checksum(Checksum::kXxh3);
+  proto::PageBatch b;
+  ASSERT_TRUE(xxh3.Build(src_.slots, 0, 64, Header(3), &b).ok());
+  EXPECT_NE(b.checksum(), Build(src_, 0, 64, Compression::kNone, 3).checksum());
+  // A receiver expecting XXH64 refuses it (the sides must agree at Setup).
+  ExpectRejected(b, "checksum mismatch", Code::kDataLoss);
+  BatchApplier applier;
+  applier.set_checksum(Checksum::kXxh3);
+  Result<ApplyResult> r = applier.Apply(b, dst_.slots);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(std::memcmp(src_.At(0), dst_.At(0), 64 * kPageSize), 0);
+  // It covers data and header like XXH64 does.
+  (*b.mutable_payload())[5] ^= 1;
+  r = applier.Apply(b, dst_.slots);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kDataLoss);
+}
+
+// Guest memory in one memfd, written through the file (pwritev) as the
+// receiver does for a VM whose memory is a memfd.
+class FileTarget final : public engine::MigrationTarget {
+ public:
+  explicit FileTarget(uint64_t bytes) {
+    fd_ = UniqueFd(::memfd_create("batch_codec_test", MFD_CLOEXEC));
+    EXPECT_TRUE(fd_.valid());
+    EXPECT_EQ(::ftruncate(fd_.get(), static_cast<off_t>(bytes)), 0);
+    auto m = Mapping::Map(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0, "test memfd");
+    EXPECT_TRUE(m.ok());
+    map_ = std::move(m).value();
+    engine::MemorySlot s;
+    s.slot = 7;
+    s.gpa = 0;
+    s.host = map_.data();
+    s.size = bytes;
+    EXPECT_TRUE(slots_.Set(s).ok());
+  }
+  Status OnSetup(const engine::MigrationSetup&) override { return Status::Ok(); }
+  const engine::SlotTable& memory() const override { return slots_; }
+  std::optional<engine::MemoryFile> memory_file(uint32_t slot) const override {
+    if (slot != 7) return std::nullopt;
+    return engine::MemoryFile{fd_.get(), 0};
+  }
+  Result<engine::FinalReply> OnFinal(const engine::FinalState&) override { return engine::FinalReply{}; }
+  Result<double> OnCommit() override { return 0.0; }
+  void OnAbort(const std::string&) override {}
+  std::unique_ptr<engine::VmControl> TakeVm() override { return nullptr; }
+  int fd() const { return fd_.get(); }
+
+ private:
+  UniqueFd fd_;
+  Mapping map_;
+  engine::SlotTable slots_;
+};
+
+TEST_F(BatchCodecTest, WritesThroughTheMemoryFile) {
+  FileTarget target(64 * kPageSize);
+  const SlotFiles files = SlotFiles::Of(target);
+  ASSERT_FALSE(files.empty());
+  ASSERT_NE(files.Find(7), nullptr);
+  EXPECT_EQ(files.Find(0), nullptr);
+  // Pages 10-19 of the source are zero: a zero run over a hole allocates nothing.
+  proto::PageBatch b = Build(src_, 0, 64);
+  BatchApplier applier;
+  Result<ApplyResult> r = applier.Apply(b, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->normal_pages, 54u);
+  // (Checked before anything reads the pages through the mapping, which allocates them.)
+  EXPECT_EQ(::lseek(target.fd(), 10 * kPageSize, SEEK_DATA), static_cast<off_t>(20 * kPageSize))
+      << "the zero pages 10-19 were made resident";
+  EXPECT_EQ(std::memcmp(src_.At(0), target.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
+  // Pages now mapped here (the memcmp read them) are copied through the mapping: same result.
+  std::memset(target.memory().HostAddress(0, 64 * kPageSize), 0x5a, 64 * kPageSize);
+  r = applier.Apply(b, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(std::memcmp(src_.At(0), target.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
+  // Data where a zero page comes later: it is cleared, whichever way it was written.
+  proto::PageBatch zeros = Build(src_, 10 * kPageSize, 10);
+  zeros.mutable_runs(0)->set_gpa(0);
+  zeros.set_checksum(BatchChecksum(zeros, XXH64(nullptr, 0, 0)));
+  r = applier.Apply(zeros, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  const uint8_t* host = target.memory().HostAddress(0, kPageSize);
+  EXPECT_TRUE(IsZeroPage(host)) << "a zero run did not clear a page that had data";
+  // A payload split into pieces (gRPC slices) lands the same way.
+  proto::PageBatch header = b;
+  header.clear_payload();
+  const std::string& pl = b.payload();
+  std::vector<std::span<const uint8_t>> pieces;
+  for (size_t off = 0; off < pl.size(); off += 12345) {
+    pieces.emplace_back(reinterpret_cast<const uint8_t*>(pl.data()) + off, std::min<size_t>(12345, pl.size() - off));
+  }
+  FileTarget again(64 * kPageSize);
+  const SlotFiles files2 = SlotFiles::Of(again);
+  r = applier.Apply(header, Chunks(pieces), again.memory(), nullptr, &files2);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(std::memcmp(src_.At(0), again.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
 }
 
 TEST(CompressionTest, ParsesNames) {

@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -78,22 +79,21 @@ struct PageRun {
 };
 
 // The pages of one round, shared by the sending streams: each stream takes
-// the next chunk (at most `max_pages`) until none is left. Thread-safe.
+// the next chunk (at most `max_pages`, never across runs) until none is
+// left. Thread-safe and lock-free: a chunk is claimed with one
+// compare-and-swap on the index of the next page to hand out.
 class PageList {
  public:
-  explicit PageList(std::vector<PageRun> runs) : runs_(std::move(runs)) {
-    for (const PageRun& r : runs_) total_pages_ += r.pages;
-  }
+  explicit PageList(std::vector<PageRun> runs);
   // Next chunk of at most max_pages consecutive pages; false when empty.
   bool Next(uint64_t max_pages, PageRun* out);
   uint64_t total_pages() const { return total_pages_; }
 
  private:
-  std::mutex mu_;
-  std::vector<PageRun> runs_;  // guarded by mu_
-  size_t run_ = 0;             // guarded by mu_
-  uint64_t offset_ = 0;        // guarded by mu_: pages of runs_[run_] already handed out
+  std::vector<PageRun> runs_;     // immutable after construction
+  std::vector<uint64_t> starts_;  // starts_[i]: index of runs_[i]'s first page among all pages
   uint64_t total_pages_ = 0;
+  std::atomic<uint64_t> next_{0};  // index of the next page to hand out
 };
 
 // What the transport moved in one round (or in total).
@@ -183,6 +183,12 @@ class MigrationSink {
 
 // Target side: implemented by the engine, called by the transport's server
 // after its own checks (order, version, checksums, sizes).
+// Guest memory behind a memslot as a range of a file (a memfd).
+struct MemoryFile {
+  int fd = -1;
+  uint64_t offset = 0;  // of the slot's first byte in the file
+};
+
 class MigrationTarget {
  public:
   virtual ~MigrationTarget() = default;
@@ -194,6 +200,15 @@ class MigrationTarget {
   // Verifying: the digest table the transport updates after writing pages
   // into memory() (Update for data, SetZero for zero pages); else nullptr.
   virtual PageDigestTable* digests() { return nullptr; }
+  // The file behind slot `slot` of memory(), when there is one (a memfd):
+  // the transport then writes pages with pwrite(2) instead of through the
+  // mapping, so fresh memory takes no page-table fault per page (about
+  // twice as fast on this kind of host; see docs/BENCHMARKS.md). The fd
+  // stays open as long as memory(). nullopt: write through the mapping.
+  virtual std::optional<MemoryFile> memory_file(uint32_t slot) const {
+    (void)slot;
+    return std::nullopt;
+  }
   // Restores state and verifies if asked; the VM does not run yet.
   virtual Result<FinalReply> OnFinal(const FinalState& state) = 0;
   // After OnFinal: resumes the vCPUs. Returns the milliseconds it took.

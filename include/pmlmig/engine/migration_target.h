@@ -36,6 +36,7 @@ class VmMigrationTarget final : public MigrationTarget {
   Status OnSetup(const MigrationSetup& setup) override;
   const SlotTable& memory() const override;
   PageDigestTable* digests() override { return digests_.get(); }
+  std::optional<MemoryFile> memory_file(uint32_t slot) const override;
   Result<FinalReply> OnFinal(const FinalState& state) override;
   Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;

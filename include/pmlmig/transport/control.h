@@ -16,7 +16,7 @@ namespace pmlmig::transport {
 
 struct MigrateCommand {
   std::string to;
-  uint32_t streams = 1;
+  uint32_t streams = 0;  // 0: the sink's default (DefaultStreams())
   std::string compress = "none";
   uint64_t max_bandwidth = 0;
   uint32_t downtime_limit_ms = 300;

@@ -31,12 +31,19 @@ std::string_view CompressionName(Compression c);
 inline constexpr uint32_t kMaxStreams = 64;
 inline constexpr uint32_t kMaxBatchPages = 1024;  // 4 MiB of page data
 
+// How many Pages streams a sink opens unless told: half of this machine's
+// CPUs, at least 2 and at most 8. One connection leaves the receiver's work
+// (checksum, writing memory) on one thread; more streams than cores only
+// add switching (docs/BENCHMARKS.md has the sweep).
+uint32_t DefaultStreams();
+
 struct GrpcSinkOptions {
   // Where the receiver listens, "host:port" or "[v6-address]:port", port
   // 1..65535 (see ParseHostPort). Required; no default.
   std::string target;
-  // Parallel Pages streams, each on its own connection. Default 1, 1..64.
-  uint32_t streams = 1;
+  // Parallel Pages streams, each on its own connection, 1..64. Default
+  // DefaultStreams(); 0 means the same.
+  uint32_t streams = DefaultStreams();
   // Page data compression. Default none.
   Compression compress = Compression::kNone;
   // zstd level when compress is zstd. Default 1 (fast).
