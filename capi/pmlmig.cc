@@ -346,6 +346,11 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     if (o.force_on_timeout != 0 && o.force_on_timeout != 1) {
       return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: force_on_timeout must be 0 or 1"));
     }
+    // pmlmig_migrate_options_init sets the default; 0 is a caller's mistake here.
+    if (o.streams == 0 || o.streams > transport::kMaxStreams) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: streams " + std::to_string(o.streams) +
+                                                            " is outside 1.." + std::to_string(transport::kMaxStreams)));
+    }
     transport::MigrateCommand c;
     c.to = o.target;
     c.streams = o.streams;

@@ -314,6 +314,10 @@ int Run(const RunFlags& f) {
     command.tls_key = f.security.tls_key;
     command.tls_server_name = f.security.tls_server_name;
     command.token_file = f.security.token_file;
+    if (f.streams == 0 || f.streams > transport::kMaxStreams) {
+      return PrintError("--streams: " + std::to_string(f.streams) + " is outside 1.." +
+                        std::to_string(transport::kMaxStreams)), kExitUsage;
+    }
     auto sink_options = transport::SinkOptionsFor(command);
     if (!sink_options.ok()) return PrintError(sink_options.status().message()), kExitUsage;
     if (auto check = transport::GrpcMigrationSink::Create(std::move(*sink_options)); !check.ok()) {

@@ -152,7 +152,7 @@ static void test_versions_and_defaults(void) {
   pmlmig_migrate_options o;
   memset(&o, 0xff, sizeof o);
   pmlmig_migrate_options_init(&o);
-  CHECK(o.size == sizeof o && o.target == NULL && o.streams == 1 && o.downtime_limit_ms == 300 &&
+  CHECK(o.size == sizeof o && o.target == NULL && o.streams >= 2 && o.streams <= 8 && o.downtime_limit_ms == 300 &&
         o.max_rounds == 50 && o.timeout_ms == 0 && o.verify == 0 && o.tracker == PMLMIG_TRACKER_AUTO &&
         o.policy == NULL && o.on_progress == NULL);
   pmlmig_receive_options ro;

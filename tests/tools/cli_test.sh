@@ -141,7 +141,7 @@ then pass "64G idle under 256 MiB RSS"; else fail "64G idle: $(cat "$tmp/big.jso
 bench_smoke() {  # bench_smoke <what> <expect qemu: ran|skipped> [env...]
   local what=$1 qemu=$2
   shift 2
-  if env "$@" "$PMLMIG" bench migrate --peers --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random \
+  if env "$@" "$PMLMIG" bench migrate --peers --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --streams 1 \
        --migrate-after 100ms --json "$tmp/bench.json" >"$tmp/bench.out" 2>"$tmp/err" &&
      python3 - "$tmp/bench.json" "$qemu" <<'PY'
 import json, sys
