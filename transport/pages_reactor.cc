@@ -4,6 +4,15 @@
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
+namespace {
+
+// The refusal of a batch that came after its session failed: the session's cause.
+Status EndedBefore(const std::string& stream, const Status& why) {
+  return Status(why.code() == Code::kOk ? Code::kAborted : why.code(),
+                stream + ": the migration had already ended: " + why.message());
+}
+
+}  // namespace
 
 using Clock = Session::Clock;
 
@@ -120,6 +129,11 @@ Result<proto::BatchAck> PagesReactor::HandleBatch(Chunks wire) {
       // The first batch attaches this call to the current session.
       const std::string name = "stream " + std::to_string(batch.stream());
       if (!r_.current_ || r_.current_->id != batch.session_id()) {
+        // A stream's first batch can arrive just after another stream's
+        // refusal ended the session: name that cause, not this symptom.
+        if (auto it = r_.ended_.find(batch.session_id()); it != r_.ended_.end() && !it->second.committed) {
+          return EndedBefore(name, it->second.error);
+        }
         return InvalidArgument(name + ": batch names session " + FormatHex(batch.session_id()) +
                                ", which is not the migration in progress");
       }
@@ -129,6 +143,7 @@ Result<proto::BatchAck> PagesReactor::HandleBatch(Chunks wire) {
     if (!st.attached) {
       const std::string name = "stream " + std::to_string(batch.stream());
       if (session.state != SessionState::kReceiving) {
+        if (!session.failure.ok()) return EndedBefore(name, session.failure);
         return InvalidArgument(name + ": batch before the migration is set up (or after it ended)");
       }
       if (batch.stream() >= session.streams) {

@@ -118,7 +118,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
   }
   std::lock_guard lock(mu_);
   if (current_ == session) current_.reset();
-  ended_[session->id] = status == engine::Outcome::kCompleted;
+  ended_[session->id] = Ended{status == engine::Outcome::kCompleted, error};
   outcomes_.push_back(std::move(out));
   cv_.notify_all();
 }
@@ -171,8 +171,8 @@ grpc::Status Receiver::Resolve(uint64_t id, proto::ResolveReply* reply) {
     reply->set_detail("this receiver has no session " + FormatHex(id));
     return grpc::Status::OK;
   }
-  reply->set_outcome(it->second ? proto::ResolveReply::COMMITTED : proto::ResolveReply::DISCARDED);
-  reply->set_detail(it->second ? "session " + FormatHex(id) + " was committed: the VM runs here"
+  reply->set_outcome(it->second.committed ? proto::ResolveReply::COMMITTED : proto::ResolveReply::DISCARDED);
+  reply->set_detail(it->second.committed ? "session " + FormatHex(id) + " was committed: the VM runs here"
                                : "session " + FormatHex(id) + " failed here; the VM never ran here");
   return grpc::Status::OK;
 }

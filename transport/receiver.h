@@ -137,7 +137,11 @@ class Receiver {
   std::mt19937_64 rng_{std::random_device{}()};  // guarded by mu_
   std::shared_ptr<Session> current_;             // guarded by mu_: the one migration in progress
   std::deque<ReceivedMigration> outcomes_;       // guarded by mu_
-  std::map<uint64_t, bool> ended_;               // guarded by mu_: session id -> committed, for Resolve
+  struct Ended {
+    bool committed = false;
+    Status error;  // why it failed, when it was not committed
+  };
+  std::map<uint64_t, Ended> ended_;              // guarded by mu_: for Resolve, and for late batches
   std::string refuse_new_;                       // guarded by mu_: why new migrations are refused, if they are
   bool shutting_down_ = false;                   // guarded by mu_
 };

@@ -672,6 +672,32 @@ TEST_F(HostileClientTest, GpaBeyondGuestMemoryIsRefused) {
   }
 }
 
+TEST_F(HostileClientTest, BatchAfterItsSessionFailedNamesTheCause) {
+  // One call's batch fails the session; a batch that comes later naming the
+  // same session (another stream's first, in a real sender) is refused with
+  // that cause, so whichever refusal reaches the sender first tells it why.
+  uint64_t session = 0;
+  auto control = Session(&session);
+  proto::PageBatch bad = Batch(session, 0, 32 * kPageSize);
+  bad.mutable_runs(0)->set_gpa(0x1234000);
+  Reseal(&bad);
+  const std::string cause = "stream 0: batch 0: run 0: gpa 0x1234000 (+16 pages) lies outside guest memory";
+  {
+    PagesCall pages(channel_.get());
+    int acked = 0;
+    EXPECT_FALSE(pages.SendAll({Wire(bad)}, &acked));
+    ExpectStatus(pages.Finish(), grpc::StatusCode::INVALID_ARGUMENT, cause);
+  }
+  ExpectStatus(control->Finish(), grpc::StatusCode::INVALID_ARGUMENT, cause);
+  ExpectFailedOutcome(session, cause);
+  PagesCall late(channel_.get());
+  int acked = 0;
+  EXPECT_FALSE(late.SendAll({Wire(Batch(session, 0))}, &acked));
+  EXPECT_EQ(acked, 0);
+  ExpectStatus(late.Finish(), grpc::StatusCode::INVALID_ARGUMENT, "stream 0: the migration had already ended: " + cause);
+  ExpectServing();
+}
+
 TEST_F(HostileClientTest, RunStraddlingASlotEndIsRefused) {
   for (auto [gpa, slot] : {std::pair{kLowBytes - 8 * kPageSize, 0}, std::pair{kHighGpa + kHighBytes - kPageSize, 1}}) {
     ExpectBatchRefused(
