@@ -47,17 +47,15 @@ inline Code CodeFromGrpc(grpc::StatusCode c) {
 }
 
 // Channel arguments for bulk page data, the same on both sides: an 8 MiB
-// initial HTTP/2 stream window (two 4 MiB batches in flight before the
-// first WINDOW_UPDATE, instead of 64 KiB growing by BDP probes) and TCP reads
-// of 256 KiB to 4 MiB (gRPC's default starts at 8 KiB), so a batch takes a
-// few read calls instead of hundreds. Measured with transport_test's
-// ThroughputReport (docs/BENCHMARKS.md, issue 11).
+// initial HTTP/2 stream window (two 4 MiB batches in flight before the first
+// WINDOW_UPDATE, instead of 64 KiB growing by BDP probes). Larger TCP read
+// chunks (GRPC_ARG_TCP_*READ_CHUNK_SIZE) were tried and dropped: with TLS,
+// gRPC 1.51's secure endpoint then leaks a buffer per connection (LeakSanitizer
+// in security_test), and their gain was within this machine's noise
+// (docs/BENCHMARKS.md, issue 11).
 template <typename Set>
 void SetBulkTransferArgs(Set&& set) {
   set(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20);
-  set(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 256 << 10);
-  set(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 4 << 20);
-  set(GRPC_ARG_TCP_READ_CHUNK_SIZE, 1 << 20);
 }
 
 }  // namespace pmlmig::transport
