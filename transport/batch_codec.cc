@@ -376,8 +376,9 @@ BatchApplier::~BatchApplier() {
   if (zstd_ != nullptr) ZSTD_freeDCtx(AsDCtx(zstd_));
 }
 
-SlotFiles SlotFiles::Of(const engine::MigrationTarget& target) {
+SlotFiles SlotFiles::Of(const engine::MigrationTarget& target, bool write_through) {
   SlotFiles f;
+  f.write_through_ = write_through;
   for (const engine::MemorySlot& s : target.memory().slots()) {
     if (std::optional<engine::MemoryFile> file = target.memory_file(s.slot); file && file->fd >= 0) {
       f.files_.emplace_back(s.slot, *file);
@@ -600,7 +601,7 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     // Through the file where the pages are not yet mapped here (fresh
     // memory: no page-table fault per page); through the mapping where they
     // are (a plain copy, twice as fast as pwritev into resident pages).
-    if (r.flags() == proto::PAGE_RUN_DATA && file != nullptr && !AllMapped(dst, r.pages())) {
+    if (r.flags() == proto::PAGE_RUN_DATA && file != nullptr && files->write_through() && !AllMapped(dst, r.pages())) {
       PMLMIG_RETURN_IF_ERROR(WriteToFile(file->fd, file_pos, len, data, &chunk, &off).WithContext(name));
       if (TamperPoint("tamper.receiver.after_checksum")) dst[len / 2] ^= 0x01;
       if (digests != nullptr) digests->Update(r.gpa(), r.pages());

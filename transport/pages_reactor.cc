@@ -154,7 +154,8 @@ Result<proto::BatchAck> PagesReactor::HandleBatch(Chunks wire) {
       }
       st.index = batch.stream();
       st.attached = true;
-      st.files = SlotFiles::Of(*session.target);
+      // Through the file only when this is the one stream writing (see SlotFiles).
+      st.files = SlotFiles::Of(*session.target, /*write_through=*/session.streams == 1);
       st.applier.set_checksum(session.checksum);
       session.per_stream[st.index].attached = true;
       session.per_stream[st.index].reactor = this;
