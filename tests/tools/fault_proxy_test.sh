@@ -319,8 +319,11 @@ up.close()
 # --- upstream refusing: the client is dropped, the proxy carries on.
 dead = socket.socket(); dead.bind(("127.0.0.1", 0)); dead_port = dead.getsockname()[1]; dead.close()
 px = Proxy(dead_port)
-s = connect(px.port)
-got, how = recv_all(s, 1, timeout=5)
+try:
+    s = connect(px.port)
+    got, how = recv_all(s, 1, timeout=5)
+except ConnectionResetError:  # the proxy's reset can beat the end of connect() on a loaded machine
+    got, how = b"", "ConnectionResetError"
 check("upstream refused: client closed", how in ("eof", "ConnectionResetError"), how)
 check("upstream refused: logged", "connect (upstream)" in px.log_text(), px.log_text())
 check("upstream refused: proxy still running", px.p.poll() is None)
