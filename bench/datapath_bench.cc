@@ -112,14 +112,13 @@ void BM_ApplyResident(benchmark::State& state) {
 }
 BENCHMARK(BM_ApplyResident)->Arg(0)->Arg(1);
 
-// Apply 256 MiB into a fresh memfd, through the mapping (0) or the file (1).
-void BM_ApplyFresh(benchmark::State& state) {
-  constexpr uint64_t kBytes = 256ull << 20;
+// Batches of random pages (XXH3) that together cover [0, bytes) once.
+std::vector<pmlmig::proto::PageBatch> BatchesCovering(uint64_t bytes) {
   Memory src(kBatchBytes);
   src.FillRandom();
   BatchBuilder builder(Compression::kNone);
   builder.set_checksum(Checksum::kXxh3);
-  std::vector<pmlmig::proto::PageBatch> batches(kBytes / kBatchBytes);
+  std::vector<pmlmig::proto::PageBatch> batches(bytes / kBatchBytes);
   for (size_t b = 0; b < batches.size(); ++b) {
     if (!builder.Build(src.slots, 0, kBatchPages, {1, 0, 0, b}, &batches[b]).ok()) std::abort();
     batches[b].mutable_runs(0)->set_gpa(b * kBatchBytes);
@@ -127,6 +126,13 @@ void BM_ApplyFresh(benchmark::State& state) {
     h.Update(batches[b].payload().data(), batches[b].payload().size());
     batches[b].set_checksum(pmlmig::transport::BatchChecksum(batches[b], h.Digest(), Checksum::kXxh3));
   }
+  return batches;
+}
+
+// Apply 256 MiB into a fresh memfd, through the mapping (0) or the file (1).
+void BM_ApplyFresh(benchmark::State& state) {
+  constexpr uint64_t kBytes = 256ull << 20;
+  const std::vector<pmlmig::proto::PageBatch> batches = BatchesCovering(kBytes);
   BatchApplier applier;
   applier.set_checksum(Checksum::kXxh3);
   for (auto _ : state) {
@@ -172,18 +178,7 @@ BENCHMARK(BM_ApplyFresh)->DenseRange(0, 4)->Unit(benchmark::kMillisecond)->Itera
 // resident first by MADV_POPULATE_WRITE and then copied (2).
 void BM_ApplyFreshTwoStreams(benchmark::State& state) {
   constexpr uint64_t kBytes = 256ull << 20;
-  Memory src(kBatchBytes);
-  src.FillRandom();
-  BatchBuilder builder(Compression::kNone);
-  builder.set_checksum(Checksum::kXxh3);
-  std::vector<pmlmig::proto::PageBatch> batches(kBytes / kBatchBytes);
-  for (size_t b = 0; b < batches.size(); ++b) {
-    if (!builder.Build(src.slots, 0, kBatchPages, {1, 0, 0, b}, &batches[b]).ok()) std::abort();
-    batches[b].mutable_runs(0)->set_gpa(b * kBatchBytes);
-    pmlmig::transport::PayloadHash h(Checksum::kXxh3);
-    h.Update(batches[b].payload().data(), batches[b].payload().size());
-    batches[b].set_checksum(pmlmig::transport::BatchChecksum(batches[b], h.Digest(), Checksum::kXxh3));
-  }
+  const std::vector<pmlmig::proto::PageBatch> batches = BatchesCovering(kBytes);
   for (auto _ : state) {
     state.PauseTiming();
     auto dst = std::make_unique<Memory>(kBytes);
