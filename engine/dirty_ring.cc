@@ -37,7 +37,7 @@ RingHarvester::Result RingHarvester::Harvest(DirtySet& set, uint32_t max) {
     if ((flags.load(std::memory_order_acquire) & KVM_DIRTY_GFN_F_DIRTY) == 0) break;
     const uint32_t slot = e.slot;
     const uint64_t offset = e.offset;
-    if (!set.MarkExclusive(slot, offset)) [[unlikely]] {
+    if (!set.MarkExclusive(slot, offset, r.newly_set)) [[unlikely]] {
       if (r.invalid++ == 0) {
         r.first_bad_slot = slot;
         r.first_bad_offset = offset;
@@ -182,6 +182,7 @@ bool DirtyRingTracker::Pass() {
   uint64_t skipped = 0;
   for (auto& ring : rings_) {
     RingHarvester::Result r = ring->harvester.Harvest(pending_);
+    uint64_t newly_set = r.newly_set;
     const bool reported_full = ring->reported_full.exchange(false, std::memory_order_acq_rel);
     if (r.harvested == 0 && (reported_full || ring->suspect)) {
       // Full, yet nothing at our index: look for an overflow gap.
@@ -189,7 +190,12 @@ bool DirtyRingTracker::Pass() {
         skipped += gap;
         overflow = true;
         r = ring->harvester.Harvest(pending_);
+        newly_set += r.newly_set;
       }
+    }
+    if (r.harvested != 0) {
+      ring->new_pages.fetch_add(newly_set, std::memory_order_relaxed);
+      ring->entries.fetch_add(r.harvested, std::memory_order_relaxed);
     }
     // A pass can take at most `size` entries (taken ones stay RESET until the
     // reset below); finding all of them published means KVM may have had to
@@ -298,5 +304,14 @@ Status DirtyRingTracker::Collect(DirtySet& out) {
 }
 
 TrackerStats DirtyRingTracker::stats() const { return counters_.Snapshot(); }
+
+bool DirtyRingTracker::vcpu_counts(std::vector<VcpuDirtyCount>& out) const {
+  out.resize(rings_.size());
+  for (size_t i = 0; i < rings_.size(); ++i) {
+    out[i].new_pages = rings_[i]->new_pages.load(std::memory_order_relaxed);
+    out[i].entries = rings_[i]->entries.load(std::memory_order_relaxed);
+  }
+  return true;
+}
 
 }  // namespace pmlmig::engine

@@ -46,7 +46,12 @@ Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, Migration
   }
   if (thread_.joinable()) return InvalidArgument("a migration is already in progress");  // Start raced Start
   sink_ = std::move(sink);
-  source_ = std::make_unique<MigrationSource>(vm_, tracker_, *sink_, std::move(options), vm_description_, clock_);
+  auto source = std::make_unique<MigrationSource>(vm_, tracker_, *sink_, std::move(options), vm_description_, clock_);
+  if (Status s = source->CheckAid(); !s.ok()) {  // refused now, not as a failed migration
+    sink_.reset();
+    return s;
+  }
+  source_ = std::move(source);
   source_->SetCallbacks(std::move(callbacks));
   active_ = true;
   thread_ = std::thread([this, source = source_.get()] {

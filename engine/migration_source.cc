@@ -56,9 +56,56 @@ MigrationSource::MigrationSource(VmControl& vm, DirtyTracker& tracker, Migration
       policy_(options_.policy ? options_.policy
                               : std::make_shared<DowntimeLimitPolicy>(options_.convergence, clock)) {}
 
+void MigrationSource::AddThrottle(MigrationProgress& p) const {
+  if (!throttle_) return;
+  ThrottleStats t = throttle_->stats();
+  p.throttle_pct = t.duty_pct;
+  p.vcpu_quota_pages_per_s = t.quota_pages_per_s;
+  if (t.per_vcpu_rates || t.duty_pct > 0) p.vcpus = std::move(t.vcpus);
+}
+
 MigrationProgress MigrationSource::progress() const {
   std::lock_guard lock(progress_mu_);
-  return progress_;
+  MigrationProgress p = progress_;
+  AddThrottle(p);
+  return p;
+}
+
+Status MigrationSource::CheckAid() {
+  if (options_.policy) return Status::Ok();  // a custom policy: its throttle requests are checked as they come
+  const ConvergeAid aid = options_.convergence.aid;
+  if (aid == ConvergeAid::kNone) return Status::Ok();
+  const std::string name(ConvergeAidName(aid));
+  std::vector<VcpuDirtyCount> counts;
+  if (aid == ConvergeAid::kDirtyLimit && !tracker_.vcpu_counts(counts)) {
+    return Unavailable(name + " needs each vCPU's dirty rate, which the " + std::string(tracker_.name()) +
+                              " tracker does not give (the dirty ring does)");
+  }
+  if (!vm_.SetVcpuThrottleHook(nullptr)) return Unavailable(name + ": this VMM cannot hold its vCPUs");
+  return Status::Ok();
+}
+
+Status MigrationSource::ApplyThrottle(const ThrottleRequest& request) {
+  std::lock_guard lock(progress_mu_);
+  if (!throttle_) return Unavailable("throttle requested while no vCPU is measured");
+  Status s = request.duty_pct > 0 ? throttle_->SetDutyCycle(request.duty_pct)
+                                  : throttle_->SetQuota(request.vcpu_quota_pages_per_s);
+  if (!s.ok()) return s;
+  ++stats_.throttle.steps;
+  return Status::Ok();
+}
+
+void MigrationSource::StopThrottle() {
+  std::unique_ptr<VcpuThrottle> gone;
+  {
+    std::lock_guard lock(progress_mu_);
+    if (!throttle_) return;
+    stats_.throttle.at_end = throttle_->stats();
+    stats_.throttle.final_pct = stats_.throttle.at_end.duty_pct;
+    stats_.throttle.final_quota_pages_per_s = stats_.throttle.at_end.quota_pages_per_s;
+    gone = std::move(throttle_);
+  }
+  gone.reset();  // lifts every limit (outside the lock: it joins its thread)
 }
 
 void MigrationSource::Publish(Phase phase, uint32_t round, uint64_t remaining, double expected_ms) {
@@ -73,6 +120,7 @@ void MigrationSource::Publish(Phase phase, uint32_t round, uint64_t remaining, d
   {
     std::lock_guard lock(progress_mu_);
     progress_ = p;
+    AddThrottle(p);
   }
   if (callbacks_.on_progress) callbacks_.on_progress(p);
 }
@@ -153,6 +201,14 @@ Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uin
   r.duration_ms = MsSince(clock_, t);
   r.bandwidth_mbps = r.duration_ms > 0 ? static_cast<double>(r.sent.wire_bytes) * 8 / 1e3 / r.duration_ms : 0;
   r.expected_downtime_ms = expected_ms;
+  {
+    std::lock_guard lock(progress_mu_);
+    if (throttle_) {
+      const ThrottleStats now = throttle_->stats();
+      r.throttle_pct = now.duty_pct;
+      r.vcpu_quota_pages_per_s = now.quota_pages_per_s;
+    }
+  }
   stats_.transferred += r.sent;
   stats_.round_stats.push_back(r);
   ++stats_.rounds;
@@ -189,6 +245,7 @@ MigrationStats MigrationSource::Run() {
 }
 
 MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, const Status& why) {
+  StopThrottle();  // whatever the outcome, before the VM may resume here
   if (timed_out_.load()) {  // the watchdog ended a round: say so, whatever failed as a result
     outcome = Outcome::kCancelled;
     char buf[400];
@@ -259,6 +316,20 @@ RoundSummary MigrationSource::Summarize(uint32_t round, uint64_t remaining, Cloc
   }
   r.dirty_pages_rate = stats_.dirty_pages_rate;
   r.wire_bytes = stats_.transferred.wire_bytes;
+  if (!stats_.round_stats.empty()) {
+    r.last_round_wire_bytes = stats_.round_stats.back().sent.wire_bytes;
+    r.last_round_ms = stats_.round_stats.back().duration_ms;
+  }
+  std::lock_guard lock(progress_mu_);
+  if (throttle_) {
+    const ThrottleStats t = throttle_->stats();
+    r.throttle_pct = t.duty_pct;
+    r.vcpu_quota_pages_per_s = t.quota_pages_per_s;
+    r.can_throttle = t.can_throttle;
+    if (t.per_vcpu_rates) {
+      for (const VcpuRate& v : t.vcpus) r.vcpu_dirty_rates.push_back(v.dirty_pages_per_s);
+    }
+  }
   return r;
 }
 
@@ -296,6 +367,8 @@ MigrationStats MigrationSource::RunPhases() {
   setup.verify = options_.verify;
   setup.verify_order = options_.verify_order;
   stats_.verification.order = options_.verify_order;
+  stats_.throttle.aid = options_.policy ? ConvergeAid::kNone : options_.convergence.aid;
+  if (Status s = CheckAid(); !s.ok()) return Finished(Outcome::kFailed, CancelReason::kNone, s);
   for (const MemorySlot& s : vm_.memory_slots().slots()) setup.memory.push_back({s.slot, s.gpa, s.size});
   if (Status s = sink_.Begin(setup, vm_.memory_slots()); !s.ok()) {
     return Finished(Outcome::kFailed, CancelReason::kNone, s.WithContext("setup"));
@@ -306,6 +379,11 @@ MigrationStats MigrationSource::RunPhases() {
   // Tracking on before the first read of memory: every later write is seen.
   DirtySet dirty(vm_.memory_slots());
   if (Status s = tracker_.Enable(); !s.ok()) return failed(s.WithContext("tracker"));
+  {
+    auto throttle = VcpuThrottle::Start(vm_, tracker_);
+    std::lock_guard lock(progress_mu_);
+    throttle_ = std::move(throttle);
+  }
   if (options_.verify) {  // its witness, like the tracker, on before memory is first read
     digest_ = std::make_unique<SourceDigest>(vm_.memory_slots());
     digest_->Start();
@@ -330,8 +408,12 @@ MigrationStats MigrationSource::RunPhases() {
     stats_.expected_downtime_ms = summary.expected_downtime_ms;
     const SwitchoverDecision d = policy_->Decide(summary);
     if (d.action == SwitchoverAction::kStopAndCopy) break;
+    if (d.action == SwitchoverAction::kThrottle) {
+      if (Status s = ApplyThrottle(d.throttle); !s.ok()) return failed(s.WithContext("throttle"));
+    }
     if (d.action == SwitchoverAction::kAbort) {
-      const bool gave_up = d.reason == SwitchoverReason::kOutOfRounds || d.reason == SwitchoverReason::kOutOfTime;
+      const bool gave_up = d.reason == SwitchoverReason::kOutOfRounds || d.reason == SwitchoverReason::kOutOfTime ||
+                           d.reason == SwitchoverReason::kNotConverging;
       std::string why = d.detail.empty() ? "the switch-over policy aborted the migration" : d.detail;
       return Finished(Outcome::kCancelled, gave_up ? CancelReason::kNotConverging : CancelReason::kPolicy,
                       Aborted(why + "; the VM keeps running here"));

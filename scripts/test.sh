@@ -25,6 +25,7 @@ suite() {  # suite BUILD_DIR [cmake args...]
 
 asan() {
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+  export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp:print_suppressions=0"
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   suite build-asan -DPMLMIG_SANITIZE=ON -DPMLMIG_BUILD_BENCH=OFF
 }

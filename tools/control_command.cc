@@ -9,6 +9,8 @@
 #include <thread>
 
 #include "commands.h"
+#include "converge_flags.h"
+#include "migration_json.h"
 #include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/transport/control.h"
@@ -25,6 +27,7 @@ struct ControlFlags {
   std::string timeout = "0";
   std::string on_timeout = "cancel";
   SecurityFlags security;
+  ConvergeFlags converge;
 };
 
 void AddControlOption(CLI::App* cmd, ControlFlags* f) {
@@ -37,7 +40,7 @@ std::string StatusLine(const transport::ControlStatus& s) {
                 "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
                 s.elapsed_ms / 1000, s.phase.c_str(), s.round, FormatBytes(s.sent_bytes).c_str(), s.remaining_pages,
                 s.bandwidth_mbps, s.expected_downtime_ms);
-  return buf;
+  return buf + VcpuRatesText(s.throttle_pct, s.vcpu_quota_pages_per_s, s.vcpus);
 }
 
 int Migrate(ControlFlags& f) {
@@ -51,6 +54,7 @@ int Migrate(ControlFlags& f) {
   f.command.max_bandwidth = *bw;
   f.command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
   f.command.force_on_timeout = f.on_timeout == "force";
+  if (Status s = ApplyConvergeFlags(f.converge, &f.command); !s.ok()) return PrintError(s.message()), kExitUsage;
   // Checked here for a clear error; the VM's process reads the files again.
   if (auto sec = LoadSecurity(f.security); !sec.ok()) return PrintError(sec.status().message()), kExitUsage;
   const SecurityFlags abs = AbsolutePaths(f.security);
@@ -89,6 +93,9 @@ int ShowStatus(const ControlFlags& f) {
                                 {"phase", st->phase}, {"round", st->round}, {"remaining_pages", st->remaining_pages},
                                 {"bandwidth_mbps", st->bandwidth_mbps},
                                 {"expected_downtime_ms", st->expected_downtime_ms}, {"sent_bytes", st->sent_bytes},
+                                {"throttle_pct", st->throttle_pct},
+                                {"vcpu_quota_pages_per_s", st->vcpu_quota_pages_per_s},
+                                {"vcpus", VcpuRatesJson(st->vcpus, 0)},
                                 {"error", st->error}};
     std::printf("%s\n", j.dump().c_str());
   } else {
@@ -124,6 +131,7 @@ Command RegisterControl(CLI::App& app) {
       "--verify-before-commit", [f] { f->command.verify_order = engine::VerifyOrder::kBeforeCommit; },
       "With --verify: compare before the target runs the VM; a mismatch keeps it here");
   migrate->add_flag("--json", f->json, "Print the statistics as one JSON object");
+  AddConvergeFlags(migrate, &f->converge, "Convergence");
   AddSecurityFlags(migrate, &f->security, /*sender=*/true);
   auto* status = app.add_subcommand("status", "Show a controlled VM and its migration");
   AddControlOption(status, f.get());

@@ -7,6 +7,7 @@
 
 #include "commands.h"
 #include "pmlmig/base/failpoint.h"
+#include "pmlmig/version.h"
 
 namespace pmlmig::tools {
 namespace {
@@ -66,7 +67,8 @@ int main(int argc, char** argv) {
                "Run 'pmlmig <command> --help' for a command's options.",
                "pmlmig"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "pmlmig 0.1.0");
+  app.set_version_flag("--version", "pmlmig " + std::string(pmlmig::VersionString()) + " (wire protocol " +
+                                         std::to_string(pmlmig::kWireVersion) + ")");
   std::map<const CLI::App*, Command> commands;
   auto add = [&](Command (*reg)(CLI::App&)) {
     const size_t before = app.get_subcommands({}).size();

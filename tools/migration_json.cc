@@ -10,7 +10,11 @@ namespace pmlmig::tools {
 std::string ErrorWithAdvice(const engine::MigrationStats& s) {
   switch (s.cancel_reason) {
     case engine::CancelReason::kNotConverging:
-      return s.error + " (raise --downtime-limit, --max-rounds or --timeout, or use --on-timeout force)";
+      if (s.throttle.aid == engine::ConvergeAid::kNone) {
+        return s.error + " (slow the guest with --dirty-limit auto or --auto-converge, raise --downtime-limit, or "
+                         "use --on-timeout force)";
+      }
+      return s.error + " (raise --downtime-limit or --max-bandwidth, or use --on-timeout force)";
     case engine::CancelReason::kTimedOut: return s.error + " (raise --timeout)";
     default: return s.error;
   }
@@ -36,6 +40,35 @@ nlohmann::ordered_json VerificationJson(const engine::VerifyReport& v) {
   };
 }
 
+nlohmann::ordered_json VcpuRatesJson(const std::vector<engine::VcpuRate>& vcpus, double seconds) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const engine::VcpuRate& v : vcpus) {
+    out.push_back({{"dirty_pages_per_s", v.dirty_pages_per_s},
+                   {"entries_per_s", v.entries_per_s},
+                   {"quota_pages_per_s", v.quota_pages_per_s},
+                   {"dirty_pages", v.dirty_pages},
+                   {"mean_dirty_pages_per_s", seconds > 0 ? static_cast<double>(v.dirty_pages) / seconds : 0.0},
+                   {"held_ms", static_cast<double>(v.held_ns) / 1e6},
+                   {"holds", v.holds}});
+  }
+  return out;
+}
+
+nlohmann::ordered_json ThrottleJson(const engine::MigrationStats& s) {
+  const engine::ThrottleReport& t = s.throttle;
+  const engine::ThrottleStats& e = t.at_end;
+  return {
+      {"aid", std::string(engine::ConvergeAidName(t.aid))},
+      {"steps", t.steps},
+      {"final_pct", t.final_pct},
+      {"max_pct", e.max_duty_pct},
+      {"final_quota_pages_per_s", t.final_quota_pages_per_s},
+      {"min_quota_pages_per_s", e.min_quota_pages_per_s},
+      {"per_vcpu_rates", e.per_vcpu_rates},
+      {"vcpus", VcpuRatesJson(e.vcpus, s.total_time_ms / 1000)},
+  };
+}
+
 nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
   const bool completed = s.outcome == engine::Outcome::kCompleted;
   nlohmann::ordered_json rounds = nlohmann::ordered_json::array();
@@ -47,7 +80,9 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
                       {"bytes", r.sent.wire_bytes},
                       {"duration_ms", r.duration_ms},
                       {"bandwidth_mbps", r.bandwidth_mbps},
-                      {"expected_downtime_ms", r.expected_downtime_ms}});
+                      {"expected_downtime_ms", r.expected_downtime_ms},
+                      {"throttle_pct", r.throttle_pct},
+                      {"vcpu_quota_pages_per_s", r.vcpu_quota_pages_per_s}});
   }
   return {
       {"status", std::string(engine::OutcomeName(s.outcome))},
@@ -70,9 +105,24 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"target_resume_ms", s.final_reply.target_resume_ms},
       {"commit_resolved", s.commit_resolved},
       {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(ErrorWithAdvice(s))},
+      {"throttle", ThrottleJson(s)},
       {"round_stats", rounds},
   };
 }
+
+namespace {
+
+// "30%", "3.1k/s" (dirty-limit quota per vCPU) or "-".
+std::string ThrottleText(uint32_t pct, double quota) {
+  char buf[32];
+  if (pct > 0) std::snprintf(buf, sizeof buf, "%u%%", pct);
+  else if (quota >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk/s", quota / 1e3);
+  else if (quota > 0) std::snprintf(buf, sizeof buf, "%.0f/s", quota);
+  else return "-";
+  return buf;
+}
+
+}  // namespace
 
 std::string VerificationText(const engine::VerifyReport& v) {
   if (v.verdict == engine::VerifyVerdict::kNotAsked) return "not requested";
@@ -106,11 +156,26 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
     out += buf;
   }
   out += "  verification: " + VerificationText(s.verification) + "\n";
-  out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms\n";
+  const engine::ThrottleReport& t = s.throttle;
+  if (t.aid != engine::ConvergeAid::kNone || t.steps > 0) {
+    std::snprintf(buf, sizeof buf, "  throttle: %s, %u step%s, %s at the end\n",
+                  std::string(engine::ConvergeAidName(t.aid)).c_str(), t.steps, t.steps == 1 ? "" : "s",
+                  ThrottleText(t.final_pct, t.final_quota_pages_per_s).c_str());
+    out += buf;
+  }
+  const double seconds = s.total_time_ms / 1000;
+  for (size_t i = 0; i < t.at_end.vcpus.size() && t.at_end.per_vcpu_rates; ++i) {
+    const engine::VcpuRate& v = t.at_end.vcpus[i];
+    std::snprintf(buf, sizeof buf, "  vcpu %zu: %.0f new dirty pages/s on average, held %.0f ms (%" PRIu64 " times)\n",
+                  i, seconds > 0 ? static_cast<double>(v.dirty_pages) / seconds : 0.0,
+                  static_cast<double>(v.held_ns) / 1e6, v.holds);
+    out += buf;
+  }
+  out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms  throttle\n";
   for (const engine::RoundStats& r : s.round_stats) {
-    std::snprintf(buf, sizeof buf, "  %5u %13" PRIu64 " %9" PRIu64 " %11s %8.1f %9.0f %12.1f\n", r.round,
+    std::snprintf(buf, sizeof buf, "  %5u %13" PRIu64 " %9" PRIu64 " %11s %8.1f %9.0f %12.1f %17s\n", r.round,
                   r.dirty_pages, r.sent.pages, FormatBytes(r.sent.wire_bytes).c_str(), r.duration_ms,
-                  r.bandwidth_mbps, r.expected_downtime_ms);
+                  r.bandwidth_mbps, r.expected_downtime_ms, ThrottleText(r.throttle_pct, r.vcpu_quota_pages_per_s).c_str());
     out += buf;
   }
   if (!s.error.empty()) out += "  error: " + ErrorWithAdvice(s) + "\n";
@@ -123,7 +188,24 @@ std::string ProgressLine(const engine::MigrationProgress& p) {
                 "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
                 p.elapsed_ms / 1000, std::string(engine::PhaseName(p.phase)).c_str(), p.round, FormatBytes(p.wire_bytes).c_str(), p.remaining_pages,
                 p.bandwidth_mbps, p.expected_downtime_ms);
-  return buf;
+  std::string out = buf;
+  out += VcpuRatesText(p.throttle_pct, p.vcpu_quota_pages_per_s, p.vcpus);
+  return out;
+}
+
+std::string VcpuRatesText(uint32_t throttle_pct, double quota, const std::vector<engine::VcpuRate>& vcpus) {
+  std::string out;
+  if (throttle_pct > 0 || quota > 0) out += " | throttle " + ThrottleText(throttle_pct, quota);
+  if (!vcpus.empty() && (vcpus[0].dirty_pages_per_s > 0 || vcpus[0].entries_per_s > 0 || vcpus.size() > 1)) {
+    out += " | vCPU pages/s";
+    char b[24];
+    for (const engine::VcpuRate& v : vcpus) {
+      if (v.dirty_pages_per_s >= 1e3) std::snprintf(b, sizeof b, " %.1fk", v.dirty_pages_per_s / 1e3);
+      else std::snprintf(b, sizeof b, " %.0f", v.dirty_pages_per_s);
+      out += b;
+    }
+  }
+  return out;
 }
 
 }  // namespace pmlmig::tools

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "commands.h"
+#include "converge_flags.h"
 #include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "migration_json.h"
@@ -55,6 +56,7 @@ struct RunFlags {
   std::string verify_order = "after-commit";
   std::string linger = "1s";  // the VM keeps running this long after a failed migration
   SecurityFlags security;
+  ConvergeFlags converge;
   std::string control;  // unix socket for the control API
 };
 
@@ -116,6 +118,9 @@ class RunControl final : public transport::ControlHandler {
       s.expected_downtime_ms = p.expected_downtime_ms;
       s.sent_bytes = p.wire_bytes;
       s.elapsed_ms = p.elapsed_ms;
+      s.throttle_pct = p.throttle_pct;
+      s.vcpu_quota_pages_per_s = p.vcpu_quota_pages_per_s;
+      s.vcpus = p.vcpus;
     } else if (cs.last != engine::Outcome::kNone) {
       s.migration = engine::OutcomeName(cs.last);
       s.error = ErrorWithAdvice(cs.last_stats);
@@ -304,6 +309,12 @@ int Run(const RunFlags& f) {
     command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
     command.force_on_timeout = f.on_timeout == "force";
     command.verify = f.verify;
+    if (Status s = ApplyConvergeFlags(f.converge, &command); !s.ok()) return PrintError(s.message()), kExitUsage;
+    if (command.aid == engine::ConvergeAid::kDirtyLimit && *tracker_kind != engine::TrackerKind::kRing) {
+      return PrintError("--dirty-limit needs --tracker ring: only the dirty ring says which vCPU wrote a page "
+                        "(use --auto-converge with the bitmap)"),
+             kExitUsage;
+    }
     if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
       return PrintError("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit"), kExitUsage;
     }
@@ -572,6 +583,7 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--linger", f->linger, "After a failed or cancelled migration, keep the VM running this long before the run ends")
       ->capture_default_str()
       ->group(mig);
+  AddConvergeFlags(cmd, &f->converge, mig);
   AddSecurityFlags(cmd, &f->security, /*sender=*/true);
   cmd->add_flag("--verify", f->verify,
                 "Compare chunk digests of all memory on both sides at the pause point; a mismatch names the ranges")

@@ -1,5 +1,7 @@
 #include "pmlmig/transport/control.h"
 
+#include <cmath>
+
 #include <grpcpp/grpcpp.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -41,6 +43,22 @@ class Service final : public proto::Control::Service {
     c.tls_key = r->tls_key();
     c.tls_server_name = r->tls_server_name();
     c.token_file = r->token_file();
+    switch (r->converge()) {
+      case proto::CONVERGE_NONE: c.aid = engine::ConvergeAid::kNone; break;
+      case proto::CONVERGE_DIRTY_LIMIT: c.aid = engine::ConvergeAid::kDirtyLimit; break;
+      case proto::CONVERGE_AUTO: c.aid = engine::ConvergeAid::kAutoConverge; break;
+      default:
+        return ToGrpc(InvalidArgument("migrate: unknown converge aid " + std::to_string(r->converge()) +
+                                      " (this VM knows none, dirty-limit and auto-converge)"));
+    }
+    c.dirty_limit_pages_per_s = r->dirty_limit_pages_per_s();
+    if (!(c.dirty_limit_pages_per_s >= 0) || !std::isfinite(c.dirty_limit_pages_per_s)) {
+      return ToGrpc(InvalidArgument("migrate: the dirty limit must be a finite rate >= 0"));
+    }
+    if (c.dirty_limit_pages_per_s > 0 && c.aid != engine::ConvergeAid::kDirtyLimit) {
+      return ToGrpc(InvalidArgument("migrate: a dirty limit was given without the dirty-limit aid"));
+    }
+    if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
     return ToGrpc(handler_.StartMigration(c));
   }
   grpc::Status Status(grpc::ServerContext*, const proto::StatusRequest*, proto::StatusReply* out) override {
@@ -57,6 +75,15 @@ class Service final : public proto::Control::Service {
     out->set_elapsed_ms(s.elapsed_ms);
     out->set_error(s.error);
     out->set_stats_json(s.stats_json);
+    out->set_throttle_pct(s.throttle_pct);
+    out->set_vcpu_quota_pages_per_s(s.vcpu_quota_pages_per_s);
+    for (const engine::VcpuRate& v : s.vcpus) {
+      proto::VcpuRate* o = out->add_vcpus();
+      o->set_dirty_pages_per_s(v.dirty_pages_per_s);
+      o->set_entries_per_s(v.entries_per_s);
+      o->set_quota_pages_per_s(v.quota_pages_per_s);
+      o->set_held_ns(v.held_ns);
+    }
     return grpc::Status::OK;
   }
   grpc::Status Cancel(grpc::ServerContext*, const proto::CancelRequest*, proto::CancelReply*) override {
@@ -130,6 +157,11 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_tls_key(c.tls_key);
   r.set_tls_server_name(c.tls_server_name);
   r.set_token_file(c.token_file);
+  r.set_converge(c.aid == engine::ConvergeAid::kDirtyLimit     ? proto::CONVERGE_DIRTY_LIMIT
+                 : c.aid == engine::ConvergeAid::kAutoConverge ? proto::CONVERGE_AUTO
+                                                               : proto::CONVERGE_NONE);
+  r.set_dirty_limit_pages_per_s(c.dirty_limit_pages_per_s);
+  r.set_stall_rounds(c.stall_rounds);
   proto::MigrateReply reply;
   auto ctx = Context();
   return FromGrpc(Connect(path)->Migrate(ctx.get(), r, &reply), path);
@@ -152,6 +184,16 @@ Result<ControlStatus> ControlGetStatus(const std::string& path) {
   s.elapsed_ms = r.elapsed_ms();
   s.error = r.error();
   s.stats_json = r.stats_json();
+  s.throttle_pct = r.throttle_pct();
+  s.vcpu_quota_pages_per_s = r.vcpu_quota_pages_per_s();
+  for (const proto::VcpuRate& v : r.vcpus()) {
+    engine::VcpuRate o;
+    o.dirty_pages_per_s = v.dirty_pages_per_s();
+    o.entries_per_s = v.entries_per_s();
+    o.quota_pages_per_s = v.quota_pages_per_s();
+    o.held_ns = v.held_ns();
+    s.vcpus.push_back(o);
+  }
   return s;
 }
 
@@ -180,6 +222,9 @@ engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {
   mo.convergence.force_on_timeout = c.force_on_timeout;
   mo.verify = c.verify;
   mo.verify_order = c.verify_order;
+  mo.convergence.aid = c.aid;
+  mo.convergence.dirty_limit = c.dirty_limit_pages_per_s;
+  mo.convergence.stall_rounds = c.stall_rounds;
   return mo;
 }
 

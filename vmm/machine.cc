@@ -160,6 +160,29 @@ void Machine::SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler) {
   dirty_ring_full_ = std::move(handler);
 }
 
+bool Machine::SetVcpuThrottleHook(ThrottleHook hook) {
+  {
+    std::unique_lock lock(throttle_mu_);
+    throttle_active_.store(hook != nullptr);
+    throttle_hook_ = std::move(hook);
+  }
+  // A vCPU held right now goes back to the guest when the hook goes: its
+  // wait (under mu_) checks throttle_active_.
+  { std::lock_guard lock(mu_); }
+  cv_.notify_all();
+  return true;
+}
+
+void Machine::KickVcpu(uint32_t vcpu) {
+  if (vcpu >= vcpus_.size()) return;
+  Kick(*vcpus_[vcpu]);
+}
+
+std::chrono::nanoseconds Machine::ThrottleHold(uint32_t vcpu) {
+  std::shared_lock lock(throttle_mu_);
+  return throttle_hook_ ? throttle_hook_(vcpu) : std::chrono::nanoseconds{0};
+}
+
 Result<std::vector<uint8_t>> Machine::SaveState() {
   PMLMIG_ASSIGN_OR_RETURN(MachineState s, CaptureState());
   return EncodeMachineState(s);
@@ -262,6 +285,15 @@ void Machine::Loop(VcpuThread& t) {
       t.pace_start = std::chrono::steady_clock::now();
       t.paced_pages = 0;
       continue;
+    }
+    if (throttle_active_.load(std::memory_order_relaxed)) {
+      // Dirty-limit or auto-converge holds this vCPU out of guest mode for a
+      // while; a pause or stop request ends the wait.
+      if (const auto hold = ThrottleHold(vcpu.id()); hold.count() > 0) {
+        std::unique_lock lock(mu_);
+        cv_.wait_for(lock, hold, [&] { return t.request.load() != Request::kRun || !throttle_active_.load(); });
+        continue;  // asks the hook again: the hold may have grown meanwhile
+      }
     }
     vcpu.SetImmediateExit(false);
     if (t.request.load() != Request::kRun) continue;

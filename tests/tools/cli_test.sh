@@ -28,6 +28,14 @@ for cmd in "" probe run; do
   if "$PMLMIG" $cmd --help >"$tmp/out" 2>&1 && grep -q "Usage" "$tmp/out"; then pass "help '$cmd'"; else fail "help '$cmd'"; fi
 done
 
+# --version names the release this tree builds (not a number written by hand) and the wire protocol.
+release=$(sed -n 's/^project(pmlmig VERSION \([0-9.]*\).*/\1/p' "$(dirname "$0")/../../CMakeLists.txt")
+if [ -n "$release" ] && "$PMLMIG" --version 2>&1 | grep -qx "pmlmig $release (wire protocol [0-9]*)"; then
+  pass "--version: $release"
+else
+  fail "--version: '$("$PMLMIG" --version 2>&1)', expected pmlmig $release"
+fi
+
 expect_error "no command" 2 "no command given (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')"
 expect_error "unknown command" 2 "unknown command 'frobnicate' (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')" frobnicate
 expect_error "unknown command before flags" 2 "unknown command 'frobnicate'" frobnicate --memory 1G

@@ -62,6 +62,7 @@ class RingHarvester {
  public:
   struct Result {
     uint32_t harvested = 0;  // entries taken (marked RESET), valid or not
+    uint32_t newly_set = 0;  // valid entries whose page was not yet in the set
     uint32_t invalid = 0;    // entries whose slot/offset lie outside the DirtySet
     uint32_t first_bad_slot = 0;
     uint64_t first_bad_offset = 0;
@@ -111,6 +112,7 @@ class DirtyRingTracker final : public DirtyTracker {
   Status Collect(DirtySet& out) override;
   Status Disable() override;
   TrackerStats stats() const override;
+  bool vcpu_counts(std::vector<VcpuDirtyCount>& out) const override;
 
  private:
   // Per-ring state, each on its own cache lines: the harvester is touched
@@ -125,6 +127,9 @@ class DirtyRingTracker final : public DirtyTracker {
     // Set by the vCPU thread on KVM_EXIT_DIRTY_RING_FULL, taken by the
     // collector (which then checks the ring for an overflow gap).
     alignas(128) std::atomic<bool> reported_full{false};
+    // Added by the collector after each harvest, read by vcpu_counts().
+    std::atomic<uint64_t> new_pages{0};
+    std::atomic<uint64_t> entries{0};
   };
 
   DirtyRingTracker(VmControl& vm, const DirtyRingOptions& options);

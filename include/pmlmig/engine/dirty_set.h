@@ -58,12 +58,19 @@ class DirtySet {
   }
   // Same, for a set owned by the calling thread alone: no locked instruction.
   bool MarkExclusive(uint32_t slot_id, uint64_t page) {
+    uint32_t newly_set = 0;
+    return MarkExclusive(slot_id, page, newly_set);
+  }
+  // The same, adding 1 to `newly_set` when the page was not yet in the set
+  // (how the ring tracker measures each vCPU's dirty rate).
+  bool MarkExclusive(uint32_t slot_id, uint64_t page, uint32_t& newly_set) {
     Slot* s = Find(slot_id, page);
     if (s == nullptr) [[unlikely]] return false;
     const uint64_t w = page >> 6;
     const uint64_t v = s->bits[w].load(std::memory_order_relaxed);
     const uint64_t bit = 1ull << (page & 63);
     if ((v & bit) == 0) {
+      ++newly_set;
       s->bits[w].store(v | bit, std::memory_order_relaxed);
       std::atomic<uint64_t>& sum = s->summary[w >> 6];
       const uint64_t sv = sum.load(std::memory_order_relaxed);

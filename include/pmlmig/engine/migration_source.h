@@ -38,6 +38,7 @@
 #include "pmlmig/engine/source_digest.h"
 #include "pmlmig/engine/switchover_policy.h"
 #include "pmlmig/engine/tracker.h"
+#include "pmlmig/engine/vcpu_throttle.h"
 #include "pmlmig/engine/vm_control.h"
 
 namespace pmlmig::engine {
@@ -63,6 +64,8 @@ struct RoundStats {
   double duration_ms = 0;
   double bandwidth_mbps = 0;         // wire bytes / duration, megabits/s
   double expected_downtime_ms = 0;   // estimated before the round started
+  uint32_t throttle_pct = 0;         // auto-converge's throttle while it was sent (0: none)
+  double vcpu_quota_pages_per_s = 0; // dirty-limit's per-vCPU quota while it was sent (0: none)
 };
 
 // Why a migration ended cancelled, so a caller can advise its user (the
@@ -73,6 +76,15 @@ enum class CancelReason : uint8_t {
   kNotConverging,  // the policy gave up (out of rounds or time) after round 0
   kTimedOut,       // the timeout ended a round in progress (round 0: sending all memory)
   kPolicy,         // a custom policy aborted (its detail is the error)
+};
+
+// The switch-over policy's aid, with what it did (vcpu_throttle.h).
+struct ThrottleReport {
+  ConvergeAid aid = ConvergeAid::kNone;  // what the default policy was allowed (a custom policy's: none)
+  uint32_t steps = 0;                    // throttle steps taken
+  uint32_t final_pct = 0;                // auto-converge's throttle at the end (0: none)
+  double final_quota_pages_per_s = 0;    // dirty-limit's quota at the end (0: none)
+  ThrottleStats at_end;                  // the vCPUs' rates and hold times when the migration ended
 };
 
 // What verification found.
@@ -115,6 +127,7 @@ struct MigrationStats {
   bool commit_resolved = false;      // the commit's reply was lost; Resolve gave the outcome
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
+  ThrottleReport throttle;
 };
 
 enum class Phase : uint8_t { kSetup, kRound, kStopAndCopy, kCommit, kDone };
@@ -129,6 +142,11 @@ struct MigrationProgress {
   double expected_downtime_ms = 0;
   uint64_t wire_bytes = 0;
   double elapsed_ms = 0;
+  // Live, when the tracker counts per vCPU: each vCPU's dirty rate, quota and
+  // hold time, and the throttle in force.
+  uint32_t throttle_pct = 0;
+  double vcpu_quota_pages_per_s = 0;
+  std::vector<VcpuRate> vcpus;
 };
 
 // Events of a migration, on its thread (Run()'s): keep them short.
@@ -152,6 +170,9 @@ class MigrationSource {
     sink_.Abort("cancelled by request");
   }
   MigrationProgress progress() const;
+  // Whether the default policy's aid (options.convergence.aid) can work with
+  // this tracker and VMM; Run() fails with the same error. Before Run().
+  Status CheckAid();
   // Before Run().
   void SetCallbacks(MigrationCallbacks callbacks) { callbacks_ = std::move(callbacks); }
 
@@ -164,6 +185,9 @@ class MigrationSource {
   double BandwidthBytesPerSecond() const;
   void Publish(Phase phase, uint32_t round, uint64_t remaining, double expected_ms);
   Status Fail(const Status& why);
+  Status ApplyThrottle(const ThrottleRequest& request);
+  void AddThrottle(MigrationProgress& p) const;  // progress_mu_ held
+  void StopThrottle();
   // After the target's FinalReply: compares its digests with the source's.
   void CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine);
 
@@ -184,6 +208,9 @@ class MigrationSource {
   std::unique_ptr<SourceDigest> digest_;  // verifying; Run()'s thread
   mutable std::mutex progress_mu_;
   MigrationProgress progress_;          // guarded by progress_mu_
+  // Measures and slows the vCPUs from tracking on until the end; set and
+  // reset by Run()'s thread under progress_mu_ (progress() reads it).
+  std::unique_ptr<VcpuThrottle> throttle_;
 };
 
 // Runs of pages set in `set`, in gpa order (consecutive pages merged).

@@ -64,6 +64,13 @@ struct TrackerCounters {
   TrackerStats Snapshot() const;
 };
 
+// What one vCPU has logged since the tracker was created, for trackers that
+// log per vCPU (the dirty ring). Counts only grow; rates are differences.
+struct VcpuDirtyCount {
+  uint64_t new_pages = 0;  // pages it added to the dirty set (a page counts once between two collections)
+  uint64_t entries = 0;    // log entries (this host logs several per page write)
+};
+
 class DirtyTracker {
  public:
   virtual ~DirtyTracker() = default;
@@ -72,6 +79,13 @@ class DirtyTracker {
   virtual Status Collect(DirtySet& out) = 0;
   virtual Status Disable() = 0;
   virtual TrackerStats stats() const = 0;
+  // Fills one count per vCPU and returns true, or returns false (leaving
+  // `out` alone) for a tracker whose log does not say which vCPU wrote (the
+  // bitmap, write protection). Any thread.
+  virtual bool vcpu_counts(std::vector<VcpuDirtyCount>& out) const {
+    (void)out;
+    return false;
+  }
 };
 
 }  // namespace pmlmig::engine

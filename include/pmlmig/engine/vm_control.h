@@ -3,9 +3,11 @@
 // for its own VMs. The engine depends on nothing else of the VMM.
 //
 // Thread-safety: every method from the engine's controlling thread, except
-// the ring-full handler, which the VMM calls on a vCPU thread.
+// the ring-full handler and the throttle hook, which the VMM calls on a vCPU
+// thread, and KickVcpu, from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -53,6 +55,23 @@ class VmControl {
   // Called on the vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; returns once the
   // ring has room again (or an error, which stops that vCPU).
   virtual void SetDirtyRingFullHandler(std::function<Status(uint32_t vcpu)> handler) = 0;
+
+  // Throttling, for dirty-limit and auto-converge (optional: the defaults say
+  // "not supported", and the engine then refuses those modes).
+  //
+  // The VMM calls `hook` on a vCPU's thread each time before that vCPU enters
+  // KVM_RUN, and keeps the vCPU out of guest mode for the time it returns
+  // (0: enter at once). A pause or stop of the vCPU ends the wait early.
+  // nullptr removes the hook; once that call returns the hook is never called
+  // again. Returns false when the VMM cannot throttle.
+  using ThrottleHook = std::function<std::chrono::nanoseconds(uint32_t vcpu)>;
+  virtual bool SetVcpuThrottleHook(ThrottleHook hook) {
+    (void)hook;
+    return false;
+  }
+  // Makes `vcpu` leave guest mode soon (so the hook runs), without waiting
+  // for it. Any thread.
+  virtual void KickVcpu(uint32_t vcpu) { (void)vcpu; }
 
   // The architectural state of the VM and every vCPU, as an opaque,
   // versioned blob (vCPUs paused).

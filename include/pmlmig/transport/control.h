@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/migration_source.h"
@@ -25,6 +26,9 @@ struct MigrateCommand {
   bool force_on_timeout = false;
   bool verify = false;
   engine::VerifyOrder verify_order = engine::VerifyOrder::kAfterCommit;
+  engine::ConvergeAid aid = engine::ConvergeAid::kNone;
+  double dirty_limit_pages_per_s = 0;  // dirty-limit's per-vCPU quota; 0: derived
+  uint32_t stall_rounds = 5;           // 0: only max_rounds and the timeout end it
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
@@ -46,6 +50,9 @@ struct ControlStatus {
   double expected_downtime_ms = 0;
   uint64_t sent_bytes = 0;
   double elapsed_ms = 0;
+  uint32_t throttle_pct = 0;
+  double vcpu_quota_pages_per_s = 0;
+  std::vector<engine::VcpuRate> vcpus;  // held_ns and the quota only, with the rates
   std::string error;
   std::string stats_json;
 };

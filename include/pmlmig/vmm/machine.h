@@ -21,6 +21,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,6 +84,8 @@ class Machine final : public engine::VmControl, private ExitHandler {
   Status SetDirtyLogging(bool on) override;
   std::optional<Backing> slot_backing(uint32_t slot) const override;
   void SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler) override;
+  bool SetVcpuThrottleHook(ThrottleHook hook) override;
+  void KickVcpu(uint32_t vcpu) override;
   Result<std::vector<uint8_t>> SaveState() override;  // CaptureState, encoded
   Status LoadState(std::span<const uint8_t> state) override;
 
@@ -118,6 +121,7 @@ class Machine final : public engine::VmControl, private ExitHandler {
   static Result<std::unique_ptr<Machine>> Build(const Kvm& kvm, const MachineOptions& options);
   void Loop(VcpuThread& t);
   void Kick(VcpuThread& t);
+  std::chrono::nanoseconds ThrottleHold(uint32_t vcpu);  // the hook's answer (0 without one)
   void Fail(const Status& s);
   void WaitAll(std::unique_lock<std::mutex>& lock, VcpuRunState a, VcpuRunState b);
 
@@ -133,6 +137,11 @@ class Machine final : public engine::VmControl, private ExitHandler {
   std::unique_ptr<Vm> vm_;
   std::vector<std::unique_ptr<VcpuThread>> vcpus_;
   std::function<Status(uint32_t)> dirty_ring_full_;  // guarded by mu_
+  // The throttle hook: vCPU threads call it under a shared lock, so that once
+  // SetVcpuThrottleHook(nullptr) holds the lock exclusively no call is left.
+  std::shared_mutex throttle_mu_;
+  ThrottleHook throttle_hook_;               // guarded by throttle_mu_
+  std::atomic<bool> throttle_active_{false}; // skips the lock while there is no hook
   std::atomic<uint64_t> kick_gen_{0};  // KickAll generation; vCPU threads ack it after KVM_RUN returns
 
   mutable std::mutex mu_;
