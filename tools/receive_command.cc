@@ -87,9 +87,9 @@ int Receive(const ReceiveFlags& f) {
   fo.check_memory = true;
   if (!f.quiet) {
     fo.on_build = [](const vmm::MachineOptions& o) {
-      std::fprintf(stderr, "pmlmig receive: building a %s guest with %u vCPU%s (workload %s)\n",
+      std::fprintf(stderr, "pmlmig receive: building a %s guest with %u vCPU%s, workload %s\n",
                    FormatBytes(o.guest.memory_bytes).c_str(), o.guest.vcpus, o.guest.vcpus == 1 ? "" : "s",
-                   o.guest.workload.ToString().c_str());
+                   vmm::DescribeWorkloads(o.guest.workload, o.guest.vcpu_workloads).c_str());
     };
   }
   vmm::TestVmFactory factory(*kvm, std::move(fo));

@@ -32,6 +32,7 @@ struct RunFlags {
   std::string memory = "1G";
   uint32_t vcpus = 1;
   std::string workload = "random";
+  std::vector<std::string> vcpu_workloads;  // "N=SPEC" each, checked against vcpus in Run
   std::string fill = "random";
   uint64_t seed = vmm::TestGuestConfig{}.seed;
   std::string duration = "10s";
@@ -72,6 +73,13 @@ Result<uint32_t> RingEntries(const vmm::Kvm& kvm, uint32_t requested) {
                            ": must be a power of two from 256 to this host's maximum of " + std::to_string(max));
   }
   return requested;
+}
+
+// The per-vCPU overrides as the --json outputs show them: {"2": "random:rate=1000"}.
+nlohmann::ordered_json VcpuWorkloadsJson(const vmm::TestGuestConfig& guest) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  for (const auto& [vcpu, spec] : guest.vcpu_workloads) out[std::to_string(vcpu)] = spec.ToString();
+  return out;
 }
 
 std::string Rate(double pages_per_second) {
@@ -218,6 +226,7 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     out["compress"] = f.compress;
     out["memory_bytes"] = options.guest.memory_bytes;
     out["workload"] = options.guest.workload.ToString();
+    out["vcpu_workloads"] = VcpuWorkloadsJson(options.guest);
     out["pages_written"] = written;
     out["source_run_s"] = ran;
     out["source_vm_error"] = m.error().ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(m.error().message());
@@ -247,6 +256,8 @@ int Run(const RunFlags& f) {
   if (!memory.ok()) return PrintError("--memory: " + memory.status().message()), kExitUsage;
   auto workload = vmm::ParseWorkload(f.workload);
   if (!workload.ok()) return PrintError("--workload: " + workload.status().message()), kExitUsage;
+  auto vcpu_workloads = vmm::ParseVcpuWorkloads(f.vcpu_workloads, f.vcpus);
+  if (!vcpu_workloads.ok()) return PrintError("--vcpu-workload: " + vcpu_workloads.status().message()), kExitUsage;
   auto fill = vmm::ParseFillMode(f.fill);
   if (!fill.ok()) return PrintError("--fill: " + fill.status().message()), kExitUsage;
   auto duration = ParseDuration(f.duration);
@@ -265,6 +276,7 @@ int Run(const RunFlags& f) {
   options.guest.memory_bytes = *memory;
   options.guest.vcpus = f.vcpus;
   options.guest.workload = *workload;
+  options.guest.vcpu_workloads = *vcpu_workloads;
   options.guest.fill = *fill;
   options.guest.seed = f.seed;
   options.irqchip = !f.no_irqchip;
@@ -380,7 +392,7 @@ int Run(const RunFlags& f) {
     const std::string ring = ring_entries ? " (" + std::to_string(ring_entries) + " entries)" : "";
     std::fprintf(stderr, "pmlmig run: %s guest, %u vCPU%s, workload %s, fill %s, tracker %s%s (setup %.2f s)%s\n",
                  FormatBytes(*memory).c_str(), f.vcpus, f.vcpus == 1 ? "" : "s",
-                 workload->ToString().c_str(), f.fill.c_str(), std::string(engine::TrackerKindName(*tracker_kind)).c_str(), ring.c_str(), setup_s,
+                 vmm::DescribeWorkloads(options.guest.workload, options.guest.vcpu_workloads).c_str(), f.fill.c_str(), std::string(engine::TrackerKindName(*tracker_kind)).c_str(), ring.c_str(), setup_s,
                  duration->count() == 0 ? "; Ctrl-C to stop" : "");
   }
 
@@ -491,6 +503,7 @@ int Run(const RunFlags& f) {
       {"bytes_written_per_second", static_cast<double>(total) * 4096.0 / elapsed},
       {"memory_bytes", *memory},
       {"workload", workload->ToString()},
+      {"vcpu_workloads", VcpuWorkloadsJson(options.guest)},
       {"fill", f.fill},
       {"setup_s", setup_s},
       {"tracker", std::string(engine::TrackerKindName(*tracker_kind))},
@@ -513,8 +526,12 @@ int Run(const RunFlags& f) {
                 FormatBytes(static_cast<uint64_t>(static_cast<double>(total) * 4096.0 / elapsed)).c_str(),
                 FormatBytes(PeakRssBytes()).c_str());
     for (size_t i = 0; i < stats.size(); ++i) {
-      std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops\n", i, stats[i].pages_written,
-                  Rate(static_cast<double>(stats[i].pages_written) / elapsed).c_str(), stats[i].loops);
+      // With per-vCPU workloads, each line says which one it measured.
+      const std::string which = options.guest.vcpu_workloads.empty()
+                                    ? ""
+                                    : ", workload " + options.guest.WorkloadOf(static_cast<uint32_t>(i)).ToString();
+      std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops%s\n", i, stats[i].pages_written,
+                  Rate(static_cast<double>(stats[i].pages_written) / elapsed).c_str(), stats[i].loops, which.c_str());
     }
     if (per_second != nullptr) {
       std::printf("  tracker %s: %" PRIu64 " pages collected in %" PRIu64 " collections, %.2f ms collecting",
@@ -550,6 +567,11 @@ Command RegisterRun(CLI::App& app) {
                   "idle | seq | random | hotset:fraction=F,share=S; each may add rate=PAGES_PER_SECOND per vCPU "
                   "(e.g. hotset:fraction=0.05,share=0.9,rate=20000)")
       ->capture_default_str();
+  cmd->add_option("--vcpu-workload", f->vcpu_workloads,
+                  "N=SPEC: vCPU N (0 to --vcpus minus 1) runs SPEC instead of --workload, in its same share of "
+                  "memory; repeat for more vCPUs (e.g. --vcpus 3 --workload hotset:fraction=0.0625,share=0.9 "
+                  "--vcpu-workload 2=random:rate=1000)")
+      ->allow_extra_args(false);
   cmd->add_option("--fill", f->fill, "Initial guest memory: random (seeded, incompressible) or zero")
       ->capture_default_str();
   cmd->add_option("--seed", f->seed, "Seed of the fill and of the workload's random choices")->capture_default_str();

@@ -4,6 +4,7 @@
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -30,6 +31,12 @@ uint64_t SplitMix(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
+}
+
+// hot_pages of the boot parameters: hotset's hot pages, seq's swept pages.
+uint64_t HotPages(const WorkloadSpec& spec, uint64_t share_pages) {
+  const uint64_t hot = static_cast<uint64_t>(std::llround(spec.hot_fraction * static_cast<double>(share_pages)));
+  return hot == 0 && share_pages != 0 ? 1 : hot;
 }
 
 kvm_segment Segment(uint16_t selector, uint8_t type, bool code64) {
@@ -87,8 +94,25 @@ Result<GuestLayout> ComputeGuestLayout(const GuestMemory& memory, uint32_t vcpus
   return l;
 }
 
+const WorkloadSpec& TestGuestConfig::WorkloadOf(uint32_t vcpu) const {
+  const auto it = vcpu_workloads.find(vcpu);
+  return it == vcpu_workloads.end() ? workload : it->second;
+}
+
+uint64_t PagesWrittenInto(const WorkloadSpec& spec, uint64_t share_pages) {
+  if (spec.kind == PMLMIG_WORKLOAD_IDLE) return 0;
+  if (spec.kind != PMLMIG_WORKLOAD_SEQ) return share_pages;
+  // As the guest's seq loop bounds its sweep.
+  const uint64_t span = HotPages(spec, share_pages);
+  return span != 0 && span < share_pages ? span : share_pages;
+}
+
 Status PrepareTestGuest(const GuestMemory& memory, const TestGuestConfig& config) {
   PMLMIG_ASSIGN_OR_RETURN(GuestLayout layout, ComputeGuestLayout(memory, config.vcpus));
+  if (!config.vcpu_workloads.empty() && config.vcpu_workloads.rbegin()->first >= config.vcpus) {
+    return InvalidArgument("workload override for vCPU " + std::to_string(config.vcpu_workloads.rbegin()->first) +
+                           " of a VM with " + std::to_string(config.vcpus) + " vCPUs");
+  }
   const std::span<const uint8_t> image = GuestImage();
   if (image.size() > PMLMIG_IMAGE_MAX) return Internal("guest image larger than 64 KiB");
 
@@ -132,19 +156,23 @@ Status PrepareTestGuest(const GuestMemory& memory, const TestGuestConfig& config
   bp->magic = PMLMIG_BOOT_MAGIC;
   bp->version = PMLMIG_BOOT_VERSION;
   bp->num_vcpus = config.vcpus;
-  bp->workload = config.workload.kind;
-  const double share = std::ldexp(config.workload.hot_share, 32);
-  bp->hot_share = share >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(share);
-  bp->throttle_batch = config.workload.rate == 0 ? 0 : static_cast<uint32_t>(std::max<uint64_t>(1, config.workload.rate / 200));
   bp->num_ranges = static_cast<uint32_t>(layout.ranges.size());
   for (size_t i = 0; i < layout.ranges.size(); ++i) bp->ranges[i] = layout.ranges[i];
   for (uint32_t i = 0; i < config.vcpus; ++i) {
+    // Each vCPU keeps its equal share whatever it runs; only what it does
+    // inside the share is its own.
+    const WorkloadSpec& w = config.WorkloadOf(i);
     pmlmig_vcpu_params& v = bp->vcpu[i];
-    v.first_page = config.workload.kind == PMLMIG_WORKLOAD_IDLE ? 0 : layout.shares[i].first_page;
-    v.pages = config.workload.kind == PMLMIG_WORKLOAD_IDLE ? 0 : layout.shares[i].pages;
-    v.hot_pages = static_cast<uint64_t>(std::llround(config.workload.hot_fraction * static_cast<double>(v.pages)));
-    if (v.hot_pages == 0 && v.pages != 0) v.hot_pages = 1;
+    v.first_page = w.kind == PMLMIG_WORKLOAD_IDLE ? 0 : layout.shares[i].first_page;
+    v.pages = w.kind == PMLMIG_WORKLOAD_IDLE ? 0 : layout.shares[i].pages;
+    v.hot_pages = HotPages(w, v.pages);
     v.seed = SplitMix(config.seed + i) | 1;
+    v.workload = w.kind;
+    const double share = std::ldexp(w.hot_share, 32);
+    v.hot_share = share >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(share);
+    // About 200 pacing exits a second: fine-grained enough to be smooth, few
+    // enough not to slow an emulated guest.
+    v.throttle_batch = w.rate == 0 ? 0 : static_cast<uint32_t>(std::max<uint64_t>(1, w.rate / 200));
   }
 
   // 5. The program.

@@ -48,6 +48,12 @@ CheckReport CheckGuestMemory(const GuestMemory& memory, const TestGuestConfig& c
     return empty;
   }
   const GuestLayout& l = *layout;
+  // Where each vCPU's own workload stops writing in its share (seq:fraction
+  // sweeps only the first pages, idle none): a stamp beyond is not its.
+  std::vector<uint64_t> writes_end;
+  for (uint32_t v = 0; v < config.vcpus; ++v) {
+    writes_end.push_back(l.shares[v].first_page + PagesWrittenInto(config.WorkloadOf(v), l.shares[v].pages));
+  }
   auto check_range = [&](const tbb::blocked_range<uint64_t>& r, CheckReport acc) {
     // Shares are contiguous and in vCPU order: find the owner of r.begin().
     uint32_t owner = 0;
@@ -74,9 +80,12 @@ CheckReport CheckGuestMemory(const GuestMemory& memory, const TestGuestConfig& c
         // A stamp is two stores; a pause between them leaves the vCPU's
         // current page with the new first word and the page's old second
         // word. For a first write that is the fill's; one such page per vCPU.
-        const bool in_flight = magic == PMLMIG_STAMP_MAGIC && vcpu == owner &&
-                               stamped_gfn == (gfn & 0xffffffffull) && w1 == fill_w1;
-        if (in_flight && !PageIsFill(config, gfn, page, 16)) {
+        const bool own_stamp = magic == PMLMIG_STAMP_MAGIC && vcpu == owner && stamped_gfn == (gfn & 0xffffffffull);
+        const bool in_flight = own_stamp && w1 == fill_w1;
+        if (own_stamp && i >= writes_end[owner]) {
+          problem = Problem(gfn, "stamped by vcpu %llu, whose workload writes only the first %llu pages of its share",
+                            owner, writes_end[owner] - l.shares[owner].first_page);
+        } else if (in_flight && !PageIsFill(config, gfn, page, 16)) {
           problem = Problem(gfn, "half-written stamp but the rest of the page differs from the fill");
         } else if (in_flight) {
           ++acc.pages_in_flight;

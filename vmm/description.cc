@@ -12,7 +12,9 @@ namespace pmlmig::vmm {
 namespace {
 
 constexpr std::string_view kFormat = "pmlmig-test-vm";
-constexpr int kVersion = 1;
+constexpr int kVersion = 1;         // a VM whose vCPUs all run one workload
+constexpr int kVersionPerVcpu = 2;  // adds "vcpu_workloads"
+constexpr const char* kVcpuWorkloads = "vcpu_workloads";
 
 using Json = nlohmann::json;
 
@@ -28,17 +30,41 @@ Result<T> Field(const Json& j, const char* key) {
   }
 }
 
+Json VcpuWorkloadsJson(const VcpuWorkloads& overrides) {
+  Json out = Json::object();
+  for (const auto& [vcpu, spec] : overrides) out[std::to_string(vcpu)] = spec.ToString();
+  return out;
+}
+
+// "vcpu_workloads" of a version-2 description for a VM of `vcpus` vCPUs,
+// checked as the --vcpu-workload flag is.
+Result<VcpuWorkloads> DecodeVcpuWorkloads(const Json& j, uint32_t vcpus) {
+  PMLMIG_ASSIGN_OR_RETURN(Json overrides, Field<Json>(j, kVcpuWorkloads));
+  const std::string context = std::string("test VM description: ") + kVcpuWorkloads;
+  if (!overrides.is_object()) return InvalidArgument(context + " is not an object");
+  std::vector<std::string> texts;
+  for (const auto& [index, spec] : overrides.items()) {
+    if (!spec.is_string()) return InvalidArgument(context + ": entry \"" + index + "\" is not a string");
+    texts.push_back(index + "=" + spec.get<std::string>());
+  }
+  auto parsed = ParseVcpuWorkloads(texts, vcpus);
+  if (!parsed.ok()) return parsed.status().WithContext(context);
+  return parsed;
+}
+
 }  // namespace
 
 std::string EncodeTestVmDescription(const MachineOptions& o) {
-  const Json j = {{"format", kFormat},
-                  {"version", kVersion},
-                  {"memory_bytes", o.guest.memory_bytes},
-                  {"vcpus", o.guest.vcpus},
-                  {"workload", o.guest.workload.ToString()},
-                  {"fill", FillModeName(o.guest.fill)},
-                  {"seed", o.guest.seed},
-                  {"irqchip", o.irqchip}};
+  const bool per_vcpu = !o.guest.vcpu_workloads.empty();
+  Json j = {{"format", kFormat},
+            {"version", per_vcpu ? kVersionPerVcpu : kVersion},
+            {"memory_bytes", o.guest.memory_bytes},
+            {"vcpus", o.guest.vcpus},
+            {"workload", o.guest.workload.ToString()},
+            {"fill", FillModeName(o.guest.fill)},
+            {"seed", o.guest.seed},
+            {"irqchip", o.irqchip}};
+  if (per_vcpu) j[kVcpuWorkloads] = VcpuWorkloadsJson(o.guest.vcpu_workloads);
   return j.dump();
 }
 
@@ -48,9 +74,9 @@ Result<MachineOptions> DecodeTestVmDescription(std::string_view bytes) {
   PMLMIG_ASSIGN_OR_RETURN(std::string format, Field<std::string>(j, "format"));
   if (format != kFormat) return InvalidArgument("test VM description: format \"" + format + "\" is not " + std::string(kFormat));
   PMLMIG_ASSIGN_OR_RETURN(int version, Field<int>(j, "version"));
-  if (version != kVersion) {
+  if (version != kVersion && version != kVersionPerVcpu) {
     return InvalidArgument("test VM description: version " + std::to_string(version) + " (this build reads " +
-                           std::to_string(kVersion) + ")");
+                           std::to_string(kVersion) + " and " + std::to_string(kVersionPerVcpu) + ")");
   }
   MachineOptions o;
   PMLMIG_ASSIGN_OR_RETURN(o.guest.memory_bytes, Field<uint64_t>(j, "memory_bytes"));
@@ -66,6 +92,13 @@ Result<MachineOptions> DecodeTestVmDescription(std::string_view bytes) {
   auto spec = ParseWorkload(workload);
   if (!spec.ok()) return spec.status().WithContext("test VM description: workload");
   o.guest.workload = *spec;
+  if (version == kVersion && j.contains(kVcpuWorkloads)) {
+    return InvalidArgument(std::string("test VM description: field \"") + kVcpuWorkloads + "\" needs version " +
+                           std::to_string(kVersionPerVcpu));
+  }
+  if (version == kVersionPerVcpu) {
+    PMLMIG_ASSIGN_OR_RETURN(o.guest.vcpu_workloads, DecodeVcpuWorkloads(j, o.guest.vcpus));
+  }
   PMLMIG_ASSIGN_OR_RETURN(std::string fill, Field<std::string>(j, "fill"));
   auto mode = ParseFillMode(fill);
   if (!mode.ok()) return mode.status().WithContext("test VM description: fill");

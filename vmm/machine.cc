@@ -355,9 +355,10 @@ ExitAction Machine::OnPortOut(uint32_t id, uint16_t port, uint8_t size, uint64_t
     }
     case PMLMIG_PORT_STARTED: return ExitAction::Continue();
     case PMLMIG_PORT_THROTTLE: {
-      // Pace the guest at `rate` pages per second: sleep until the time by
-      // which this many pages were due. A pause or stop request ends the wait.
-      const uint64_t rate = options_.guest.workload.rate;
+      // Pace the vCPU at its own workload's `rate` pages per second: sleep
+      // until the time by which this many pages were due. A pause or stop
+      // request ends the wait.
+      const uint64_t rate = options_.guest.WorkloadOf(id).rate;
       if (rate == 0) return ExitAction::Continue();
       t.paced_pages += value;
       const auto due = t.pace_start + std::chrono::nanoseconds(

@@ -104,6 +104,51 @@ Result<WorkloadSpec> ParseWorkload(std::string_view text) {
   return spec;
 }
 
+Result<VcpuWorkload> ParseVcpuWorkload(std::string_view text) {
+  const size_t eq = text.find('=');
+  if (eq == std::string_view::npos) {
+    return InvalidArgument("'" + std::string(text) + "' has no '=' (expected N=SPEC, e.g. 2=random:rate=1000)");
+  }
+  const std::string_view index = text.substr(0, eq);
+  uint64_t vcpu = 0;
+  // Nine digits at most: any real index fits, and so does the range check's message.
+  if (index.size() > 9 || !ParseUint(index, &vcpu)) {
+    return InvalidArgument("'" + std::string(text) + "': vCPU '" + std::string(index) + "' is not a number");
+  }
+  auto spec = ParseWorkload(text.substr(eq + 1));
+  if (!spec.ok()) return spec.status().WithContext("vCPU " + std::to_string(vcpu));
+  return VcpuWorkload{static_cast<uint32_t>(vcpu), *spec};
+}
+
+Result<VcpuWorkloads> ParseVcpuWorkloads(std::span<const std::string> texts, uint32_t vcpus) {
+  VcpuWorkloads out;
+  std::map<uint32_t, std::string_view> seen;  // for the message on a repeat
+  for (const std::string& text : texts) {
+    PMLMIG_ASSIGN_OR_RETURN(VcpuWorkload w, ParseVcpuWorkload(text));
+    if (w.vcpu >= vcpus) {
+      return InvalidArgument("'" + text + "': vCPU " + std::to_string(w.vcpu) + " does not exist (the VM has " +
+                             std::to_string(vcpus) + " vCPU" + (vcpus == 1 ? "" : "s") + ", 0.." +
+                             std::to_string(vcpus - 1) + ")");
+    }
+    if (const auto [it, fresh] = seen.emplace(w.vcpu, text); !fresh) {
+      return InvalidArgument("vCPU " + std::to_string(w.vcpu) + " is given twice ('" + std::string(it->second) +
+                             "' and '" + text + "')");
+    }
+    out.emplace(w.vcpu, w.spec);
+  }
+  return out;
+}
+
+std::string DescribeWorkloads(const WorkloadSpec& all, const VcpuWorkloads& overrides) {
+  std::string text = all.ToString();
+  const char* sep = " (";
+  for (const auto& [vcpu, spec] : overrides) {
+    text += sep + ("vcpu " + std::to_string(vcpu)) + ": " + spec.ToString();
+    sep = ", ";
+  }
+  return overrides.empty() ? text : text + ")";
+}
+
 Result<FillMode> ParseFillMode(std::string_view text) {
   if (text == "random") return FillMode::kRandom;
   if (text == "zero") return FillMode::kZero;

@@ -59,6 +59,15 @@ expect_error "vcpus not a number" 2 "--vcpus" run --vcpus two
 expect_error "bad workload" 2 "unknown workload 'walk'" run --workload walk
 expect_error "bad hotset" 2 "fraction must be" run --workload hotset:fraction=7
 expect_error "bad fill" 2 "invalid fill 'ones'" run --fill ones
+# --vcpu-workload N=SPEC: each mistake named, before anything starts.
+expect_error "vcpu-workload without =" 2 "--vcpu-workload: '2random' has no '=' (expected N=SPEC" run --vcpus 3 --vcpu-workload 2random
+expect_error "vcpu-workload N not a number" 2 "--vcpu-workload: 'two=random': vCPU 'two' is not a number" run --vcpus 3 --vcpu-workload two=random
+expect_error "vcpu-workload N too large" 2 "--vcpu-workload: '3=random': vCPU 3 does not exist (the VM has 3 vCPUs, 0..2)" run --vcpus 3 --vcpu-workload 3=random
+expect_error "vcpu-workload N beyond default vcpus" 2 "vCPU 1 does not exist (the VM has 1 vCPU, 0..0)" run --vcpu-workload 1=random
+expect_error "vcpu-workload same N twice" 2 "--vcpu-workload: vCPU 1 is given twice ('1=random' and '1=seq')" run --vcpus 3 --vcpu-workload 1=random --vcpu-workload 1=seq
+expect_error "vcpu-workload bad spec" 2 "--vcpu-workload: vCPU 2: invalid workload 'walk': unknown workload 'walk'" run --vcpus 3 --vcpu-workload 2=walk
+expect_error "vcpu-workload bad rate" 2 "--vcpu-workload: vCPU 2: invalid workload 'random:rate=0': rate must be" run --vcpus 3 --vcpu-workload 2=random:rate=0
+if "$PMLMIG" run --help 2>&1 | grep -q -- "--vcpu-workload"; then pass "help 'run' explains --vcpu-workload"; else fail "help 'run' lacks --vcpu-workload"; fi
 expect_error "bad duration" 2 "invalid duration '5 parsecs'" run --duration "5 parsecs"
 expect_error "random fill beyond host memory" 2 "use --fill zero" run --memory 200G
 expect_error "bad tracker" 2 "unknown tracker 'pml'" run --tracker pml
@@ -105,8 +114,28 @@ assert len(j["vcpus"]) == 2
 for v in j["vcpus"]:
     assert v["pages_written"] > 0 and v["pages_per_second"] > 0, v
 assert j["check"]["ok"] is True and j["check"]["pages_stamped"] > 0
+assert j["workload"] == "random" and j["vcpu_workloads"] == {}, j
 PY
 then pass "run random 2 vCPUs --json --check"; else fail "run random: $(cat "$tmp/run.json" "$tmp/err")"; fi
+
+# Per-vCPU workloads: vCPU 2 paced at 1000 pages/s, the other two on a hot set at full speed.
+if "$PMLMIG" run --memory 64M --vcpus 3 --workload hotset:fraction=0.0625,share=0.9 --vcpu-workload 2=random:rate=1000 \
+     --duration 2s --json --check >"$tmp/per.json" 2>"$tmp/err" &&
+   grep -qF "workload hotset:fraction=0.0625,share=0.9 (vcpu 2: random:rate=1000)" "$tmp/err" &&
+   python3 - "$tmp/per.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+assert j["status"] == "completed", j
+assert j["workload"] == "hotset:fraction=0.0625,share=0.9", j
+assert j["vcpu_workloads"] == {"2": "random:rate=1000"}, j
+v = j["vcpus"]
+assert len(v) == 3 and all(x["pages_written"] > 0 for x in v), v
+assert 300 < v[2]["pages_per_second"] < 2000, v[2]
+assert v[0]["pages_written"] > 3 * v[2]["pages_written"] and v[1]["pages_written"] > 3 * v[2]["pages_written"], v
+assert j["check"]["ok"] is True, j["check"]
+print("   vcpu 2: %.0f pages/s; vcpus 0, 1: %.0f, %.0f" % (v[2]["pages_per_second"], v[0]["pages_per_second"], v[1]["pages_per_second"]))
+PY
+then pass "run --vcpus 3 --vcpu-workload 2=random:rate=1000 --json"; else fail "run --vcpu-workload: $(cat "$tmp/per.json" "$tmp/err")"; fi
 
 # Every tracker collects while the guest runs; the JSON says what it collected.
 for t in ring bitmap bitmap-clear; do

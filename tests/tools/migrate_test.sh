@@ -71,6 +71,13 @@ expect_completed "random (rate-limited), 2 vCPUs, ring, 4 streams, zstd" \
 expect_completed "hotset, 1 vCPU, bitmap-clear, 2 streams, zero fill, verified before commit" \
   --memory 512M --vcpus 1 --workload hotset:fraction=0.1,share=0.8 --tracker bitmap-clear --streams 2 --fill zero \
   --verify-order before-commit
+# Per-vCPU workloads travel in the VM description (version 2); the target's checker knows each vCPU's own.
+expect_completed "per-vCPU workloads, 3 vCPUs, ring, 2 streams, verified before commit" \
+  --memory 256M --vcpus 3 --workload hotset:fraction=0.05,share=0.9 --vcpu-workload 2=random:rate=1000 \
+  --vcpu-workload 0=seq:fraction=0.5 --tracker ring --streams 2 --verify-order before-commit
+if grep -qF "workload hotset:fraction=0.05,share=0.9 (vcpu 0: seq:fraction=0.5, vcpu 2: random:rate=1000)" "$tmp/r.err" &&
+   python3 -c "import json,sys; j=json.load(open('$tmp/s.json')); assert j['vcpu_workloads']=={'0':'seq:fraction=0.5','2':'random:rate=1000'}, j"
+then pass "the target built the per-vCPU workloads"; else fail "per-vCPU workloads on the target: $(cat "$tmp/r.err" | head -5)"; fi
 expect_completed "3.5 GiB guest across the PCI hole, hotset, ring, 2 streams" \
   --memory 3584M --vcpus 1 --workload hotset:fraction=0.01,share=0.9 --tracker ring --streams 2
 

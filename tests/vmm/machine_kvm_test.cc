@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "pmlmig/vmm/checker.h"
+#include "pmlmig/vmm/fill.h"
 #include "pmlmig/vmm/machine.h"
 
 namespace pmlmig::vmm {
@@ -111,13 +112,18 @@ TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
   q[0] ^= 1;
 
   // A write in progress (first store done, second not): allowed once per vCPU.
-  const uint64_t a_gpa = layout->PageGpa(layout->total_pages - 5);
-  const uint64_t b_gpa = layout->PageGpa(layout->total_pages - 6);
+  // The first write to a page of the sweep, so the page is put back to its
+  // fill first (a half-written stamp beyond the sweep is refused: the seq
+  // workload never writes there).
+  const uint64_t a_gpa = layout->PageGpa(5);
+  const uint64_t b_gpa = layout->PageGpa(6);
   uint8_t* a = const_cast<uint8_t*>(m->memory().HostAddress(a_gpa, 4096));
   uint8_t* b = const_cast<uint8_t*>(m->memory().HostAddress(b_gpa, 4096));
-  uint64_t saved_a, saved_b;
-  std::memcpy(&saved_a, a, 8);
-  std::memcpy(&saved_b, b, 8);
+  uint8_t saved_a[4096], saved_b[4096];
+  std::memcpy(saved_a, a, 4096);
+  std::memcpy(saved_b, b, 4096);
+  FillPage(m->options().guest.seed, a_gpa >> 12, a);
+  FillPage(m->options().guest.seed, b_gpa >> 12, b);
   const uint64_t stamp_a = (PMLMIG_STAMP_MAGIC << 48) | ((a_gpa >> 12) & 0xffffffffull);
   const uint64_t stamp_b = (PMLMIG_STAMP_MAGIC << 48) | ((b_gpa >> 12) & 0xffffffffull);
   std::memcpy(a, &stamp_a, 8);
@@ -128,8 +134,8 @@ TEST_F(MachineKvmTest, CheckerNamesTheCorruptedPage) {
   r = CheckGuestMemory(m->memory(), m->options().guest, Counters(*m));
   EXPECT_FALSE(r.ok());
   EXPECT_NE(r.first_problem.find("more than one half-written stamp"), std::string::npos) << r.first_problem;
-  std::memcpy(a, &saved_a, 8);
-  std::memcpy(b, &saved_b, 8);
+  std::memcpy(a, saved_a, 4096);
+  std::memcpy(b, saved_b, 4096);
 
   // A stamp from the future (sequence beyond the vCPU's counter).
   auto counters = Counters(*m);
@@ -165,6 +171,71 @@ TEST_F(MachineKvmTest, HotsetAndRateLimit) {
   EXPECT_TRUE(r.ok()) << r.first_problem;
   // 99% of writes into 1% of the share: far fewer distinct pages than writes.
   EXPECT_LT(r.pages_stamped, written / 2);
+}
+
+// The benchmark's VM: two vCPUs on a hot set at full speed, a third paced
+// at 1000 pages/s by its own rate.
+TEST_F(MachineKvmTest, EachVcpuRunsItsOwnWorkload) {
+  MachineOptions o;
+  o.guest.memory_bytes = 64 * kMiB;
+  o.guest.vcpus = 3;
+  o.guest.workload = *ParseWorkload("hotset:fraction=0.0625,share=0.9");
+  o.guest.vcpu_workloads[2] = *ParseWorkload("random:rate=1000");
+  auto made = Machine::Create(*kvm_, o);
+  ASSERT_TRUE(made.ok()) << made.status().message();
+  Machine& m = **made;
+  ASSERT_TRUE(m.Start().ok());
+  const auto start = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(2000ms);
+  ASSERT_TRUE(m.Pause().ok()) << m.error().message();
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const auto stats = m.Stats();
+  const double rate2 = static_cast<double>(stats[2].pages_written) / elapsed;
+  std::printf("over %.2f s: vcpu0 %.0f, vcpu1 %.0f, vcpu2 %.0f pages/s\n", elapsed,
+              static_cast<double>(stats[0].pages_written) / elapsed,
+              static_cast<double>(stats[1].pages_written) / elapsed, rate2);
+  // Generous: the pacing is exact on average, the host is not (2 cores, 3 vCPUs).
+  EXPECT_GT(rate2, 600.0);
+  EXPECT_LT(rate2, 1300.0);
+  for (uint32_t i = 0; i < 2; ++i) {
+    EXPECT_GT(stats[i].pages_written, 3 * stats[2].pages_written) << "vcpu " << i << " was paced too";
+  }
+  const CheckReport r = CheckGuestMemory(m.memory(), m.options().guest, Counters(m));
+  EXPECT_TRUE(r.ok()) << r.first_problem;
+}
+
+TEST_F(MachineKvmTest, CheckerKnowsEachVcpusOwnWorkload) {
+  MachineOptions o;
+  o.guest.memory_bytes = 32 * kMiB;
+  o.guest.vcpus = 2;
+  o.guest.workload = *ParseWorkload("random");
+  o.guest.vcpu_workloads[1] = *ParseWorkload("seq:fraction=0.5");  // the second half of its share stays untouched
+  auto made = Machine::Create(*kvm_, o);
+  ASSERT_TRUE(made.ok()) << made.status().message();
+  Machine& m = **made;
+  ASSERT_TRUE(m.Start().ok());
+  std::this_thread::sleep_for(300ms);
+  ASSERT_TRUE(m.Pause().ok()) << m.error().message();
+  CheckReport r = CheckGuestMemory(m.memory(), m.options().guest, Counters(m));
+  ASSERT_TRUE(r.ok()) << r.first_problem;
+
+  // A stamp that would be valid anywhere vCPU 1 writes, in a page it never does.
+  auto layout = ComputeGuestLayout(m.memory(), 2);
+  ASSERT_TRUE(layout.ok());
+  const VcpuShare share = layout->shares[1];
+  const uint64_t gpa = layout->PageGpa(share.first_page + share.pages - 2);
+  uint8_t* p = const_cast<uint8_t*>(m.memory().HostAddress(gpa, 4096));
+  uint64_t saved[2];
+  std::memcpy(saved, p, 16);
+  const uint64_t stamp[2] = {(PMLMIG_STAMP_MAGIC << 48) | (1ull << 32) | ((gpa >> 12) & 0xffffffffull), 1};
+  std::memcpy(p, stamp, 16);
+  r = CheckGuestMemory(m.memory(), m.options().guest, Counters(m));
+  EXPECT_EQ(r.pages_bad, 1u);
+  EXPECT_EQ(r.first_bad_gfn, gpa >> 12);
+  EXPECT_NE(r.first_problem.find("stamped by vcpu 1, whose workload writes only the first"), std::string::npos)
+      << r.first_problem;
+  std::memcpy(p, saved, 16);
+  EXPECT_TRUE(CheckGuestMemory(m.memory(), m.options().guest, Counters(m)).ok());
 }
 
 TEST_F(MachineKvmTest, SavedStateResumesInASecondVm) {
@@ -207,6 +278,12 @@ TEST_F(MachineKvmTest, BadConfigurationsAreErrors) {
   o.guest.memory_bytes = 16 * kMiB;
   o.guest.vcpus = 0;
   EXPECT_FALSE(Machine::Create(*kvm_, o).ok());
+  o.guest.vcpus = 2;
+  o.guest.vcpu_workloads[2] = *ParseWorkload("random");  // no such vCPU
+  m = Machine::Create(*kvm_, o);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("workload override for vCPU 2 of a VM with 2 vCPUs"), std::string::npos)
+      << m.status().message();
 }
 
 }  // namespace

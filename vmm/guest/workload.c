@@ -4,7 +4,8 @@
  *   rdi = vCPU id, rsi = boot parameters (struct pmlmig_boot_params),
  *   rsp = top of this vCPU's stack,
  * and identity-mapped memory. It writes pages of its share of the workload
- * area, stamping each (see guest_abi.h), and never returns.
+ * area with its own workload (bp->vcpu[id]), stamping each (see
+ * guest_abi.h), and never returns.
  *
  * The host emulates guest instructions here (about 1.4 M/s per vCPU), so the
  * loops are kept to a couple of dozen instructions per page: no SSE, no
@@ -56,8 +57,9 @@ __attribute__((section(".text.start"), noreturn, used)) void pmlmig_guest_start(
   outl(PMLMIG_PORT_STARTED, (uint32_t)vcpu);
   st->started = 1;
 
+  /* This vCPU's own workload (vCPUs of one VM may differ), read once. */
   const struct pmlmig_vcpu_params* vp = &bp->vcpu[vcpu];
-  const uint32_t workload = bp->workload;
+  const uint32_t workload = vp->workload;
   if (workload == PMLMIG_WORKLOAD_IDLE) {
     for (;;) {
       __asm__ volatile("hlt");
@@ -74,7 +76,7 @@ __attribute__((section(".text.start"), noreturn, used)) void pmlmig_guest_start(
   const uint64_t r0_base = bp->ranges[0].gpa;
   const uint64_t r1_base = bp->num_ranges > 1 ? bp->ranges[1].gpa - (r0_pages << 12) : r0_base;
   const uint64_t tag = (PMLMIG_STAMP_MAGIC << 48) | (vcpu << 32);
-  const uint32_t batch = bp->throttle_batch;
+  const uint32_t batch = vp->throttle_batch;
   uint32_t since = 0;
   uint64_t seq = st->pages_written;
   uint64_t x = vp->seed ? vp->seed : 0x9e3779b97f4a7c15ull;
@@ -93,7 +95,7 @@ __attribute__((section(".text.start"), noreturn, used)) void pmlmig_guest_start(
   uint64_t hot = vp->hot_pages;
   if (workload != PMLMIG_WORKLOAD_HOTSET || hot == 0 || hot >= pages) hot = 0;
   const uint64_t cold = pages - hot;
-  const uint32_t hot_share = bp->hot_share;
+  const uint32_t hot_share = vp->hot_share;
   for (;;) {
     for (uint64_t n = 0; n < pages; ++n) {
       x ^= x << 13;

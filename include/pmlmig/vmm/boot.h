@@ -19,9 +19,16 @@ namespace pmlmig::vmm {
 struct TestGuestConfig {
   uint64_t memory_bytes = 0;
   uint32_t vcpus = 1;
-  WorkloadSpec workload;
+  WorkloadSpec workload;  // every vCPU's, unless vcpu_workloads names it (default: idle)
+  // Per-vCPU overrides (--vcpu-workload N=SPEC): only the vCPUs that differ
+  // from `workload`. Every key must be below `vcpus` (PrepareTestGuest and
+  // the description decoder refuse others). Default: none.
+  VcpuWorkloads vcpu_workloads;
   FillMode fill = FillMode::kRandom;
   uint64_t seed = 0x706d6c6d6967ull;  // fill and workload seed
+
+  // vCPU `vcpu`'s workload: its override, else the default.
+  const WorkloadSpec& WorkloadOf(uint32_t vcpu) const;
 };
 
 struct VcpuShare {
@@ -43,6 +50,10 @@ struct GuestLayout {
 };
 
 Result<GuestLayout> ComputeGuestLayout(const GuestMemory& memory, uint32_t vcpus);
+
+// How many pages of a share of `share_pages` the workload `spec` writes into:
+// the first ones for seq:fraction, none for idle, else all of them.
+uint64_t PagesWrittenInto(const WorkloadSpec& spec, uint64_t share_pages);
 
 // Writes the fill into the workload area (in parallel), then the page tables,
 // GDT, boot parameters and the guest image. Memory must be fresh (all zero).

@@ -3,8 +3,9 @@
 // workload area:
 //   - either the whole page equals the seeded fill (never written), or
 //   - it starts with a valid stamp (magic, a vCPU that owns this page, this
-//     page's own GFN, 1 <= sequence <= that vCPU's pages_written counter) and
-//     the rest of the page still equals the fill, or
+//     page's own GFN, 1 <= sequence <= that vCPU's pages_written counter, a
+//     page that vCPU's own workload writes: not beyond a seq:fraction sweep,
+//     none for idle) and the rest of the page still equals the fill, or
 //   - it is a vCPU's write in progress: a stamp is two stores, and a pause
 //     between them leaves a valid first word with the fill's second word; at
 //     most one such page per vCPU.

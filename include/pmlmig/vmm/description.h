@@ -7,9 +7,14 @@
 //   {"format": "pmlmig-test-vm", "version": 1, "memory_bytes": N, "vcpus": N,
 //    "workload": "<WorkloadSpec::ToString()>", "fill": "random"|"zero",
 //    "seed": N, "irqchip": true|false}
-// Decoding rejects another format or version, a missing or mistyped field,
-// and values the test VM cannot run (memory layout, vCPU count, workload),
-// naming the field.
+// Version 2 (only for a VM with per-vCPU workloads, so that a VM without them
+// still reaches receivers that read only version 1): the same fields plus
+//    "vcpu_workloads": {"<vCPU index>": "<WorkloadSpec::ToString()>", ...}
+// naming just the vCPUs that do not run "workload".
+// Decoding reads versions 1 and 2 and rejects another format or version, a
+// missing or mistyped field, "vcpu_workloads" in version 1, and values the
+// test VM cannot run (memory layout, vCPU count, a workload, an override's
+// index at or above vcpus or given twice), naming the field.
 #pragma once
 
 #include <memory>

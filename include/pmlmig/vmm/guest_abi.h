@@ -38,7 +38,7 @@
 #define PMLMIG_PAGE_TABLE_GPA 0x80000ull
 
 #define PMLMIG_BOOT_MAGIC 0x31544f4f424d4c50ull /* "PLMBOOT1" little-endian */
-#define PMLMIG_BOOT_VERSION 1u
+#define PMLMIG_BOOT_VERSION 2u /* 2: workload, hot_share, throttle_batch per vCPU */
 #define PMLMIG_STAMP_MAGIC 0x504dull            /* 16 bits */
 
 /* Port I/O from guest to host (32-bit OUT unless noted). */
@@ -65,21 +65,25 @@ struct pmlmig_range {
   uint64_t pages;
 };
 
+/* Everything about a vCPU's workload is per vCPU (since version 2), so one VM
+ * can mix workloads, e.g. two vCPUs on a hot set and a third rate-limited. */
 struct pmlmig_vcpu_params {
-  uint64_t first_page;  /* index into the workload area (across ranges) */
-  uint64_t pages;       /* this vCPU's share; 0 only for idle */
-  uint64_t hot_pages;   /* hotset: the first hot_pages of the share are hot; seq: pages swept */
-  uint64_t seed;        /* xorshift64 state, never 0 */
+  uint64_t first_page;      /* index into the workload area (across ranges) */
+  uint64_t pages;           /* this vCPU's share; 0 only for idle */
+  uint64_t hot_pages;       /* hotset: the first hot_pages of the share are hot; seq: pages swept */
+  uint64_t seed;            /* xorshift64 state, never 0 */
+  uint32_t workload;        /* enum pmlmig_workload */
+  uint32_t hot_share;       /* hotset: share of writes to the hot pages, in 1/2^32 */
+  uint32_t throttle_batch;  /* report to PMLMIG_PORT_THROTTLE every N pages; 0 = never */
+  uint32_t reserved;        /* 0 */
 };
 
 struct pmlmig_boot_params {
   uint64_t magic;
   uint32_t version;
   uint32_t num_vcpus;
-  uint32_t workload;            /* enum pmlmig_workload */
-  uint32_t hot_share;           /* hotset: share of writes to the hot pages, in 1/2^32 */
-  uint32_t throttle_batch;      /* report to PMLMIG_PORT_THROTTLE every N pages; 0 = never */
   uint32_t num_ranges;
+  uint32_t reserved;  /* 0 */
   struct pmlmig_range ranges[PMLMIG_MAX_RANGES];
   struct pmlmig_vcpu_params vcpu[PMLMIG_MAX_VCPUS];
 };
@@ -93,6 +97,7 @@ struct pmlmig_vcpu_stats {
 
 #ifdef __cplusplus
 static_assert(sizeof(struct pmlmig_vcpu_stats) == 64, "one cache line per vCPU");
+static_assert(sizeof(struct pmlmig_vcpu_params) == 48, "no hidden padding between host and guest");
 static_assert(sizeof(struct pmlmig_boot_params) <= 4096, "boot params fit one page");
 #endif
 

@@ -4,9 +4,13 @@
 // "seq:fraction=0.01" (sweep only the first 1% of each vCPU's share, over and
 // over), "hotset:fraction=0.05,share=0.9,rate=20000".
 // rate is pages per second per vCPU (0 or absent: as fast as the guest runs).
+// One spec is every vCPU's default; "N=SPEC" overrides (--vcpu-workload)
+// give single vCPUs their own, e.g. "2=random:rate=1000".
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -27,6 +31,26 @@ struct WorkloadSpec {
 };
 
 Result<WorkloadSpec> ParseWorkload(std::string_view text);
+
+// One override, "N=SPEC": vCPU N runs SPEC instead of the VM's default.
+struct VcpuWorkload {
+  uint32_t vcpu = 0;
+  WorkloadSpec spec;
+};
+// Refuses a missing '=', an N that is not a decimal number and a bad SPEC
+// (with ParseWorkload's reason). Does not know the vCPU count.
+Result<VcpuWorkload> ParseVcpuWorkload(std::string_view text);
+
+// The overrides of one VM by vCPU index; a vCPU not in it runs the default.
+using VcpuWorkloads = std::map<uint32_t, WorkloadSpec>;
+
+// Parses every "N=SPEC" for a VM of `vcpus` vCPUs; also refuses N >= vcpus
+// and the same N twice. Errors quote the offending text.
+Result<VcpuWorkloads> ParseVcpuWorkloads(std::span<const std::string> texts, uint32_t vcpus);
+
+// For people: "random", or "hotset:fraction=0.0625,share=0.9 (vcpu 2:
+// random:rate=1000)" when some vCPUs run their own.
+std::string DescribeWorkloads(const WorkloadSpec& all, const VcpuWorkloads& overrides);
 
 enum class FillMode { kRandom, kZero };
 Result<FillMode> ParseFillMode(std::string_view text);
