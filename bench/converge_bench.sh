@@ -5,7 +5,10 @@
 # write a 32 MiB hot set each as fast as they can, and (with --light) a third
 # vCPU writing random pages at 1000/s. Every migration is verified.
 #
-#   bench/converge_bench.sh [--light] [--repeat N] [--out FILE.json] [MODE...]
+#   bench/converge_bench.sh [--light] [--fraction F] [--repeat N] [--out FILE.json] [MODE...]
+#
+# --fraction: the hot share of each vCPU's part of memory (default 0.0625 with
+# two vCPUs: 32 MiB each; with --light, scaled so the hot set is the same).
 #
 # MODE: idle (the same VM idle: one full send), none, auto-converge,
 # dirty-limit (auto). Default: all four. Prints a table; --out keeps every
@@ -13,15 +16,16 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PMLMIG=${PMLMIG:-$ROOT/build/tools/pmlmig}
-light=0 repeat=1 out=''
+light=0 repeat=1 out='' fraction=0.0625
 modes=()
 while [ $# -gt 0 ]; do
   case $1 in
     --light) light=1 ;;
+    --fraction) fraction=$2; shift ;;
     --repeat) repeat=$2; shift ;;
     --out) out=$2; shift ;;
     idle|none|auto-converge|dirty-limit) modes+=("$1") ;;
-    *) echo "usage: $0 [--light] [--repeat N] [--out FILE.json] [idle|none|auto-converge|dirty-limit]..." >&2; exit 2 ;;
+    *) echo "usage: $0 [--light] [--fraction F] [--repeat N] [--out FILE.json] [idle|none|auto-converge|dirty-limit]..." >&2; exit 2 ;;
   esac
   shift
 done
@@ -37,9 +41,10 @@ netns_create
 netns_rate 1gbit
 
 if [ $light -eq 1 ]; then
-  VM=(--memory 1G --vcpus 3 --workload hotset:fraction=0.09375,share=0.9 --vcpu-workload 2=random:rate=1000)
+  f3=$(python3 -c "print($fraction * 1.5)")  # three shares instead of two: the same hot bytes
+  VM=(--memory 1G --vcpus 3 --workload "hotset:fraction=$f3,share=0.9" --vcpu-workload 2=random:rate=1000)
 else
-  VM=(--memory 1G --vcpus 2 --workload hotset:fraction=0.0625,share=0.9)
+  VM=(--memory 1G --vcpus 2 --workload "hotset:fraction=$fraction,share=0.9")
 fi
 port=29000
 results=()

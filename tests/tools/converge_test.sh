@@ -33,7 +33,7 @@ GUEST=("${VM[@]}" --max-bandwidth 40M)
 # migrate <source args...>: one migration; sets src_rc, rcv_rc.
 migrate() {
   port=$((port + 1))
-  "$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 120s --json >"$tmp/r.json" 2>"$tmp/r.err" &
+  "$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 120s --attempts 1 --json >"$tmp/r.json" 2>"$tmp/r.err" &
   receiver=$!
   sleep 0.3
   "$PMLMIG" run --migrate-to 127.0.0.1:$port --migrate-after 500ms --linger 500ms --json "$@" \
@@ -92,7 +92,7 @@ sock="$tmp/vm.sock"
 vmpid=$!
 for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
 port=$((port + 1))
-"$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 120s --json >"$tmp/r.json" 2>"$tmp/r.err" &
+"$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 120s --attempts 1 --json >"$tmp/r.json" 2>"$tmp/r.err" &
 receiver=$!
 sleep 0.3
 "$PMLMIG" migrate --control "$sock" --to 127.0.0.1:$port --max-bandwidth 40M --dirty-limit 16M --verify --json \
