@@ -161,6 +161,10 @@ class SourceTracker final : public engine::DirtyTracker {
   Status Collect(engine::DirtySet& out) override { return both_->Collect(out); }
   Status Disable() override { return both_->Disable(); }
   engine::TrackerStats stats() const override { return both_ ? both_->stats() : engine::TrackerStats{}; }
+  // The VMM's own marks say nothing per vCPU: the rates are KVM's (the ring's).
+  bool vcpu_counts(std::vector<engine::VcpuDirtyCount>& out) const override {
+    return kvm_ && kvm_->vcpu_counts(out);
+  }
 
  private:
   pmlmig_vm& vm_;
