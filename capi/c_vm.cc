@@ -121,6 +121,24 @@ void pmlmig_vm::SetDirtyRingFullHandler(std::function<Status(uint32_t)> handler)
   ring_full_ = std::move(handler);
 }
 
+bool pmlmig_vm::SetVcpuThrottleHook(ThrottleHook hook) {
+  if (ops_.kick_vcpu == nullptr) return false;
+  std::unique_lock lock(throttle_mu_);
+  throttle_active_.store(hook != nullptr);
+  throttle_ = std::move(hook);
+  return true;
+}
+
+void pmlmig_vm::KickVcpu(uint32_t vcpu) {
+  if (ops_.kick_vcpu != nullptr && vcpu < vcpu_fds_.size()) ops_.kick_vcpu(opaque_, vcpu);
+}
+
+uint64_t pmlmig_vm::ThrottleNs(uint32_t vcpu) {
+  if (!throttle_active_.load(std::memory_order_relaxed) || vcpu >= vcpu_fds_.size()) return 0;
+  std::shared_lock lock(throttle_mu_);
+  return throttle_ ? static_cast<uint64_t>(throttle_(vcpu).count()) : 0;
+}
+
 int pmlmig_vm::OnDirtyRingFull(uint32_t vcpu) {
   std::function<Status(uint32_t)> handler;
   {

@@ -11,7 +11,9 @@
 #include <cerrno>
 #include <cstring>
 #include <functional>
+#include <atomic>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -95,9 +97,13 @@ struct pmlmig_vm final : public pmlmig::engine::VmControl {
   void SetDirtyRingFullHandler(std::function<pmlmig::Status(uint32_t vcpu)> handler) override;
   pmlmig::Result<std::vector<uint8_t>> SaveState() override;
   pmlmig::Status LoadState(std::span<const uint8_t> state) override;
+  // With ops.kick_vcpu only: the hook is asked through pmlmig_vm_throttle_ns.
+  bool SetVcpuThrottleHook(ThrottleHook hook) override;
+  void KickVcpu(uint32_t vcpu) override;
 
   // The C entry points on a vCPU thread / any thread.
   int OnDirtyRingFull(uint32_t vcpu);
+  uint64_t ThrottleNs(uint32_t vcpu);
   // The VMM's own writes (pmlmig_vm_mark_dirty), kept until a migration's
   // collection takes them: the source tracks the union of KVM's log and this.
   pmlmig::engine::UserspaceWriteTracker& marks() { return *marks_; }
@@ -121,6 +127,11 @@ struct pmlmig_vm final : public pmlmig::engine::VmControl {
   std::string description_;
   std::mutex ring_mu_;
   std::function<pmlmig::Status(uint32_t)> ring_full_;  // guarded by ring_mu_
+  // The throttle hook: vCPU threads ask it under a shared lock, so once
+  // SetVcpuThrottleHook(nullptr) has the lock no call is left.
+  std::shared_mutex throttle_mu_;
+  ThrottleHook throttle_;                    // guarded by throttle_mu_
+  std::atomic<bool> throttle_active_{false}; // skips the lock while there is no hook
   std::unique_ptr<pmlmig::engine::UserspaceWriteTracker> marks_;
   pmlmig::capi::ErrorSlot error_;
 };

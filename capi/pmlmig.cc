@@ -5,6 +5,7 @@
 // everything and turns it into -EIO with a message.
 #include "pmlmig/pmlmig.h"
 
+#include <cmath>
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <sys/ioctl.h>
@@ -283,6 +284,11 @@ int pmlmig_vm_dirty_ring_full(pmlmig_vm* vm, uint32_t vcpu) {
   return Guard(&vm->error(), [&] { return vm->OnDirtyRingFull(vcpu); });
 }
 
+uint64_t pmlmig_vm_throttle_ns(pmlmig_vm* vm, uint32_t vcpu) {
+  if (vm == nullptr) return 0;
+  return vm->ThrottleNs(vcpu);
+}
+
 int pmlmig_vm_mark_dirty(pmlmig_vm* vm, uint64_t gpa, uint64_t length) {
   if (vm == nullptr) return -EINVAL;
   return Guard(&vm->error(), [&] { return capi::Fail(&vm->error(), vm->marks().MarkDirty(gpa, length)); });
@@ -312,6 +318,9 @@ void pmlmig_migrate_options_init(pmlmig_migrate_options* o) {
   o->max_rounds = d.max_rounds;
   o->timeout_ms = static_cast<uint64_t>(d.timeout.count());
   o->tracker = PMLMIG_TRACKER_AUTO;
+  o->converge = PMLMIG_CONVERGE_NONE;
+  o->stall_rounds = d.stall_rounds;
+  o->dirty_limit_pages_per_s = 0;
 }
 
 void pmlmig_migration_stats_init(pmlmig_migration_stats* s) {
@@ -375,6 +384,24 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     c.tls_key = Str(o.tls_key);
     c.tls_server_name = Str(o.tls_server_name);
     c.token_file = Str(o.token_file);
+    switch (RawEnum(o.converge)) {
+      case PMLMIG_CONVERGE_NONE: c.aid = engine::ConvergeAid::kNone; break;
+      case PMLMIG_CONVERGE_DIRTY_LIMIT: c.aid = engine::ConvergeAid::kDirtyLimit; break;
+      case PMLMIG_CONVERGE_AUTO: c.aid = engine::ConvergeAid::kAutoConverge; break;
+      default:
+        return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: unknown converge " +
+                                                              std::to_string(RawEnum(o.converge))));
+    }
+    if (!(o.dirty_limit_pages_per_s >= 0) || !std::isfinite(o.dirty_limit_pages_per_s)) {
+      return capi::Fail(&source->error,
+                        InvalidArgument("pmlmig_migrate_options: dirty_limit_pages_per_s must be a finite rate >= 0"));
+    }
+    if (o.dirty_limit_pages_per_s > 0 && c.aid != engine::ConvergeAid::kDirtyLimit) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: dirty_limit_pages_per_s is set "
+                                                        "but converge is not PMLMIG_CONVERGE_DIRTY_LIMIT"));
+    }
+    c.dirty_limit_pages_per_s = o.dirty_limit_pages_per_s;
+    c.stall_rounds = o.stall_rounds;
     auto sink_options = transport::SinkOptionsFor(c);
     if (!sink_options.ok()) return capi::Fail(&source->error, sink_options.status());
     auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
@@ -427,6 +454,9 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.verify_verdict = static_cast<pmlmig_verify_verdict>(st.verification.verdict);
     out.mismatched_chunks = static_cast<uint32_t>(st.verification.mismatch.chunks);
     out.mismatched_bytes = st.verification.mismatch.bytes;
+    out.throttle_steps = st.throttle.steps;
+    out.throttle_max_pct = st.throttle.at_end.max_duty_pct;
+    out.dirty_limit_min_pages_per_s = st.throttle.at_end.min_quota_pages_per_s;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;

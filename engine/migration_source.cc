@@ -78,10 +78,10 @@ Status MigrationSource::CheckAid() {
   const std::string name(ConvergeAidName(aid));
   std::vector<VcpuDirtyCount> counts;
   if (aid == ConvergeAid::kDirtyLimit && !tracker_.vcpu_counts(counts)) {
-    return Unavailable(name + " needs each vCPU's dirty rate, which the " + std::string(tracker_.name()) +
+    return InvalidArgument(name + " needs each vCPU's dirty rate, which the " + std::string(tracker_.name()) +
                               " tracker does not give (the dirty ring does)");
   }
-  if (!vm_.SetVcpuThrottleHook(nullptr)) return Unavailable(name + ": this VMM cannot hold its vCPUs");
+  if (!vm_.SetVcpuThrottleHook(nullptr)) return InvalidArgument(name + ": this VMM cannot hold its vCPUs");
   return Status::Ok();
 }
 

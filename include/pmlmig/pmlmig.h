@@ -132,6 +132,13 @@ typedef struct pmlmig_vm_ops {
    * to the library (by a factory) can be freed by it. Not called when
    * pmlmig_vm_create fails. */
   void (*release)(void *opaque);
+  /* Optional (since 0.5; NULL: this VM cannot be throttled, and a migration
+   * asking for dirty-limit or auto-converge is refused): makes vCPU `vcpu`
+   * leave guest mode soon, without waiting for it (a signal plus
+   * immediate_exit, as kick_all does for every vCPU). Any library thread,
+   * also while another callback runs (the one exception to the rule above).
+   * Its vCPU threads must call pmlmig_vm_throttle_ns before each KVM_RUN. */
+  void (*kick_vcpu)(void *opaque, uint32_t vcpu);
 } pmlmig_vm_ops;
 PMLMIG_API void pmlmig_vm_ops_init(pmlmig_vm_ops *ops);
 
@@ -173,6 +180,13 @@ PMLMIG_API const char *pmlmig_vm_last_error(const pmlmig_vm *vm);
  * value means the vCPU must stop (-ENOENT: no migration is tracking; the
  * embedder's VM has logging on without pmlmig, which is its bug). */
 PMLMIG_API int pmlmig_vm_dirty_ring_full(pmlmig_vm *vm, uint32_t vcpu);
+/* Since 0.5. On the vCPU's own thread before each KVM_RUN, when ops.kick_vcpu
+ * is set: how long, in nanoseconds, this vCPU must stay out of guest mode
+ * first (a migration's dirty-limit or auto-converge; 0: enter now). Wait at
+ * most that long and at most 10 ms at a time, ending early to pause or stop
+ * the vCPU, then ask again (so a lifted limit frees the vCPU within 10 ms).
+ * 0 for a bad vcpu index or without a migration. */
+PMLMIG_API uint64_t pmlmig_vm_throttle_ns(pmlmig_vm *vm, uint32_t vcpu);
 /* From any thread at any time, after the write: the VMM itself wrote
  * [gpa, gpa+length) (device emulation, a DMA, a write through another
  * mapping), which KVM does not log. The next collection of a migration in
@@ -259,6 +273,13 @@ typedef struct pmlmig_progress {
   double elapsed_ms;
 } pmlmig_progress;
 
+/* Since 0.5. */
+typedef enum pmlmig_converge {
+  PMLMIG_CONVERGE_NONE = 0,         /* a migration that does not converge ends, or is forced */
+  PMLMIG_CONVERGE_DIRTY_LIMIT = 1,  /* cap each writing vCPU's dirty rate (the ring tracker) */
+  PMLMIG_CONVERGE_AUTO = 2,         /* hold every vCPU 20%, +10 per step, up to 99% of the time */
+} pmlmig_converge;
+
 typedef struct pmlmig_migrate_options {
   size_t size;                     /* pmlmig_migrate_options_init sets it and every default */
   const char *target;              /* "host:port" of a receiver; required */
@@ -287,6 +308,14 @@ typedef struct pmlmig_migrate_options {
    * timeout) before each live round, on the migration thread. */
   pmlmig_decision (*policy)(void *user, pmlmig_round_stats stats);
   void *user;
+  /* Since 0.5: what the default policy may do when the guest dirties memory
+   * faster than the link carries it (docs/ARCHITECTURE.md, "Convergence").
+   * DIRTY_LIMIT needs the ring tracker; both need ops.kick_vcpu. */
+  pmlmig_converge converge;        /* default NONE */
+  uint32_t stall_rounds;           /* rounds without a smaller dirty set before "not converging"; default 5,
+                                      0 = only max_rounds and timeout_ms end it */
+  double dirty_limit_pages_per_s;  /* DIRTY_LIMIT's quota per vCPU, new dirty pages/s; 0 (default) = derived
+                                      from the measured bandwidth */
 } pmlmig_migrate_options;
 PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
 
@@ -308,6 +337,10 @@ typedef struct pmlmig_migration_stats {
   pmlmig_verify_verdict verify_verdict;
   uint32_t mismatched_chunks;    /* MISMATCH: chunks of guest memory that differ */
   uint64_t mismatched_bytes;     /* and their size */
+  /* Since 0.5: */
+  uint32_t throttle_steps;       /* dirty-limit or auto-converge steps taken */
+  uint32_t throttle_max_pct;     /* auto-converge's highest throttle (0: none) */
+  double dirty_limit_min_pages_per_s;  /* dirty-limit's lowest per-vCPU quota (0: none) */
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 

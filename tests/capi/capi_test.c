@@ -154,7 +154,8 @@ static void test_versions_and_defaults(void) {
   pmlmig_migrate_options_init(&o);
   CHECK(o.size == sizeof o && o.target == NULL && o.streams >= 2 && o.streams <= 8 && o.downtime_limit_ms == 300 &&
         o.max_rounds == 50 && o.timeout_ms == 0 && o.verify == 0 && o.tracker == PMLMIG_TRACKER_AUTO &&
-        o.policy == NULL && o.on_progress == NULL);
+        o.policy == NULL && o.on_progress == NULL && o.converge == PMLMIG_CONVERGE_NONE && o.stall_rounds == 5 &&
+        o.dirty_limit_pages_per_s == 0);
   pmlmig_receive_options ro;
   pmlmig_receive_options_init(&ro);
   CHECK(ro.size == sizeof ro && ro.max_vcpus == 1024 && ro.max_streams == 64 && ro.handshake_timeout_ms == 30000 &&
@@ -227,6 +228,22 @@ static void test_source_refusals(void) {
   o.tracker = (pmlmig_tracker)7;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown tracker 7");
   o.tracker = PMLMIG_TRACKER_AUTO;
+  o.converge = (pmlmig_converge)9;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown converge 9");
+  o.converge = PMLMIG_CONVERGE_DIRTY_LIMIT;
+  o.dirty_limit_pages_per_s = -1;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "finite rate");
+  o.converge = PMLMIG_CONVERGE_NONE;
+  o.dirty_limit_pages_per_s = 1000;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "converge is not PMLMIG_CONVERGE_DIRTY_LIMIT");
+  o.dirty_limit_pages_per_s = 0;
+  /* The fake VM has no ring (so no per-vCPU rates) and no kick_vcpu. */
+  o.converge = PMLMIG_CONVERGE_DIRTY_LIMIT;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "the dirty ring does");
+  o.converge = PMLMIG_CONVERGE_AUTO;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "cannot hold its vCPUs");
+  o.converge = PMLMIG_CONVERGE_NONE;
+  CHECK(pmlmig_vm_throttle_ns(vm, 0) == 0 && pmlmig_vm_throttle_ns(vm, 99) == 0 && pmlmig_vm_throttle_ns(NULL, 0) == 0);
   o.token_file = "/nonexistent/token";
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "token file /nonexistent/token");
   o.token_file = NULL;
