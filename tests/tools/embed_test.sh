@@ -149,9 +149,7 @@ if [ -z "$port" ] || [ "$port" = 0 ]; then
 fi
 
 send_rc=0
-# --auto-converge: the C ABI takes the aid (the VM has kick_vcpu, and its vCPU
-# threads ask pmlmig_vm_throttle_ns before each KVM_RUN).
-timeout 300 "$pc_vmm" --send "127.0.0.1:$port" --verify --auto-converge --after 500 --memory 64 --vcpus 2 \
+timeout 300 "$pc_vmm" --send "127.0.0.1:$port" --verify --after 500 --memory 64 --vcpus 2 \
   >"$tmp/send.out" 2>"$tmp/send.err" || send_rc=$?
 receive_rc=0
 wait "$receiver" || receive_rc=$?
