@@ -58,6 +58,7 @@ pmlmig_outcome OutcomeOf(engine::Outcome o) {
     case engine::Outcome::kFailed: return PMLMIG_OUTCOME_FAILED;
     case engine::Outcome::kCancelled: return PMLMIG_OUTCOME_CANCELLED;
     case engine::Outcome::kInDoubt: return PMLMIG_OUTCOME_IN_DOUBT;
+    case engine::Outcome::kPostcopyFailed: return PMLMIG_OUTCOME_POSTCOPY_FAILED;
   }
   return PMLMIG_OUTCOME_FAILED;
 }
@@ -69,6 +70,7 @@ pmlmig_phase PhaseOf(engine::Phase p) {
     case engine::Phase::kStopAndCopy: return PMLMIG_PHASE_STOP_AND_COPY;
     case engine::Phase::kCommit: return PMLMIG_PHASE_COMMIT;
     case engine::Phase::kDone: return PMLMIG_PHASE_DONE;
+    case engine::Phase::kPostcopy: return PMLMIG_PHASE_POSTCOPY;
   }
   return PMLMIG_PHASE_DONE;
 }
@@ -303,6 +305,7 @@ const char* pmlmig_outcome_name(pmlmig_outcome outcome) {
     case PMLMIG_OUTCOME_FAILED: return "failed";
     case PMLMIG_OUTCOME_CANCELLED: return "cancelled";
     case PMLMIG_OUTCOME_IN_DOUBT: return "in-doubt";
+    case PMLMIG_OUTCOME_POSTCOPY_FAILED: return "postcopy-failed";
   }
   return "unknown";
 }
@@ -402,6 +405,14 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     }
     c.dirty_limit_pages_per_s = o.dirty_limit_pages_per_s;
     c.stall_rounds = o.stall_rounds;
+    switch (RawEnum(o.postcopy)) {
+      case PMLMIG_POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
+      case PMLMIG_POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
+      case PMLMIG_POSTCOPY_NOW: c.postcopy = engine::PostcopyMode::kNow; break;
+      default:
+        return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: unknown postcopy " +
+                                                              std::to_string(RawEnum(o.postcopy))));
+    }
     auto sink_options = transport::SinkOptionsFor(c);
     if (!sink_options.ok()) return capi::Fail(&source->error, sink_options.status());
     auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
@@ -457,11 +468,19 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.throttle_steps = st.throttle.steps;
     out.throttle_max_pct = st.throttle.at_end.max_duty_pct;
     out.dirty_limit_min_pages_per_s = st.throttle.at_end.min_quota_pages_per_s;
+    out.postcopy_used = st.postcopy.used ? 1 : 0;
+    out.postcopy_requests = static_cast<uint32_t>(st.postcopy.result.faults);
+    out.postcopy_owed_pages = st.postcopy.owed_pages;
+    out.postcopy_latency_p50_ms = st.postcopy.result.latency_p50_ms;
+    out.postcopy_latency_p99_ms = st.postcopy.result.latency_p99_ms;
+    out.postcopy_latency_max_ms = st.postcopy.result.latency_max_ms;
+    out.postcopy_ms = st.postcopy.phase_ms;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;
       case engine::Outcome::kCancelled: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ECANCELED;
       case engine::Outcome::kInDoubt: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ENOTRECOVERABLE;
+      case engine::Outcome::kPostcopyFailed: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ENOTRECOVERABLE;
       default: break;
     }
     // The failure's kind is in its message only; -EHOSTUNREACH covers the

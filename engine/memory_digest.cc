@@ -154,6 +154,16 @@ void PageDigestTable::SetZero(uint64_t gpa, uint64_t pages) {
   }
 }
 
+void PageDigestTable::SetFrom(uint64_t gpa, uint64_t pages, const uint8_t* data) {
+  const MemorySlot* s = slots_.FindByGpa(gpa);
+  if (s == nullptr) return;
+  const size_t index = static_cast<size_t>(s - slots_.slots().data());
+  const uint64_t first = (gpa - s->gpa) >> kPageShift;
+  for (uint64_t p = 0; p < pages && first + p < s->pages(); ++p) {
+    Replace(index, first + p, PageValue(gpa + (p << kPageShift), data + (p << kPageShift)));
+  }
+}
+
 void PageDigestTable::UpdateChunk(size_t i) {
   const ChunkLayout::Chunk& c = layout_.chunk(i);
   Update(c.gpa, c.pages);

@@ -13,6 +13,7 @@ std::string_view OutcomeName(Outcome outcome) {
     case Outcome::kFailed: return "failed";
     case Outcome::kCancelled: return "cancelled";
     case Outcome::kInDoubt: return "in-doubt";
+    case Outcome::kPostcopyFailed: return "postcopy-failed";
   }
   return "unknown";
 }

@@ -7,6 +7,7 @@ std::string_view VmPlacementName(VmPlacement placement) {
     case VmPlacement::kHere: return "running";
     case VmPlacement::kMigrated: return "migrated";
     case VmPlacement::kPausedInDoubt: return "paused-in-doubt";
+    case VmPlacement::kPausedPostcopyFailed: return "paused-postcopy-failed";
   }
   return "unknown";
 }
@@ -40,6 +41,9 @@ Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, Migration
   std::lock_guard lock(mu_);
   if (active_) return InvalidArgument("a migration is already in progress");
   if (placement_ == VmPlacement::kMigrated) return InvalidArgument("this VM has already migrated away");
+  if (placement_ == VmPlacement::kPausedPostcopyFailed) {
+    return InvalidArgument("the last migration failed in post-copy: the VM stays paused here as of its switch");
+  }
   if (placement_ == VmPlacement::kPausedInDoubt) {
     return InvalidArgument(
         "the last switch-over is in doubt: the VM stays paused here until you know whether the target runs it");
@@ -60,6 +64,7 @@ Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, Migration
       std::lock_guard l(mu_);
       if (st.outcome == Outcome::kCompleted) placement_ = VmPlacement::kMigrated;
       if (st.outcome == Outcome::kInDoubt) placement_ = VmPlacement::kPausedInDoubt;
+      if (st.outcome == Outcome::kPostcopyFailed) placement_ = VmPlacement::kPausedPostcopyFailed;
       last_ = std::move(st);
       active_ = false;
     }

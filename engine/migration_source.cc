@@ -19,6 +19,7 @@ std::string_view PhaseName(Phase phase) {
     case Phase::kStopAndCopy: return "stop-and-copy";
     case Phase::kCommit: return "commit";
     case Phase::kDone: return "done";
+    case Phase::kPostcopy: return "postcopy";
   }
   return "unknown";
 }
@@ -268,7 +269,7 @@ MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, c
     outcome = Outcome::kCancelled;
     reason = CancelReason::kRequested;
     stats_.error = Fail(Aborted("cancelled by request")).message();
-  } else if (outcome != Outcome::kCompleted && outcome != Outcome::kInDoubt) {
+  } else if (outcome != Outcome::kCompleted && outcome != Outcome::kInDoubt && outcome != Outcome::kPostcopyFailed) {
     stats_.error = Fail(why).message();
   } else {
     stats_.error = why.ok() ? "" : why.message();
@@ -358,6 +359,94 @@ void MigrationSource::CompareDigests(const FinalReply& reply, const std::vector<
   }
 }
 
+MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<PageRun> owed) {
+  auto failed = [&](const Status& s) { return Finished(Outcome::kFailed, CancelReason::kNone, s); };
+  StopThrottle();  // the vCPUs are paused; nothing to slow any more
+  PostcopyBacklog backlog(vm_.memory_slots(), owed);
+  stats_.postcopy.used = true;
+  stats_.postcopy.owed_pages = backlog.total_pages();
+  Publish(Phase::kStopAndCopy, stats_.rounds, backlog.total_pages(), 0);
+  if (digest_) digest_->Hold();  // it finishes after the commit, outside the downtime
+  FinalState final_state;
+  {
+    auto state = vm_.SaveState();
+    if (!state.ok()) return failed(state.status().WithContext("save state"));
+    final_state.vm_state = std::move(*state);
+  }
+  final_state.postcopy = true;
+  final_state.postcopy_pages = std::move(owed);
+  final_state.source_paused_ms = MsSince(clock_, pause);
+  auto reply = sink_.Finish(final_state);
+  if (!reply.ok()) return failed(reply.status().WithContext("post-copy switch"));
+  if (!reply->prepared) return failed(Internal("the target did not prepare the VM: " + reply->verify_detail));
+  FailPoint("source.prepared");
+  Publish(Phase::kCommit, stats_.rounds, backlog.total_pages(), 0);
+  const CommitResult commit = sink_.Commit();
+  if (commit.state == CommitState::kNotCommitted) {
+    return failed(commit.detail.WithContext("post-copy switch: the target does not run the VM"));
+  }
+  if (commit.state == CommitState::kInDoubt) return Finished(Outcome::kInDoubt, CancelReason::kNone, commit.detail);
+  reply->target_resume_ms = commit.target_resume_ms;
+  stats_.commit_resolved = commit.resolved;
+  stats_.downtime_ms = MsSince(clock_, pause);
+  stats_.postcopy.switch_ms = stats_.downtime_ms;
+  stats_.final_reply = *reply;
+  (void)tracker_.Disable();  // this copy never runs again unless post-copy fails and the caller decides so
+  // The VM runs on the target; the pages it lacks go out from this paused
+  // copy, which stays intact until the target holds every one.
+  const auto running = clock_.Now();
+  {
+    std::lock_guard lock(progress_mu_);
+    progress_.phase = Phase::kPostcopy;
+  }
+  std::atomic<bool> serving{true};
+  // The progress of a phase that runs inside one sink call: published from
+  // here while Run()'s thread waits in it (so still one caller at a time).
+  std::thread watch([&] {
+    for (int tick = 0; serving.load(); ++tick) {
+      MigrationProgress p;
+      {
+        std::lock_guard lock(progress_mu_);
+        progress_.remaining_pages = backlog.left();
+        progress_.postcopy_requests = backlog.requests();
+        progress_.elapsed_ms = MsSince(clock_, start_);
+        p = progress_;
+      }
+      if (tick % 5 == 4 && callbacks_.on_progress) callbacks_.on_progress(p);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  Publish(Phase::kPostcopy, stats_.rounds, backlog.left(), 0);
+  Result<PostcopyResult> served = sink_.Postcopy(backlog);
+  serving.store(false);
+  watch.join();
+  stats_.postcopy.phase_ms = MsSince(clock_, running);
+  if (!served.ok()) {
+    return Finished(Outcome::kPostcopyFailed, CancelReason::kNone,
+                    served.status().WithContext("post-copy after the switch: the VM ran on the target, which "
+                                                "could not get every page; this copy stays paused as of the switch"));
+  }
+  stats_.postcopy.result = *served;
+  stats_.transferred += served->pushed;
+  stats_.transferred += served->answered;
+  ++stats_.rounds;
+  if (digest_) {
+    const auto t = clock_.Now();
+    Result<std::vector<uint64_t>> mine = digest_->AtPause();
+    stats_.verification.source_digest_ms = MsSince(clock_, t);
+    FinalReply theirs;
+    theirs.chunk_digests = served->chunk_digests;
+    theirs.chunk_bytes = served->chunk_bytes;
+    if (mine.ok()) {
+      CompareDigests(theirs, *mine);
+    } else {
+      stats_.verification.verdict = VerifyVerdict::kNotDone;
+      stats_.verification.detail = "the source's digest failed: " + mine.status().message();
+    }
+  }
+  return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
+}
+
 MigrationStats MigrationSource::RunPhases() {
   Publish(Phase::kSetup, 0, 0, 0);
 
@@ -375,6 +464,23 @@ MigrationStats MigrationSource::RunPhases() {
   }
   stats_.setup_time_ms = MsSince(clock_, start_);
   auto failed = [&](const Status& s) { return Finished(Outcome::kFailed, CancelReason::kNone, s); };
+  const PostcopyMode postcopy = options_.convergence.postcopy;
+  stats_.postcopy.mode = postcopy;
+  if (postcopy != PostcopyMode::kOff && !sink_.can_postcopy()) {
+    return failed(Unavailable("post-copy: the target cannot take it (a receiver older than pmlmig 0.6, or a host "
+                              "without userfaultfd)"));
+  }
+  if (postcopy == PostcopyMode::kNow) {
+    // Pure post-copy: nothing is sent before the switch; every page with
+    // data is owed.
+    if (options_.verify) {
+      digest_ = std::make_unique<SourceDigest>(vm_.memory_slots());
+      digest_->Start();
+    }
+    const auto pause = clock_.Now();
+    if (Status s = vm_.Pause(); !s.ok()) return failed(s.WithContext("pause"));
+    return RunPostcopy(pause, PagesWithData());
+  }
 
   // Tracking on before the first read of memory: every later write is seen.
   DirtySet dirty(vm_.memory_slots());
@@ -408,6 +514,18 @@ MigrationStats MigrationSource::RunPhases() {
     stats_.expected_downtime_ms = summary.expected_downtime_ms;
     const SwitchoverDecision d = policy_->Decide(summary);
     if (d.action == SwitchoverAction::kStopAndCopy) break;
+    if (d.action == SwitchoverAction::kPostcopy) {
+      if (!sink_.can_postcopy()) {
+        return failed(Unavailable("the switch-over policy asked for post-copy, which the target cannot take"));
+      }
+      const auto pause = clock_.Now();
+      if (Status s = vm_.Pause(); !s.ok()) return failed(s.WithContext("pause"));
+      // Everything written since the last round: owed, and followed through
+      // the tracker no more (the VM runs on the target from the switch).
+      if (Status s = tracker_.Collect(dirty); !s.ok()) return failed(s.WithContext("final collect"));
+      if (digest_) digest_->Queue(dirty);
+      return RunPostcopy(pause, RunsOf(dirty));
+    }
     if (d.action == SwitchoverAction::kThrottle) {
       if (Status s = ApplyThrottle(d.throttle); !s.ok()) return failed(s.WithContext("throttle"));
     }

@@ -53,7 +53,7 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
   const auto start = std::chrono::steady_clock::now();
   FinalReply reply;
   PMLMIG_RETURN_IF_ERROR(vm_->LoadState(state.vm_state).WithContext("restore state"));
-  if (setup_.verify) {
+  if (setup_.verify && !state.postcopy) {  // post-copy: the digests go back once every page is here
     PMLMIG_RETURN_IF_ERROR(Verify(state, &reply));
     // The VMM's own check needs the vCPUs paused, so it costs downtime:
     // only when the VM waits for verification anyway.
@@ -116,7 +116,19 @@ Result<double> VmMigrationTarget::OnCommit() {
 }
 
 void VmMigrationTarget::OnAbort(const std::string&) {
-  if (!resumed_) vm_.reset();  // never ran: discard
+  if (!resumed_ || postcopy_) {  // never ran, or cannot go on without its pages: discard
+    postcopy_.reset();  // wakes vCPUs waiting on a fault, so the VM can stop
+    vm_.reset();
+    resumed_ = false;
+  }
+}
+
+Result<PostcopyMemory*> VmMigrationTarget::ArmPostcopy(std::span<const PageRun> owed) {
+  if (!vm_) return InvalidArgument("post-copy before setup");
+  std::vector<std::optional<MemoryFile>> files;
+  for (const MemorySlot& s : memory().slots()) files.push_back(memory_file(s.slot));
+  PMLMIG_ASSIGN_OR_RETURN(postcopy_, PostcopyMemory::Arm(memory(), files, owed, digests_.get()));
+  return postcopy_.get();
 }
 
 std::unique_ptr<VmControl> VmMigrationTarget::TakeVm() { return resumed_ ? std::move(vm_) : nullptr; }

@@ -26,6 +26,15 @@ double ExpectedDowntimeMs(uint64_t pages, double bytes_per_page, double bandwidt
   return static_cast<double>(pages) * bytes_per_page / bandwidth_bytes_per_s * 1000.0;
 }
 
+std::string_view PostcopyModeName(PostcopyMode mode) {
+  switch (mode) {
+    case PostcopyMode::kOff: return "off";
+    case PostcopyMode::kAuto: return "auto";
+    case PostcopyMode::kNow: return "now";
+  }
+  return "unknown";
+}
+
 std::string_view ConvergeAidName(ConvergeAid aid) {
   switch (aid) {
     case ConvergeAid::kNone: return "none";
@@ -134,10 +143,18 @@ SwitchoverDecision DowntimeLimitPolicy::Decide(const RoundSummary& r) {
   const bool out_of_rounds = r.round > options_.max_rounds;
   const bool out_of_time =
       options_.timeout.count() > 0 && elapsed_ms >= static_cast<double>(options_.timeout.count());
-  if (!out_of_rounds && !out_of_time && !stalled && forcing_since_ == 0) return SwitchoverDecision::Continue();
+  const bool postcopy_now = options_.postcopy == PostcopyMode::kAuto && dirty_high_ >= 2;
+  if (!out_of_rounds && !out_of_time && !stalled && forcing_since_ == 0 && !postcopy_now) {
+    return SwitchoverDecision::Continue();
+  }
   const SwitchoverReason reason = out_of_time     ? SwitchoverReason::kOutOfTime
                                   : out_of_rounds ? SwitchoverReason::kOutOfRounds
                                                   : SwitchoverReason::kNotConverging;
+  // Post-copy instead of giving up or forcing: at the first sign (the
+  // trigger of an aid step, with no step left) rather than after the stall.
+  if (options_.postcopy == PostcopyMode::kAuto) {
+    return {SwitchoverAction::kPostcopy, reason, "not converging: switching to post-copy"};
+  }
   if (options_.force_on_timeout) {
     if (forcing_since_ == 0) forcing_since_ = r.round;
     const uint32_t grace = std::max<uint32_t>(options_.stall_rounds, 3);

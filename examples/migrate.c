@@ -263,6 +263,7 @@ static const char *phase_name(pmlmig_phase phase) {
     case PMLMIG_PHASE_STOP_AND_COPY: return "stop-and-copy";
     case PMLMIG_PHASE_COMMIT: return "commit";
     case PMLMIG_PHASE_DONE: return "done";
+    case PMLMIG_PHASE_POSTCOPY: return "postcopy";
   }
   return "?";
 }
@@ -344,6 +345,11 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
       fprintf(stderr, "minivmm: migration to %s in doubt: %s\n", args->target, pmlmig_source_last_error(source));
       printf("source: in doubt: the VM stays paused here and is not resumed (the target may run it)\n");
       return 3;
+    case PMLMIG_OUTCOME_POSTCOPY_FAILED:
+      fprintf(stderr, "minivmm: migration to %s failed in post-copy: %s\n", args->target,
+              pmlmig_source_last_error(source));
+      printf("source: post-copy failed: the VM stays paused here as of the switch (its run on the target is lost)\n");
+      return 5;
     case PMLMIG_OUTCOME_CANCELLED:
       fprintf(stderr, "minivmm: migration to %s cancelled: %s\n", args->target, pmlmig_source_last_error(source));
       show_still_running(vm);

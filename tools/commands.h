@@ -25,6 +25,7 @@ constexpr int kExitFailure = 1;   // the operation failed (error printed)
 constexpr int kExitUsage = 2;     // bad flags or arguments
 constexpr int kExitInDoubt = 3;   // a switch-over whose outcome is unknown: the VM stays paused
 constexpr int kExitMismatch = 4;   // migrated, and verification after commit found the memory differs
+constexpr int kExitPostcopyFailed = 5;  // post-copy broke after the switch: the target's run is lost
 constexpr int kExitInterrupted = 130;
 
 // Prints "pmlmig: error: <message>" as one line on stderr.

@@ -20,10 +20,28 @@ void AddConvergeFlags(CLI::App* cmd, ConvergeFlags* f, const std::string& group)
                   "(then: the next throttle step, or --on-timeout; 0 = wait for --max-rounds or --timeout)")
       ->capture_default_str()
       ->group(group);
+  cmd->add_option("--postcopy", f->postcopy,
+                  "Post-copy: 'auto' pre-copies and, once the rounds do not converge, moves the VM at once and sends "
+                  "its remaining pages while it runs on the target (a vCPU that touches a missing page waits for "
+                  "it); 'now' moves the VM before any round. The source keeps its paused copy until the target "
+                  "holds every page; if the connection breaks in post-copy the target's run is lost")
+      ->check(CLI::IsMember({"auto", "now"}))
+      ->group(group);
 }
 
 Status ApplyConvergeFlags(const ConvergeFlags& f, transport::MigrateCommand* command) {
   command->stall_rounds = f.stall_rounds;
+  if (!f.postcopy.empty()) {
+    command->postcopy = f.postcopy == "now" ? engine::PostcopyMode::kNow : engine::PostcopyMode::kAuto;
+    if (command->postcopy == engine::PostcopyMode::kNow && (f.auto_converge || !f.dirty_limit.empty())) {
+      return InvalidArgument("--postcopy now sends no pre-copy round, so --dirty-limit and --auto-converge have "
+                             "nothing to do (use --postcopy auto to throttle first)");
+    }
+    if (command->verify && command->verify_order == engine::VerifyOrder::kBeforeCommit) {
+      return InvalidArgument("--postcopy: verification runs once every page has arrived, after the VM runs on the "
+                             "target; before-commit verification cannot apply (use the default order)");
+    }
+  }
   if (!f.dirty_limit.empty() && f.auto_converge) {
     return InvalidArgument("--dirty-limit and --auto-converge exclude each other (pick one)");
   }

@@ -16,13 +16,17 @@ struct ConvergeFlags {
   std::string dirty_limit;  // "", "auto" or a byte rate per vCPU (K/M/G)
   bool auto_converge = false;
   uint32_t stall_rounds = 5;
+  std::string postcopy;  // "", "auto" or "now"
 };
 
-// Adds --dirty-limit, --auto-converge and --stall-rounds to `cmd`, in `group`.
+// Adds --dirty-limit, --auto-converge, --stall-rounds and --postcopy to
+// `cmd`, in `group`.
 void AddConvergeFlags(CLI::App* cmd, ConvergeFlags* f, const std::string& group);
 
-// Checks them (an error names the flag) and sets the command's aid, quota
-// and stall rounds.
+// Checks them (an error names the flag) and sets the command's aid, quota,
+// stall rounds and post-copy mode. Call after the command's verify fields
+// are set (post-copy verifies once every page has arrived, never before the
+// VM runs).
 Status ApplyConvergeFlags(const ConvergeFlags& f, transport::MigrateCommand* command);
 
 }  // namespace pmlmig::tools

@@ -69,6 +69,28 @@ nlohmann::ordered_json ThrottleJson(const engine::MigrationStats& s) {
   };
 }
 
+nlohmann::ordered_json PostcopyJson(const engine::PostcopyReport& p) {
+  if (!p.used) return {{"mode", std::string(engine::PostcopyModeName(p.mode))}, {"used", false}};
+  const engine::PostcopyResult& r = p.result;
+  return {
+      {"mode", std::string(engine::PostcopyModeName(p.mode))},
+      {"used", true},
+      {"owed_pages", p.owed_pages},
+      {"switch_ms", p.switch_ms},
+      {"duration_ms", p.phase_ms},
+      {"target_duration_ms", r.duration_ms},
+      {"requests", r.faults},
+      {"requested_pages", r.requested_pages},
+      {"background_pages", r.background_pages},
+      {"duplicate_pages", r.duplicate_pages},
+      {"zero_faults", r.zero_faults},
+      {"latency_ms", {{"p50", r.latency_p50_ms}, {"p99", r.latency_p99_ms}, {"max", r.latency_max_ms}}},
+      {"requests_served", r.requests_served},
+      {"pushed_bytes", r.pushed.wire_bytes},
+      {"answered_bytes", r.answered.wire_bytes},
+  };
+}
+
 nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
   const bool completed = s.outcome == engine::Outcome::kCompleted;
   nlohmann::ordered_json rounds = nlohmann::ordered_json::array();
@@ -106,6 +128,7 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"commit_resolved", s.commit_resolved},
       {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(ErrorWithAdvice(s))},
       {"throttle", ThrottleJson(s)},
+      {"postcopy", PostcopyJson(s.postcopy)},
       {"round_stats", rounds},
   };
 }
@@ -171,6 +194,18 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                   static_cast<double>(v.held_ns) / 1e6, v.holds);
     out += buf;
   }
+  if (s.postcopy.used) {
+    const engine::PostcopyResult& r = s.postcopy.result;
+    std::snprintf(buf, sizeof buf,
+                  "  post-copy (%s): %" PRIu64 " pages owed at the switch, the target ran after %.1f ms and held "
+                  "every page %.1f ms later\n"
+                  "    %" PRIu64 " page requests (latency p50 %.2f ms, p99 %.2f ms, max %.2f ms), %" PRIu64
+                  " pages pushed in the background, %" PRIu64 " duplicates dropped\n",
+                  std::string(engine::PostcopyModeName(s.postcopy.mode)).c_str(), s.postcopy.owed_pages,
+                  s.postcopy.switch_ms, s.postcopy.phase_ms, r.faults, r.latency_p50_ms, r.latency_p99_ms,
+                  r.latency_max_ms, r.background_pages, r.duplicate_pages);
+    out += buf;
+  }
   out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms  throttle\n";
   for (const engine::RoundStats& r : s.round_stats) {
     std::snprintf(buf, sizeof buf, "  %5u %13" PRIu64 " %9" PRIu64 " %11s %8.1f %9.0f %12.1f %17s\n", r.round,
@@ -189,6 +224,10 @@ std::string ProgressLine(const engine::MigrationProgress& p) {
                 p.elapsed_ms / 1000, std::string(engine::PhaseName(p.phase)).c_str(), p.round, FormatBytes(p.wire_bytes).c_str(), p.remaining_pages,
                 p.bandwidth_mbps, p.expected_downtime_ms);
   std::string out = buf;
+  if (p.phase == engine::Phase::kPostcopy) {
+    std::snprintf(buf, sizeof buf, " | post-copy: %" PRIu64 " requests answered", p.postcopy_requests);
+    out += buf;
+  }
   out += VcpuRatesText(p.throttle_pct, p.vcpu_quota_pages_per_s, p.vcpus);
   return out;
 }

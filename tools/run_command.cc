@@ -128,6 +128,7 @@ class RunControl final : public transport::ControlHandler {
       s.elapsed_ms = p.elapsed_ms;
       s.throttle_pct = p.throttle_pct;
       s.vcpu_quota_pages_per_s = p.vcpu_quota_pages_per_s;
+      s.postcopy_requests = p.postcopy_requests;
       s.vcpus = p.vcpus;
     } else if (cs.last != engine::Outcome::kNone) {
       s.migration = engine::OutcomeName(cs.last);
@@ -210,6 +211,17 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
                  stats.verification.detail.c_str(), static_cast<int>(::getpid()));
     while (!Interrupted()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+  // Post-copy broke after the switch: the VM ran on the target, which could
+  // not get its pages and discarded it. This paused copy is the VM as of the
+  // switch; resuming it would roll the guest back, so that is the user's call.
+  if (stats.outcome == engine::Outcome::kPostcopyFailed) {
+    std::fprintf(stderr,
+                 "pmlmig run: POST-COPY FAILED after the switch: %s\n"
+                 "pmlmig run: the VM's run on the target since the switch is lost; this process keeps its paused "
+                 "copy as of the switch (pid %d); press Ctrl-C or send SIGTERM here to drop it\n",
+                 stats.error.c_str(), static_cast<int>(::getpid()));
+    while (!Interrupted()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   m.Stop();  // completed: the VM lives on the target; in doubt: it stays paused and ends with this process
   if (f.json) {
     nlohmann::ordered_json out = MigrationStatsJson(stats);
@@ -234,6 +246,10 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     std::printf("%s\n", out.dump().c_str());
   } else {
     std::fputs(MigrationStatsText(stats).c_str(), stdout);
+  }
+  if (stats.outcome == engine::Outcome::kPostcopyFailed) {
+    PrintError("migration failed in post-copy: " + stats.error);
+    return kExitPostcopyFailed;
   }
   if (stats.outcome == engine::Outcome::kInDoubt) {
     PrintError("migration in doubt: " + stats.error);
@@ -321,17 +337,17 @@ int Run(const RunFlags& f) {
     command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
     command.force_on_timeout = f.on_timeout == "force";
     command.verify = f.verify;
+    if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
+      return PrintError("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit"), kExitUsage;
+    }
+    command.verify_order =
+        f.verify_order == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
     if (Status s = ApplyConvergeFlags(f.converge, &command); !s.ok()) return PrintError(s.message()), kExitUsage;
     if (command.aid == engine::ConvergeAid::kDirtyLimit && *tracker_kind != engine::TrackerKind::kRing) {
       return PrintError("--dirty-limit needs --tracker ring: only the dirty ring says which vCPU wrote a page "
                         "(use --auto-converge with the bitmap)"),
              kExitUsage;
     }
-    if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
-      return PrintError("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit"), kExitUsage;
-    }
-    command.verify_order =
-        f.verify_order == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
     command.tls_ca = f.security.tls_ca;
     command.tls_cert = f.security.tls_cert;
     command.tls_key = f.security.tls_key;

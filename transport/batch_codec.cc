@@ -5,6 +5,8 @@
 // rejected batch leaves guest memory untouched.
 #include "batch_codec.h"
 
+#include "pmlmig/engine/postcopy.h"
+
 #include <lz4.h>
 #include <xxh_x86dispatch.h>  // XXH3 with AVX2 where the CPU has it
 #include <zstd.h>
@@ -480,7 +482,8 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& batch, const eng
 }
 
 Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payload, const engine::SlotTable& memory,
-                                        engine::PageDigestTable* digests, const SlotFiles* files) {
+                                        engine::PageDigestTable* digests, const SlotFiles* files,
+                                        engine::PostcopyMemory* postcopy) {
   const std::string name = "batch " + std::to_string(b.sequence());
   auto invalid = [&](const std::string& what) { return InvalidArgument(name + ": " + what); };
 
@@ -586,12 +589,48 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
                     ")");
   }
 
-  // 4. Only now write. Zero runs clear pages a previous round may have
-  // filled; pages already zero (never touched, e.g. the host's shared zero
-  // page) are only read, so they are not made resident.
+  // 4. Only now write. Post-copy: each run placed where its pages are still
+  // missing (engine/postcopy.h), in one piece from the payload.
   ApplyResult result;
   size_t chunk = 0;
   uint64_t off = 0;  // into data[chunk]
+  if (postcopy != nullptr) {
+    for (const proto::PageRun& r : b.runs()) {
+      const uint64_t len = uint64_t{r.pages()} << kPageShift;
+      if (r.flags() != proto::PAGE_RUN_DATA) {
+        PMLMIG_RETURN_IF_ERROR(postcopy->Place(r.gpa(), r.pages(), nullptr).status().WithContext(name));
+        result.zero_pages += r.pages();
+        continue;
+      }
+      while (off == data[chunk].size()) {
+        ++chunk;
+        off = 0;
+      }
+      const uint8_t* src = data[chunk].data() + off;
+      if (data[chunk].size() - off >= len) {
+        off += len;
+      } else {  // across pieces: gathered
+        if (!gather_) gather_.reset(new uint8_t[kMaxBatchPayload]);
+        for (uint64_t done = 0; done < len;) {
+          while (off == data[chunk].size()) {
+            ++chunk;
+            off = 0;
+          }
+          const uint64_t k = std::min(len - done, data[chunk].size() - off);
+          std::memcpy(gather_.get() + done, data[chunk].data() + off, k);
+          done += k;
+          off += k;
+        }
+        src = gather_.get();
+      }
+      PMLMIG_RETURN_IF_ERROR(postcopy->Place(r.gpa(), r.pages(), src).status().WithContext(name));
+      result.normal_pages += r.pages();
+    }
+    return result;
+  }
+  // Zero runs clear pages a previous round may have filled; pages already
+  // zero (never touched, e.g. the host's shared zero page) are only read, so
+  // they are not made resident.
   for (const proto::PageRun& r : b.runs()) {
     const uint64_t len = uint64_t{r.pages()} << kPageShift;
     uint8_t* dst = memory.HostAddress(r.gpa(), len);

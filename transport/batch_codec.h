@@ -24,6 +24,10 @@
 #include "pmlmig/transport/grpc_sink.h"
 #include "pmlmig/version.h"
 
+namespace pmlmig::engine {
+class PostcopyMemory;
+}
+
 namespace pmlmig::transport {
 
 inline constexpr uint32_t kProtocolVersion = kWireVersion;  // PMLMIG_WIRE_VERSION
@@ -36,6 +40,8 @@ inline constexpr uint64_t kMaxVmDescriptionBytes = 1ull << 20;
 inline constexpr int kMaxMemoryRanges = 256;
 // engine::ChunkLayout keeps a guest at 65536 chunks, plus one partial chunk per range.
 inline constexpr uint64_t kMaxChunkDigests = 65536 + kMaxMemoryRanges;
+// Runs of owed pages in a post-copy Final.
+inline constexpr int kMaxPostcopyRuns = 1 << 20;
 
 // Where a batch belongs: copied into its header and covered by its checksum.
 struct BatchHeader {
@@ -170,9 +176,11 @@ class BatchApplier {
   Result<ApplyResult> Apply(const proto::PageBatch& batch, const engine::SlotTable& memory,
                             engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr);
   // The same for a batch split by DecodeBatch: `header`'s payload field is
-  // ignored; the payload is `payload`.
+  // ignored; the payload is `payload`. With `postcopy`, pages are placed
+  // through it (only where still missing; it keeps `digests` itself).
   Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory,
-                            engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr);
+                            engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr,
+                            engine::PostcopyMemory* postcopy = nullptr);
 
  private:
   std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once decompressing

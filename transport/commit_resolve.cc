@@ -7,7 +7,7 @@
 namespace pmlmig::transport {
 
 engine::CommitResult CommitAndResolve(ControlClient& control, SinkCalls& calls, const GrpcSinkOptions& o,
-                                      uint64_t session_id) {
+                                      uint64_t session_id, bool keep_open) {
   engine::CommitResult result;
   proto::ControlRequest req;
   req.mutable_commit();
@@ -19,7 +19,7 @@ engine::CommitResult CommitAndResolve(ControlClient& control, SinkCalls& calls, 
     if (reply.ok() && reply->has_commit()) {
       result.state = engine::CommitState::kCommitted;
       result.target_resume_ms = reply->commit().target_resume_ms();
-      control.Close(o.abort_grace);
+      if (!keep_open) control.Close(o.abort_grace);
       return result;
     }
     lost = reply.ok() ? InvalidArgument("receiver answered Commit with something else") : reply.status();

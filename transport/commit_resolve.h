@@ -20,8 +20,10 @@ namespace pmlmig::transport {
 // Sends Commit and waits up to commit_timeout for its answer; then
 // half-closes the control stream. When the answer is lost (the stream broke,
 // no answer, a wrong one), cancels every call and resolves.
+// `keep_open` (post-copy): the control call stays open after CommitReply
+// (PostcopyDone comes on it later).
 engine::CommitResult CommitAndResolve(ControlClient& control, SinkCalls& calls, const GrpcSinkOptions& o,
-                                      uint64_t session_id);
+                                      uint64_t session_id, bool keep_open = false);
 
 // Asks the receiver, on fresh connections, how session `session_id` ended,
 // until it answers or resolve_timeout passes. `lost` says why we ask.

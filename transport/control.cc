@@ -59,6 +59,14 @@ class Service final : public proto::Control::Service {
       return ToGrpc(InvalidArgument("migrate: a dirty limit was given without the dirty-limit aid"));
     }
     if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
+    switch (r->postcopy()) {
+      case proto::POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
+      case proto::POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
+      case proto::POSTCOPY_NOW: c.postcopy = engine::PostcopyMode::kNow; break;
+      default:
+        return ToGrpc(InvalidArgument("migrate: unknown post-copy mode " + std::to_string(r->postcopy()) +
+                                      " (this VM knows off, auto and now)"));
+    }
     return ToGrpc(handler_.StartMigration(c));
   }
   grpc::Status Status(grpc::ServerContext*, const proto::StatusRequest*, proto::StatusReply* out) override {
@@ -77,6 +85,7 @@ class Service final : public proto::Control::Service {
     out->set_stats_json(s.stats_json);
     out->set_throttle_pct(s.throttle_pct);
     out->set_vcpu_quota_pages_per_s(s.vcpu_quota_pages_per_s);
+    out->set_postcopy_requests(s.postcopy_requests);
     for (const engine::VcpuRate& v : s.vcpus) {
       proto::VcpuRate* o = out->add_vcpus();
       o->set_dirty_pages_per_s(v.dirty_pages_per_s);
@@ -162,6 +171,9 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
                                                                : proto::CONVERGE_NONE);
   r.set_dirty_limit_pages_per_s(c.dirty_limit_pages_per_s);
   r.set_stall_rounds(c.stall_rounds);
+  r.set_postcopy(c.postcopy == engine::PostcopyMode::kAuto  ? proto::POSTCOPY_AUTO
+                 : c.postcopy == engine::PostcopyMode::kNow ? proto::POSTCOPY_NOW
+                                                            : proto::POSTCOPY_OFF);
   proto::MigrateReply reply;
   auto ctx = Context();
   return FromGrpc(Connect(path)->Migrate(ctx.get(), r, &reply), path);
@@ -186,6 +198,7 @@ Result<ControlStatus> ControlGetStatus(const std::string& path) {
   s.stats_json = r.stats_json();
   s.throttle_pct = r.throttle_pct();
   s.vcpu_quota_pages_per_s = r.vcpu_quota_pages_per_s();
+  s.postcopy_requests = r.postcopy_requests();
   for (const proto::VcpuRate& v : r.vcpus()) {
     engine::VcpuRate o;
     o.dirty_pages_per_s = v.dirty_pages_per_s();
@@ -225,6 +238,7 @@ engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {
   mo.convergence.aid = c.aid;
   mo.convergence.dirty_limit = c.dirty_limit_pages_per_s;
   mo.convergence.stall_rounds = c.stall_rounds;
+  mo.convergence.postcopy = c.postcopy;
   return mo;
 }
 

@@ -8,6 +8,8 @@
 //     machine, one method per protocol message, with its deadline watchdog;
 //   - PagesReactor (pages_reactor.h): one Pages call, which checks
 //     (receiver_checks.h) and applies batches;
+//   - PostcopyCall (postcopy_call.h): one Postcopy call, page requests out
+//     and owed pages in, after a post-copy Commit;
 //   - Resolve (below, answered by Receiver::Resolve) decides a PREPARED
 //     session as discarded under the Receiver's lock, so it and a late
 //     Commit never both win.
@@ -27,6 +29,7 @@
 #include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "pages_reactor.h"
+#include "postcopy_call.h"
 #include "receiver.h"
 #include "receiver_session.h"
 
@@ -50,6 +53,10 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Pages(grpc::CallbackServerContext* ctx) override {
     return new PagesReactor(receiver_, receiver_.Authorize(*ctx));
+  }
+  grpc::Status Postcopy(grpc::ServerContext* ctx,
+                        grpc::ServerReaderWriter<proto::PostcopyRequest, proto::PageBatch>* stream) override {
+    return PostcopyCall(receiver_, ctx, stream).Run();
   }
   grpc::Status Resolve(grpc::ServerContext* ctx, const proto::ResolveRequest* req,
                        proto::ResolveReply* reply) override {

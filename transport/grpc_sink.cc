@@ -36,6 +36,7 @@
 #include "connection_probe.h"
 #include "control_client.h"
 #include "data_stream.h"
+#include "postcopy_client.h"
 #include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "pmlmig/base/watchdog.h"
@@ -95,6 +96,8 @@ class GrpcMigrationSink::Impl {
   Result<engine::FinalReply> Finish(const engine::FinalState& state);
   engine::CommitResult Commit();
   void Abort(const std::string& why);
+  Result<engine::PostcopyResult> Postcopy(engine::PostcopyBacklog& backlog);
+  bool can_postcopy() const { return can_postcopy_; }
 
   engine::TransferStats totals() const {
     std::lock_guard lock(mu_);
@@ -103,7 +106,8 @@ class GrpcMigrationSink::Impl {
   const GrpcSinkOptions options_;
 
  private:
-  enum class Phase { kNew, kReady, kSending, kPrepared, kCommitting, kDone, kBroken };
+  // kPostcopy: committed, owed pages still to serve (Postcopy()).
+  enum class Phase { kNew, kReady, kSending, kPrepared, kCommitting, kPostcopy, kDone, kBroken };
 
   Status DoBegin(const engine::MigrationSetup& setup);
   // Waits until `ch` is connected, up to connect_timeout.
@@ -114,6 +118,9 @@ class GrpcMigrationSink::Impl {
 
   const engine::SlotTable* source_ = nullptr;  // set by Begin
   uint64_t session_id_ = 0;                    // set by Begin
+  Checksum checksum_ = Checksum::kXxh64;       // set by Begin
+  bool can_postcopy_ = false;                  // set by Begin: the receiver said so
+  bool postcopy_ = false;                      // Finish sent a post-copy Final
   std::unique_ptr<TokenBucket> bucket_;        // null: no bandwidth limit
   // Declared before the calls: its contexts outlive them.
   SinkCalls calls_;
@@ -222,12 +229,14 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
                            " streams, asked for " + std::to_string(options_.streams));
   }
   session_id_ = hello.hello().session_id();
+  can_postcopy_ = hello.hello().postcopy();
   // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
   Checksum checksum = Checksum::kXxh64;
   for (int c : hello.hello().checksums()) {
     if (c == proto::BATCH_CHECKSUM_XXH3) checksum = Checksum::kXxh3;
   }
   for (auto& ds : streams_) ds->set_checksum(checksum);
+  checksum_ = checksum;
 
   // Setup.
   req.Clear();
@@ -345,6 +354,17 @@ Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalSt
   f->set_source_paused_ms(state.source_paused_ms);
   *f->mutable_chunk_digests() = {state.chunk_digests.begin(), state.chunk_digests.end()};
   f->set_chunk_bytes(state.chunk_bytes);
+  if (state.postcopy) {
+    if (!can_postcopy_) return Break(InvalidArgument("post-copy: the receiver cannot take it (pmlmig before 0.6, or "
+                                                     "no userfaultfd there)"));
+    f->set_postcopy(true);
+    for (const engine::PageRun& r : state.postcopy_pages) {
+      proto::PageRun* pr = f->add_postcopy_pages();
+      pr->set_gpa(r.gpa);
+      pr->set_pages(static_cast<uint32_t>(r.pages));
+    }
+    postcopy_ = true;
+  }
   for (auto& ds : streams_) {
     proto::StreamTotals* t = f->add_streams();
     t->set_stream(ds->index());
@@ -386,10 +406,42 @@ engine::CommitResult GrpcMigrationSink::Impl::Commit() {
     }
     phase_ = Phase::kCommitting;  // from here Abort does nothing
   }
-  engine::CommitResult result = CommitAndResolve(control_, calls_, options_, session_id_);
+  engine::CommitResult result = CommitAndResolve(control_, calls_, options_, session_id_, postcopy_);
   std::lock_guard lock(mu_);
-  phase_ = result.state == engine::CommitState::kCommitted ? Phase::kDone : Phase::kBroken;
+  phase_ = result.state != engine::CommitState::kCommitted ? Phase::kBroken
+           : postcopy_ && !result.resolved             ? Phase::kPostcopy
+                                                       : Phase::kDone;
   return result;
+}
+
+// ------------------------------------------------------------- Postcopy
+
+Result<engine::PostcopyResult> GrpcMigrationSink::Impl::Postcopy(engine::PostcopyBacklog& backlog) {
+  {
+    std::lock_guard lock(mu_);
+    if (phase_ != Phase::kPostcopy) {
+      return InvalidArgument("GrpcMigrationSink::Postcopy: not after a committed post-copy Finish (or the "
+                             "commit's reply was lost, and with it the control call post-copy needs)");
+    }
+  }
+  // Runs of more than 2^32 - 1 pages cannot be named in a batch; the
+  // backlog's runs are at most batch_pages long.
+  PostcopyCallOptions p;
+  p.session_id = session_id_;
+  p.round = static_cast<uint32_t>(std::max<int64_t>(last_round_ + 1, 0));
+  p.checksum = checksum_;
+  p.bucket = bucket_.get();
+  Result<engine::PostcopyResult> r = RunPostcopy(options_, calls_, control_, *source_, p, backlog);
+  if (!r.ok()) {
+    calls_.Fail(r.status());
+  } else {
+    std::lock_guard lock(mu_);
+    totals_ += r->pushed;
+    totals_ += r->answered;
+  }
+  std::lock_guard lock(mu_);
+  phase_ = r.ok() ? Phase::kDone : Phase::kBroken;
+  return r;
 }
 
 // ------------------------------------------------------------- Abort
@@ -397,7 +449,8 @@ engine::CommitResult GrpcMigrationSink::Impl::Commit() {
 void GrpcMigrationSink::Impl::Abort(const std::string& why) {
   {
     std::lock_guard lock(mu_);
-    if (aborted_ || phase_ == Phase::kDone || phase_ == Phase::kCommitting) return;
+    // Once committed (post-copy included) the VM runs on the target: nothing to abort.
+    if (aborted_ || phase_ == Phase::kDone || phase_ == Phase::kCommitting || phase_ == Phase::kPostcopy) return;
     aborted_ = true;
   }
   const bool tell = control_.open() && !calls_.cancelled();
@@ -456,6 +509,10 @@ Result<engine::FinalReply> GrpcMigrationSink::Finish(const engine::FinalState& s
 }
 engine::CommitResult GrpcMigrationSink::Commit() { return impl_->Commit(); }
 void GrpcMigrationSink::Abort(const std::string& why) { impl_->Abort(why); }
+bool GrpcMigrationSink::can_postcopy() const { return impl_->can_postcopy(); }
+Result<engine::PostcopyResult> GrpcMigrationSink::Postcopy(engine::PostcopyBacklog& backlog) {
+  return impl_->Postcopy(backlog);
+}
 engine::TransferStats GrpcMigrationSink::totals() const { return impl_->totals(); }
 const GrpcSinkOptions& GrpcMigrationSink::options() const { return impl_->options_; }
 

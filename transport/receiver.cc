@@ -36,7 +36,7 @@ Receiver::Receiver(MigrationServer::TargetFactory factory, MigrationServerOption
 
 bool Receiver::MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self) {
   if (session.state != SessionState::kWaitSetup && session.state != SessionState::kReceiving &&
-      session.state != SessionState::kPrepared) {
+      session.state != SessionState::kPrepared && session.state != SessionState::kPostcopy) {
     return false;
   }
   session.state = SessionState::kFailing;
@@ -101,6 +101,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     session->state = SessionState::kEnded;  // no batch is admitted from here on
     EndStreams(*session, status == engine::Outcome::kCompleted ? Aborted("the migration is over") : error, nullptr);
     cv_.wait(lock, [&] { return session->applying == 0; });
+    session->postcopy = nullptr;  // the target owns it and goes below
     target = std::move(session->target);
     out.totals = session->totals;
     out.rounds = session->rounds;
@@ -129,6 +130,7 @@ void Receiver::EndStreams(Session& session, const Status& why, const PagesReacto
   for (StreamState& ss : session.per_stream) {
     if (ss.reactor != nullptr && ss.reactor != self) ss.reactor->Abandon(reason);
   }
+  for (grpc::ServerContextBase* ctx : session.postcopy_calls) CancelCall(ctx, reason);
 }
 
 Result<ReceivedMigration> Receiver::WaitForMigration(Clock::time_point deadline) {

@@ -39,7 +39,9 @@ class ReceiverSession;
 
 // The protocol state of a session (proto/migration.proto's state machine;
 // WAIT_HELLO is a Control call without a session).
-enum class SessionState { kWaitSetup, kReceiving, kFinalizing, kPrepared, kCommitting, kFailing, kEnded };
+// kPostcopy: committed, the VM runs, owed pages still arrive on the
+// Postcopy calls (proto/migration.proto).
+enum class SessionState { kWaitSetup, kReceiving, kFinalizing, kPrepared, kCommitting, kPostcopy, kFailing, kEnded };
 
 // One data stream of a session. Guarded by Receiver::mu_.
 struct StreamState {
@@ -73,6 +75,12 @@ struct Session {
   int applying = 0;  // Pages threads writing into target memory right now
   engine::TransferStats totals;
   uint32_t rounds = 0;
+  // Post-copy: armed at Final (owned by the target), serving from Commit.
+  engine::PostcopyMemory* postcopy = nullptr;
+  std::deque<uint64_t> requests;              // pages vCPUs wait for, not yet written to the source
+  bool requests_attached = false;             // a "requests" Postcopy call is open
+  bool push_attached = false;                 // a "push" Postcopy call is open
+  std::vector<grpc::ServerContextBase*> postcopy_calls;  // the open Postcopy calls, ended with the session
 };
 
 // Ends a call now with `why` as the status its peer reads. TryCancel would
@@ -106,6 +114,7 @@ class Receiver {
  private:
   friend class ReceiverSession;
   friend class PagesReactor;
+  friend class PostcopyCall;
 
   // Under mu_, another thread than Control's (a Pages call, Resolve, the
   // watchdog) fails the session: ends its Pages calls but `self` with `why`

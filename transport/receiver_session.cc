@@ -9,6 +9,8 @@
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
+#include "pmlmig/engine/memory_digest.h"
+#include "pmlmig/engine/postcopy.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -172,6 +174,7 @@ ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
   h->set_max_batch_pages(kMaxBatchPages);
   h->set_max_streams(std::min(r_.options_.max_streams, kMaxStreams));
   h->add_checksums(proto::BATCH_CHECKSUM_XXH3);
+  h->set_postcopy(engine::PostcopyMemory::Available().ok());
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
@@ -275,6 +278,23 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
     target = session_->target.get();
   }
   engine::FinalState fs;
+  if (f.postcopy()) {
+    // The owed pages become missing before the state is restored; the VM
+    // runs at Commit and faults on them.
+    if (f.postcopy_pages_size() > kMaxPostcopyRuns) {
+      return Fail(InvalidArgument("Final: " + std::to_string(f.postcopy_pages_size()) +
+                                  " post-copy runs, more than " + std::to_string(kMaxPostcopyRuns)));
+    }
+    fs.postcopy = true;
+    for (const proto::PageRun& r : f.postcopy_pages()) {
+      if (r.pages() == 0) return Fail(InvalidArgument("Final: a post-copy run of 0 pages"));
+      fs.postcopy_pages.push_back({r.gpa(), r.pages()});
+    }
+    Result<engine::PostcopyMemory*> armed = target->ArmPostcopy(fs.postcopy_pages);
+    if (!armed.ok()) return Fail(armed.status().WithContext("target cannot take post-copy"));
+    std::lock_guard lock(r_.mu_);
+    session_->postcopy = *armed;
+  }
   fs.vm_state.assign(f.vm_state().begin(), f.vm_state().end());
   fs.has_digest = f.has_digest();
   fs.memory_digest = f.memory_digest();
@@ -316,10 +336,40 @@ ReceiverSession::Next ReceiverSession::Commit(const proto::ControlRequest& req) 
     }
   }
   if (target == nullptr) return EndOfCall();
+  engine::PostcopyMemory* postcopy = nullptr;
+  {
+    std::lock_guard lock(r_.mu_);
+    postcopy = session_->postcopy;
+  }
+  if (postcopy != nullptr) {
+    // Before the VM runs: each missing page a vCPU touches becomes a request
+    // that the "requests" call writes to the source.
+    std::weak_ptr<Session> weak = session_;
+    postcopy->Start([this, weak](uint64_t gpa) {
+      std::shared_ptr<Session> s = weak.lock();
+      if (!s) return;
+      std::lock_guard lock(r_.mu_);
+      s->requests.push_back(gpa);
+      r_.cv_.notify_all();
+    });
+  }
   Result<double> resumed = target->OnCommit();
   if (!resumed.ok()) return Fail(resumed.status().WithContext("target could not resume the VM"));
   FailPoint("receiver.resumed");
   prepared_.target_resume_ms = *resumed;
+  if (postcopy != nullptr) {
+    {
+      std::lock_guard lock(r_.mu_);
+      if (session_->state == SessionState::kCommitting) session_->state = SessionState::kPostcopy;
+    }
+    reply_.Clear();
+    reply_.mutable_commit()->set_target_resume_ms(*resumed);
+    if (!stream_->Write(reply_)) {
+      return Fail(Unavailable("post-copy: the commit reply could not be delivered (connection lost); the VM "
+                              "cannot get its missing pages and is discarded"));
+    }
+    return AwaitPostcopy(*postcopy);
+  }
   reply_.Clear();
   reply_.mutable_commit()->set_target_resume_ms(*resumed);
   const bool sent = stream_->Write(reply_);
@@ -330,6 +380,66 @@ ReceiverSession::Next ReceiverSession::Commit(const proto::ControlRequest& req) 
                                    "it learns the outcome through Resolve");
   r_.EndSession(session_, engine::Outcome::kCompleted, note, prepared_);
   FailPoint("receiver.committed");
+  done_ = true;
+  return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::AwaitPostcopy(engine::PostcopyMemory& postcopy) {
+  // The VM runs; its missing pages arrive on the Postcopy calls. The source
+  // (its control call) must stay until every page is here: without it the
+  // VM cannot go on, and it is discarded.
+  for (;;) {
+    if (postcopy.WaitComplete(std::chrono::milliseconds(50))) break;
+    Status failed;
+    {
+      std::lock_guard lock(r_.mu_);
+      if (session_->state == SessionState::kFailing) failed = session_->failure;
+    }
+    if (failed.ok() && ctx_->IsCancelled()) {
+      failed = Unavailable("the control stream closed (source gone or connection lost)");
+    }
+    if (!failed.ok()) {
+      return Fail(Status(failed.code(), "post-copy: " + failed.message() + " with " +
+                                            std::to_string(postcopy.remaining()) + " of " +
+                                            std::to_string(postcopy.stats().needed_pages) +
+                                            " pages still missing; the VM cannot go on without them and is "
+                                            "discarded"));
+    }
+  }
+  const engine::PostcopyStats st = postcopy.stats();
+  reply_.Clear();
+  proto::PostcopyDone* d = reply_.mutable_postcopy_done();
+  d->set_needed_pages(st.needed_pages);
+  d->set_faults(st.faults);
+  d->set_requested_pages(st.requested_pages);
+  d->set_background_pages(st.background_pages);
+  d->set_duplicate_pages(st.duplicate_pages);
+  d->set_zero_faults(st.zero_faults);
+  d->set_latency_p50_ms(st.latency_p50_ms);
+  d->set_latency_p99_ms(st.latency_p99_ms);
+  d->set_latency_max_ms(st.latency_max_ms);
+  d->set_duration_ms(st.duration_ms);
+  engine::MigrationTarget* target = nullptr;
+  {
+    // From here the Postcopy calls place nothing more (and a call ending is
+    // no failure); wait for a placement in progress.
+    std::unique_lock lock(r_.mu_);
+    target = session_->target.get();
+    session_->postcopy = nullptr;
+    r_.cv_.wait(lock, [&] { return session_->applying == 0; });
+  }
+  if (engine::PageDigestTable* digests = target->digests(); digests != nullptr) {
+    const std::vector<uint64_t> snap = digests->Snapshot();
+    *d->mutable_chunk_digests() = {snap.begin(), snap.end()};
+    d->set_chunk_bytes(digests->layout().chunk_bytes());
+    prepared_.chunk_digests = snap;
+    prepared_.chunk_bytes = digests->layout().chunk_bytes();
+  }
+  target->EndPostcopy();  // every page is here: the VM runs on its own memory
+  const bool sent = stream_->Write(reply_);
+  Status note = sent ? Status::Ok()
+                     : Unavailable("post-copy completed here, but the source did not get the news (connection lost)");
+  r_.EndSession(session_, engine::Outcome::kCompleted, note, prepared_);
   done_ = true;
   return std::nullopt;
 }

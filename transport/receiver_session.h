@@ -30,6 +30,10 @@
 #include "pmlmig/base/watchdog.h"
 #include "receiver.h"
 
+namespace pmlmig::engine {
+class PostcopyMemory;
+}
+
 namespace pmlmig::transport {
 
 // The receiver's side of the Control call, over raw bytes: gRPC's typed
@@ -71,6 +75,9 @@ class ReceiverSession {
   Next Final(const proto::ControlRequest& req);   // RECEIVING
   Next Commit(const proto::ControlRequest& req);  // PREPARED
   Next Abort(const proto::Abort& abort);          // any state
+  // After a post-copy Commit: waits until every page is placed (then
+  // PostcopyDone) or the source is lost (the VM is discarded).
+  Next AwaitPostcopy(engine::PostcopyMemory& postcopy);
   // Watchdog thread: the deadline of the phase, every tick; true once it
   // has cancelled the call.
   bool CheckDeadlines();

@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 5
+#define PMLMIG_VERSION_MINOR 6
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -68,7 +68,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.5.0" */
+/* "0.6.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);
@@ -201,10 +201,12 @@ typedef enum pmlmig_outcome {
   PMLMIG_OUTCOME_COMPLETED = 1, /* the VM runs on the target: stop it here, never resume it */
   PMLMIG_OUTCOME_FAILED = 2,    /* the VM was resumed here and runs on */
   PMLMIG_OUTCOME_CANCELLED = 3, /* on request, a timeout or the policy: the VM runs on here */
-  PMLMIG_OUTCOME_IN_DOUBT = 4   /* the commit's answer was lost: the VM stays paused here; never
+  PMLMIG_OUTCOME_IN_DOUBT = 4,  /* the commit's answer was lost: the VM stays paused here; never
                                    resume it without learning whether the target runs it */
+  PMLMIG_OUTCOME_POSTCOPY_FAILED = 5 /* since 0.6: post-copy broke after the switch; the target's run
+                                        is lost, the VM stays paused here as of the switch */
 } pmlmig_outcome;
-/* "none", "completed", "failed", "cancelled", "in-doubt" */
+/* "none", "completed", "failed", "cancelled", "in-doubt", "postcopy-failed" */
 PMLMIG_API const char *pmlmig_outcome_name(pmlmig_outcome outcome);
 
 typedef enum pmlmig_phase {
@@ -212,7 +214,8 @@ typedef enum pmlmig_phase {
   PMLMIG_PHASE_ROUND = 1,
   PMLMIG_PHASE_STOP_AND_COPY = 2,
   PMLMIG_PHASE_COMMIT = 3,
-  PMLMIG_PHASE_DONE = 4
+  PMLMIG_PHASE_DONE = 4,
+  PMLMIG_PHASE_POSTCOPY = 5  /* since 0.6: the VM runs on the target; owed pages still go out */
 } pmlmig_phase;
 
 typedef enum pmlmig_tracker {
@@ -280,6 +283,13 @@ typedef enum pmlmig_converge {
   PMLMIG_CONVERGE_AUTO = 2,         /* hold every vCPU 20%, +10 per step, up to 99% of the time */
 } pmlmig_converge;
 
+/* Since 0.6. */
+typedef enum pmlmig_postcopy {
+  PMLMIG_POSTCOPY_OFF = 0,
+  PMLMIG_POSTCOPY_AUTO = 1,  /* pre-copy first; post-copy once the rounds do not converge */
+  PMLMIG_POSTCOPY_NOW = 2    /* pure post-copy: the VM moves at once, its pages follow */
+} pmlmig_postcopy;
+
 typedef struct pmlmig_migrate_options {
   size_t size;                     /* pmlmig_migrate_options_init sets it and every default */
   const char *target;              /* "host:port" of a receiver; required */
@@ -316,6 +326,10 @@ typedef struct pmlmig_migrate_options {
                                       0 = only max_rounds and timeout_ms end it */
   double dirty_limit_pages_per_s;  /* DIRTY_LIMIT's quota per vCPU, new dirty pages/s; 0 (default) = derived
                                       from the measured bandwidth */
+  /* Since 0.6 (docs/ARCHITECTURE.md, "Post-copy"): needs a 0.6 receiver. The
+   * VM's memory is read, paused, until the target holds every page. */
+  pmlmig_postcopy postcopy;        /* default OFF */
+  uint32_t reserved2;
 } pmlmig_migrate_options;
 PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
 
@@ -341,6 +355,14 @@ typedef struct pmlmig_migration_stats {
   uint32_t throttle_steps;       /* dirty-limit or auto-converge steps taken */
   uint32_t throttle_max_pct;     /* auto-converge's highest throttle (0: none) */
   double dirty_limit_min_pages_per_s;  /* dirty-limit's lowest per-vCPU quota (0: none) */
+  /* Since 0.6: post-copy (all 0 unless it was used). */
+  int32_t postcopy_used;
+  uint32_t postcopy_requests;    /* missing pages the guest touched on the target */
+  uint64_t postcopy_owed_pages;  /* owed at the switch */
+  double postcopy_latency_p50_ms; /* fault to page placed, at the target */
+  double postcopy_latency_p99_ms;
+  double postcopy_latency_max_ms;
+  double postcopy_ms;            /* the target running to it holding every page */
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 

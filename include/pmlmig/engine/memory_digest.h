@@ -104,6 +104,11 @@ class PageDigestTable {
   void Update(uint64_t gpa, uint64_t pages);
   // Replaces the values of `pages` pages from `gpa` by those of zero pages.
   void SetZero(uint64_t gpa, uint64_t pages);
+  // Replaces the values of `pages` pages from `gpa` by those of `data`
+  // (pages * 4096 bytes): what was written there, read from the writer's
+  // buffer rather than from memory (post-copy: the guest may already be
+  // writing the page).
+  void SetFrom(uint64_t gpa, uint64_t pages, const uint8_t* data);
   // Re-reads every page of chunk `i`.
   void UpdateChunk(size_t i);
   std::vector<uint64_t> Snapshot() const;

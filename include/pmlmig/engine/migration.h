@@ -29,6 +29,8 @@
 namespace pmlmig::engine {
 
 class PageDigestTable;
+class PostcopyBacklog;
+class PostcopyMemory;
 
 // How a migration ended. The string forms (OutcomeName) are for the edges:
 // JSON, logs, the control API's wire.
@@ -38,8 +40,13 @@ enum class Outcome : uint8_t {
   kFailed,     // an error; the source VM runs on
   kCancelled,  // on request, a timeout or the switch-over policy; the source VM runs on
   kInDoubt,    // the source cannot learn whether the target runs the VM: it stays paused
+  // Post-copy broke after the switch: the VM ran on the target, which could
+  // not get every page and discards it. The source's paused copy is the
+  // VM as of the switch (resuming it rolls the guest back to that moment);
+  // it stays paused for the caller to decide.
+  kPostcopyFailed,
 };
-// "none", "completed", "failed", "cancelled", "in-doubt".
+// "none", "completed", "failed", "cancelled", "in-doubt", "postcopy-failed".
 std::string_view OutcomeName(Outcome outcome);
 
 // When a verifying migration compares the two sides' memory digests
@@ -125,6 +132,31 @@ struct FinalState {
   std::vector<uint64_t> chunk_digests;  // per ChunkLayout chunk; empty: only memory_digest (an older source)
   uint64_t chunk_bytes = 0;       // the layout's chunk size
   double source_paused_ms = 0;    // how long the source's vCPUs had been paused when it sent this
+  // Post-copy: the target resumes without these pages (not yet sent, or
+  // dirtied since they were) and they follow (MigrationSink::Postcopy).
+  bool postcopy = false;
+  std::vector<PageRun> postcopy_pages;
+};
+
+// What post-copy moved and measured: the target's figures (postcopy.h's
+// PostcopyStats), the source's side, and verifying, the target's digests of
+// the pages as they arrived.
+struct PostcopyResult {
+  uint64_t needed_pages = 0;
+  uint64_t faults = 0;
+  uint64_t requested_pages = 0;
+  uint64_t background_pages = 0;
+  uint64_t duplicate_pages = 0;
+  uint64_t zero_faults = 0;
+  double latency_p50_ms = 0;
+  double latency_p99_ms = 0;
+  double latency_max_ms = 0;
+  double duration_ms = 0;          // target: resume to the last page placed
+  uint64_t requests_served = 0;    // source: requests answered
+  TransferStats pushed;            // source: the background push
+  TransferStats answered;          // source: the answers to requests
+  std::vector<uint64_t> chunk_digests;
+  uint64_t chunk_bytes = 0;
 };
 
 // The target's answer to FinalState: the VM is restored (and verified) but
@@ -179,6 +211,18 @@ class MigrationSink {
   virtual void Abort(const std::string& why) = 0;
   // Everything sent so far, including the part of a round that failed.
   virtual TransferStats totals() const { return {}; }
+  // After Begin: whether the target can take a post-copy switch.
+  virtual bool can_postcopy() const { return false; }
+  // Post-copy, after a committed Finish of a FinalState with postcopy set:
+  // answers the target's page requests and pushes the rest of `backlog`
+  // (read from source memory, which must stay paused and mapped) until the
+  // target says it holds every page. An error: the target may have run
+  // the VM and cannot finish it; the source's paused copy is the only
+  // complete one as of the switch.
+  virtual Result<PostcopyResult> Postcopy(PostcopyBacklog& backlog) {
+    (void)backlog;
+    return Unavailable("this transport has no post-copy");
+  }
 };
 
 // Target side: implemented by the engine, called by the transport's server
@@ -218,6 +262,18 @@ class MigrationTarget {
   // After OnCommit succeeded: the running VM, handed to whoever received it
   // (once; nullptr afterwards or if it never resumed).
   virtual std::unique_ptr<VmControl> TakeVm() = 0;
+  // Post-copy (before OnFinal of a post-copy FinalState): makes `owed`
+  // missing in memory() and returns what serves the faults (owned by the
+  // target; the transport starts it before OnCommit and places the pages
+  // that arrive). Error: this target cannot (the default).
+  virtual Result<PostcopyMemory*> ArmPostcopy(std::span<const PageRun> owed) {
+    (void)owed;
+    return Unavailable("this target has no post-copy");
+  }
+  // Every owed page is placed: userfaultfd is released and the VM runs on
+  // its own memory. (OnAbort while post-copy is armed discards the VM even
+  // though it ran: it cannot go on without the pages.)
+  virtual void EndPostcopy() {}
 };
 
 // 64-bit digest of all guest memory in `slots` (page by page, in parallel;

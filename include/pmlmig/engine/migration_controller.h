@@ -30,8 +30,9 @@ enum class VmPlacement : uint8_t {
   kHere,            // runs here (never migrated, or every attempt failed or was cancelled)
   kMigrated,        // runs on the target: stop it here, never resume it
   kPausedInDoubt,   // paused here; it may run on the target
+  kPausedPostcopyFailed,  // paused here as of a post-copy switch that failed afterwards (the target's run is lost)
 };
-// "running", "migrated", "paused-in-doubt".
+// "running", "migrated", "paused-in-doubt", "paused-postcopy-failed".
 std::string_view VmPlacementName(VmPlacement placement);
 
 struct ControllerStatus {

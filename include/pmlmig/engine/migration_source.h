@@ -35,6 +35,7 @@
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/memory_digest.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/postcopy.h"
 #include "pmlmig/engine/source_digest.h"
 #include "pmlmig/engine/switchover_policy.h"
 #include "pmlmig/engine/tracker.h"
@@ -107,6 +108,16 @@ struct VerifyReport {
                                // overlapped with the final round)
 };
 
+// What post-copy did (PostcopyResult's figures) when the migration used it.
+struct PostcopyReport {
+  bool used = false;          // the migration switched to post-copy
+  PostcopyMode mode = PostcopyMode::kOff;
+  uint64_t owed_pages = 0;    // owed at the switch
+  double switch_ms = 0;       // pause to the target running (the downtime)
+  double phase_ms = 0;        // the target running to it holding every page (as the source saw it)
+  PostcopyResult result;      // the target's figures and the source's; empty if it broke
+};
+
 struct MigrationStats {
   // kCompleted; kFailed or kCancelled (the VM runs here in both); or
   // kInDoubt (the VM is paused here and may run on the target: never resume
@@ -128,10 +139,12 @@ struct MigrationStats {
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
   ThrottleReport throttle;
+  PostcopyReport postcopy;
 };
 
-enum class Phase : uint8_t { kSetup, kRound, kStopAndCopy, kCommit, kDone };
-// "setup", "round", "stop-and-copy", "commit", "done".
+// kPostcopy: the VM runs on the target; owed pages still go out.
+enum class Phase : uint8_t { kSetup, kRound, kStopAndCopy, kCommit, kDone, kPostcopy };
+// "setup", "round", "stop-and-copy", "commit", "done", "postcopy".
 std::string_view PhaseName(Phase phase);
 
 struct MigrationProgress {
@@ -147,9 +160,13 @@ struct MigrationProgress {
   uint32_t throttle_pct = 0;
   double vcpu_quota_pages_per_s = 0;
   std::vector<VcpuRate> vcpus;
+  // Post-copy: pages still owed (remaining_pages) and requests answered.
+  uint64_t postcopy_requests = 0;
 };
 
-// Events of a migration, on its thread (Run()'s): keep them short.
+// Events of a migration, on its thread (Run()'s; in post-copy, on_progress
+// comes from a watcher thread while Run()'s waits, never two at once): keep
+// them short.
 struct MigrationCallbacks {
   std::function<void(const MigrationProgress&)> on_progress;  // after each round and phase change
   std::function<void(const RoundStats&)> on_round;            // after each round was sent
@@ -190,6 +207,9 @@ class MigrationSource {
   void StopThrottle();
   // After the target's FinalReply: compares its digests with the source's.
   void CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine);
+  // From the pause on, with `owed` the pages the target lacks: switch,
+  // commit, serve the pages, verify.
+  MigrationStats RunPostcopy(Clock::TimePoint pause, std::vector<PageRun> owed);
 
   VmControl& vm_;
   DirtyTracker& tracker_;

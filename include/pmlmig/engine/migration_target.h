@@ -17,6 +17,7 @@
 
 #include "pmlmig/engine/memory_digest.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/postcopy.h"
 #include "pmlmig/engine/vm_control.h"
 
 namespace pmlmig::engine {
@@ -40,6 +41,8 @@ class VmMigrationTarget final : public MigrationTarget {
   Result<FinalReply> OnFinal(const FinalState& state) override;
   Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;
+  Result<PostcopyMemory*> ArmPostcopy(std::span<const PageRun> owed) override;
+  void EndPostcopy() override { postcopy_.reset(); }
 
   // The resumed VM (nullptr unless OnCommit resumed it), and when.
   std::unique_ptr<VmControl> TakeVm() override;
@@ -53,6 +56,9 @@ class VmMigrationTarget final : public MigrationTarget {
   MigrationSetup setup_;
   std::unique_ptr<VmControl> vm_;
   std::unique_ptr<PageDigestTable> digests_;  // verifying: what memory() holds
+  // Post-copy, armed until every page arrived. After vm_: destroyed first,
+  // so vCPUs waiting on a fault are woken before the VM goes.
+  std::unique_ptr<PostcopyMemory> postcopy_;
   SlotTable empty_;
   bool prepared_ = false;
   bool resumed_ = false;

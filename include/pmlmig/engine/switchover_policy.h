@@ -47,7 +47,11 @@ struct RoundSummary {
 
 // kThrottle: send this round, with SwitchoverDecision::throttle in force from
 // now on (it replaces the previous one).
-enum class SwitchoverAction : uint8_t { kContinue, kStopAndCopy, kAbort, kThrottle };
+// kPostcopy: pause, send the state and the list of pages still owed, and
+// let the target run while they follow (postcopy.h); needs a sink and
+// target that can (MigrationSink::can_postcopy), else the migration fails
+// with that error and the VM runs on here.
+enum class SwitchoverAction : uint8_t { kContinue, kStopAndCopy, kAbort, kThrottle, kPostcopy };
 
 // What kThrottle asks for: one of the two (vcpu_throttle.h).
 struct ThrottleRequest {
@@ -97,6 +101,15 @@ enum class ConvergeAid : uint8_t {
 // "none", "dirty-limit", "auto-converge".
 std::string_view ConvergeAidName(ConvergeAid aid);
 
+// When the default policy switches to post-copy.
+enum class PostcopyMode : uint8_t {
+  kOff,   // never
+  kAuto,  // pre-copy first; post-copy once the rounds do not converge (instead of giving up or forcing)
+  kNow,   // pure post-copy: the switch comes before any round (the source does it; the policy is not asked)
+};
+// "off", "auto", "now".
+std::string_view PostcopyModeName(PostcopyMode mode);
+
 // The default, QEMU's rule plus limits: switch over once the expected
 // downtime is within the limit.
 //
@@ -128,6 +141,7 @@ struct DowntimeLimitOptions {
   uint32_t throttle_initial = 20;                 // auto-converge, in %: QEMU's defaults
   uint32_t throttle_increment = 10;
   uint32_t throttle_max = 99;
+  PostcopyMode postcopy = PostcopyMode::kOff;     // default off
 };
 
 class DowntimeLimitPolicy final : public SwitchoverPolicy {

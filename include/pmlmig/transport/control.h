@@ -29,6 +29,7 @@ struct MigrateCommand {
   engine::ConvergeAid aid = engine::ConvergeAid::kNone;
   double dirty_limit_pages_per_s = 0;  // dirty-limit's per-vCPU quota; 0: derived
   uint32_t stall_rounds = 5;           // 0: only max_rounds and the timeout end it
+  engine::PostcopyMode postcopy = engine::PostcopyMode::kOff;
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
@@ -53,6 +54,7 @@ struct ControlStatus {
   uint32_t throttle_pct = 0;
   double vcpu_quota_pages_per_s = 0;
   std::vector<engine::VcpuRate> vcpus;  // held_ns and the quota only, with the rates
+  uint64_t postcopy_requests = 0;
   std::string error;
   std::string stats_json;
 };

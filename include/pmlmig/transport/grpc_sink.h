@@ -130,6 +130,13 @@ class GrpcMigrationSink final : public engine::MigrationSink {
 
   // Everything sent so far (all rounds, a failed one's part included).
   engine::TransferStats totals() const override;
+  // The receiver (pmlmig 0.6+, with userfaultfd) can take post-copy.
+  bool can_postcopy() const override;
+  // After Commit of a post-copy Finish: two Postcopy calls on connections
+  // of their own, one answering page requests, one pushing the rest
+  // (postcopy_client.h), until the receiver's PostcopyDone. Failures: the
+  // VM ran on the target and cannot go on there; nothing is resumed here.
+  Result<engine::PostcopyResult> Postcopy(engine::PostcopyBacklog& backlog) override;
   const GrpcSinkOptions& options() const;
 
   class Impl;

@@ -1,0 +1,425 @@
+// Post-copy memory (postcopy.h): the target's userfaultfd and the source's
+// backlog. Every kernel interaction of post-copy is in this file.
+#include "pmlmig/engine/postcopy.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <cstring>
+
+#include "pmlmig/base/units.h"
+#include "pmlmig/engine/memory_digest.h"
+
+namespace pmlmig::engine {
+namespace {
+
+int Ioctl(int fd, unsigned long req, void* arg) {
+  int r;
+  do {
+    r = ::ioctl(fd, req, arg);
+  } while (r < 0 && errno == EINTR);
+  return r;
+}
+
+constexpr uint64_t kFeatures = UFFD_FEATURE_MISSING_SHMEM;
+
+// A userfaultfd for missing faults on shared memory. Faults come from the
+// kernel (KVM reading guest memory on a vCPU's behalf), so no
+// UFFD_USER_MODE_ONLY; where vm.unprivileged_userfaultfd is 0 that needs
+// CAP_SYS_PTRACE (root has it).
+Result<UniqueFd> OpenUffd() {
+  UniqueFd uffd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK)));
+  if (!uffd.valid()) {
+    const int err = errno;
+    return Status(Code::kUnavailable,
+                  std::string("userfaultfd: ") + std::strerror(err) +
+                      (err == EPERM ? " (kernel faults need CAP_SYS_PTRACE where vm.unprivileged_userfaultfd is 0)"
+                                    : ""));
+  }
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = kFeatures;
+  if (Ioctl(uffd.get(), UFFDIO_API, &api) < 0) {
+    return Status(Code::kUnavailable, std::string("UFFDIO_API (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11+): ") +
+                                          std::strerror(errno));
+  }
+  return uffd;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------- PageIndex
+
+PageIndex::PageIndex(const SlotTable& memory) {
+  for (const MemorySlot& s : memory.slots()) {
+    slots_.push_back({s.gpa, total_, s.pages()});
+    total_ += s.pages();
+  }
+}
+
+std::optional<uint64_t> PageIndex::Of(uint64_t gpa) const {
+  for (const Slot& s : slots_) {
+    if (gpa >= s.gpa && gpa < s.gpa + (s.pages << kPageShift)) return s.first + ((gpa - s.gpa) >> kPageShift);
+  }
+  return std::nullopt;
+}
+
+uint64_t PageIndex::GpaOf(uint64_t index) const {
+  for (const Slot& s : slots_) {
+    if (index < s.first + s.pages) return s.gpa + ((index - s.first) << kPageShift);
+  }
+  return 0;
+}
+
+uint64_t PageIndex::SlotEnd(uint64_t index) const {
+  for (const Slot& s : slots_) {
+    if (index < s.first + s.pages) return s.first + s.pages;
+  }
+  return total_;
+}
+
+// ------------------------------------------------------------- target
+
+Status PostcopyMemory::Available() {
+  Result<UniqueFd> uffd = OpenUffd();
+  return uffd.ok() ? Status::Ok() : uffd.status();
+}
+
+PostcopyMemory::PostcopyMemory(const SlotTable& memory, PageDigestTable* digests)
+    : memory_(memory), index_(memory), digests_(digests) {}
+
+Result<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Arm(const SlotTable& memory,
+                                                            const std::vector<std::optional<MemoryFile>>& files,
+                                                            std::span<const PageRun> needed,
+                                                            PageDigestTable* digests) {
+  std::unique_ptr<PostcopyMemory> m(new PostcopyMemory(memory, digests));
+  const uint64_t words = (m->index_.total() + 63) / 64;
+  m->owed_ = std::make_unique<std::atomic<uint64_t>[]>(words);
+  for (uint64_t w = 0; w < words; ++w) m->owed_[w].store(0, std::memory_order_relaxed);
+  const auto& slots = memory.slots();
+  for (const PageRun& r : needed) {
+    const MemorySlot* s = memory.FindByGpa(r.gpa);
+    if (s == nullptr || r.pages == 0 || r.gpa + (r.pages << kPageShift) > s->gpa_end() ||
+        (r.gpa & (kPageSize - 1)) != 0) {
+      return InvalidArgument("post-copy: owed pages at gpa " + FormatHex(r.gpa) + " (+" + std::to_string(r.pages) +
+                             ") lie outside guest memory");
+    }
+    const size_t i = static_cast<size_t>(s - slots.data());
+    const uint64_t off = r.gpa - s->gpa, len = r.pages << kPageShift;
+    // Holes: the page cache forgets the stale copy, and the mapping's page
+    // tables with it, so the next touch is a missing fault.
+    if (i < files.size() && files[i]) {
+      if (::fallocate(files[i]->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                      static_cast<off_t>(files[i]->offset + off), static_cast<off_t>(len)) < 0) {
+        return Status::FromErrno(errno, "post-copy: punching gpa " + FormatHex(r.gpa) + " out of guest memory");
+      }
+    } else if (::madvise(s->host + off, len, MADV_DONTNEED) < 0) {
+      return Status::FromErrno(errno, "post-copy: dropping gpa " + FormatHex(r.gpa));
+    }
+    const uint64_t first = *m->index_.Of(r.gpa);
+    for (uint64_t p = first; p < first + r.pages; ++p) {
+      const uint64_t bit = uint64_t{1} << (p & 63);
+      if ((m->owed_[p >> 6].fetch_or(bit, std::memory_order_relaxed) & bit) == 0) ++m->needed_;
+    }
+  }
+  m->remaining_.store(m->needed_, std::memory_order_release);
+  m->counts_.needed_pages = m->needed_;
+  PMLMIG_ASSIGN_OR_RETURN(m->uffd_, OpenUffd());
+  for (const MemorySlot& s : slots) {
+    uffdio_register reg{};
+    reg.range.start = reinterpret_cast<uint64_t>(s.host);
+    reg.range.len = s.size;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    if (Ioctl(m->uffd_.get(), UFFDIO_REGISTER, &reg) < 0) {
+      return Status::FromErrno(errno, "post-copy: UFFDIO_REGISTER (missing faults) of slot " + std::to_string(s.slot));
+    }
+  }
+  m->stop_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!m->stop_.valid()) return Status::FromErrno(errno, "post-copy: eventfd");
+  return m;
+}
+
+PostcopyMemory::~PostcopyMemory() {
+  if (faults_.joinable()) {
+    const uint64_t one = 1;
+    (void)!::write(stop_.get(), &one, sizeof one);
+    faults_.join();
+  }
+  // uffd_ closes last: a vCPU still waiting is woken, and its fault is
+  // retried without userfaultfd.
+}
+
+void PostcopyMemory::Start(Requester request) {
+  request_ = std::move(request);
+  started_ = std::chrono::steady_clock::now();
+  {
+    std::lock_guard lock(mu_);
+    last_placed_ = started_;
+  }
+  faults_ = std::thread([this] { FaultLoop(); });
+}
+
+void PostcopyMemory::FaultLoop() {
+  uffd_msg msgs[64];
+  pollfd fds[2] = {{uffd_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+  for (;;) {
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    const ssize_t n = ::read(uffd_.get(), msgs, sizeof msgs);
+    if (n < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      return;
+    }
+    for (ssize_t i = 0; i < n / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
+      if (msgs[i].event == UFFD_EVENT_PAGEFAULT) OnFault(msgs[i].arg.pagefault.address & ~(kPageSize - 1));
+    }
+  }
+}
+
+void PostcopyMemory::OnFault(uint64_t address) {
+  // The slot and page of the address.
+  const MemorySlot* slot = nullptr;
+  for (const MemorySlot& s : memory_.slots()) {
+    const uint64_t base = reinterpret_cast<uint64_t>(s.host);
+    if (address >= base && address < base + s.size) slot = &s;
+  }
+  if (slot == nullptr) return;
+  const uint64_t gpa = slot->gpa + (address - reinterpret_cast<uint64_t>(slot->host));
+  const uint64_t index = *index_.Of(gpa);
+  if (!Owed(index)) {
+    // A hole the source does not owe (never written there), or a page
+    // placed since the fault: zero-fill it, or, if it is there, just wake.
+    uffdio_zeropage z{};
+    z.range.start = address;
+    z.range.len = kPageSize;
+    if (Ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &z) == 0) {
+      std::lock_guard lock(mu_);
+      ++counts_.zero_faults;
+      return;
+    }
+    uffdio_range wake{address, kPageSize};
+    (void)Ioctl(uffd_.get(), UFFDIO_WAKE, &wake);
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (!waiting_.emplace(index, std::chrono::steady_clock::now()).second) return;  // asked already
+    ++counts_.faults;
+  }
+  // Placed between the check and here: its UFFDIO_COPY woke the vCPU, and
+  // the request's answer is dropped as a duplicate.
+  if (request_) request_(gpa);
+}
+
+Result<uint64_t> PostcopyMemory::PlaceRun(uint64_t first, uint64_t pages, const uint8_t* data, bool* exists) {
+  *exists = false;
+  const uint64_t gpa = index_.GpaOf(first);
+  uint8_t* host = memory_.HostAddress(gpa, pages << kPageShift);
+  if (host == nullptr) return InvalidArgument("post-copy: gpa " + FormatHex(gpa) + " outside guest memory");
+  int r;
+  int64_t done;
+  if (data != nullptr) {
+    uffdio_copy c{};
+    c.dst = reinterpret_cast<uint64_t>(host);
+    c.src = reinterpret_cast<uint64_t>(data);
+    c.len = pages << kPageShift;
+    r = Ioctl(uffd_.get(), UFFDIO_COPY, &c);
+    done = c.copy;
+  } else {
+    uffdio_zeropage z{};
+    z.range.start = reinterpret_cast<uint64_t>(host);
+    z.range.len = pages << kPageShift;
+    r = Ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &z);
+    done = z.zeropage;
+  }
+  if (r == 0) return pages;
+  const int err = errno;
+  const uint64_t placed = done > 0 ? static_cast<uint64_t>(done) >> kPageShift : 0;
+  if (err == EEXIST) {
+    *exists = true;
+    return placed;
+  }
+  if (err == EAGAIN) return placed;  // interrupted part-way: the caller goes on from there
+  return Status::FromErrno(err, "post-copy: placing gpa " + FormatHex(gpa) + " (+" + std::to_string(pages) + ")");
+}
+
+void PostcopyMemory::Placed(uint64_t first, uint64_t pages, const uint8_t* data) {
+  const auto now = std::chrono::steady_clock::now();
+  uint64_t cleared = 0;
+  for (uint64_t p = first; p < first + pages; ++p) {
+    const uint64_t bit = uint64_t{1} << (p & 63);
+    if (owed_[p >> 6].fetch_and(~bit, std::memory_order_acq_rel) & bit) ++cleared;
+  }
+  if (digests_ != nullptr) {
+    const uint64_t gpa = index_.GpaOf(first);
+    if (data != nullptr) {
+      digests_->SetFrom(gpa, pages, data);
+    } else {
+      digests_->SetZero(gpa, pages);
+    }
+  }
+  std::lock_guard lock(mu_);
+  for (uint64_t p = first; p < first + pages; ++p) {
+    auto it = waiting_.find(p);
+    if (it == waiting_.end()) {
+      ++counts_.background_pages;
+      continue;
+    }
+    latencies_ms_.push_back(std::chrono::duration<double, std::milli>(now - it->second).count());
+    ++counts_.requested_pages;
+    waiting_.erase(it);
+  }
+  last_placed_ = now;
+  if (remaining_.fetch_sub(cleared, std::memory_order_acq_rel) == cleared) cv_.notify_all();
+}
+
+Result<uint64_t> PostcopyMemory::Place(uint64_t gpa, uint64_t pages, const uint8_t* data) {
+  const std::optional<uint64_t> start = index_.Of(gpa);
+  if (!start || *start + pages > index_.SlotEnd(*start)) {
+    return InvalidArgument("post-copy: gpa " + FormatHex(gpa) + " (+" + std::to_string(pages) +
+                           ") lies outside one memory slot");
+  }
+  uint64_t placed = 0, dropped = 0;
+  uint64_t p = *start;
+  const uint64_t end = *start + pages;
+  while (p < end) {
+    if (!Owed(p)) {
+      ++dropped;
+      ++p;
+      continue;
+    }
+    uint64_t q = p + 1;
+    while (q < end && Owed(q)) ++q;
+    bool exists = false;
+    const uint8_t* src = data != nullptr ? data + ((p - *start) << kPageShift) : nullptr;
+    PMLMIG_ASSIGN_OR_RETURN(uint64_t n, PlaceRun(p, q - p, src, &exists));
+    if (n > 0) Placed(p, n, src);
+    placed += n;
+    p += n;
+    if (exists) {  // another thread placed it a moment ago
+      ++dropped;
+      ++p;
+    }
+  }
+  if (dropped > 0) {
+    std::lock_guard lock(mu_);
+    counts_.duplicate_pages += dropped;
+  }
+  return placed;
+}
+
+bool PostcopyMemory::WaitComplete(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  return cv_.wait_for(lock, timeout, [this] { return remaining() == 0; });
+}
+
+std::vector<PageRun> PostcopyMemory::Missing() const {
+  std::vector<PageRun> runs;
+  for (uint64_t p = 0; p < index_.total(); ++p) {
+    if (!Owed(p)) continue;
+    const uint64_t gpa = index_.GpaOf(p);
+    if (!runs.empty() && runs.back().gpa + (runs.back().pages << kPageShift) == gpa) {
+      ++runs.back().pages;
+    } else {
+      runs.push_back({gpa, 1});
+    }
+  }
+  return runs;
+}
+
+PostcopyStats PostcopyMemory::stats() const {
+  std::lock_guard lock(mu_);
+  PostcopyStats s = counts_;
+  std::vector<double> l = latencies_ms_;
+  if (!l.empty()) {
+    std::sort(l.begin(), l.end());
+    auto at = [&](double q) { return l[std::min(l.size() - 1, static_cast<size_t>(q * static_cast<double>(l.size())))]; };
+    s.latency_p50_ms = at(0.50);
+    s.latency_p99_ms = at(0.99);
+    s.latency_max_ms = l.back();
+  }
+  if (started_ != std::chrono::steady_clock::time_point{}) {
+    const auto end = remaining() == 0 ? last_placed_ : std::chrono::steady_clock::now();
+    s.duration_ms = std::chrono::duration<double, std::milli>(end - started_).count();
+  }
+  return s;
+}
+
+// ------------------------------------------------------------- source
+
+PostcopyBacklog::PostcopyBacklog(const SlotTable& memory, std::span<const PageRun> owed) : index_(memory) {
+  words_ = (index_.total() + 63) / 64;
+  bits_ = std::make_unique<std::atomic<uint64_t>[]>(words_);
+  Reset(owed);
+}
+
+void PostcopyBacklog::Reset(std::span<const PageRun> owed) {
+  for (uint64_t w = 0; w < words_; ++w) bits_[w].store(0, std::memory_order_relaxed);
+  uint64_t n = 0;
+  for (const PageRun& r : owed) {
+    const std::optional<uint64_t> first = index_.Of(r.gpa);
+    if (!first) continue;
+    const uint64_t end = std::min(*first + r.pages, index_.SlotEnd(*first));
+    for (uint64_t p = *first; p < end; ++p) {
+      const uint64_t bit = uint64_t{1} << (p & 63);
+      if ((bits_[p >> 6].fetch_or(bit, std::memory_order_relaxed) & bit) == 0) ++n;
+    }
+  }
+  total_ = n;
+  left_.store(n, std::memory_order_relaxed);
+  hint_.store(0, std::memory_order_relaxed);
+}
+
+bool PostcopyBacklog::Claim(uint64_t gpa) {
+  const std::optional<uint64_t> p = index_.Of(gpa);
+  if (!p) return false;
+  requests_.fetch_add(1, std::memory_order_relaxed);
+  hint_.store(*p + 1 < index_.total() ? *p + 1 : 0, std::memory_order_relaxed);
+  const uint64_t bit = uint64_t{1} << (*p & 63);
+  if ((bits_[*p >> 6].fetch_and(~bit, std::memory_order_acq_rel) & bit) == 0) return false;
+  left_.fetch_sub(1, std::memory_order_relaxed);
+  return true;
+}
+
+bool PostcopyBacklog::Next(uint64_t max_pages, PageRun* out) {
+  if (max_pages == 0 || words_ == 0) return false;
+  const uint64_t start_word = std::min(hint_.load(std::memory_order_relaxed) >> 6, words_ - 1);
+  for (uint64_t k = 0; k < words_; ++k) {
+    const uint64_t w = (start_word + k) % words_;
+    uint64_t v = bits_[w].load(std::memory_order_acquire);
+    while (v != 0) {
+      // The first run of set bits in this word, at most max_pages long and
+      // inside one slot.
+      const unsigned lo = static_cast<unsigned>(std::countr_zero(v));
+      const uint64_t from_lo = v >> lo;
+      unsigned len = static_cast<unsigned>(std::countr_one(from_lo));
+      const uint64_t first = w * 64 + lo;
+      len = static_cast<unsigned>(std::min<uint64_t>({len, max_pages, index_.SlotEnd(first) - first}));
+      const uint64_t mask = (len == 64 ? ~uint64_t{0} : ((uint64_t{1} << len) - 1)) << lo;
+      if (bits_[w].compare_exchange_weak(v, v & ~mask, std::memory_order_acq_rel)) {
+        left_.fetch_sub(len, std::memory_order_relaxed);
+        out->gpa = index_.GpaOf(first);
+        out->pages = len;
+        // Keep going from here next time (a request moves it elsewhere).
+        hint_.store(first + len, std::memory_order_relaxed);
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace pmlmig::engine

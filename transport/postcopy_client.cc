@@ -1,0 +1,165 @@
+#include "postcopy_client.h"
+
+#include <cstdio>
+#include <thread>
+
+#include "migration.grpc.pb.h"
+#include "pmlmig/base/units.h"
+
+namespace pmlmig::transport {
+namespace {
+
+// PostcopyDone may take as long as the whole memory takes over the link;
+// a dead peer fails the calls long before (keepalive).
+constexpr std::chrono::hours kPostcopyWait{24};
+
+std::string SessionHex(uint64_t id) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(id));
+  return buf;
+}
+
+void AddStats(engine::TransferStats& t, const proto::PageBatch& b) {
+  uint64_t pages = 0;
+  for (const proto::PageRun& r : b.runs()) pages += r.pages();
+  const uint64_t data = b.uncompressed_length() >> engine::kPageShift;
+  t.pages += pages;
+  t.normal_pages += data;
+  t.zero_pages += pages - data;
+  t.payload_bytes += b.uncompressed_length();
+  t.wire_bytes += b.ByteSizeLong();
+  ++t.batches;
+}
+
+}  // namespace
+
+Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                                           const engine::SlotTable& source, const PostcopyCallOptions& p,
+                                           engine::PostcopyBacklog& backlog) {
+  using Call = grpc::ClientReaderWriter<proto::PageBatch, proto::PostcopyRequest>;
+  std::vector<std::unique_ptr<proto::Migration::Stub>> stubs;  // outlive their calls
+  auto open = [&](int connection, const char* role, grpc::ClientContext** ctx) {
+    stubs.push_back(proto::Migration::NewStub(MakeChannel(o, connection)));
+    proto::Migration::Stub* stub = stubs.back().get();
+    *ctx = calls.NewContext();
+    (*ctx)->AddMetadata("pmlmig-session", SessionHex(p.session_id));
+    (*ctx)->AddMetadata("pmlmig-postcopy", role);
+    return std::unique_ptr<Call>(stub->Postcopy(*ctx).release());
+  };
+  grpc::ClientContext* rctx = nullptr;
+  grpc::ClientContext* pctx = nullptr;
+  // Connections 3000 and 3001: neither shares a connection with the
+  // control call (0) or the data streams (1..64).
+  std::unique_ptr<Call> requests = open(3000, "requests", &rctx);
+  std::unique_ptr<Call> push = open(3001, "push", &pctx);
+  engine::PostcopyResult result;
+  grpc::Status requests_status, push_status;  // each written by its thread, read after the joins
+
+  // Requests: each answered at once with its page.
+  std::thread answering([&] {
+    BatchBuilder builder(Compression::kNone);
+    builder.set_checksum(p.checksum);
+    proto::PostcopyRequest req;
+    proto::PageBatch batch;
+    uint64_t sequence = 0;
+    while (requests->Read(&req)) {
+      for (uint64_t gpa : req.gpa()) {
+        if ((gpa & (engine::kPageSize - 1)) != 0 || source.HostAddress(gpa, engine::kPageSize) == nullptr) {
+          calls.Fail(InvalidArgument("post-copy: the target asked for gpa " + FormatHex(gpa) +
+                                     ", which is not a page of guest memory"));
+          requests_status = requests->Finish();
+          return;
+        }
+        (void)backlog.Claim(gpa);  // the push goes on from here
+        if (Status s = builder.Build(source, gpa, 1, BatchHeader{p.session_id, 0, p.round, sequence}, &batch);
+            !s.ok()) {
+          calls.Fail(s.WithContext("post-copy request"));
+          requests_status = requests->Finish();
+          return;
+        }
+        if (!requests->Write(batch)) break;
+        ++sequence;
+        ++result.requests_served;
+        AddStats(result.answered, batch);
+      }
+    }
+    // The call ended: at the end (the target ends both calls once it holds
+    // every page, maybe before its PostcopyDone is read here) or because it
+    // broke, which the target also reports on the control call (it fails
+    // the migration). Either way the control call has the verdict.
+    requests_status = requests->Finish();
+  });
+
+  // The background push.
+  std::thread pushing([&] {
+    BatchBuilder builder(o.compress, o.zstd_level);
+    builder.set_checksum(p.checksum);
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[uint64_t{o.batch_pages} << engine::kPageShift]);
+    std::vector<engine::PageRun> runs;
+    proto::PageBatch batch;
+    uint64_t sequence = 0;
+    bool broke = false;
+    while (!calls.stop().load(std::memory_order_relaxed)) {
+      runs.clear();
+      uint64_t gathered = 0;
+      engine::PageRun r;
+      while (gathered < o.batch_pages && backlog.Next(o.batch_pages - gathered, &r)) {
+        runs.push_back(r);
+        gathered += r.pages;
+      }
+      if (runs.empty()) break;
+      size_t len = 0;
+      if (Status s = builder.Build(source, runs, BatchHeader{p.session_id, 1, p.round, sequence}, &batch, buf.get(), &len);
+          !s.ok()) {
+        calls.Fail(s.WithContext("post-copy push"));
+        push_status = push->Finish();
+        return;
+      }
+      batch.set_payload(buf.get(), len);
+      if (p.bucket != nullptr && !p.bucket->Acquire(batch.ByteSizeLong(), calls.stop())) break;
+      if (!push->Write(batch)) {
+        broke = true;
+        break;
+      }
+      ++sequence;
+      AddStats(result.pushed, batch);
+    }
+    if (!broke) push->WritesDone();
+    push_status = push->Finish();  // as above: the control call has the verdict
+  });
+
+  auto done = control.WaitReply(kPostcopyWait, "waiting for the target to hold every page");
+  rctx->TryCancel();  // both calls are over once the target holds every page
+  pctx->TryCancel();
+  answering.join();
+  pushing.join();
+  if (!done.ok()) {
+    // The control call's error is the target's reason; a call's own status
+    // adds where it broke.
+    Status s = done.status();
+    for (const auto& [st, what] : {std::pair{&requests_status, "requests"}, std::pair{&push_status, "push"}}) {
+      if (!st->ok() && st->error_code() != grpc::StatusCode::CANCELLED) {
+        s = s.WithContext(std::string("post-copy ") + what + " call: " + st->error_message());
+      }
+    }
+    return s.WithContext("post-copy");
+  }
+  if (!done->has_postcopy_done()) return InvalidArgument("post-copy: the target answered with something else");
+  const proto::PostcopyDone& d = done->postcopy_done();
+  result.needed_pages = d.needed_pages();
+  result.faults = d.faults();
+  result.requested_pages = d.requested_pages();
+  result.background_pages = d.background_pages();
+  result.duplicate_pages = d.duplicate_pages();
+  result.zero_faults = d.zero_faults();
+  result.latency_p50_ms = d.latency_p50_ms();
+  result.latency_p99_ms = d.latency_p99_ms();
+  result.latency_max_ms = d.latency_max_ms();
+  result.duration_ms = d.duration_ms();
+  result.chunk_digests.assign(d.chunk_digests().begin(), d.chunk_digests().end());
+  result.chunk_bytes = d.chunk_bytes();
+  control.Close(o.abort_grace);
+  return result;
+}
+
+}  // namespace pmlmig::transport

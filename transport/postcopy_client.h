@@ -1,0 +1,44 @@
+// PostcopyClient: the sender's side of post-copy (proto/migration.proto,
+// rpc Postcopy), after a post-copy Commit. Two calls, each on its own
+// connection:
+//   requests  a thread reads the target's page requests and answers each
+//             at once with a batch of that page, on this call alone, so an
+//             answer never queues behind the background push;
+//   push      a thread sends the rest of the backlog, claimed from near the
+//             most recently requested page (PostcopyBacklog::Claim moves
+//             the hint), in batches of batch_pages.
+// The controlling thread waits on the control call for PostcopyDone.
+//
+// Why the synchronous API: each call is one loop of blocking reads or
+// writes on its own thread; gRPC's flow control is the push's
+// backpressure (a write blocks while the receiver is behind).
+//
+// Thread-safety: Run() on the controlling thread; failures go through
+// SinkCalls (any one cancels every call, so every thread returns).
+#pragma once
+
+#include <cstdint>
+
+#include "batch_codec.h"
+#include "control_client.h"
+#include "pmlmig/engine/migration.h"
+#include "pmlmig/engine/postcopy.h"
+#include "sink_calls.h"
+#include "token_bucket.h"
+
+namespace pmlmig::transport {
+
+struct PostcopyCallOptions {
+  uint64_t session_id = 0;
+  uint32_t round = 0;  // the rounds sent before the switch: the batches' round
+  Checksum checksum = Checksum::kXxh64;
+  TokenBucket* bucket = nullptr;  // the push is paced by it when set
+};
+
+// Runs post-copy to its end: the target's PostcopyDone (its figures and,
+// verifying, its digests) or the first failure.
+Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                                           const engine::SlotTable& source, const PostcopyCallOptions& p,
+                                           engine::PostcopyBacklog& backlog);
+
+}  // namespace pmlmig::transport
