@@ -423,8 +423,8 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   stats_.postcopy.phase_ms = MsSince(clock_, running);
   if (!served.ok()) {
     return Finished(Outcome::kPostcopyFailed, CancelReason::kNone,
-                    served.status().WithContext("post-copy after the switch: the VM ran on the target, which "
-                                                "could not get every page; this copy stays paused as of the switch"));
+                    served.status().WithContext("post-copy failed after the switch (the VM ran on the target, which "
+                                                "could not get every page; this copy stays paused as of the switch)"));
   }
   stats_.postcopy.result = *served;
   stats_.transferred += served->pushed;

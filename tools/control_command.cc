@@ -40,7 +40,9 @@ std::string StatusLine(const transport::ControlStatus& s) {
                 "[%7.1fs] %-13s round %u | %s sent | %" PRIu64 " pages to send | %.0f Mbit/s | expected downtime %.1f ms",
                 s.elapsed_ms / 1000, s.phase.c_str(), s.round, FormatBytes(s.sent_bytes).c_str(), s.remaining_pages,
                 s.bandwidth_mbps, s.expected_downtime_ms);
-  return buf + VcpuRatesText(s.throttle_pct, s.vcpu_quota_pages_per_s, s.vcpus);
+  std::string out = buf;
+  if (s.phase == "postcopy") out += " | post-copy: " + std::to_string(s.postcopy_requests) + " requests answered";
+  return out + VcpuRatesText(s.throttle_pct, s.vcpu_quota_pages_per_s, s.vcpus);
 }
 
 int Migrate(ControlFlags& f) {
@@ -96,6 +98,7 @@ int ShowStatus(const ControlFlags& f) {
                                 {"throttle_pct", st->throttle_pct},
                                 {"vcpu_quota_pages_per_s", st->vcpu_quota_pages_per_s},
                                 {"vcpus", VcpuRatesJson(st->vcpus, 0)},
+                                {"postcopy_requests", st->postcopy_requests},
                                 {"error", st->error}};
     std::printf("%s\n", j.dump().c_str());
   } else {

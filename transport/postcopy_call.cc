@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "grpc_status.h"
+#include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/postcopy.h"
 #include "receiver_checks.h"
@@ -113,6 +114,7 @@ Status PostcopyCall::Serve() {
       r_.cv_.notify_all();
     }
     if (!applied.ok()) return applied.status().WithContext(name);
+    FailPoint("receiver.postcopy");
   }
   // The source half-closed (the push is over) or the call ended. Only a
   // break while pages are still owed is a failure.

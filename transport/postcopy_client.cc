@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "migration.grpc.pb.h"
+#include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
@@ -123,6 +124,7 @@ Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& 
       }
       ++sequence;
       AddStats(result.pushed, batch);
+      FailPoint("source.postcopy");
     }
     if (!broke) push->WritesDone();
     push_status = push->Finish();  // as above: the control call has the verdict
@@ -138,11 +140,12 @@ Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& 
     // adds where it broke.
     Status s = done.status();
     for (const auto& [st, what] : {std::pair{&requests_status, "requests"}, std::pair{&push_status, "push"}}) {
-      if (!st->ok() && st->error_code() != grpc::StatusCode::CANCELLED) {
+      if (!st->ok() && st->error_code() != grpc::StatusCode::CANCELLED &&
+          st->error_code() != grpc::StatusCode::UNAVAILABLE) {
         s = s.WithContext(std::string("post-copy ") + what + " call: " + st->error_message());
       }
     }
-    return s.WithContext("post-copy");
+    return s;
   }
   if (!done->has_postcopy_done()) return InvalidArgument("post-copy: the target answered with something else");
   const proto::PostcopyDone& d = done->postcopy_done();
