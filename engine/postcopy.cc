@@ -396,14 +396,18 @@ bool PostcopyBacklog::Claim(uint64_t gpa) {
 
 bool PostcopyBacklog::Next(uint64_t max_pages, PageRun* out) {
   if (max_pages == 0 || words_ == 0) return false;
-  const uint64_t start_word = std::min(hint_.load(std::memory_order_relaxed) >> 6, words_ - 1);
-  for (uint64_t k = 0; k < words_; ++k) {
+  const uint64_t hint = std::min(hint_.load(std::memory_order_relaxed), index_.total() - 1);
+  const uint64_t start_word = hint >> 6;
+  // From the hint to the end, then from the start; the hint's own word is
+  // visited twice: first from the hint's bit, last below it.
+  for (uint64_t k = 0; k <= words_; ++k) {
     const uint64_t w = (start_word + k) % words_;
+    const uint64_t from = k == 0 ? ~uint64_t{0} << (hint & 63) : ~uint64_t{0};
     uint64_t v = bits_[w].load(std::memory_order_acquire);
-    while (v != 0) {
-      // The first run of set bits in this word, at most max_pages long and
-      // inside one slot.
-      const unsigned lo = static_cast<unsigned>(std::countr_zero(v));
+    while ((v & from) != 0) {
+      // The first run of set bits (at or after the hint's bit in its word),
+      // at most max_pages long and inside one slot.
+      const unsigned lo = static_cast<unsigned>(std::countr_zero(v & from));
       const uint64_t from_lo = v >> lo;
       unsigned len = static_cast<unsigned>(std::countr_one(from_lo));
       const uint64_t first = w * 64 + lo;

@@ -223,6 +223,49 @@ TEST(DowntimeLimitPolicy, AutoConvergeStepsLikeQemuThenGivesUp) {
   EXPECT_NE(d.detail.find("with every vCPU throttled 99%"), std::string::npos) << d.detail;
 }
 
+TEST(DowntimeLimitPolicy, PostcopyAutoSwitchesAtTheSecondDirtyHighRound) {
+  FakeClock clock;
+  DowntimeLimitPolicy p({.downtime_limit = 10ms, .max_rounds = 25, .postcopy = PostcopyMode::kAuto}, clock);
+  p.Begin();
+  // Dirty-high every round: the second one switches to post-copy, long
+  // before the stall rule or max_rounds.
+  EXPECT_EQ(p.Decide(Busy(1, 40000, 100'000'000)).action, SwitchoverAction::kContinue);
+  const SwitchoverDecision d = p.Decide(Busy(2, 40000, 100'000'000));
+  EXPECT_EQ(d.action, SwitchoverAction::kPostcopy);
+  EXPECT_EQ(d.reason, SwitchoverReason::kNotConverging);
+}
+
+TEST(DowntimeLimitPolicy, PostcopyAutoComesAfterTheAidsSteps) {
+  FakeClock clock;
+  DowntimeLimitPolicy p({.downtime_limit = 10ms, .max_rounds = 25, .stall_rounds = 0, .aid = ConvergeAid::kAutoConverge,
+                         .postcopy = PostcopyMode::kAuto},
+                        clock);
+  p.Begin();
+  uint32_t pct = 0, steps = 0;
+  SwitchoverDecision d;
+  for (uint32_t round = 1; round < 40; ++round) {
+    RoundSummary r = Busy(round, 40000, 100'000'000);
+    r.throttle_pct = pct;
+    d = p.Decide(r);
+    if (d.action == SwitchoverAction::kThrottle) {
+      pct = d.throttle.duty_pct;
+      ++steps;
+    } else if (d.action != SwitchoverAction::kContinue) {
+      break;
+    }
+  }
+  EXPECT_EQ(steps, 9u);  // 20 ... 99, as without post-copy
+  EXPECT_EQ(d.action, SwitchoverAction::kPostcopy);  // then post-copy rather than giving up
+}
+
+TEST(DowntimeLimitPolicy, ConvergingNeverSwitchesToPostcopy) {
+  FakeClock clock;
+  DowntimeLimitPolicy p({.downtime_limit = 300ms, .postcopy = PostcopyMode::kAuto}, clock);
+  p.Begin();
+  EXPECT_EQ(p.Decide(Round(1, 100000, 1e9)).action, SwitchoverAction::kContinue);
+  EXPECT_EQ(p.Decide(Round(2, 73000, 1e9)).action, SwitchoverAction::kStopAndCopy);
+}
+
 TEST(DowntimeLimitPolicy, ADirtySetThatShrinksEnoughTakesNoStep) {
   FakeClock clock;
   DowntimeLimitPolicy p({.downtime_limit = 10ms, .aid = ConvergeAid::kAutoConverge}, clock);
