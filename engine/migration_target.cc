@@ -112,12 +112,54 @@ Result<double> VmMigrationTarget::OnCommit() {
   PMLMIG_RETURN_IF_ERROR(vm_->Resume().WithContext("resume"));
   resumed_ = true;
   resumed_at_ = std::chrono::steady_clock::now();
+  if (postcopy_ && counter_) {
+    // The guest's progress while its pages arrive (a counter in guest
+    // memory may itself wait for its page: then so does this thread).
+    sampling_.store(true);
+    sampler_ = std::thread([this] {
+      while (sampling_.load()) {
+        ProgressSample s;
+        s.pages_written = counter_(*vm_);
+        s.pages_missing = postcopy_ ? postcopy_->remaining() : 0;
+        s.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - resumed_at_).count();
+        {
+          std::lock_guard lock(samples_mu_);
+          samples_.push_back(s);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    });
+  }
   return std::chrono::duration<double, std::milli>(resumed_at_ - start).count();
+}
+
+void VmMigrationTarget::StopSampling() {
+  sampling_.store(false);
+  if (sampler_.joinable()) sampler_.join();
+}
+
+void VmMigrationTarget::EndPostcopy() {
+  StopSampling();
+  postcopy_.reset();
+}
+
+std::vector<MigrationTarget::ProgressSample> VmMigrationTarget::postcopy_progress() const {
+  std::lock_guard lock(samples_mu_);
+  return samples_;
+}
+
+VmMigrationTarget::~VmMigrationTarget() {
+  sampling_.store(false);
+  if (postcopy_) postcopy_->Release();  // a sampler waiting on a fault wakes
+  if (sampler_.joinable()) sampler_.join();
 }
 
 void VmMigrationTarget::OnAbort(const std::string&) {
   if (!resumed_ || postcopy_) {  // never ran, or cannot go on without its pages: discard
-    postcopy_.reset();  // wakes vCPUs waiting on a fault, so the VM can stop
+    sampling_.store(false);
+    if (postcopy_) postcopy_->Release();  // wakes vCPUs (and the sampler) waiting on a fault, so the VM can stop
+    if (sampler_.joinable()) sampler_.join();
+    postcopy_.reset();
     vm_.reset();
     resumed_ = false;
   }

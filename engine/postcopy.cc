@@ -149,14 +149,17 @@ Result<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Arm(const SlotTable& mem
   return m;
 }
 
-PostcopyMemory::~PostcopyMemory() {
+PostcopyMemory::~PostcopyMemory() { Release(); }
+
+void PostcopyMemory::Release() {
   if (faults_.joinable()) {
     const uint64_t one = 1;
     (void)!::write(stop_.get(), &one, sizeof one);
     faults_.join();
   }
-  // uffd_ closes last: a vCPU still waiting is woken, and its fault is
-  // retried without userfaultfd.
+  // Closed after the thread: a vCPU still waiting is woken, and its fault
+  // is retried without userfaultfd.
+  uffd_.Reset();
 }
 
 void PostcopyMemory::Start(Requester request) {

@@ -1,6 +1,7 @@
 // pmlmig receive: wait for a migration, resume the VM, keep it running for
 // a while with its workload going, report. A failed attempt (the partial VM
 // discarded) leaves it waiting for the next one, up to --attempts.
+#include <cmath>
 #include <unistd.h>
 
 #include <chrono>
@@ -191,9 +192,31 @@ int Receive(const ReceiveFlags& f) {
                  o.reply.target_restore_ms, o.reply.verify_detail.empty() ? "" : "; verification: ",
                  o.reply.verify_detail.c_str(), f.exit_after.c_str());
   }
+  // Post-copy: the guest's progress while its pages arrived (sampled by the
+  // target), then here while it runs on: [ms since resume, pages written,
+  // pages still missing].
+  std::vector<engine::MigrationTarget::ProgressSample> samples =
+      o.target ? o.target->postcopy_progress() : std::vector<engine::MigrationTarget::ProgressSample>{};
+  const bool sample = !samples.empty();
+  const double sample_base = sample ? samples.back().ms : 0;
+  const auto completed_at = std::chrono::steady_clock::now();
+  auto total_written = [&] {
+    uint64_t n = 0;
+    for (uint64_t c : vmm::PagesWritten(*machine)) n += c;
+    return n;
+  };
   const auto run_until = std::chrono::steady_clock::now() + *exit_after;
   while (std::chrono::steady_clock::now() < run_until && !Interrupted() && machine->error().ok()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (sample) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - completed_at).count();
+      samples.push_back({sample_base + ms, total_written(), 0});
+    }
+  }
+  if (sample) {
+    nlohmann::ordered_json series = nlohmann::ordered_json::array();
+    for (const auto& s : samples) series.push_back({std::round(s.ms * 10) / 10, s.pages_written, s.pages_missing});
+    out["postcopy_progress"] = series;
   }
   (void)vm->Pause();
   const std::vector<uint64_t> now = vmm::PagesWritten(*machine);

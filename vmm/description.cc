@@ -117,8 +117,14 @@ std::vector<uint64_t> PagesWritten(const Machine& machine) {
 std::unique_ptr<engine::MigrationTarget> TestVmFactory::MakeTarget() {
   engine::VmMigrationTarget::Check check = nullptr;
   if (options_.check_memory) check = [this](engine::VmControl&) { return Check(); };
-  return std::make_unique<engine::VmMigrationTarget>(
+  auto target = std::make_unique<engine::VmMigrationTarget>(
       [this](const engine::MigrationSetup& setup) { return Build(setup); }, check);
+  target->SetProgressCounter([](engine::VmControl& vm) {
+    uint64_t n = 0;
+    for (uint64_t c : PagesWritten(static_cast<Machine&>(vm))) n += c;
+    return n;
+  });
+  return target;
 }
 
 Result<std::unique_ptr<engine::VmControl>> TestVmFactory::Build(const engine::MigrationSetup& setup) {

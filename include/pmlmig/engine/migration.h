@@ -274,6 +274,14 @@ class MigrationTarget {
   // its own memory. (OnAbort while post-copy is armed discards the VM even
   // though it ran: it cannot go on without the pages.)
   virtual void EndPostcopy() {}
+  // The guest's progress while post-copy ran, sampled (empty when the
+  // target does not sample): for reports and plots.
+  struct ProgressSample {
+    double ms = 0;             // since the VM resumed
+    uint64_t pages_written = 0;  // the VMM's own counter of the guest's work
+    uint64_t pages_missing = 0;  // owed pages not yet placed
+  };
+  virtual std::vector<ProgressSample> postcopy_progress() const { return {}; }
 };
 
 // 64-bit digest of all guest memory in `slots` (page by page, in parallel;

@@ -14,6 +14,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 #include "pmlmig/engine/memory_digest.h"
 #include "pmlmig/engine/migration.h"
@@ -33,6 +35,7 @@ class VmMigrationTarget final : public MigrationTarget {
 
   explicit VmMigrationTarget(Factory factory, Check check = nullptr)
       : factory_(std::move(factory)), check_(std::move(check)) {}
+  ~VmMigrationTarget() override;
 
   Status OnSetup(const MigrationSetup& setup) override;
   const SlotTable& memory() const override;
@@ -42,7 +45,11 @@ class VmMigrationTarget final : public MigrationTarget {
   Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;
   Result<PostcopyMemory*> ArmPostcopy(std::span<const PageRun> owed) override;
-  void EndPostcopy() override { postcopy_.reset(); }
+  void EndPostcopy() override;
+  std::vector<ProgressSample> postcopy_progress() const override;
+  // How much work the guest has done (e.g. pages its workload wrote): with
+  // it, post-copy samples the guest's progress every 50 ms. Before OnSetup.
+  void SetProgressCounter(std::function<uint64_t(VmControl&)> counter) { counter_ = std::move(counter); }
 
   // The resumed VM (nullptr unless OnCommit resumed it), and when.
   std::unique_ptr<VmControl> TakeVm() override;
@@ -59,6 +66,12 @@ class VmMigrationTarget final : public MigrationTarget {
   // Post-copy, armed until every page arrived. After vm_: destroyed first,
   // so vCPUs waiting on a fault are woken before the VM goes.
   std::unique_ptr<PostcopyMemory> postcopy_;
+  std::function<uint64_t(VmControl&)> counter_;
+  std::thread sampler_;                      // post-copy, from OnCommit to EndPostcopy/OnAbort
+  std::atomic<bool> sampling_{false};
+  mutable std::mutex samples_mu_;
+  std::vector<ProgressSample> samples_;      // guarded by samples_mu_
+  void StopSampling();
   SlotTable empty_;
   bool prepared_ = false;
   bool resumed_ = false;

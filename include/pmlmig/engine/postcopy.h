@@ -105,6 +105,10 @@ class PostcopyMemory {
   // are served by the kernel (a hole reads as zero), so only destroy it
   // once every page is placed or when the VM is being discarded.
   ~PostcopyMemory();
+  // What the destructor does, keeping the object (its counters) alive:
+  // every waiting fault wakes and is served by the kernel from here on.
+  // Place fails afterwards. Idempotent.
+  void Release();
 
   // Starts the fault thread; the VM may run from here.
   void Start(Requester request);
