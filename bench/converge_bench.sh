@@ -5,18 +5,21 @@
 # write a 32 MiB hot set each as fast as they can, and (with --light) a third
 # vCPU writing random pages at 1000/s. Every migration is verified.
 #
-#   bench/converge_bench.sh [--light] [--fraction F] [--repeat N] [--out FILE.json] [MODE...]
+#   bench/converge_bench.sh [--light] [--fraction F] [--repeat N] [--out FILE.json] [--plot FILE.png] [MODE...]
 #
 # --fraction: the hot share of each vCPU's part of memory (default 0.0625 with
 # two vCPUs: 32 MiB each; with --light, scaled so the hot set is the same).
 #
 # MODE: idle (the same VM idle: one full send), none, auto-converge,
-# dirty-limit (auto). Default: all four. Prints a table; --out keeps every
-# run's JSON (source and receiver).
+# dirty-limit (auto), postcopy (--postcopy now), postcopy-auto (--postcopy
+# auto). Default: the first four. Prints a table (and for post-copy modes a
+# second one: requests, latency, background pages); --out keeps every run's
+# JSON (source and receiver); --plot draws the guest's pages written per
+# second on the target over time for the post-copy runs (matplotlib).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PMLMIG=${PMLMIG:-$ROOT/build/tools/pmlmig}
-light=0 repeat=1 out='' fraction=0.0625
+light=0 repeat=1 out='' fraction=0.0625 plot=''
 modes=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -24,8 +27,9 @@ while [ $# -gt 0 ]; do
     --fraction) fraction=$2; shift ;;
     --repeat) repeat=$2; shift ;;
     --out) out=$2; shift ;;
-    idle|none|auto-converge|dirty-limit) modes+=("$1") ;;
-    *) echo "usage: $0 [--light] [--fraction F] [--repeat N] [--out FILE.json] [idle|none|auto-converge|dirty-limit]..." >&2; exit 2 ;;
+    --plot) plot=$2; shift ;;
+    idle|none|auto-converge|dirty-limit|postcopy|postcopy-auto) modes+=("$1") ;;
+    *) echo "usage: $0 [--light] [--fraction F] [--repeat N] [--out FILE.json] [--plot FILE.png] [idle|none|auto-converge|dirty-limit|postcopy|postcopy-auto]..." >&2; exit 2 ;;
   esac
   shift
 done
@@ -57,6 +61,8 @@ for ((i = 0; i < repeat; i++)); do
       idle) vm=(--memory 1G --vcpus 2 --workload idle) ;;
       auto-converge) flags+=(--auto-converge) ;;
       dirty-limit) flags+=(--dirty-limit auto) ;;
+      postcopy) flags+=(--postcopy now) ;;
+      postcopy-auto) flags+=(--postcopy auto) ;;
     esac
     netns_spawn dst "$PMLMIG" receive --listen "$NETNS_DST_ADDR:$port" --insecure --exit-after 2s --wait 180s --json \
       >"$tmp/r.json" 2>"$tmp/r.err"
@@ -73,7 +79,8 @@ mode, s, r, light = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sy
 row = {"mode": mode, "status": s["status"], "total_s": s["total_time_ms"] / 1000, "downtime_ms": s["downtime_ms"],
        "rounds": s["rounds"], "gib_sent": s["transferred_bytes"] / 2**30, "verified": s["verified"],
        "steps": s["throttle"]["steps"], "final_pct": s["throttle"]["final_pct"],
-       "final_quota": s["throttle"]["final_quota_pages_per_s"], "error": s["error"]}
+       "final_quota": s["throttle"]["final_quota_pages_per_s"], "error": s["error"],
+       "postcopy": s.get("postcopy", {}), "progress": r.get("postcopy_progress", [])}
 # The light vCPU's write rate, before the migration and while it ran (the
 # guest's own counter), and each vCPU's hold time.
 v = s.get("vcpus", [])
@@ -91,7 +98,7 @@ PY
   done
 done
 netns_teardown
-python3 - "$tmp/rows.jsonl" "${out:-}" <<'PY'
+python3 - "$tmp/rows.jsonl" "${out:-}" "${plot:-}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 idle = [r["total_s"] for r in rows if r["mode"] == "idle" and r["status"] == "completed"]
@@ -111,6 +118,41 @@ for mode in dict.fromkeys(r["mode"] for r in rows):
     print("| %s | %d/%d | %.1f | %s | %s | %d | %.2f | %d | %s | %s | %s |" % (
         mode, len(ok), len(rs), t, "%.2f" % (t / one) if one else "-", "%.0f" % dt if dt is not None else "-",
         last["rounds"], last["gib_sent"], last["steps"], thr, last["held_ms"], light))
+pc = [r for r in rows if r["postcopy"].get("used")]
+if pc:
+    print()
+    print("| mode | owed pages | post-copy s | requests | latency p50 / p99 / max ms | background pages | duplicates | x one full send |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in pc:
+        p = r["postcopy"]
+        print("| %s | %d | %.2f | %d | %.2f / %.2f / %.2f | %d | %d | %s |" % (
+            r["mode"], p["owed_pages"], p["duration_ms"] / 1000, p["requests"], p["latency_ms"]["p50"],
+            p["latency_ms"]["p99"], p["latency_ms"]["max"], p["background_pages"], p["duplicate_pages"],
+            "%.2f" % (r["total_s"] / one) if one else "-"))
 if sys.argv[2]:
     json.dump(rows, open(sys.argv[2], "w"), indent=1)
+if sys.argv[3] and pc:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax2 = ax.twinx()
+    for r in pc:
+        pts = r["progress"]
+        if len(pts) < 2:
+            continue
+        t = [(a[0] + b[0]) / 2000 for a, b in zip(pts, pts[1:])]
+        rate = [(b[1] - a[1]) / ((b[0] - a[0]) / 1000) for a, b in zip(pts, pts[1:])]
+        line, = ax.plot(t, rate, label="%s: guest pages written/s" % r["mode"])
+        ax2.plot([a[0] / 1000 for a in pts], [a[2] for a in pts], "--", color=line.get_color(),
+                 label="%s: owed pages still missing" % r["mode"])
+    ax.set_xlabel("seconds since the VM resumed on the target")
+    ax.set_ylabel("guest pages written per second")
+    ax2.set_ylabel("owed pages still missing")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
+    ax.set_title("Guest progress on the target during post-copy (1 Gbit/s link)")
+    fig.tight_layout()
+    fig.savefig(sys.argv[3], dpi=110)
 PY
