@@ -1,5 +1,9 @@
 #include "pmlmig/base/proc.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <string>
 
@@ -37,6 +41,11 @@ std::string CpuModelName() {
     }
   }
   return "";
+}
+
+bool SetThreadNice(int nice) {
+  const auto tid = static_cast<id_t>(::syscall(SYS_gettid));
+  return ::setpriority(PRIO_PROCESS, tid, nice) == 0;
 }
 
 }  // namespace pmlmig

@@ -5,7 +5,8 @@
 # write a 32 MiB hot set each as fast as they can, and (with --light) a third
 # vCPU writing random pages at 1000/s. Every migration is verified.
 #
-#   bench/converge_bench.sh [--light] [--fraction F] [--repeat N] [--out FILE.json] [--plot FILE.png] [MODE...]
+#   bench/converge_bench.sh [--light] [--fraction F] [--repeat N] [--out FILE.json] [--plot FILE.png]
+#                           [--source-flag FLAG]... [MODE...]
 #
 # --fraction: the hot share of each vCPU's part of memory (default 0.0625 with
 # two vCPUs: 32 MiB each; with --light, scaled so the hot set is the same).
@@ -19,7 +20,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PMLMIG=${PMLMIG:-$ROOT/build/tools/pmlmig}
-light=0 repeat=1 out='' fraction=0.0625 plot=''
+light=0 repeat=1 out='' fraction=0.0625 plot='' extra=()
 modes=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
     --repeat) repeat=$2; shift ;;
     --out) out=$2; shift ;;
     --plot) plot=$2; shift ;;
+    --source-flag) extra+=("$2"); shift ;;
     idle|none|auto-converge|dirty-limit|postcopy|postcopy-auto) modes+=("$1") ;;
     *) echo "usage: $0 [--light] [--fraction F] [--repeat N] [--out FILE.json] [--plot FILE.png] [idle|none|auto-converge|dirty-limit|postcopy|postcopy-auto]..." >&2; exit 2 ;;
   esac
@@ -55,7 +57,7 @@ results=()
 for ((i = 0; i < repeat; i++)); do
   for mode in "${modes[@]}"; do
     port=$((port + 1))
-    flags=(--tracker ring --verify)
+    flags=(--tracker ring --verify "${extra[@]}")
     vm=("${VM[@]}")
     case $mode in
       idle) vm=(--memory 1G --vcpus 2 --workload idle) ;;
@@ -98,7 +100,7 @@ PY
   done
 done
 netns_teardown
-python3 - "$tmp/rows.jsonl" "${out:-}" "${plot:-}" <<'PY'
+python3 - "$tmp/rows.jsonl" "${out:-}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 idle = [r["total_s"] for r in rows if r["mode"] == "idle" and r["status"] == "completed"]
@@ -131,28 +133,10 @@ if pc:
             "%.2f" % (r["total_s"] / one) if one else "-"))
 if sys.argv[2]:
     json.dump(rows, open(sys.argv[2], "w"), indent=1)
-if sys.argv[3] and pc:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax2 = ax.twinx()
-    for r in pc:
-        pts = r["progress"]
-        if len(pts) < 2:
-            continue
-        t = [(a[0] + b[0]) / 2000 for a, b in zip(pts, pts[1:])]
-        rate = [(b[1] - a[1]) / ((b[0] - a[0]) / 1000) for a, b in zip(pts, pts[1:])]
-        line, = ax.plot(t, rate, label="%s: guest pages written/s" % r["mode"])
-        ax2.plot([a[0] / 1000 for a in pts], [a[2] for a in pts], "--", color=line.get_color(),
-                 label="%s: owed pages still missing" % r["mode"])
-    ax.set_xlabel("seconds since the VM resumed on the target")
-    ax.set_ylabel("guest pages written per second")
-    ax2.set_ylabel("owed pages still missing")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center right")
-    ax.set_title("Guest progress on the target during post-copy (1 Gbit/s link)")
-    fig.tight_layout()
-    fig.savefig(sys.argv[3], dpi=110)
 PY
+if [ -n "$plot" ]; then
+  json=${out:-$tmp/rows.json}
+  [ -n "$out" ] || python3 -c 'import json,sys; json.dump([json.loads(l) for l in open(sys.argv[1])], open(sys.argv[2], "w"))' "$tmp/rows.jsonl" "$json"
+  py=python3; [ -x /usr/bin/python3 ] && py=/usr/bin/python3  # Debian's, with python3-matplotlib
+  "$py" "$ROOT/bench/postcopy_plot.py" "$json" "$plot" || echo "no plot (python3 with matplotlib needed)" >&2
+fi

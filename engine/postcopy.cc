@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/memory_digest.h"
 
@@ -173,6 +174,7 @@ void PostcopyMemory::Start(Requester request) {
 }
 
 void PostcopyMemory::FaultLoop() {
+  (void)SetThreadNice(-10);  // a vCPU waits on each fault: ahead of the guest's busy ones
   uffd_msg msgs[64];
   pollfd fds[2] = {{uffd_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
   for (;;) {

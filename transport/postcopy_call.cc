@@ -4,6 +4,7 @@
 
 #include "grpc_status.h"
 #include "pmlmig/base/failpoint.h"
+#include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/postcopy.h"
 #include "receiver_checks.h"
@@ -23,10 +24,19 @@ grpc::Status PostcopyCall::Run() {
   if (Status a = r_.Authorize(*ctx_); !a.ok()) return ToGrpc(a);
   if (Status a = Attach(); !a.ok()) return ToGrpc(a);
   std::thread writer;
-  if (requests_) writer = std::thread([this] { WriteRequests(); });
+  if (requests_) {
+    // A vCPU waits at the end of each request: both of its threads run
+    // ahead of the guest's busy vCPUs and the push.
+    (void)SetThreadNice(-10);
+    writer = std::thread([this] {
+      (void)SetThreadNice(-10);
+      WriteRequests();
+    });
+  }
   Status s = Serve();
   Detach(s);
   if (writer.joinable()) writer.join();
+  if (requests_) (void)SetThreadNice(0);  // gRPC's thread, back as it was
   return ToGrpc(s);
 }
 

@@ -15,5 +15,11 @@ uint64_t HostAvailableMemory();
 uint64_t PeakRssBytes();
 // The first "model name" of /proc/cpuinfo.
 std::string CpuModelName();
+// Sets the calling thread's nice value (-10: ahead of ordinary threads) where the
+// process may (CAP_SYS_NICE, or an RLIMIT_NICE that allows it); false, and
+// nothing changed, where it may not. For threads a waiting guest depends on
+// (post-copy's page requests), so the guest's own busy vCPUs do not delay
+// them.
+bool SetThreadNice(int nice);
 
 }  // namespace pmlmig
