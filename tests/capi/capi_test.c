@@ -243,6 +243,11 @@ static void test_source_refusals(void) {
   o.converge = PMLMIG_CONVERGE_AUTO;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "cannot hold its vCPUs");
   o.converge = PMLMIG_CONVERGE_NONE;
+  CHECK(o.postcopy == PMLMIG_POSTCOPY_OFF);
+  o.postcopy = (pmlmig_postcopy)7;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown postcopy 7");
+  o.postcopy = PMLMIG_POSTCOPY_OFF;
+  CHECK(strcmp(pmlmig_outcome_name(PMLMIG_OUTCOME_POSTCOPY_FAILED), "postcopy-failed") == 0);
   CHECK(pmlmig_vm_throttle_ns(vm, 0) == 0 && pmlmig_vm_throttle_ns(vm, 99) == 0 && pmlmig_vm_throttle_ns(NULL, 0) == 0);
   o.token_file = "/nonexistent/token";
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "token file /nonexistent/token");
