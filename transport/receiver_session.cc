@@ -388,10 +388,19 @@ ReceiverSession::Next ReceiverSession::AwaitPostcopy(engine::PostcopyMemory& pos
   // The VM runs; its missing pages arrive on the Postcopy calls. The source
   // (its control call) must stay until every page is here: without it the
   // VM cannot go on, and it is discarded.
+  uint64_t last_remaining = postcopy.remaining();
+  Clock::time_point last_progress = Clock::now();
   for (;;) {
     if (postcopy.WaitComplete(std::chrono::milliseconds(50))) break;
     Status failed;
-    {
+    // A source that stays connected but sends nothing: the idle deadline.
+    if (const uint64_t now_remaining = postcopy.remaining(); now_remaining != last_remaining) {
+      last_remaining = now_remaining;
+      last_progress = Clock::now();
+    } else if (r_.options_.idle_timeout.count() > 0 && Clock::now() - last_progress > r_.options_.idle_timeout) {
+      failed = Unavailable("no page arrived for " + Ms(r_.options_.idle_timeout) + " (the source stalled)");
+    }
+    if (failed.ok()) {
       std::lock_guard lock(r_.mu_);
       if (session_->state == SessionState::kFailing) failed = session_->failure;
     }

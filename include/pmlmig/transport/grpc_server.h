@@ -37,7 +37,8 @@ struct MigrationServerOptions {
   // Setup. Default 30 s.
   std::chrono::milliseconds handshake_timeout{30000};
   // How long a migration may stay silent while receiving (no batch applied,
-  // no control message) before it fails. Default 60 s; 0 = no limit.
+  // no control message) before it fails; in post-copy, how long no owed
+  // page may arrive (the VM is then discarded). Default 60 s; 0 = no limit.
   std::chrono::milliseconds idle_timeout{60000};
   // How long a prepared VM waits for Commit before it is discarded.
   // Default 30 s.
