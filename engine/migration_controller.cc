@@ -76,6 +76,10 @@ Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, Migration
 Status MigrationController::Cancel() {
   std::lock_guard lock(mu_);
   if (!active_) return InvalidArgument("no migration in progress");
+  if (source_->progress().phase == Phase::kPostcopy) {
+    return InvalidArgument("the migration is in post-copy: the VM runs on the target, which still needs pages from "
+                           "here, so it cannot be cancelled; it ends once the target holds every page");
+  }
   source_->Cancel();
   return Status::Ok();
 }

@@ -174,7 +174,7 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   // Ctrl-C cancels the migration (the VM stays here).
   while (controller.busy()) {
     if (Interrupted()) {
-      (void)controller.Cancel();
+      if (Status s = controller.Cancel(); !s.ok()) PrintError("not cancelled: " + s.message());
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));

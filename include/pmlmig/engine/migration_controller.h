@@ -57,8 +57,9 @@ class MigrationController {
   // while the last switch-over is in doubt.
   Status Start(std::unique_ptr<MigrationSink> sink, MigrationOptions options, MigrationCallbacks callbacks = {});
   // Stops the migration in flight (the VM runs on here); kInvalidArgument
-  // when none is in flight. Too late once the commit is under way: the
-  // migration then ends as the commit does.
+  // when none is in flight, or in post-copy (the target needs this side's
+  // pages to finish). Too late once the commit is under way: the migration
+  // then ends as the commit does.
   Status Cancel();
   // Blocks until no migration is in flight; the last one's statistics
   // (outcome kNone when none ever ran).
