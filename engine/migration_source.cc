@@ -359,6 +359,30 @@ void MigrationSource::CompareDigests(const FinalReply& reply, const std::vector<
   }
 }
 
+std::optional<MigrationStats> MigrationSource::CommitSwitch(Clock::TimePoint pause, const FinalReply& reply,
+                                                          const char* what) {
+  const CommitResult commit = sink_.Commit();
+  if (commit.state == CommitState::kNotCommitted) {
+    return Finished(Outcome::kFailed, CancelReason::kNone,
+                    commit.detail.WithContext(std::string(what) + ": the target does not run the VM"));
+  }
+  if (commit.state == CommitState::kInDoubt) return Finished(Outcome::kInDoubt, CancelReason::kNone, commit.detail);
+  stats_.commit_resolved = commit.resolved;
+  stats_.downtime_ms = MsSince(clock_, pause);
+  stats_.final_reply = reply;
+  stats_.final_reply.target_resume_ms = commit.target_resume_ms;
+  return std::nullopt;
+}
+
+void MigrationSource::CompareDigests(const FinalReply& reply, const Result<std::vector<uint64_t>>& mine) {
+  if (mine.ok()) {
+    CompareDigests(reply, *mine);
+    return;
+  }
+  stats_.verification.verdict = VerifyVerdict::kNotDone;
+  stats_.verification.detail = "the source's digest failed: " + mine.status().message();
+}
+
 MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<PageRun> owed) {
   auto failed = [&](const Status& s) { return Finished(Outcome::kFailed, CancelReason::kNone, s); };
   StopThrottle();  // the vCPUs are paused; nothing to slow any more
@@ -381,16 +405,8 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   if (!reply->prepared) return failed(Internal("the target did not prepare the VM: " + reply->verify_detail));
   FailPoint("source.prepared");
   Publish(Phase::kCommit, stats_.rounds, backlog.total_pages(), 0);
-  const CommitResult commit = sink_.Commit();
-  if (commit.state == CommitState::kNotCommitted) {
-    return failed(commit.detail.WithContext("post-copy switch: the target does not run the VM"));
-  }
-  if (commit.state == CommitState::kInDoubt) return Finished(Outcome::kInDoubt, CancelReason::kNone, commit.detail);
-  reply->target_resume_ms = commit.target_resume_ms;
-  stats_.commit_resolved = commit.resolved;
-  stats_.downtime_ms = MsSince(clock_, pause);
+  if (std::optional<MigrationStats> ended = CommitSwitch(pause, *reply, "post-copy switch")) return *ended;
   stats_.postcopy.switch_ms = stats_.downtime_ms;
-  stats_.final_reply = *reply;
   (void)tracker_.Disable();  // this copy never runs again unless post-copy fails and the caller decides so
   // The VM runs on the target; the pages it lacks go out from this paused
   // copy, which stays intact until the target holds every one.
@@ -437,12 +453,7 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
     FinalReply theirs;
     theirs.chunk_digests = served->chunk_digests;
     theirs.chunk_bytes = served->chunk_bytes;
-    if (mine.ok()) {
-      CompareDigests(theirs, *mine);
-    } else {
-      stats_.verification.verdict = VerifyVerdict::kNotDone;
-      stats_.verification.detail = "the source's digest failed: " + mine.status().message();
-    }
+    CompareDigests(theirs, mine);
   }
   return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
 }
@@ -613,26 +624,13 @@ MigrationStats MigrationSource::RunPhases() {
   // Point of no return: from here the source never resumes its VM unless the
   // target is known not to run it.
   Publish(Phase::kCommit, stats_.rounds, 0, expected_ms);
-  const CommitResult commit = sink_.Commit();
-  if (commit.state == CommitState::kNotCommitted) {
-    return failed(commit.detail.WithContext("switch-over: the target does not run the VM"));
-  }
-  if (commit.state == CommitState::kInDoubt) return Finished(Outcome::kInDoubt, CancelReason::kNone, commit.detail);
-  reply->target_resume_ms = commit.target_resume_ms;
-  stats_.commit_resolved = commit.resolved;
-  stats_.downtime_ms = MsSince(clock_, pause);
-  stats_.final_reply = *reply;
+  if (std::optional<MigrationStats> ended = CommitSwitch(pause, *reply, "switch-over")) return *ended;
   if (digest_ && options_.verify_order == VerifyOrder::kAfterCommit) {
     // The VM runs on the target; this copy stays paused while the source
     // digests it and compares.
     digest_now();
     stats_.verification.source_digest_ms = digest_ms;
-    if (mine.ok()) {
-      CompareDigests(*reply, *mine);
-    } else {
-      stats_.verification.verdict = VerifyVerdict::kNotDone;
-      stats_.verification.detail = "the source's digest failed: " + mine.status().message();
-    }
+    CompareDigests(stats_.final_reply, mine);
   }
   return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
 }

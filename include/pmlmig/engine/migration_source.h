@@ -28,6 +28,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -207,6 +208,12 @@ class MigrationSource {
   void StopThrottle();
   // After the target's FinalReply: compares its digests with the source's.
   void CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine);
+  // The same for the source's own digest, which may have failed.
+  void CompareDigests(const FinalReply& reply, const Result<std::vector<uint64_t>>& mine);
+  // After a prepared Finish: Commit. The migration's end (failed, in doubt)
+  // if it did not commit; nullopt once the target runs the VM (downtime and
+  // the final reply recorded).
+  std::optional<MigrationStats> CommitSwitch(Clock::TimePoint pause, const FinalReply& reply, const char* what);
   // From the pause on, with `owed` the pages the target lacks: switch,
   // commit, serve the pages, verify.
   MigrationStats RunPostcopy(Clock::TimePoint pause, std::vector<PageRun> owed);
