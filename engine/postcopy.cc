@@ -17,20 +17,13 @@
 #include <cerrno>
 #include <cstring>
 
+#include "pmlmig/base/linux_compat.h"
 #include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/memory_digest.h"
 
 namespace pmlmig::engine {
 namespace {
-
-int Ioctl(int fd, unsigned long req, void* arg) {
-  int r;
-  do {
-    r = ::ioctl(fd, req, arg);
-  } while (r < 0 && errno == EINTR);
-  return r;
-}
 
 constexpr uint64_t kFeatures = UFFD_FEATURE_MISSING_SHMEM;
 
@@ -50,7 +43,7 @@ Result<UniqueFd> OpenUffd() {
   uffdio_api api{};
   api.api = UFFD_API;
   api.features = kFeatures;
-  if (Ioctl(uffd.get(), UFFDIO_API, &api) < 0) {
+  if (IoctlNoEintr(uffd.get(), UFFDIO_API, &api) < 0) {
     return Status(Code::kUnavailable, std::string("UFFDIO_API (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11+): ") +
                                           std::strerror(errno));
   }
@@ -141,7 +134,7 @@ Result<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Arm(const SlotTable& mem
     reg.range.start = reinterpret_cast<uint64_t>(s.host);
     reg.range.len = s.size;
     reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-    if (Ioctl(m->uffd_.get(), UFFDIO_REGISTER, &reg) < 0) {
+    if (IoctlNoEintr(m->uffd_.get(), UFFDIO_REGISTER, &reg) < 0) {
       return Status::FromErrno(errno, "post-copy: UFFDIO_REGISTER (missing faults) of slot " + std::to_string(s.slot));
     }
   }
@@ -210,13 +203,13 @@ void PostcopyMemory::OnFault(uint64_t address) {
     uffdio_zeropage z{};
     z.range.start = address;
     z.range.len = kPageSize;
-    if (Ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &z) == 0) {
+    if (IoctlNoEintr(uffd_.get(), UFFDIO_ZEROPAGE, &z) == 0) {
       std::lock_guard lock(mu_);
       ++counts_.zero_faults;
       return;
     }
     uffdio_range wake{address, kPageSize};
-    (void)Ioctl(uffd_.get(), UFFDIO_WAKE, &wake);
+    (void)IoctlNoEintr(uffd_.get(), UFFDIO_WAKE, &wake);
     return;
   }
   {
@@ -241,13 +234,13 @@ Result<uint64_t> PostcopyMemory::PlaceRun(uint64_t first, uint64_t pages, const 
     c.dst = reinterpret_cast<uint64_t>(host);
     c.src = reinterpret_cast<uint64_t>(data);
     c.len = pages << kPageShift;
-    r = Ioctl(uffd_.get(), UFFDIO_COPY, &c);
+    r = IoctlNoEintr(uffd_.get(), UFFDIO_COPY, &c);
     done = c.copy;
   } else {
     uffdio_zeropage z{};
     z.range.start = reinterpret_cast<uint64_t>(host);
     z.range.len = pages << kPageShift;
-    r = Ioctl(uffd_.get(), UFFDIO_ZEROPAGE, &z);
+    r = IoctlNoEintr(uffd_.get(), UFFDIO_ZEROPAGE, &z);
     done = z.zeropage;
   }
   if (r == 0) return pages;

@@ -69,13 +69,6 @@ Status UnavailableErrno(int err, const std::string& what) {
   return Status(Code::kUnavailable, Status::FromErrno(err, what).message());
 }
 
-int IoctlNoEintr(int fd, unsigned long request, void* arg) {
-  int r;
-  do {
-    r = ::ioctl(fd, request, arg);
-  } while (r < 0 && errno == EINTR);
-  return r;
-}
 
 uint64_t NowNs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(

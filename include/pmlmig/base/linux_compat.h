@@ -11,6 +11,20 @@
 #include <linux/fs.h>
 #include <linux/types.h>
 #include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+
+#include <cerrno>
+
+namespace pmlmig {
+// ioctl(2), retried while a signal interrupts it (userfaultfd's ioctls can be).
+inline int IoctlNoEintr(int fd, unsigned long request, void* arg) {
+  int r;
+  do {
+    r = ::ioctl(fd, request, arg);
+  } while (r < 0 && errno == EINTR);
+  return r;
+}
+}  // namespace pmlmig
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
