@@ -324,6 +324,7 @@ void pmlmig_migrate_options_init(pmlmig_migrate_options* o) {
   o->converge = PMLMIG_CONVERGE_NONE;
   o->stall_rounds = d.stall_rounds;
   o->dirty_limit_pages_per_s = 0;
+  o->postcopy_recovery_ms = static_cast<uint32_t>(transport::GrpcSinkOptions{}.postcopy_recovery.count());
 }
 
 void pmlmig_migration_stats_init(pmlmig_migration_stats* s) {
@@ -405,6 +406,7 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
     }
     c.dirty_limit_pages_per_s = o.dirty_limit_pages_per_s;
     c.stall_rounds = o.stall_rounds;
+    c.postcopy_recovery_ms = o.postcopy_recovery_ms;
     switch (RawEnum(o.postcopy)) {
       case PMLMIG_POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
       case PMLMIG_POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
@@ -475,6 +477,7 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.postcopy_latency_p99_ms = st.postcopy.result.latency_p99_ms;
     out.postcopy_latency_max_ms = st.postcopy.result.latency_max_ms;
     out.postcopy_ms = st.postcopy.phase_ms;
+    out.postcopy_recoveries = st.postcopy.result.recoveries;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;
@@ -535,6 +538,7 @@ void pmlmig_receive_options_init(pmlmig_receive_options* o) {
   o->max_streams = d.max_streams;
   o->handshake_timeout_ms = static_cast<uint32_t>(d.handshake_timeout.count());
   o->idle_timeout_ms = static_cast<uint32_t>(d.idle_timeout.count());
+  o->postcopy_recovery_ms = static_cast<uint32_t>(d.postcopy_recovery_timeout.count());
   o->commit_timeout_ms = static_cast<uint32_t>(d.commit_timeout.count());
 }
 
@@ -570,6 +574,7 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
     so.max_streams = o.max_streams;
     so.handshake_timeout = std::chrono::milliseconds(o.handshake_timeout_ms);
     so.idle_timeout = std::chrono::milliseconds(o.idle_timeout_ms);
+    so.postcopy_recovery_timeout = std::chrono::milliseconds(o.postcopy_recovery_ms);
     so.commit_timeout = std::chrono::milliseconds(o.commit_timeout_ms);
     so.allow_insecure = o.allow_insecure != 0;
     auto sec = transport::LoadTransportSecurity(Str(o.tls_ca), Str(o.tls_cert), Str(o.tls_key), Str(o.token_file));

@@ -425,6 +425,8 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
         std::lock_guard lock(progress_mu_);
         progress_.remaining_pages = backlog.left();
         progress_.postcopy_requests = backlog.requests();
+        progress_.postcopy_link_down = backlog.link_down();
+        progress_.postcopy_recoveries = backlog.recoveries();
         progress_.elapsed_ms = MsSince(clock_, start_);
         p = progress_;
       }
@@ -438,6 +440,7 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   watch.join();
   stats_.postcopy.phase_ms = MsSince(clock_, running);
   if (!served.ok()) {
+    stats_.postcopy.result.recoveries = backlog.recoveries();  // the links resumed before the one that failed
     return Finished(Outcome::kPostcopyFailed, CancelReason::kNone,
                     served.status().WithContext("post-copy failed after the switch (the VM ran on the target, which "
                                                 "could not get every page; this copy stays paused as of the switch)"));
@@ -446,7 +449,12 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   stats_.transferred += served->pushed;
   stats_.transferred += served->answered;
   ++stats_.rounds;
-  if (digest_) {
+  if (digest_ && served->done_lost) {
+    stats_.verification.verdict = VerifyVerdict::kNotDone;
+    stats_.verification.detail =
+        "every page reached the target, but its digests were lost with the link (it completed while the link was "
+        "down); compare on the target";
+  } else if (digest_) {
     const auto t = clock_.Now();
     Result<std::vector<uint64_t>> mine = digest_->AtPause();
     stats_.verification.source_digest_ms = MsSince(clock_, t);

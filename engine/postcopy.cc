@@ -325,17 +325,28 @@ bool PostcopyMemory::WaitComplete(std::chrono::milliseconds timeout) {
 }
 
 std::vector<PageRun> PostcopyMemory::Missing() const {
+  // Runs inside one slot each, of at most 2^31 pages (a proto PageRun).
   std::vector<PageRun> runs;
+  uint64_t run_end = 0;  // the index just past runs.back()
   for (uint64_t p = 0; p < index_.total(); ++p) {
     if (!Owed(p)) continue;
-    const uint64_t gpa = index_.GpaOf(p);
-    if (!runs.empty() && runs.back().gpa + (runs.back().pages << kPageShift) == gpa) {
+    if (!runs.empty() && run_end == p && index_.SlotEnd(p - 1) > p && runs.back().pages < (uint64_t{1} << 31)) {
       ++runs.back().pages;
     } else {
-      runs.push_back({gpa, 1});
+      runs.push_back({index_.GpaOf(p), 1});
     }
+    run_end = p + 1;
   }
   return runs;
+}
+
+std::vector<uint64_t> PostcopyMemory::Waiting() const {
+  std::vector<uint64_t> gpas;
+  std::lock_guard lock(mu_);
+  gpas.reserve(waiting_.size());
+  for (const auto& [index, since] : waiting_) gpas.push_back(index_.GpaOf(index));
+  std::sort(gpas.begin(), gpas.end());
+  return gpas;
 }
 
 PostcopyStats PostcopyMemory::stats() const {
@@ -362,6 +373,13 @@ PostcopyBacklog::PostcopyBacklog(const SlotTable& memory, std::span<const PageRu
   words_ = (index_.total() + 63) / 64;
   bits_ = std::make_unique<std::atomic<uint64_t>[]>(words_);
   Reset(owed);
+  total_ = left();
+}
+
+void PostcopyBacklog::SetLinkDown(bool down) {
+  if (link_down_.exchange(down, std::memory_order_relaxed) && !down) {
+    recoveries_.fetch_add(1, std::memory_order_relaxed);
+  }
 }
 
 void PostcopyBacklog::Reset(std::span<const PageRun> owed) {
@@ -376,7 +394,6 @@ void PostcopyBacklog::Reset(std::span<const PageRun> owed) {
       if ((bits_[p >> 6].fetch_or(bit, std::memory_order_relaxed) & bit) == 0) ++n;
     }
   }
-  total_ = n;
   left_.store(n, std::memory_order_relaxed);
   hint_.store(0, std::memory_order_relaxed);
 }

@@ -24,13 +24,25 @@ void AddConvergeFlags(CLI::App* cmd, ConvergeFlags* f, const std::string& group)
                   "Post-copy: 'auto' pre-copies and, once the rounds do not converge, moves the VM at once and sends "
                   "its remaining pages while it runs on the target (a vCPU that touches a missing page waits for "
                   "it); 'now' moves the VM before any round. The source keeps its paused copy until the target "
-                  "holds every page; if the connection breaks in post-copy the target's run is lost")
+                  "holds every page. If the connection breaks in post-copy, the target's VM runs on (a vCPU on a "
+                  "missing page waits) while this side reconnects (--postcopy-recovery)")
       ->check(CLI::IsMember({"auto", "now"}))
+      ->group(group);
+  cmd->add_option("--postcopy-recovery", f->postcopy_recovery,
+                  "How long to keep trying to reconnect after the connection breaks in post-copy before the "
+                  "migration fails (this side keeps its paused copy either way); 0 = fail at once")
+      ->capture_default_str()
       ->group(group);
 }
 
 Status ApplyConvergeFlags(const ConvergeFlags& f, transport::MigrateCommand* command) {
   command->stall_rounds = f.stall_rounds;
+  {
+    auto recovery = ParseDuration(f.postcopy_recovery);
+    if (!recovery.ok()) return InvalidArgument("--postcopy-recovery: " + recovery.status().message());
+    command->postcopy_recovery_ms =
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*recovery).count());
+  }
   if (!f.postcopy.empty()) {
     command->postcopy = f.postcopy == "now" ? engine::PostcopyMode::kNow : engine::PostcopyMode::kAuto;
     if (command->postcopy == engine::PostcopyMode::kNow && (f.auto_converge || !f.dirty_limit.empty())) {

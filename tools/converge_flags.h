@@ -17,9 +17,11 @@ struct ConvergeFlags {
   bool auto_converge = false;
   uint32_t stall_rounds = 5;
   std::string postcopy;  // "", "auto" or "now"
+  std::string postcopy_recovery = "5m";  // a duration; 0: never
 };
 
-// Adds --dirty-limit, --auto-converge, --stall-rounds and --postcopy to
+// Adds --dirty-limit, --auto-converge, --stall-rounds, --postcopy and
+// --postcopy-recovery to
 // `cmd`, in `group`.
 void AddConvergeFlags(CLI::App* cmd, ConvergeFlags* f, const std::string& group);
 

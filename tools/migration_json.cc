@@ -88,6 +88,9 @@ nlohmann::ordered_json PostcopyJson(const engine::PostcopyReport& p) {
       {"requests_served", r.requests_served},
       {"pushed_bytes", r.pushed.wire_bytes},
       {"answered_bytes", r.answered.wire_bytes},
+      {"recoveries", r.recoveries},
+      {"link_down_ms", r.link_down_ms},
+      {"done_lost", r.done_lost},
   };
 }
 
@@ -205,6 +208,12 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                   s.postcopy.switch_ms, s.postcopy.phase_ms, r.faults, r.latency_p50_ms, r.latency_p99_ms,
                   r.latency_max_ms, r.background_pages, r.duplicate_pages);
     out += buf;
+    if (r.recoveries > 0) {
+      std::snprintf(buf, sizeof buf, "    the link broke and was resumed %u time%s (%.1f s without a link)%s\n",
+                    r.recoveries, r.recoveries == 1 ? "" : "s", r.link_down_ms / 1000,
+                    r.done_lost ? "; the target's final report was lost with the last link" : "");
+      out += buf;
+    }
   }
   out += "  round   dirty pages      sent       bytes   ms      Mbit/s   expected downtime ms  throttle\n";
   for (const engine::RoundStats& r : s.round_stats) {
@@ -227,6 +236,8 @@ std::string ProgressLine(const engine::MigrationProgress& p) {
   if (p.phase == engine::Phase::kPostcopy) {
     std::snprintf(buf, sizeof buf, " | post-copy: %" PRIu64 " requests answered", p.postcopy_requests);
     out += buf;
+    if (p.postcopy_link_down) out += " | LINK LOST, reconnecting (the target's VM runs; vCPUs on missing pages wait)";
+    if (p.postcopy_recoveries > 0) out += " | resumed " + std::to_string(p.postcopy_recoveries) + "x";
   }
   out += VcpuRatesText(p.throttle_pct, p.vcpu_quota_pages_per_s, p.vcpus);
   return out;

@@ -38,6 +38,7 @@ struct ReceiveFlags {
   std::string handshake_timeout = "30s";
   std::string idle_timeout = "60s";
   std::string commit_timeout = "30s";
+  std::string postcopy_recovery = "10m";
 };
 
 int Receive(const ReceiveFlags& f) {
@@ -66,7 +67,8 @@ int Receive(const ReceiveFlags& f) {
       bool zero_ok;
     } durations[] = {{"--handshake-timeout", f.handshake_timeout, &so.handshake_timeout, false},
                      {"--idle-timeout", f.idle_timeout, &so.idle_timeout, true},
-                     {"--commit-timeout", f.commit_timeout, &so.commit_timeout, false}};
+                     {"--commit-timeout", f.commit_timeout, &so.commit_timeout, false},
+                     {"--postcopy-recovery", f.postcopy_recovery, &so.postcopy_recovery_timeout, true}};
     for (auto& d : durations) {
       auto v = ParseDuration(d.text);
       if (!v.ok()) return PrintError(std::string(d.flag) + ": " + v.status().message()), kExitUsage;
@@ -158,6 +160,7 @@ int Receive(const ReceiveFlags& f) {
   out["received_normal_pages"] = o.totals.normal_pages;
   out["received_zero_pages"] = o.totals.zero_pages;
   out["received_bytes"] = o.totals.wire_bytes;
+  out["postcopy_recoveries"] = o.postcopy_recoveries;
   if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
     out["error"] = o.error.message();
@@ -238,6 +241,10 @@ int Receive(const ReceiveFlags& f) {
                 status.c_str(), o.rounds, o.totals.normal_pages,
                 o.totals.zero_pages, o.reply.target_restore_ms,
                 o.reply.verified ? o.reply.verify_detail.c_str() : "not verified");
+    if (o.postcopy_recoveries > 0) {
+      std::printf("  post-copy: the link broke and the source resumed it %u time%s\n", o.postcopy_recoveries,
+                  o.postcopy_recoveries == 1 ? "" : "s");
+    }
     std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());
   }
   vm.reset();
@@ -286,6 +293,11 @@ Command RegisterReceive(CLI::App& app) {
       ->capture_default_str()
       ->group(limits);
   cmd->add_option("--commit-timeout", f->commit_timeout, "Discard a prepared VM whose Commit does not come within this")
+      ->capture_default_str()
+      ->group(limits);
+  cmd->add_option("--postcopy-recovery", f->postcopy_recovery,
+                  "In post-copy, when the connection breaks, keep the VM running (vCPUs on missing pages wait) this "
+                  "long for the source to reconnect before discarding it; 0 = discard at once")
       ->capture_default_str()
       ->group(limits);
   return [f]() { return Receive(*f); };

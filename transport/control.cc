@@ -59,6 +59,7 @@ class Service final : public proto::Control::Service {
       return ToGrpc(InvalidArgument("migrate: a dirty limit was given without the dirty-limit aid"));
     }
     if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
+    if (r->has_postcopy_recovery_ms()) c.postcopy_recovery_ms = r->postcopy_recovery_ms();
     switch (r->postcopy()) {
       case proto::POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
       case proto::POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
@@ -171,6 +172,7 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
                                                                : proto::CONVERGE_NONE);
   r.set_dirty_limit_pages_per_s(c.dirty_limit_pages_per_s);
   r.set_stall_rounds(c.stall_rounds);
+  r.set_postcopy_recovery_ms(c.postcopy_recovery_ms);
   r.set_postcopy(c.postcopy == engine::PostcopyMode::kAuto  ? proto::POSTCOPY_AUTO
                  : c.postcopy == engine::PostcopyMode::kNow ? proto::POSTCOPY_NOW
                                                             : proto::POSTCOPY_OFF);
@@ -222,6 +224,7 @@ Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& c) {
   so.streams = c.streams;
   PMLMIG_ASSIGN_OR_RETURN(so.compress, ParseCompression(c.compress));
   so.max_bandwidth = c.max_bandwidth;
+  so.postcopy_recovery = std::chrono::milliseconds(c.postcopy_recovery_ms);
   PMLMIG_ASSIGN_OR_RETURN(so.security, LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file,
                                                              c.tls_server_name));
   return so;

@@ -110,8 +110,6 @@ class GrpcMigrationSink::Impl {
   enum class Phase { kNew, kReady, kSending, kPrepared, kCommitting, kPostcopy, kDone, kBroken };
 
   Status DoBegin(const engine::MigrationSetup& setup);
-  // Waits until `ch` is connected, up to connect_timeout.
-  Status Connect(grpc::Channel& ch, const std::string& which) const;
   Status DoFinishStreams();
   // Fails the sink with `s` and leaves it broken; returns the failure.
   Status Break(const Status& s);
@@ -120,6 +118,7 @@ class GrpcMigrationSink::Impl {
   uint64_t session_id_ = 0;                    // set by Begin
   Checksum checksum_ = Checksum::kXxh64;       // set by Begin
   bool can_postcopy_ = false;                  // set by Begin: the receiver said so
+  bool can_recover_ = false;                   // set by Begin: the receiver waits for a PostcopyResume
   bool postcopy_ = false;                      // Finish sent a post-copy Final
   std::unique_ptr<TokenBucket> bucket_;        // null: no bandwidth limit
   // Declared before the calls: its contexts outlive them.
@@ -172,23 +171,24 @@ Status GrpcMigrationSink::Impl::Begin(const engine::MigrationSetup& setup, const
   return f;
 }
 
-Status GrpcMigrationSink::Impl::Connect(grpc::Channel& ch, const std::string& which) const {
+Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused) {
   // gRPC retries a refused port (with backoff) until the deadline; once it
   // reports a failed attempt, ask whether the port refuses connections and
   // say so at once. Anything else (no answer, a TLS handshake that fails)
   // waits for connect_timeout.
-  const auto deadline = std::chrono::system_clock::now() + options_.connect_timeout;
+  if (refused != nullptr) *refused = false;
+  const auto deadline = std::chrono::system_clock::now() + o.connect_timeout;
   for (grpc_connectivity_state st = ch.GetState(true);; st = ch.GetState(true)) {
     if (st == GRPC_CHANNEL_READY) return Status::Ok();
-    if (st == GRPC_CHANNEL_TRANSIENT_FAILURE && ConnectionRefused(options_.target)) {
-      return Unavailable("connection refused to " + options_.target + " (" + which +
-                         "): nothing listens on that port");
+    if (st == GRPC_CHANNEL_TRANSIENT_FAILURE && ConnectionRefused(o.target)) {
+      if (refused != nullptr) *refused = true;
+      return Unavailable("connection refused to " + o.target + " (" + which + "): nothing listens on that port");
     }
     if (!ch.WaitForStateChange(st, deadline)) break;
   }
-  return Unavailable("connect to " + options_.target + " (" + which + "): no connection within " +
-                     SecondsText(options_.connect_timeout) +
-                     (options_.security.tls()
+  return Unavailable("connect to " + o.target + " (" + which + "): no connection within " +
+                     SecondsText(o.connect_timeout) +
+                     (o.security.tls()
                           ? " (with TLS: is the receiver using TLS, is its certificate signed by this side's TLS CA and "
                             "issued for the host you connect to, and does it accept this side's certificate?)"
                           : " (is a receiver listening there? One that demands TLS looks like this to a sender "
@@ -202,9 +202,9 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   for (uint32_t i = 0; i < options_.streams; ++i) {
     streams_.push_back(std::make_unique<DataStream>(i, options_, calls_, bucket_.get()));
   }
-  PMLMIG_RETURN_IF_ERROR(Connect(*control_channel_, "control"));
+  PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, *control_channel_, "control"));
   for (auto& ds : streams_) {
-    PMLMIG_RETURN_IF_ERROR(Connect(ds->channel(), "stream " + std::to_string(ds->index())));
+    PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, ds->channel(), "stream " + std::to_string(ds->index())));
   }
   control_.Start(control_channel_);
 
@@ -230,6 +230,7 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   }
   session_id_ = hello.hello().session_id();
   can_postcopy_ = hello.hello().postcopy();
+  can_recover_ = hello.hello().postcopy_recovery();
   // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
   Checksum checksum = Checksum::kXxh64;
   for (int c : hello.hello().checksums()) {
@@ -431,7 +432,8 @@ Result<engine::PostcopyResult> GrpcMigrationSink::Impl::Postcopy(engine::Postcop
   p.round = static_cast<uint32_t>(std::max<int64_t>(last_round_ + 1, 0));
   p.checksum = checksum_;
   p.bucket = bucket_.get();
-  Result<engine::PostcopyResult> r = RunPostcopy(options_, calls_, control_, *source_, p, backlog);
+  p.recover = can_recover_;
+  Result<engine::PostcopyResult> r = ServePostcopy(options_, calls_, control_, *source_, p, backlog);
   if (!r.ok()) {
     calls_.Fail(r.status());
   } else {
@@ -491,6 +493,7 @@ Result<std::unique_ptr<GrpcMigrationSink>> GrpcMigrationSink::Create(GrpcSinkOpt
                  o.resolve_timeout, o.keepalive_time, o.keepalive_timeout, o.abort_grace}) {
     if (d.count() <= 0) return InvalidArgument("sink timeouts must be positive");
   }
+  if (o.postcopy_recovery.count() < 0) return InvalidArgument("post-copy recovery window: must be >= 0");
   TuneMallocForTransfer();
   return std::unique_ptr<GrpcMigrationSink>(new GrpcMigrationSink(std::make_unique<Impl>(std::move(o))));
 }

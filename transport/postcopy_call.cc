@@ -62,10 +62,15 @@ Status PostcopyCall::Attach() {
   if (r_.current_->state != SessionState::kPostcopy) {
     return InvalidArgument("Postcopy: session " + FormatHex(id) + " is not in post-copy");
   }
+  if (r_.current_->postcopy_paused) {
+    return InvalidArgument("Postcopy: session " + FormatHex(id) +
+                              " lost its link and waits for a PostcopyResume on a new Control call first");
+  }
   bool& attached = requests_ ? r_.current_->requests_attached : r_.current_->push_attached;
   if (attached) return InvalidArgument("Postcopy: a " + role + " call is already open");
   attached = true;
   session_ = r_.current_;
+  link_ = session_->postcopy_link;
   session_->postcopy_calls.push_back(ctx_);
   applier_.set_checksum(session_->checksum);
   return Status::Ok();
@@ -76,8 +81,12 @@ void PostcopyCall::WriteRequests() {
   for (;;) {
     {
       std::unique_lock lock(r_.mu_);
-      r_.cv_.wait(lock, [&] { return stop_ || !session_->requests.empty() || session_->state != SessionState::kPostcopy; });
-      if (stop_ || session_->state != SessionState::kPostcopy) return;
+      auto over = [&] {
+        return stop_ || session_->state != SessionState::kPostcopy || session_->postcopy_link != link_ ||
+               session_->postcopy_paused;
+      };
+      r_.cv_.wait(lock, [&] { return over() || !session_->requests.empty(); });
+      if (over()) return;  // requests still queued go out on the next link
       req.Clear();
       for (uint64_t gpa : session_->requests) req.add_gpa(gpa);
       session_->requests.clear();
@@ -127,7 +136,7 @@ Status PostcopyCall::Serve() {
     FailPoint("receiver.postcopy");
   }
   // The source half-closed (the push is over) or the call ended. Only a
-  // break while pages are still owed is a failure.
+  // break while pages are still owed breaks the link.
   std::lock_guard lock(r_.mu_);
   const bool owed = session_->state == SessionState::kPostcopy && session_->postcopy != nullptr &&
                     session_->postcopy->remaining() > 0;
@@ -135,13 +144,25 @@ Status PostcopyCall::Serve() {
   return Status::Ok();
 }
 
+bool PostcopyCall::StaleLocked() const { return session_->postcopy_link != link_; }
+
 void PostcopyCall::Detach(const Status& why) {
   std::lock_guard lock(r_.mu_);
   stop_ = true;
   auto& calls = session_->postcopy_calls;
   calls.erase(std::remove(calls.begin(), calls.end(), ctx_), calls.end());
-  (requests_ ? session_->requests_attached : session_->push_attached) = false;
-  if (!why.ok()) r_.MarkFailedLocked(*session_, why, nullptr);
+  if (!StaleLocked()) {
+    (requests_ ? session_->requests_attached : session_->push_attached) = false;
+    if (!why.ok()) {
+      // A broken connection pauses the link (the source may resume); a
+      // batch that fails its checks fails the migration.
+      if (why.code() == Code::kUnavailable) {
+        r_.PausePostcopyLocked(*session_, link_, why);
+      } else {
+        r_.MarkFailedLocked(*session_, why, nullptr);
+      }
+    }
+  }
   r_.cv_.notify_all();
 }
 

@@ -7,8 +7,10 @@
 //   "push"      the handler thread places the background pages.
 // Batches are checked as Pages batches are (AdmitBatch, BatchApplier) and
 // placed through engine::PostcopyMemory, which drops pages already there.
-// A call that breaks while pages are still missing fails the session: the
-// control thread (ReceiverSession::AwaitPostcopy) then discards the VM.
+// A call that breaks while pages are still missing pauses the session (its
+// link is over; Receiver::PausePostcopyLocked): the VM runs on, and the
+// source may resume on a new link (proto PostcopyResume). A call of an
+// older link is stale: it places what it still carries and nothing else.
 //
 // Why gRPC's synchronous API: two calls per migration, each a loop of
 // blocking reads; the requests call needs a concurrent writer, which the
@@ -41,12 +43,15 @@ class PostcopyCall {
   Status Serve();
   void WriteRequests();
   void Detach(const Status& why);
+  // Under mu_: a resume started a newer link since this call attached.
+  bool StaleLocked() const;
 
   Receiver& r_;
   grpc::ServerContext* const ctx_;
   Stream* const stream_;
   std::shared_ptr<Session> session_;
   bool requests_ = false;  // the "requests" call (else "push")
+  uint32_t link_ = 0;      // the session's link this call belongs to
   bool stop_ = false;      // guarded by Receiver::mu_: the writer thread ends
   BatchApplier applier_;
 };

@@ -35,11 +35,143 @@ void AddStats(engine::TransferStats& t, const proto::PageBatch& b) {
   ++t.batches;
 }
 
+// One link after a resume: calls of its own, cancelled together, and its
+// own control call.
+struct PostcopyLink {
+  PostcopyLink(const GrpcSinkOptions& o, TokenBucket* bucket) : calls(o.security), control(calls, o.target) {
+    calls.AddWaker([this, bucket] {
+      if (bucket != nullptr) bucket->Wake();
+      control.Wake();
+    });
+  }
+  ~PostcopyLink() {
+    calls.Fail(Aborted("post-copy link closed"), true);
+    control.Join();
+  }
+  SinkCalls calls;
+  ControlClient control;
+};
+
+// Serves post-copy on one link until the target's PostcopyDone (*result
+// then holds its figures) or the link's first failure. Either way the
+// source's own counters in *result grow by what this link carried.
+Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control, const engine::SlotTable& source,
+               const PostcopyCallOptions& p, engine::PostcopyBacklog& backlog, engine::PostcopyResult& result);
+
+// Opens `link` and resumes session p.session_id on it: the pages the target
+// still lacks (or that it completed already). *definitive: the target
+// cannot resume (its port refuses connections, or it says the session is
+// over), so trying again is pointless.
+struct Resumed {
+  bool completed = false;
+  std::vector<engine::PageRun> missing;
+};
+Result<Resumed> Resume(const GrpcSinkOptions& o, PostcopyLink& link, const engine::SlotTable& source,
+                       const PostcopyCallOptions& p, bool* definitive) {
+  *definitive = false;
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(o, 0);
+  bool refused = false;
+  if (Status c = WaitConnected(o, *channel, "post-copy resume", &refused); !c.ok()) {
+    if (refused) {
+      *definitive = true;
+      return c.WithContext("the target's process is gone (nothing listens on its port any more)");
+    }
+    return c;
+  }
+  link.control.Start(channel);
+  proto::ControlRequest req;
+  proto::PostcopyResume* pr = req.mutable_resume();
+  pr->set_version(kProtocolVersion);
+  pr->set_session_id(p.session_id);
+  pr->set_sender(o.sender_name);
+  if (!link.control.Write(req)) return link.control.End(o.connect_timeout, "PostcopyResume");
+  Resumed out;
+  for (bool more = true; more;) {
+    Result<proto::ControlReply> r = link.control.WaitReply(o.setup_timeout, "waiting for PostcopyResumed");
+    if (!r.ok()) {
+      // The receiver answered, and not with a resume: it says why.
+      *definitive = r.status().code() == Code::kInvalidArgument;
+      return r.status();
+    }
+    if (!r->has_resumed()) return InvalidArgument("post-copy resume: the target answered with something else");
+    const proto::PostcopyResumed& m = r->resumed();
+    if (m.completed()) {
+      out.completed = true;
+      return out;
+    }
+    for (const proto::PageRun& run : m.missing()) {
+      if ((run.gpa() & (engine::kPageSize - 1)) != 0 || run.pages() == 0 ||
+          source.HostAddress(run.gpa(), uint64_t{run.pages()} << engine::kPageShift) == nullptr) {
+        *definitive = true;
+        return InvalidArgument("post-copy resume: the target lacks gpa " + FormatHex(run.gpa()) + " (+" +
+                               std::to_string(run.pages()) + " pages), which is not guest memory here");
+      }
+      out.missing.push_back({run.gpa(), run.pages()});
+    }
+    more = m.more();
+  }
+  return out;
+}
+
 }  // namespace
 
-Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
-                                           const engine::SlotTable& source, const PostcopyCallOptions& p,
-                                           engine::PostcopyBacklog& backlog) {
+Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                                             const engine::SlotTable& source, const PostcopyCallOptions& p,
+                                             engine::PostcopyBacklog& backlog) {
+  using Clock = std::chrono::steady_clock;
+  engine::PostcopyResult result;
+  Status broke = RunLink(o, calls, control, source, p, backlog, result);
+  if (broke.ok()) return result;
+  calls.Fail(broke);  // the first link is over: every call of it ends
+  const bool recover = p.recover && o.postcopy_recovery.count() > 0;
+  std::vector<std::unique_ptr<PostcopyLink>> links;  // each outlives its calls
+  while (recover && broke.code() == Code::kUnavailable) {
+    // The target's VM runs on; its vCPUs wait for missing pages. Try to
+    // reach it again until the window closes.
+    const auto down = Clock::now();
+    const auto deadline = down + o.postcopy_recovery;
+    backlog.SetLinkDown(true);
+    Status last;
+    Result<Resumed> resumed = Unavailable("not tried");
+    for (;;) {
+      links.push_back(std::make_unique<PostcopyLink>(o, p.bucket));
+      bool definitive = false;
+      resumed = Resume(o, *links.back(), source, p, &definitive);
+      if (resumed.ok()) break;
+      last = resumed.status();
+      links.back()->calls.Fail(last, true);
+      if (definitive) {
+        return last.WithContext("post-copy could not be resumed after the link broke (" + broke.message() + ")");
+      }
+      if (Clock::now() + std::chrono::seconds(1) >= deadline) {
+        return Unavailable("post-copy: the link to the target broke (" + broke.message() +
+                           ") and could not be resumed within " + SecondsText(o.postcopy_recovery) +
+                           "; last try: " + last.message());
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+    result.link_down_ms += std::chrono::duration<double, std::milli>(Clock::now() - down).count();
+    ++result.recoveries;
+    backlog.SetLinkDown(false);
+    if (resumed->completed) {
+      // Every page reached the target; its PostcopyDone was lost with the
+      // link, and with it the target's figures and digests.
+      result.done_lost = true;
+      return result;
+    }
+    backlog.Reset(resumed->missing);
+    PostcopyLink& link = *links.back();
+    broke = RunLink(o, link.calls, link.control, source, p, backlog, result);
+    if (broke.ok()) return result;
+    link.calls.Fail(broke);
+  }
+  return broke;
+}
+
+namespace {
+
+Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control, const engine::SlotTable& source,
+               const PostcopyCallOptions& p, engine::PostcopyBacklog& backlog, engine::PostcopyResult& result) {
   using Call = grpc::ClientReaderWriter<proto::PageBatch, proto::PostcopyRequest>;
   std::vector<std::unique_ptr<proto::Migration::Stub>> stubs;  // outlive their calls
   auto open = [&](int connection, const char* role, grpc::ClientContext** ctx) {
@@ -56,7 +188,6 @@ Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& 
   // control call (0) or the data streams (1..64).
   std::unique_ptr<Call> requests = open(3000, "requests", &rctx);
   std::unique_ptr<Call> push = open(3001, "push", &pctx);
-  engine::PostcopyResult result;
   grpc::Status requests_status, push_status;  // each written by its thread, read after the joins
 
   // Requests: each answered at once with its page.
@@ -155,6 +286,8 @@ Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& 
     return s;
   }
   if (!done->has_postcopy_done()) return InvalidArgument("post-copy: the target answered with something else");
+  // Counters of the target's whole post-copy (every link).
+
   const proto::PostcopyDone& d = done->postcopy_done();
   result.needed_pages = d.needed_pages();
   result.faults = d.faults();
@@ -169,7 +302,9 @@ Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& 
   result.chunk_digests.assign(d.chunk_digests().begin(), d.chunk_digests().end());
   result.chunk_bytes = d.chunk_bytes();
   control.Close(o.abort_grace);
-  return result;
+  return Status::Ok();
 }
+
+}  // namespace
 
 }  // namespace pmlmig::transport

@@ -13,8 +13,15 @@
 // writes on its own thread; gRPC's flow control is the push's
 // backpressure (a write blocks while the receiver is behind).
 //
-// Thread-safety: Run() on the controlling thread; failures go through
-// SinkCalls (any one cancels every call, so every thread returns).
+// Recovery (proto PostcopyResume): when the link breaks (any of its three
+// calls; the receiver pauses the session and lets the VM run on), a new
+// link is opened, the receiver says which pages it still lacks, the backlog
+// is reset to exactly those, and post-copy goes on over the new link. The
+// first link is the sink's own calls; each later one is a PostcopyLink.
+//
+// Thread-safety: ServePostcopy() on the controlling thread; failures go
+// through the link's SinkCalls (any one cancels every call of the link, so
+// every thread returns).
 #pragma once
 
 #include <cstdint>
@@ -33,12 +40,15 @@ struct PostcopyCallOptions {
   uint32_t round = 0;  // the rounds sent before the switch: the batches' round
   Checksum checksum = Checksum::kXxh64;
   TokenBucket* bucket = nullptr;  // the push is paced by it when set
+  bool recover = false;           // the receiver resumes broken links (HelloReply.postcopy_recovery)
 };
 
 // Runs post-copy to its end: the target's PostcopyDone (its figures and,
-// verifying, its digests) or the first failure.
-Result<engine::PostcopyResult> RunPostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
-                                           const engine::SlotTable& source, const PostcopyCallOptions& p,
-                                           engine::PostcopyBacklog& backlog);
+// verifying, its digests), or the first failure that cannot be resumed
+// (with recovery on and the receiver able to resume: a break that was not
+// resumed within o.postcopy_recovery).
+Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                                             const engine::SlotTable& source, const PostcopyCallOptions& p,
+                                             engine::PostcopyBacklog& backlog);
 
 }  // namespace pmlmig::transport

@@ -47,6 +47,23 @@ bool Receiver::MarkFailedLocked(Session& session, const Status& why, const Pages
   return true;
 }
 
+bool Receiver::PausePostcopyLocked(Session& session, uint32_t link, const Status& why) {
+  if (session.state != SessionState::kPostcopy || session.postcopy_paused || session.postcopy_link != link) {
+    return false;
+  }
+  if (options_.postcopy_recovery_timeout.count() == 0) return MarkFailedLocked(session, why, nullptr);
+  session.postcopy_paused = true;
+  session.paused_at = Clock::now();
+  session.pause_reason = why;
+  session.requests.clear();  // asked again on the resumed link (PostcopyMemory::Waiting)
+  const Status reason(why.code() == Code::kOk ? Code::kUnavailable : why.code(),
+                      "the receiver ended the post-copy link, waiting for the source to resume: " + why.message());
+  for (grpc::ServerContextBase* ctx : session.postcopy_calls) CancelCall(ctx, reason);
+  CancelCall(session.control_ctx, reason);
+  cv_.notify_all();
+  return true;
+}
+
 Status Receiver::FirstCause(const Session& session, const Status& consequence) {
   if (session.refused_call.ok()) return consequence;
   return Status(session.refused_call.code(), session.refused_call.message() + "; then " + consequence.message());
@@ -105,6 +122,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     target = std::move(session->target);
     out.totals = session->totals;
     out.rounds = session->rounds;
+    out.postcopy_recoveries = session->postcopy_recoveries;
   }
   out.outcome = status;
   out.error = error;

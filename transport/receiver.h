@@ -81,6 +81,17 @@ struct Session {
   bool requests_attached = false;             // a "requests" Postcopy call is open
   bool push_attached = false;                 // a "push" Postcopy call is open
   std::vector<grpc::ServerContextBase*> postcopy_calls;  // the open Postcopy calls, ended with the session
+  // Post-copy recovery (proto PostcopyResume). The link is the Control call
+  // and the two Postcopy calls that serve the session now; each resume
+  // starts a new one, and the calls of an older link are stale (they place
+  // what they still carry, which is harmless: a page is placed once, from
+  // the paused source's memory, but they change nothing else).
+  uint32_t postcopy_link = 0;              // the current link (0: the one from Commit)
+  bool postcopy_paused = false;            // the current link broke; waiting for a resume
+  Clock::time_point paused_at{};
+  Status pause_reason;                     // why the link broke
+  uint32_t postcopy_recoveries = 0;
+  engine::FinalReply prepared;             // set at Commit: what the outcome reports, from whichever link
 };
 
 // Ends a call now with `why` as the status its peer reads. TryCancel would
@@ -133,6 +144,11 @@ class Receiver {
   // frees the receiver for the next migration.
   void EndSession(const std::shared_ptr<Session>& session, engine::Outcome status, const Status& error,
                   engine::FinalReply reply = {});
+  // Under mu_, a post-copy session's link broke (`why`): unless recovery is
+  // off (then it fails as MarkFailedLocked), ends the link's calls, marks
+  // the session paused and lets the VM run on, waiting for a resume. Only
+  // for the current link (`link`), and only once; returns whether it did.
+  bool PausePostcopyLocked(Session& session, uint32_t link, const Status& why);
   // Under mu_: ends every open Pages call of the session but `self` with
   // `why` (the sender learns the receiver's reason, not just "cancelled").
   void EndStreams(Session& session, const Status& why, const PagesReactor* self);

@@ -24,6 +24,7 @@ const char* RequestName(const proto::ControlRequest& r) {
     case proto::ControlRequest::kFinal: return "Final";
     case proto::ControlRequest::kAbort: return "Abort";
     case proto::ControlRequest::kCommit: return "Commit";
+    case proto::ControlRequest::kResume: return "PostcopyResume";
     case proto::ControlRequest::MSG_NOT_SET: break;
   }
   return "an empty message";
@@ -92,7 +93,7 @@ grpc::Status ReceiverSession::Run() {
 
 ReceiverSession::Next ReceiverSession::Dispatch(const proto::ControlRequest& req) {
   if (req.has_abort()) return Abort(req.abort());
-  if (!session_) return Hello(req);
+  if (!session_) return req.has_resume() ? Resume(req) : Hello(req);
   SessionState state;
   {
     std::lock_guard lock(r_.mu_);
@@ -175,8 +176,81 @@ ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
   h->set_max_streams(std::min(r_.options_.max_streams, kMaxStreams));
   h->add_checksums(proto::BATCH_CHECKSUM_XXH3);
   h->set_postcopy(engine::PostcopyMemory::Available().ok());
+  h->set_postcopy_recovery(r_.options_.postcopy_recovery_timeout.count() > 0);
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::Resume(const proto::ControlRequest& req) {
+  const proto::PostcopyResume& pr = req.resume();
+  if (pr.version() != kProtocolVersion) {
+    return ToGrpc(InvalidArgument("PostcopyResume: protocol version " + std::to_string(pr.version()) +
+                                  " is not supported (this receiver speaks version " +
+                                  std::to_string(kProtocolVersion) + ")"));
+  }
+  const uint64_t id = pr.session_id();
+  engine::PostcopyMemory* postcopy = nullptr;
+  std::vector<engine::PageRun> missing;
+  {
+    std::lock_guard lock(r_.mu_);
+    const std::shared_ptr<Session>& cur = r_.current_;
+    if (r_.options_.postcopy_recovery_timeout.count() == 0) {
+      return ToGrpc(InvalidArgument("PostcopyResume: this receiver does not resume post-copy (its recovery window "
+                                    "is 0)"));
+    }
+    if (!cur || cur->id != id || cur->state != SessionState::kPostcopy || cur->postcopy == nullptr) {
+      std::string why = "no session " + FormatHex(id) + " here";
+      if (auto it = r_.ended_.find(id); it != r_.ended_.end() && it->second.committed) {
+        // Every page arrived, but the PostcopyDone was lost with the link.
+        reply_.Clear();
+        reply_.mutable_resumed()->set_completed(true);
+        (void)stream_->Write(reply_);
+        return ToGrpc(Status::Ok());
+      } else if (it != r_.ended_.end()) {
+        why = "session " + FormatHex(id) + " failed here: " + it->second.error.message();
+      } else if (cur && cur->id == id) {
+        why = "session " + FormatHex(id) + " is not in post-copy";
+      }
+      return ToGrpc(InvalidArgument("PostcopyResume: " + why + "; nothing to resume"));
+    }
+    // A resume while the old link still looks alive here: the source has
+    // given it up, so it is ended first.
+    (void)r_.PausePostcopyLocked(*cur, cur->postcopy_link, Unavailable("the source resumed on a new link"));
+    session_ = cur;
+    ++session_->postcopy_link;
+    session_->postcopy_paused = false;
+    ++session_->postcopy_recoveries;
+    session_->control_ctx = ctx_;
+    session_->requests_attached = false;
+    session_->push_attached = false;
+    session_->last_activity = Clock::now();
+    postcopy = session_->postcopy;
+    prepared_ = session_->prepared;
+    // What vCPUs wait for is asked again on the new requests call.
+    const std::vector<uint64_t> waiting = postcopy->Waiting();
+    session_->requests.assign(waiting.begin(), waiting.end());
+    missing = postcopy->Missing();
+  }
+  {
+    std::lock_guard lock(watch_mu_);
+    watched_ = session_;
+  }
+  // The missing pages, in messages of at most kResumeRuns runs.
+  constexpr size_t kResumeRuns = 262144;
+  size_t next = 0;
+  do {
+    reply_.Clear();
+    proto::PostcopyResumed* m = reply_.mutable_resumed();
+    const size_t end = std::min(missing.size(), next + kResumeRuns);
+    for (; next < end; ++next) {
+      proto::PageRun* pr2 = m->add_missing();
+      pr2->set_gpa(missing[next].gpa);
+      pr2->set_pages(static_cast<uint32_t>(missing[next].pages));
+    }
+    m->set_more(next < missing.size());
+    if (!stream_->Write(reply_)) break;  // this link broke too: AwaitPostcopy sees it and waits again
+  } while (next < missing.size());
+  return AwaitPostcopy(*postcopy);
 }
 
 ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
@@ -343,14 +417,17 @@ ReceiverSession::Next ReceiverSession::Commit(const proto::ControlRequest& req) 
   }
   if (postcopy != nullptr) {
     // Before the VM runs: each missing page a vCPU touches becomes a request
-    // that the "requests" call writes to the source.
+    // that the "requests" call writes to the source. Not bound to this call
+    // (a resume may serve the session on another one): the receiver
+    // outlives every session's target, and with it the fault thread.
     std::weak_ptr<Session> weak = session_;
-    postcopy->Start([this, weak](uint64_t gpa) {
+    Receiver* r = &r_;
+    postcopy->Start([r, weak](uint64_t gpa) {
       std::shared_ptr<Session> s = weak.lock();
       if (!s) return;
-      std::lock_guard lock(r_.mu_);
+      std::lock_guard lock(r->mu_);
       s->requests.push_back(gpa);
-      r_.cv_.notify_all();
+      r->cv_.notify_all();
     });
   }
   Result<double> resumed = target->OnCommit();
@@ -361,6 +438,7 @@ ReceiverSession::Next ReceiverSession::Commit(const proto::ControlRequest& req) 
     {
       std::lock_guard lock(r_.mu_);
       if (session_->state == SessionState::kCommitting) session_->state = SessionState::kPostcopy;
+      session_->prepared = prepared_;
     }
     reply_.Clear();
     reply_.mutable_commit()->set_target_resume_ms(*resumed);
@@ -388,24 +466,54 @@ ReceiverSession::Next ReceiverSession::AwaitPostcopy(engine::PostcopyMemory& pos
   // The VM runs; its missing pages arrive on the Postcopy calls. The source
   // (its control call) must stay until every page is here: without it the
   // VM cannot go on, and it is discarded.
+  // A broken link (this call, or a Postcopy call) pauses the session: the
+  // VM runs on, and the thread waits for a resume, which may come on
+  // another call (that one then serves the session, and this call's part is
+  // over).
+  uint32_t link;
+  {
+    std::lock_guard lock(r_.mu_);
+    link = session_->postcopy_link;
+  }
   uint64_t last_remaining = postcopy.remaining();
   Clock::time_point last_progress = Clock::now();
   for (;;) {
-    if (postcopy.WaitComplete(std::chrono::milliseconds(50))) break;
+    const bool complete = postcopy.WaitComplete(std::chrono::milliseconds(50));
     Status failed;
-    // A source that stays connected but sends nothing: the idle deadline.
-    if (const uint64_t now_remaining = postcopy.remaining(); now_remaining != last_remaining) {
-      last_remaining = now_remaining;
-      last_progress = Clock::now();
-    } else if (r_.options_.idle_timeout.count() > 0 && Clock::now() - last_progress > r_.options_.idle_timeout) {
-      failed = Unavailable("no page arrived for " + Ms(r_.options_.idle_timeout) + " (the source stalled)");
+    {
+      std::lock_guard lock(r_.mu_);
+      if (session_->state == SessionState::kFailing) {
+        failed = session_->failure;
+      } else if (session_->postcopy_link != link) {
+        done_ = true;  // a newer link serves the session
+        return ToGrpc(Aborted("post-copy goes on on a newer control call (the source resumed)"));
+      } else if (r_.shutting_down_) {
+        failed = Unavailable("the receiver is shutting down");
+      } else if (!session_->postcopy_paused && ctx_->IsCancelled()) {
+        (void)r_.PausePostcopyLocked(*session_, link,
+                                     Unavailable("the control stream closed (source gone or connection lost)"));
+        if (session_->state == SessionState::kFailing) failed = session_->failure;  // recovery is off
+      }
+      if (failed.ok() && session_->postcopy_paused) {
+        if (Clock::now() - session_->paused_at > r_.options_.postcopy_recovery_timeout) {
+          failed = Unavailable("the link to the source broke (" + session_->pause_reason.message() +
+                               ") and the source did not resume within " +
+                               Ms(r_.options_.postcopy_recovery_timeout));
+        } else {
+          last_progress = Clock::now();  // the idle deadline counts on a live link only
+          continue;
+        }
+      }
     }
     if (failed.ok()) {
-      std::lock_guard lock(r_.mu_);
-      if (session_->state == SessionState::kFailing) failed = session_->failure;
-    }
-    if (failed.ok() && ctx_->IsCancelled()) {
-      failed = Unavailable("the control stream closed (source gone or connection lost)");
+      if (complete) break;
+      // A source that stays connected but sends nothing: the idle deadline.
+      if (const uint64_t now_remaining = postcopy.remaining(); now_remaining != last_remaining) {
+        last_remaining = now_remaining;
+        last_progress = Clock::now();
+      } else if (r_.options_.idle_timeout.count() > 0 && Clock::now() - last_progress > r_.options_.idle_timeout) {
+        failed = Unavailable("no page arrived for " + Ms(r_.options_.idle_timeout) + " (the source stalled)");
+      }
     }
     if (!failed.ok()) {
       return Fail(Status(failed.code(), "post-copy: " + failed.message() + " with " +

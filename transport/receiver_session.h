@@ -75,8 +75,13 @@ class ReceiverSession {
   Next Final(const proto::ControlRequest& req);   // RECEIVING
   Next Commit(const proto::ControlRequest& req);  // PREPARED
   Next Abort(const proto::Abort& abort);          // any state
-  // After a post-copy Commit: waits until every page is placed (then
-  // PostcopyDone) or the source is lost (the VM is discarded).
+  // WAIT_HELLO, a PostcopyResume: takes over a post-copy session whose
+  // link broke (or replaces its link) and serves it on this call.
+  Next Resume(const proto::ControlRequest& req);
+  // After a post-copy Commit or a resume: waits until every page is placed
+  // (then PostcopyDone on this call), a newer link takes over (this call's
+  // part is over), or the source does not resume within the recovery
+  // window (the VM is discarded).
   Next AwaitPostcopy(engine::PostcopyMemory& postcopy);
   // Watchdog thread: the deadline of the phase, every tick; true once it
   // has cancelled the call.
@@ -94,7 +99,7 @@ class ReceiverSession {
   ControlStream* const stream_;
   const Session::Clock::time_point call_start_ = Session::Clock::now();
   std::shared_ptr<Session> session_;  // null until Hello
-  bool done_ = false;                 // the commit went through
+  bool done_ = false;                 // the commit went through, or a newer link serves the session
   engine::FinalReply prepared_;       // what OnFinal answered, completed by the commit
   proto::ControlReply reply_;         // reused
 

@@ -33,6 +33,9 @@ Status FromGrpc(const grpc::Status& s, const std::string& what);
 // keepalive and credentials. Defined in grpc_sink.cc, beside Begin, which
 // connects.
 std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index);
+// Waits until `ch` is connected, up to o.connect_timeout; a port that
+// refuses connections fails at once (and sets *refused when given).
+Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused = nullptr);
 // Adds the token to a call's metadata, when there is one.
 void AuthorizeCall(const TransportSecurity& security, grpc::ClientContext& ctx);
 

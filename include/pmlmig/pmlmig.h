@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 6
+#define PMLMIG_VERSION_MINOR 7
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -68,7 +68,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.6.0" */
+/* "0.7.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);
@@ -330,6 +330,12 @@ typedef struct pmlmig_migrate_options {
    * VM's memory is read, paused, until the target holds every page. */
   pmlmig_postcopy postcopy;        /* default OFF */
   uint32_t reserved2;
+  /* Since 0.7: after the link breaks in post-copy, how long to keep trying to
+   * resume it (the target's VM runs on meanwhile) before the migration fails
+   * with POSTCOPY_FAILED. Default 300000 (5 min); 0 = fail at the first break
+   * (0.6). Needs a 0.7 receiver; with a 0.6 one it fails at once, as 0.6 did. */
+  uint32_t postcopy_recovery_ms;
+  uint32_t reserved3;
 } pmlmig_migrate_options;
 PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
 
@@ -363,6 +369,9 @@ typedef struct pmlmig_migration_stats {
   double postcopy_latency_p99_ms;
   double postcopy_latency_max_ms;
   double postcopy_ms;            /* the target running to it holding every page */
+  /* Since 0.7: */
+  uint32_t postcopy_recoveries;  /* post-copy links broken and resumed */
+  uint32_t reserved2;
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 
@@ -437,6 +446,11 @@ typedef struct pmlmig_receive_options {
   const char *tls_cert;
   const char *tls_key;
   const char *token_file;
+  /* Since 0.7: in post-copy, how long a VM whose link to the source broke runs
+   * on, waiting for the source to resume, before it is discarded. Default
+   * 600000 (10 min); 0 = discard at once (0.6). */
+  uint32_t postcopy_recovery_ms;
+  uint32_t reserved2;
 } pmlmig_receive_options;
 PMLMIG_API void pmlmig_receive_options_init(pmlmig_receive_options *options);
 

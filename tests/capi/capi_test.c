@@ -142,7 +142,7 @@ static pmlmig_receiver *start_receiver(pmlmig_vm_factory f) {
 
 static void test_versions_and_defaults(void) {
   CHECK(pmlmig_version() == PMLMIG_VERSION);
-  CHECK(strcmp(pmlmig_version_string(), "0.6.0") == 0);
+  CHECK(strcmp(pmlmig_version_string(), "0.7.0") == 0);
   CHECK(pmlmig_abi_version() == PMLMIG_ABI_VERSION);
   CHECK(pmlmig_wire_version() == PMLMIG_WIRE_VERSION);
   CHECK((pmlmig_features() & PMLMIG_FEATURE_MIGRATION) != 0);
@@ -155,11 +155,12 @@ static void test_versions_and_defaults(void) {
   CHECK(o.size == sizeof o && o.target == NULL && o.streams >= 2 && o.streams <= 8 && o.downtime_limit_ms == 300 &&
         o.max_rounds == 50 && o.timeout_ms == 0 && o.verify == 0 && o.tracker == PMLMIG_TRACKER_AUTO &&
         o.policy == NULL && o.on_progress == NULL && o.converge == PMLMIG_CONVERGE_NONE && o.stall_rounds == 5 &&
-        o.dirty_limit_pages_per_s == 0);
+        o.dirty_limit_pages_per_s == 0 && o.postcopy_recovery_ms == 300000);
   pmlmig_receive_options ro;
   pmlmig_receive_options_init(&ro);
   CHECK(ro.size == sizeof ro && ro.max_vcpus == 1024 && ro.max_streams == 64 && ro.handshake_timeout_ms == 30000 &&
-        ro.idle_timeout_ms == 60000 && ro.commit_timeout_ms == 30000 && ro.factory == NULL);
+        ro.idle_timeout_ms == 60000 && ro.commit_timeout_ms == 30000 && ro.factory == NULL &&
+        ro.postcopy_recovery_ms == 600000);
 }
 
 static void test_vm_refusals(void) {

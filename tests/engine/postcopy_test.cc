@@ -137,6 +137,49 @@ TEST_F(PostcopyMemoryTest, GuestGetsTheSourcesPagesAndPlacesNeverOverwrite) {
   EXPECT_EQ(digests.Snapshot(), expect.Snapshot());
 }
 
+// What a resume after a broken link needs: the faulting pages still
+// waiting (their requests were lost with the link) and the missing runs,
+// each inside one slot even where slots are adjacent.
+TEST_F(PostcopyMemoryTest, WaitingAndMissingForAResume) {
+  SlotTable two;
+  ASSERT_TRUE(two.Set({1, kGpa, map_.data(), kBytes / 2, 0}).ok());
+  ASSERT_TRUE(two.Set({2, kGpa + kBytes / 2, map_.data() + kBytes / 2, kBytes / 2, 0}).ok());
+  std::vector<PageRun> owed = {{kGpa, kPages / 2}, {kGpa + kBytes / 2, kPages / 2}};
+  auto armed = PostcopyMemory::Arm(two, {MemoryFile{fd_.get(), 0}, MemoryFile{fd_.get(), kBytes / 2}}, owed, nullptr);
+  ASSERT_TRUE(armed.ok()) << armed.status().message();
+  PostcopyMemory& pc = **armed;
+  std::vector<PageRun> missing = pc.Missing();
+  ASSERT_EQ(missing.size(), 2u) << "runs must not cross the slot boundary";
+  EXPECT_EQ(missing[0].gpa, kGpa);
+  EXPECT_EQ(missing[0].pages, kPages / 2);
+  EXPECT_EQ(missing[1].gpa, kGpa + kBytes / 2);
+  EXPECT_EQ(missing[1].pages, kPages / 2);
+
+  std::atomic<int> asked{0};
+  pc.Start([&](uint64_t) { ++asked; });  // the link is down: the request goes nowhere
+  std::atomic<uint8_t> seen{0};
+  std::thread vcpu([&] { seen = map_.data()[3 * kPageSize + 9]; });  // blocks on a missing page
+  const uint64_t page3 = kGpa + 3 * kPageSize;
+  for (int i = 0; i < 500 && pc.Waiting().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  EXPECT_EQ(pc.Waiting(), std::vector<uint64_t>{page3});
+  EXPECT_EQ(asked.load(), 1);
+  // Pages 4.. of slot 1 and all of slot 2 arrive (the push, on the old link).
+  ASSERT_TRUE(pc.Place(kGpa + 4 * kPageSize, kPages / 2 - 4, SourcePage(kGpa + 4 * kPageSize)).ok());
+  ASSERT_TRUE(pc.Place(kGpa + kBytes / 2, kPages / 2, SourcePage(kGpa + kBytes / 2)).ok());
+  missing = pc.Missing();
+  ASSERT_EQ(missing.size(), 1u);
+  EXPECT_EQ(missing[0].gpa, kGpa);
+  EXPECT_EQ(missing[0].pages, 4u);
+  EXPECT_EQ(pc.Waiting(), std::vector<uint64_t>{page3}) << "still waiting: asked again after the resume";
+  // The resume: the missing pages arrive; the waiting vCPU goes on.
+  ASSERT_TRUE(pc.Place(kGpa, 4, SourcePage(kGpa)).ok());
+  vcpu.join();
+  EXPECT_EQ(seen.load(), SourceByte(3));
+  EXPECT_TRUE(pc.Waiting().empty());
+  EXPECT_TRUE(pc.Missing().empty());
+  EXPECT_TRUE(pc.WaitComplete(std::chrono::milliseconds(100)));
+}
+
 TEST_F(PostcopyMemoryTest, BackgroundPushPlacesWithoutFaults) {
   std::vector<PageRun> owed = {{kGpa, kPages}};
   auto armed = PostcopyMemory::Arm(slots_, {MemoryFile{fd_.get(), 0}}, owed, nullptr);
@@ -204,6 +247,31 @@ TEST(PostcopyBacklogTest, EveryOwedPageOnceFromTheHintOnward) {
   t1.join();
   t2.join();
   EXPECT_EQ(taken.load(), 180u);
+  // A resume names a subset (what the target still lacks): exactly that is
+  // owed, and the count at the switch stays.
+  backlog.Reset(std::vector<PageRun>{{20 * kPageSize, 3}, {(1ull << 32) + 99 * kPageSize, 1}});
+  EXPECT_EQ(backlog.left(), 4u);
+  EXPECT_EQ(backlog.total_pages(), 180u);
+  std::set<uint64_t> again;
+  while (backlog.Next(1024, &r)) {
+    for (uint64_t p = 0; p < r.pages; ++p) again.insert(r.gpa + p * kPageSize);
+  }
+  EXPECT_EQ(again, (std::set<uint64_t>{20 * kPageSize, 21 * kPageSize, 22 * kPageSize, (1ull << 32) + 99 * kPageSize}));
+}
+
+TEST(PostcopyBacklogTest, LinkStateCountsResumes) {
+  SlotTable slots;
+  ASSERT_TRUE(slots.Set({1, 0, reinterpret_cast<uint8_t*>(0x100000000000), 10 * kPageSize, 0}).ok());
+  PostcopyBacklog backlog(slots, std::vector<PageRun>{{0, 10}});
+  EXPECT_FALSE(backlog.link_down());
+  backlog.SetLinkDown(false);  // up while up: no resume
+  EXPECT_EQ(backlog.recoveries(), 0u);
+  backlog.SetLinkDown(true);
+  EXPECT_TRUE(backlog.link_down());
+  EXPECT_EQ(backlog.recoveries(), 0u);
+  backlog.SetLinkDown(false);
+  EXPECT_FALSE(backlog.link_down());
+  EXPECT_EQ(backlog.recoveries(), 1u);
 }
 
 }  // namespace

@@ -7,15 +7,23 @@
 #     at the target, a downtime far under the pre-copy one;
 #   - the control API: `migrate --postcopy now`, status in phase postcopy;
 #   - the target killed in post-copy (fail point receiver.postcopy): the
-#     source reports post-copy failed, exit 5, and keeps its paused copy (no
-#     vCPU ran after the switch) until SIGTERM;
-#   - the source killed in post-copy (fail point source.postcopy): the
-#     target reports the pages still missing and discards the VM (exit 1);
-#   - between two network namespaces: the link cut for 3 s in post-copy is
-#     ridden out (TCP and the keepalive survive it; the vCPUs wait) and the
-#     migration completes, verified; cut for longer than the keepalive, both
-#     sides report the failure (the target discards, the source keeps its
-#     paused copy);
+#     source finds its port refusing connections (no resume can come), reports
+#     post-copy failed, exit 5, and keeps its paused copy (no vCPU ran after
+#     the switch) until SIGTERM;
+#   - the source killed in post-copy (fail point source.postcopy): the target
+#     waits its recovery window (--postcopy-recovery 3s), then reports the
+#     pages still missing and discards the VM (exit 1);
+#   - between two network namespaces:
+#     - the link cut for 3 s in post-copy is ridden out (TCP and the
+#       keepalive survive it; the vCPUs wait) and the migration completes,
+#       verified;
+#     - cut for 20 s, longer than the keepalive: both sides see the link
+#       break, the target's VM runs on, the source reconnects once the link
+#       is back and resumes (proto PostcopyResume), and the migration
+#       completes, verified, with the workload going on at the target;
+#     - cut for 20 s with recovery windows shorter than the cut: both sides
+#       report the failure (the target discards, the source keeps its paused
+#       copy);
 #   - usage errors.
 # Needs /dev/kvm (skips without); the namespace cases need root and ip netns.
 set -u
@@ -35,10 +43,13 @@ fi
 port=$((29000 + RANDOM % 2000))
 VM=(--memory 128M --vcpus 2 --workload hotset:fraction=0.125,share=0.95 --tracker ring)
 
-# receiver [env...]: `pmlmig receive` on the next loopback port, one migration.
+# receiver [env...]: `pmlmig receive` on the next loopback port, one migration
+# (with the flags in RECEIVE_FLAGS).
+RECEIVE_FLAGS=()
 receiver() {
   port=$((port + 1))
   env "$@" "$PMLMIG" receive --listen 127.0.0.1:$port --exit-after 1s --wait 120s --attempts 1 --json \
+    "${RECEIVE_FLAGS[@]}" \
     >"$tmp/r.json" 2>"$tmp/r.err" &
   rpid=$!
   pids+=($rpid)
@@ -153,8 +164,11 @@ else
   fail "target killed in post-copy: $(show) $(cat "$tmp/py.err")"
 fi
 
-# 5. The source killed in post-copy: the target discards the VM.
+# 5. The source killed in post-copy: the target discards the VM once its
+# recovery window has passed.
+RECEIVE_FLAGS=(--postcopy-recovery 3s)
 receiver
+RECEIVE_FLAGS=()
 # In a subshell that outlives it, so the shell does not print "Killed".
 (
   PMLMIG_FAILPOINTS=source.postcopy=20 "$PMLMIG" run "${VM[@]}" --max-bandwidth 20M --migrate-to 127.0.0.1:$port \
@@ -170,9 +184,10 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 assert r["status"] == "failed", r["status"]
 assert "post-copy" in r["error"] and "still missing" in r["error"] and "discarded" in r["error"], r["error"]
+assert "did not resume within 3000 ms" in r["error"], r["error"]
 PY
 then
-  pass "source killed in post-copy: the target names the missing pages and discards the VM"
+  pass "source killed in post-copy: after its 3 s recovery window the target names the missing pages and discards the VM"
 else
   fail "source killed in post-copy: $(show) $(cat "$tmp/py.err")"
 fi
@@ -200,18 +215,20 @@ else
   unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY grpc_proxy all_proxy ALL_PROXY
   netns_create || { echo "FAIL: cannot create the namespaces"; exit 1; }
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/token" && chmod 600 "$tmp/token"
-  # cut <seconds> <name>: a pure post-copy at 20 MB/s (about 6 s), the link
-  # down for <seconds> two seconds in.
+  # cut <seconds> <receiver window> <source window>: a pure post-copy at
+  # 20 MB/s (about 6 s), the link down for <seconds> two seconds in.
+  cut_no=0
   cut() {
     local secs=$1
-    local p=$((port + 100 + secs))
-    netns_spawn dst timeout -s KILL 90 "$PMLMIG" receive --listen "$NETNS_DST_ADDR:$p" --token-file "$tmp/token" \
-      --exit-after 500ms --wait 60s --attempts 1 --json >"$tmp/r.json" 2>"$tmp/r.err"
+    cut_no=$((cut_no + 1))
+    local p=$((port + 100 + cut_no))
+    netns_spawn dst timeout -s KILL 100 "$PMLMIG" receive --listen "$NETNS_DST_ADDR:$p" --token-file "$tmp/token" \
+      --exit-after 500ms --wait 90s --attempts 1 --postcopy-recovery "$2" --json >"$tmp/r.json" 2>"$tmp/r.err"
     rpid=$netns_pid
     for _ in $(seq 100); do grep -q "listening on" "$tmp/r.err" && break; sleep 0.05; done
-    netns_spawn src timeout -s KILL 90 "$PMLMIG" run "${VM[@]}" --max-bandwidth 20M --token-file "$tmp/token" \
+    netns_spawn src timeout -s KILL 100 "$PMLMIG" run "${VM[@]}" --max-bandwidth 20M --token-file "$tmp/token" \
       --migrate-to "$NETNS_DST_ADDR:$p" --migrate-after 500ms --linger 300ms --postcopy now --verify --json \
-      >"$tmp/s.json" 2>"$tmp/s.err"
+      --postcopy-recovery "$3" >"$tmp/s.json" 2>"$tmp/s.err"
     spid=$netns_pid
     for _ in $(seq 100); do grep -q "postcopy " "$tmp/s.err" && break; sleep 0.05; done
     sleep 1.5
@@ -219,7 +236,7 @@ else
     sleep "$secs"
     ip -n "$NETNS_SRC" link set "$NETNS_SRC_IF" up
   }
-  cut 3
+  cut 3 10m 5m
   wait $rpid
   rcv_rc=$?
   wait $spid
@@ -229,7 +246,19 @@ else
   else
     fail "link cut for 3 s: $(show) $(cat "$tmp/py.err")"
   fi
-  cut 25
+  cut 20 10m 5m
+  wait $rpid
+  rcv_rc=$?
+  wait $spid
+  src_rc=$?
+  if [ $src_rc -eq 0 ] && [ $rcv_rc -eq 0 ] && check "$completed"'
+assert s["postcopy"]["recoveries"] >= 1 and s["postcopy"]["link_down_ms"] > 1000, s["postcopy"]
+assert r["postcopy_recoveries"] >= 1, r' 2>"$tmp/py.err"; then
+    pass "link cut for 20 s in post-copy: resumed once the link was back; completed, verified, workload going on"
+  else
+    fail "link cut for 20 s, recovery: $(show) $(cat "$tmp/py.err")"
+  fi
+  cut 20 6s 3s
   wait $rpid
   rcv_rc=$?
   for _ in $(seq 120); do grep -q "POST-COPY FAILED" "$tmp/s.err" && break; sleep 0.25; done
@@ -238,12 +267,13 @@ else
   src_rc=$?
   if [ $src_rc -eq 5 ] && [ $rcv_rc -eq 1 ] && check '
 assert s["status"] == "postcopy-failed" and "stays paused" in s["error"], s["error"]
+assert "could not be resumed within 3 s" in s["error"], s["error"]
 assert all(v["pages_written_after_migration"] == 0 for v in s["vcpus"]), s["vcpus"]
-assert r["status"] == "failed" and "still missing" in r["error"] and "discarded" in r["error"], r["error"]' \
-    2>"$tmp/py.err"; then
-    pass "link cut for 25 s in post-copy: both sides report it; the target discards, the source keeps its copy"
+assert r["status"] == "failed" and "still missing" in r["error"] and "discarded" in r["error"], r["error"]
+assert "did not resume within 6000 ms" in r["error"], r["error"]' 2>"$tmp/py.err"; then
+    pass "link cut for 20 s, windows 6 s / 3 s: both sides report it; the target discards, the source keeps its copy"
   else
-    fail "link cut for 25 s: $(show) $(cat "$tmp/py.err")"
+    fail "link cut for 20 s, windows passed: $(show) $(cat "$tmp/py.err")"
   fi
   netns_teardown
 fi

@@ -155,6 +155,11 @@ struct PostcopyResult {
   uint64_t requests_served = 0;    // source: requests answered
   TransferStats pushed;            // source: the background push
   TransferStats answered;          // source: the answers to requests
+  uint32_t recoveries = 0;         // source: broken links resumed (proto PostcopyResume)
+  double link_down_ms = 0;         // source: time from each break to its resume, summed
+  // Every page reached the target, but its PostcopyDone was lost with a
+  // link (the figures above from the target, and its digests, are missing).
+  bool done_lost = false;
   std::vector<uint64_t> chunk_digests;
   uint64_t chunk_bytes = 0;
 };

@@ -161,8 +161,12 @@ struct MigrationProgress {
   uint32_t throttle_pct = 0;
   double vcpu_quota_pages_per_s = 0;
   std::vector<VcpuRate> vcpus;
-  // Post-copy: pages still owed (remaining_pages) and requests answered.
+  // Post-copy: pages still owed (remaining_pages) and requests answered;
+  // whether the link is down now (the sink tries to resume it) and how
+  // many times it was resumed.
   uint64_t postcopy_requests = 0;
+  bool postcopy_link_down = false;
+  uint32_t postcopy_recoveries = 0;
 };
 
 // Events of a migration, on its thread (Run()'s; in post-copy, on_progress

@@ -121,6 +121,9 @@ class PostcopyMemory {
   bool WaitComplete(std::chrono::milliseconds timeout);
   // The pages still missing, as runs (for a report, or a recovery).
   std::vector<PageRun> Missing() const;
+  // The missing pages vCPUs are waiting for now (each requested once, and
+  // to be requested again after a broken link), as gpas.
+  std::vector<uint64_t> Waiting() const;
   PostcopyStats stats() const;
 
  private:
@@ -166,13 +169,20 @@ class PostcopyBacklog {
   // already) and moves the hint just past it: the background push goes on
   // near what the guest touches.
   bool Claim(uint64_t gpa);
-  // Everything owed again (after a broken connection: the target says what
-  // it still lacks).
+  // Exactly `owed` owed again (after a broken connection: the target says
+  // what it still lacks). total_pages() stays the count at the switch.
   void Reset(std::span<const PageRun> owed);
   uint64_t total_pages() const { return total_; }
   uint64_t left() const { return left_.load(std::memory_order_relaxed); }
   // Claim() calls so far: the requests answered.
   uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
+
+  // The state of the link that serves the backlog, for progress reports
+  // (set by the sink, read by any thread): down between a break and a
+  // resume; recoveries() counts the resumes.
+  void SetLinkDown(bool down);
+  bool link_down() const { return link_down_.load(std::memory_order_relaxed); }
+  uint32_t recoveries() const { return recoveries_.load(std::memory_order_relaxed); }
 
  private:
   PageIndex index_;
@@ -181,6 +191,8 @@ class PostcopyBacklog {
   std::atomic<uint64_t> hint_{0};  // page index
   std::atomic<uint64_t> left_{0};
   std::atomic<uint64_t> requests_{0};
+  std::atomic<bool> link_down_{false};
+  std::atomic<uint32_t> recoveries_{0};
   uint64_t total_ = 0;
 };
 

@@ -30,6 +30,7 @@ struct MigrateCommand {
   double dirty_limit_pages_per_s = 0;  // dirty-limit's per-vCPU quota; 0: derived
   uint32_t stall_rounds = 5;           // 0: only max_rounds and the timeout end it
   engine::PostcopyMode postcopy = engine::PostcopyMode::kOff;
+  uint64_t postcopy_recovery_ms = 300000;  // resuming a broken post-copy link; 0: never
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };

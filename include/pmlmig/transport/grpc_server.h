@@ -43,6 +43,12 @@ struct MigrationServerOptions {
   // How long a prepared VM waits for Commit before it is discarded.
   // Default 30 s.
   std::chrono::milliseconds commit_timeout{30000};
+  // Post-copy: how long a VM whose link to the source broke runs on,
+  // waiting for the source to resume (proto PostcopyResume), before it is
+  // discarded. vCPUs touching a missing page wait meanwhile. Longer than a
+  // sender's own window (GrpcSinkOptions::postcopy_recovery) so that the
+  // source gives up first. Default 10 min; 0 = discard at once (0.6).
+  std::chrono::milliseconds postcopy_recovery_timeout{600000};
   // Longest a migration may take from Hello to Final. Default 0: no limit.
   std::chrono::milliseconds max_duration{0};
   // Who may connect: mutual TLS and/or a token (see security.h).
@@ -68,6 +74,7 @@ struct ReceivedMigration {
   engine::FinalReply reply;     // the target's reply (completed only)
   engine::TransferStats totals; // pages and bytes applied (wire_bytes: message bytes received)
   uint32_t rounds = 0;          // highest round seen + 1
+  uint32_t postcopy_recoveries = 0;  // post-copy links broken and resumed
   // A completed migration's resumed VM (target->TakeVm()), the caller's from
   // here; null otherwise.
   std::unique_ptr<engine::VmControl> vm;

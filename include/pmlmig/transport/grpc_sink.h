@@ -89,6 +89,14 @@ struct GrpcSinkOptions {
   // How long Abort waits for the receiver to confirm the Abort message before
   // it cancels the calls. Default 1 s.
   std::chrono::milliseconds abort_grace{1000};
+  // Post-copy: how long, after the link to the target breaks, the sender
+  // keeps trying to resume it (a new connection and a PostcopyResume; the
+  // target's VM runs on, its vCPUs waiting for missing pages) before it
+  // fails the migration (Outcome::kPostcopyFailed). Counted afresh after
+  // each break. A target whose port refuses connections (its process is
+  // gone), or that says the session is over, ends the tries at once.
+  // Default 5 min; 0 = no recovery (fail at the first break, as 0.6).
+  std::chrono::milliseconds postcopy_recovery{300000};
   // Free text sent in Hello, for the receiver's logs. Default "pmlmig".
   std::string sender_name = "pmlmig";
 };
