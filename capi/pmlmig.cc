@@ -658,6 +658,8 @@ int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_v
                           ? m.reply.source_paused_ms + m.reply.target_restore_ms + m.reply.target_resume_ms
                           : 0;
     out.verified = m.reply.verified ? 1 : 0;
+    out.postcopy = m.postcopy ? 1 : 0;
+    out.postcopy_recoveries = m.postcopy_recoveries;
     capi::WriteSized(out, stats);
     if (m.outcome != engine::Outcome::kCompleted) {
       const int rc = capi::Fail(&receiver->error, m.error.ok() ? pmlmig::Internal("the migration failed") : m.error);

@@ -25,6 +25,7 @@
 static const char kUsage[] =
     "usage: minivmm --run SECONDS [--memory MIB] [--vcpus N] [--no-ring] [--pauses N] [--reload] [--seed N]\n"
     "       minivmm --send HOST:PORT [--after MS] [--memory MIB] [--vcpus N] [--no-ring] [--streams N] [--verify]\n"
+    "               [--postcopy now|auto]\n"
     "       minivmm --receive HOST:PORT [--run-after SECONDS]\n"
     "\n"
     "A tiny KVM VMM whose guest stamps a counter into every page of its memory,\n"
@@ -39,6 +40,8 @@ static const char kUsage[] =
     "  --after MS           --send: let the guest write this long first (default 500)\n"
     "  --streams N          --send: parallel data connections, 1..64 (default 1)\n"
     "  --verify             --send: the target compares a digest of all memory\n"
+    "  --postcopy now|auto  --send: post-copy: the VM resumes on the target at once (now) or once\n"
+    "                       pre-copy stalls (auto), and its missing pages follow while it runs\n"
     "  --receive HOST:PORT  accept one migration (port 0 picks one; the port is printed)\n"
     "  --run-after SECONDS  --receive: run the received VM this long, then check it (default 2)\n"
     "  --memory MIB         guest RAM in MiB, 1..3072 (default 64)\n"
@@ -267,6 +270,7 @@ enum {
   OPT_PAUSES,
   OPT_RELOAD,
   OPT_SEED,
+  OPT_POSTCOPY,
   OPT_HELP
 };
 
@@ -278,19 +282,20 @@ int main(int argc, char **argv) {
       {"no-ring", no_argument, NULL, OPT_NO_RING},     {"streams", required_argument, NULL, OPT_STREAMS},
       {"verify", no_argument, NULL, OPT_VERIFY},       {"run-after", required_argument, NULL, OPT_RUN_AFTER},
       {"pauses", required_argument, NULL, OPT_PAUSES}, {"reload", no_argument, NULL, OPT_RELOAD},
-      {"seed", required_argument, NULL, OPT_SEED},     {"help", no_argument, NULL, OPT_HELP},
+      {"seed", required_argument, NULL, OPT_SEED},     {"postcopy", required_argument, NULL, OPT_POSTCOPY},
+      {"help", no_argument, NULL, OPT_HELP},
       {NULL, 0, NULL, 0}};
   /* Which mode each option belongs to: r(un), s(end), v (receive). */
   static const char *const modes_of[] = {
       [OPT_AFTER - OPT_RUN] = "s",  [OPT_MEMORY - OPT_RUN] = "rs", [OPT_VCPUS - OPT_RUN] = "rs",
       [OPT_NO_RING - OPT_RUN] = "rs", [OPT_STREAMS - OPT_RUN] = "s", [OPT_VERIFY - OPT_RUN] = "s",
       [OPT_RUN_AFTER - OPT_RUN] = "v", [OPT_PAUSES - OPT_RUN] = "r", [OPT_RELOAD - OPT_RUN] = "r",
-      [OPT_SEED - OPT_RUN] = "r"};
+      [OPT_SEED - OPT_RUN] = "r", [OPT_POSTCOPY - OPT_RUN] = "s"};
 
   char mode = 0;
   const char *address = NULL;
   run_args run = {1.0, {64, 2, 1}, 10, 0, 0};
-  mv_send_args send = {NULL, 500, {64, 2, 1}, 1, 0};
+  mv_send_args send = {NULL, 500, {64, 2, 1}, 1, 0, 0};
   mv_receive_args receive = {NULL, 2.0};
   int used[OPT_HELP - OPT_RUN + 1] = {0};
   int have_seed = 0;
@@ -339,6 +344,15 @@ int main(int argc, char **argv) {
         if (parse_u32("--streams", optarg, 1, 64, &send.streams) != 0) return 2;
         break;
       case OPT_VERIFY: send.verify = 1; break;
+      case OPT_POSTCOPY:
+        if (strcmp(optarg, "now") == 0) {
+          send.postcopy = 'n';
+        } else if (strcmp(optarg, "auto") == 0) {
+          send.postcopy = 'a';
+        } else {
+          return usage_error("--postcopy: '%s' is neither now nor auto", optarg);
+        }
+        break;
       case OPT_RUN_AFTER:
         if (parse_seconds("--run-after", optarg, 86400, &receive.run_after_s) != 0) return 2;
         break;

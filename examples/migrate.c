@@ -94,6 +94,9 @@ typedef struct embedded_vm {
   int32_t vcpu_fds[MV_MAX_VCPUS];
   pmlmig_region region;
   uint8_t description[MV_DESC_SIZE];
+  /* Target: the vCPUs' registers as load_state restored them (post-copy
+   * resumes without calling the check, which records them otherwise). */
+  struct kvm_regs loaded[MV_MAX_VCPUS];
 } embedded_vm;
 
 static mv_vm *vm_of(void *opaque) { return ((embedded_vm *)opaque)->vm; }
@@ -149,7 +152,9 @@ static int op_save_state(void *opaque, pmlmig_buffer *out) {
 
 static int op_load_state(void *opaque, const void *data, size_t length) {
   mv_error err;
-  const int rc = mv_state_load(vm_of(opaque), data, length, &err);
+  embedded_vm *e = opaque;
+  int rc = mv_state_load(e->vm, data, length, &err);
+  if (rc == 0) rc = mv_vm_get_regs(e->vm, e->loaded, &err);
   return rc < 0 ? callback_failed("load_state", rc, &err) : 0;
 }
 
@@ -285,6 +290,12 @@ static void print_migration_stats(const pmlmig_migration_stats *s) {
          pmlmig_outcome_name(s->outcome), s->total_time_ms, s->setup_time_ms, s->rounds, s->downtime_ms,
          s->expected_downtime_ms, s->pages, s->zero_pages, (double)s->wire_bytes / 1e6, s->throughput_mbps,
          s->verified ? "yes" : "no");
+  if (s->postcopy_used) {
+    printf("migration: post-copy: %" PRIu64 " pages owed at the switch, %u requests (latency p50 %.2f ms, p99 %.2f "
+           "ms), %.1f ms until the target held every page, %u link recoveries\n",
+           s->postcopy_owed_pages, s->postcopy_requests, s->postcopy_latency_p50_ms, s->postcopy_latency_p99_ms,
+           s->postcopy_ms, s->postcopy_recoveries);
+  }
 }
 
 /* After a failed or cancelled migration: the VM must still be running here. */
@@ -313,6 +324,9 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   options.target = args->target;
   options.streams = args->streams;
   options.verify = args->verify;
+  options.postcopy = args->postcopy == 'n'   ? PMLMIG_POSTCOPY_NOW
+                     : args->postcopy == 'a' ? PMLMIG_POSTCOPY_AUTO
+                                             : PMLMIG_POSTCOPY_OFF;
   options.on_progress = on_progress;
   pmlmig_migration_stats stats;
   pmlmig_migration_stats_init(&stats);
@@ -453,11 +467,25 @@ static void print_receive_stats(const pmlmig_receive_stats *s) {
          s->verified ? "yes" : "no");
 }
 
-/* The VM pmlmig resumed here: let it run, pause it, check it again. */
-static int run_received(mv_vm *vm, const receive_ctx *ctx, const mv_receive_args *args) {
-  if (!ctx->checked) {
+/* The VM pmlmig resumed here: let it run, pause it, check it again. After
+ * post-copy pmlmig resumed it without the check (its memory was not all here
+ * yet); every page has arrived by now, and the vCPUs must have moved on from
+ * where load_state put them. */
+static int run_received(const embedded_vm *e, const receive_ctx *ctx, const pmlmig_receive_stats *stats,
+                        const mv_receive_args *args) {
+  mv_vm *vm = e->vm;
+  if (!ctx->checked && !stats->postcopy) {
     fprintf(stderr, "minivmm: pmlmig resumed the VM without calling the check\n");
     return 1;
+  }
+  if (ctx->checked && stats->postcopy) {
+    fprintf(stderr, "minivmm: pmlmig called the check before a post-copy resume (memory not all here)\n");
+    return 1;
+  }
+  const struct kvm_regs *restored = stats->postcopy ? e->loaded : ctx->restored;
+  if (stats->postcopy) {
+    printf("receive: post-copy: resumed before all memory was here (%u link recoveries)\n",
+           stats->postcopy_recoveries);
   }
   mv_error err;
   mv_check_result res;
@@ -466,7 +494,7 @@ static int run_received(mv_vm *vm, const receive_ctx *ctx, const mv_receive_args
   int rc = mv_vm_pause(vm, &err);
   if (rc == 0) rc = mv_vm_vcpu_status(vm, &err);
   if (rc == 0) rc = mv_check_vm(vm, after, &res, &err);
-  if (rc == 0) rc = check_advanced(vm, ctx->restored, after, &err);
+  if (rc == 0) rc = check_advanced(vm, restored, after, &err);
   if (rc < 0) {
     fprintf(stderr, "minivmm: after running %.1f s here: %s\n", args->run_after_s, err.msg);
     return 1;
@@ -511,8 +539,7 @@ int mv_receive(const mv_receive_args *args) {
     fprintf(stderr, "minivmm: the migration failed here: %s\n", pmlmig_receiver_last_error(receiver));
   } else {
     print_receive_stats(&stats);
-    mv_vm *vm = vm_of(pmlmig_vm_opaque(pm));
-    status = run_received(vm, ctx, args);
+    status = run_received(pmlmig_vm_opaque(pm), ctx, &stats, args);
     pmlmig_vm_destroy(pm); /* release: mv_vm_free */
   }
   pmlmig_receiver_destroy(receiver);

@@ -194,6 +194,7 @@ typedef struct mv_send_args {
   mv_vm_options vm;
   uint32_t streams;
   int verify;
+  int postcopy; /* 0: pre-copy only; 'n': post-copy now; 'a': post-copy auto */
 } mv_send_args;
 
 typedef struct mv_receive_args {

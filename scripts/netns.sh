@@ -101,9 +101,10 @@ netns_spawn() {
   netns_pid=$!
 }
 
-# netns_rate RATE|off: a token bucket (tbf) on both ends, so each direction
-# carries at most RATE (tc's units: 100mbit, 10mbps...). netem is not
-# available on every kernel; tbf is.
+# netns_rate RATE|off [BURST LATENCY]: a token bucket (tbf) on both ends, so
+# each direction carries at most RATE (tc's units: 100mbit, 10mbps...), with
+# tbf's BURST and LATENCY (its queue: what waits longer is dropped; default
+# 64kb and 100ms). netem is not available on every kernel; tbf is.
 netns_rate() {
   local ns dev
   for ns in src dst; do
@@ -112,7 +113,7 @@ netns_rate() {
     [ "$1" = off ] && continue
     # A burst of 64 KiB (one TSO segment) keeps the limit tight; tbf drops
     # what waits longer than 100 ms, which TCP then paces to the rate.
-    tc -n "$(_netns_ns $ns)" qdisc add dev "$dev" root tbf rate "$1" burst 64kb latency 100ms ||
+    tc -n "$(_netns_ns $ns)" qdisc add dev "$dev" root tbf rate "$1" burst "${2:-64kb}" latency "${3:-100ms}" ||
       { echo "netns: tc tbf rate $1 on $dev failed" >&2; return 1; }
   done
 }

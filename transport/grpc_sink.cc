@@ -119,6 +119,7 @@ class GrpcMigrationSink::Impl {
   Checksum checksum_ = Checksum::kXxh64;       // set by Begin
   bool can_postcopy_ = false;                  // set by Begin: the receiver said so
   bool can_recover_ = false;                   // set by Begin: the receiver waits for a PostcopyResume
+  bool can_push_acks_ = false;                 // set by Begin: the receiver acknowledges push batches
   bool postcopy_ = false;                      // Finish sent a post-copy Final
   std::unique_ptr<TokenBucket> bucket_;        // null: no bandwidth limit
   // Declared before the calls: its contexts outlive them.
@@ -231,6 +232,7 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   session_id_ = hello.hello().session_id();
   can_postcopy_ = hello.hello().postcopy();
   can_recover_ = hello.hello().postcopy_recovery();
+  can_push_acks_ = hello.hello().postcopy_push_acks();
   // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
   Checksum checksum = Checksum::kXxh64;
   for (int c : hello.hello().checksums()) {
@@ -433,6 +435,7 @@ Result<engine::PostcopyResult> GrpcMigrationSink::Impl::Postcopy(engine::Postcop
   p.checksum = checksum_;
   p.bucket = bucket_.get();
   p.recover = can_recover_;
+  p.push_acks = can_push_acks_;
   Result<engine::PostcopyResult> r = ServePostcopy(options_, calls_, control_, *source_, p, backlog);
   if (!r.ok()) {
     calls_.Fail(r.status());

@@ -32,11 +32,15 @@ grpc::Status PostcopyCall::Run() {
       (void)SetThreadNice(-10);
       WriteRequests();
     });
+  } else if (push_acks_) {
+    // The push's window is sized by its round trips: a handler that waits
+    // behind the guest's vCPUs for a core makes them look like a queue.
+    (void)SetThreadNice(-5);
   }
   Status s = Serve();
   Detach(s);
   if (writer.joinable()) writer.join();
-  if (requests_) (void)SetThreadNice(0);  // gRPC's thread, back as it was
+  if (requests_ || push_acks_) (void)SetThreadNice(0);  // gRPC's thread, back as it was
   return ToGrpc(s);
 }
 
@@ -55,6 +59,7 @@ Status PostcopyCall::Attach() {
     return InvalidArgument("Postcopy: metadata pmlmig-session \"" + id_text + "\" is not a hex session id");
   }
   requests_ = role == "requests";
+  push_acks_ = !requests_ && Metadata(*ctx_, "pmlmig-push-acks") == "1";
   std::lock_guard lock(r_.mu_);
   if (!r_.current_ || r_.current_->id != id) {
     return InvalidArgument("Postcopy: session " + FormatHex(id) + " is not the migration in progress");
@@ -133,6 +138,12 @@ Status PostcopyCall::Serve() {
       r_.cv_.notify_all();
     }
     if (!applied.ok()) return applied.status().WithContext(name);
+    if (push_acks_) {
+      // The push's window moves on (the source reads it: HelloReply.postcopy_push_acks).
+      proto::PostcopyRequest ack;
+      ack.set_push_placed(cursor.next_sequence);
+      if (!stream_->Write(ack)) break;
+    }
     FailPoint("receiver.postcopy");
   }
   // The source half-closed (the push is over) or the call ended. Only a

@@ -52,6 +52,7 @@ class PostcopyCall {
   std::shared_ptr<Session> session_;
   bool requests_ = false;  // the "requests" call (else "push")
   uint32_t link_ = 0;      // the session's link this call belongs to
+  bool push_acks_ = false; // the push call's source reads an ack per batch placed
   bool stop_ = false;      // guarded by Receiver::mu_: the writer thread ends
   BatchApplier applier_;
 };

@@ -8,6 +8,7 @@
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
 #include "pmlmig/base/units.h"
+#include "push_window.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -15,7 +16,10 @@ namespace {
 // PostcopyDone may take as long as the whole memory takes over the link;
 // a dead peer fails the calls long before (keepalive).
 constexpr std::chrono::hours kPostcopyWait{24};
-constexpr uint32_t kPushBatchPages = 32;
+// 64 KiB: half a millisecond at 1 Gbit/s, the least an answer may wait
+// behind at a bottleneck (docs/BENCHMARKS.md, "Post-copy": 32 pages gave a
+// higher p50 at the same window target).
+constexpr uint32_t kPushBatchPages = 16;
 
 std::string SessionHex(uint64_t id) {
   char buf[17];
@@ -180,6 +184,7 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
     *ctx = calls.NewContext();
     (*ctx)->AddMetadata("pmlmig-session", SessionHex(p.session_id));
     (*ctx)->AddMetadata("pmlmig-postcopy", role);
+    if (p.push_acks) (*ctx)->AddMetadata("pmlmig-push-acks", "1");  // this side reads them
     return std::unique_ptr<Call>(stub->Postcopy(*ctx).release());
   };
   grpc::ClientContext* rctx = nullptr;
@@ -226,10 +231,18 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
     requests_status = requests->Finish();
   });
 
-  // The background push, in batches of at most kPushBatchPages: what one
-  // batch puts into a bottleneck's queue is what an answer may wait behind
-  // (128 KiB: 1 ms at 1 Gbit/s).
+  // The background push, in batches of at most kPushBatchPages, within the
+  // window when the receiver acknowledges them.
   const uint32_t push_batch = std::min<uint32_t>(o.batch_pages, kPushBatchPages);
+  PushWindow window;
+  std::thread acks;
+  if (p.push_acks) {
+    acks = std::thread([&] {
+      proto::PostcopyRequest ack;
+      while (push->Read(&ack)) window.Acked(ack.push_placed(), PushWindow::Clock::now());
+      window.Close();  // the call is over: a push waiting for room stops
+    });
+  }
   std::thread pushing([&] {
     BatchBuilder builder(o.compress, o.zstd_level);
     builder.set_checksum(p.checksum);
@@ -251,11 +264,15 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
       if (Status s = builder.Build(source, runs, BatchHeader{p.session_id, 1, p.round, sequence}, &batch, buf.get(), &len);
           !s.ok()) {
         calls.Fail(s.WithContext("post-copy push"));
-        push_status = push->Finish();
         return;
       }
       batch.set_payload(buf.get(), len);
-      if (p.bucket != nullptr && !p.bucket->Acquire(batch.ByteSizeLong(), calls.stop())) break;
+      const uint64_t bytes = batch.ByteSizeLong();
+      if (p.bucket != nullptr && !p.bucket->Acquire(bytes, calls.stop())) break;
+      if (p.push_acks) {
+        if (!window.WaitToSend(bytes, calls.stop())) break;
+        window.Sent(bytes, PushWindow::Clock::now());
+      }
       if (!push->Write(batch)) {
         broke = true;
         break;
@@ -265,7 +282,6 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
       FailPoint("source.postcopy");
     }
     if (!broke) push->WritesDone();
-    push_status = push->Finish();  // as above: the control call has the verdict
   });
 
   auto done = control.WaitReply(kPostcopyWait, "waiting for the target to hold every page");
@@ -273,6 +289,8 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
   pctx->TryCancel();
   answering.join();
   pushing.join();
+  if (acks.joinable()) acks.join();
+  push_status = push->Finish();  // as the requests call: the control call has the verdict
   if (!done.ok()) {
     // The control call's error is the target's reason; a call's own status
     // adds where it broke.

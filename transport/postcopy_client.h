@@ -6,7 +6,11 @@
 //             answer never queues behind the background push;
 //   push      a thread sends the rest of the backlog, claimed from near the
 //             most recently requested page (PostcopyBacklog::Claim moves
-//             the hint), in batches of batch_pages.
+//             the hint), in batches of up to 32 pages; with a receiver that
+//             acknowledges them, a second thread reads the acknowledgements
+//             and the push keeps only a PushWindow of bytes unacknowledged
+//             (push_window.h): little queue at a bottleneck for an answer
+//             to wait behind.
 // The controlling thread waits on the control call for PostcopyDone.
 //
 // Why the synchronous API: each call is one loop of blocking reads or
@@ -41,6 +45,7 @@ struct PostcopyCallOptions {
   Checksum checksum = Checksum::kXxh64;
   TokenBucket* bucket = nullptr;  // the push is paced by it when set
   bool recover = false;           // the receiver resumes broken links (HelloReply.postcopy_recovery)
+  bool push_acks = false;         // the receiver acknowledges push batches: the push keeps a PushWindow
 };
 
 // Runs post-copy to its end: the target's PostcopyDone (its figures and,

@@ -122,6 +122,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     target = std::move(session->target);
     out.totals = session->totals;
     out.rounds = session->rounds;
+    out.postcopy = session->postcopy_used;
     out.postcopy_recoveries = session->postcopy_recoveries;
   }
   out.outcome = status;

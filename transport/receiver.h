@@ -91,6 +91,7 @@ struct Session {
   Clock::time_point paused_at{};
   Status pause_reason;                     // why the link broke
   uint32_t postcopy_recoveries = 0;
+  bool postcopy_used = false;              // armed at Final
   engine::FinalReply prepared;             // set at Commit: what the outcome reports, from whichever link
 };
 

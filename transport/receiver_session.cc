@@ -177,6 +177,7 @@ ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
   h->add_checksums(proto::BATCH_CHECKSUM_XXH3);
   h->set_postcopy(engine::PostcopyMemory::Available().ok());
   h->set_postcopy_recovery(r_.options_.postcopy_recovery_timeout.count() > 0);
+  h->set_postcopy_push_acks(true);
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
@@ -192,7 +193,13 @@ ReceiverSession::Next ReceiverSession::Resume(const proto::ControlRequest& req) 
   engine::PostcopyMemory* postcopy = nullptr;
   std::vector<engine::PageRun> missing;
   {
-    std::lock_guard lock(r_.mu_);
+    std::unique_lock lock(r_.mu_);
+    // Completing right now (every page is here; PostcopyDone is on its way
+    // out on the old link): wait for the end, then say how it ended.
+    r_.cv_.wait_for(lock, std::chrono::seconds(10), [&] {
+      return !r_.current_ || r_.current_->id != id || r_.current_->state != SessionState::kPostcopy ||
+             r_.current_->postcopy != nullptr;
+    });
     const std::shared_ptr<Session>& cur = r_.current_;
     if (r_.options_.postcopy_recovery_timeout.count() == 0) {
       return ToGrpc(InvalidArgument("PostcopyResume: this receiver does not resume post-copy (its recovery window "
@@ -368,6 +375,7 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
     if (!armed.ok()) return Fail(armed.status().WithContext("target cannot take post-copy"));
     std::lock_guard lock(r_.mu_);
     session_->postcopy = *armed;
+    session_->postcopy_used = true;
   }
   fs.vm_state.assign(f.vm_state().begin(), f.vm_state().end());
   fs.has_digest = f.has_digest();

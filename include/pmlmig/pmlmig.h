@@ -466,6 +466,10 @@ typedef struct pmlmig_receive_stats {
   double downtime_ms;            /* as the target reckons it: source pause to resumed */
   int32_t verified;
   uint32_t reserved;
+  /* Since 0.7: */
+  int32_t postcopy;              /* the VM resumed before all its memory was here (the check was not called;
+                                    every page had arrived when this returned) */
+  uint32_t postcopy_recoveries;  /* post-copy links broken and resumed by the source */
 } pmlmig_receive_stats;
 PMLMIG_API void pmlmig_receive_stats_init(pmlmig_receive_stats *stats);
 

@@ -5,7 +5,7 @@
 # between two minivmm processes.
 #
 #   1. `cmake --install` the build tree to a temporary prefix.
-#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.5),
+#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.7),
 #      pmlmig::pmlmig) and a second time through pkg-config (examples/Makefile,
 #      or its one-line cc command where make is absent).
 #   3. The CMake build: --help, and --run with random pauses (every page
@@ -16,6 +16,10 @@
 #      resume and again after running on; the sender's final memory digest and
 #      vCPU positions must equal what the receiver restored; pmlmig's own
 #      digest must have been verified.
+#   4b. The same with --postcopy now (the C ABI's post-copy): both exit 0,
+#      pmlmig did not call the check (memory was missing at the resume), the
+#      receiver checked every page after running on and every vCPU moved on
+#      from where load_state put it, pmlmig's digests verified.
 #   5. A failure: --send to a port nobody listens on exits 1, says why, and
 #      shows the VM kept running on the source (every page checked, every vCPU
 #      advanced).
@@ -96,7 +100,7 @@ quiet "$tmp/configure.log" cmake -S "$src/examples" -B "$cmake_build" "${generat
 quiet "$tmp/build.log" cmake --build "$cmake_build" -j 2
 cmake_vmm=$cmake_build/minivmm
 [ -x "$cmake_vmm" ] || die "the CMake build made no minivmm"
-pass "examples/ built with find_package(pmlmig 0.5) + pmlmig::pmlmig"
+pass "examples/ built with find_package(pmlmig 0.7) + pmlmig::pmlmig"
 
 pc_build=$tmp/pc-build
 mkdir -p "$pc_build"
@@ -133,31 +137,40 @@ pass "minivmm --run: 21 pauses at random moments, all 4096 pages checked at each
 
 # ---- 4. a live migration between the two builds ----------------------------
 
-timeout 300 "$cmake_vmm" --receive 127.0.0.1:0 --run-after 1 >"$tmp/receive.out" 2>"$tmp/receive.err" &
-receiver=$!
-children+=("$receiver")
-port=
-for _ in $(seq 300); do
-  port=$(sed -n 's/^receive: listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$tmp/receive.out")
-  [ -n "$port" ] && break
-  kill -0 "$receiver" 2>/dev/null || break
-  sleep 0.1
-done
-if [ -z "$port" ] || [ "$port" = 0 ]; then
-  show "$tmp/receive.out" "$tmp/receive.err"
-  die "the receiver did not report a listening port"
-fi
+# start_receiver: the CMake build's --receive on a free port ($receiver, $port).
+start_receiver() {
+  timeout 300 "$cmake_vmm" --receive 127.0.0.1:0 --run-after 1 >"$tmp/receive.out" 2>"$tmp/receive.err" &
+  receiver=$!
+  children+=("$receiver")
+  port=
+  for _ in $(seq 300); do
+    port=$(sed -n 's/^receive: listening on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$tmp/receive.out")
+    [ -n "$port" ] && break
+    kill -0 "$receiver" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$port" ] || [ "$port" = 0 ]; then
+    show "$tmp/receive.out" "$tmp/receive.err"
+    die "the receiver did not report a listening port"
+  fi
+}
 
-send_rc=0
-timeout 300 "$pc_vmm" --send "127.0.0.1:$port" --verify --after 500 --memory 64 --vcpus 2 \
-  >"$tmp/send.out" 2>"$tmp/send.err" || send_rc=$?
-receive_rc=0
-wait "$receiver" || receive_rc=$?
-children=()
-if [ "$send_rc" -ne 0 ] || [ "$receive_rc" -ne 0 ]; then
-  show "$tmp/send.out" "$tmp/send.err" "$tmp/receive.out" "$tmp/receive.err"
-  die "migration: sender exited $send_rc, receiver exited $receive_rc (both must be 0)"
-fi
+# migrate WHAT [SEND FLAGS...]: a receiver, then the pkg-config build's
+# --send of a 64 MiB, 2-vCPU guest to it, verified; both must exit 0.
+migrate() {
+  local what=$1 send_rc=0 receive_rc=0
+  shift
+  start_receiver
+  timeout 300 "$pc_vmm" --send "127.0.0.1:$port" --verify --after 500 --memory 64 --vcpus 2 "$@" \
+    >"$tmp/send.out" 2>"$tmp/send.err" || send_rc=$?
+  wait "$receiver" || receive_rc=$?
+  children=()
+  if [ "$send_rc" -ne 0 ] || [ "$receive_rc" -ne 0 ]; then
+    show "$tmp/send.out" "$tmp/send.err" "$tmp/receive.out" "$tmp/receive.err"
+    die "$what: sender exited $send_rc, receiver exited $receive_rc (both must be 0)"
+  fi
+}
+migrate migration
 
 expect() {  # expect FILE REGEX WHAT
   grep -Eq "$2" "$1" || { show "$tmp/send.out" "$tmp/receive.out"; die "$3"; }
@@ -188,6 +201,27 @@ if [ ! -s "$tmp/sent.pos" ] || ! cmp -s "$tmp/sent.pos" "$tmp/restored.pos"; the
   die "the restored vCPU positions differ from the sent ones"
 fi
 pass "migrated live (pkg-config build -> CMake build): every page checked before and after the resume, digest $sent on both sides"
+
+# ---- 4b. post-copy through the C ABI ---------------------------------------
+# The VM resumes on the target before its memory is there: pmlmig does not
+# call the check (it would read missing pages); the receiver checks every
+# page after running on (each read of a missing page waits for it), and the
+# vCPUs must have moved on from where load_state put them.
+
+migrate "post-copy migration" --postcopy now
+expect "$tmp/send.out" '^migration: completed .* verified yes$' "post-copy: the sender's statistics do not say completed and verified"
+expect "$tmp/send.out" '^migration: post-copy: [1-9][0-9]* pages owed at the switch, [0-9]+ requests' \
+  "post-copy: the sender's statistics do not show the post-copy"
+expect "$tmp/receive.out" '^receive: post-copy: resumed before all memory was here' \
+  "post-copy: the receiver did not report a post-copy resume"
+if grep -q '^receive: check before resume' "$tmp/receive.out"; then
+  show "$tmp/receive.out"
+  die "post-copy: the check ran before the resume, with memory missing"
+fi
+expect "$tmp/receive.out" \
+  '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
+  "post-copy: the receiver did not check every page after running on"
+pass "post-copy (C ABI): resumed at once, every page checked after running on, digests verified ($(grep -m1 '^migration: post-copy' "$tmp/send.out" | cut -c22-110))"
 
 # ---- 5. a failure: nobody listens -----------------------------------------
 

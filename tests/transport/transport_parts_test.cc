@@ -7,8 +7,11 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <deque>
 #include <thread>
 #include <vector>
 
@@ -16,6 +19,7 @@
 #include "connection_probe.h"
 #include "failure_latch.h"
 #include "pmlmig/base/unique_fd.h"
+#include "push_window.h"
 #include "stall_watch.h"
 #include "token_bucket.h"
 
@@ -63,6 +67,116 @@ TEST(TokenBucketTest, WakeReleasesAWaiterWhenStopped) {
   b.Wake();
   waiter.join();
   EXPECT_FALSE(result);
+}
+
+TEST(PushWindowTest, GrowsWhileThereIsNoQueueAndShrinksWhenThereIs) {
+  PushWindow::Options o;
+  o.min_bytes = 256 << 10;
+  o.target = 2ms;
+  PushWindow w(o);
+  const Steady::time_point t0{std::chrono::hours(1)};
+  Steady::time_point t = t0;
+  uint64_t acked = 0;
+  EXPECT_EQ(w.window(), 256u << 10);
+  // Round trips at the base: one batch more per batch acknowledged.
+  for (int i = 0; i < 16; ++i) {
+    w.Sent(128 << 10, t);
+    t += 100us;
+    w.Acked(++acked, t);
+  }
+  EXPECT_EQ(w.window(), (256u << 10) + 16 * (128u << 10));
+  EXPECT_EQ(w.base_rtt(), 100us);
+  EXPECT_EQ(w.in_flight(), 0u);
+  // 5 ms of queueing (more than the 2 ms target), seen once it lasts four
+  // round trips (the filter): smaller with every batch, down to the minimum
+  // and never below.
+  for (int i = 0; i < 3; ++i) {
+    w.Sent(128 << 10, t);
+    t += 5100us;
+    w.Acked(++acked, t);
+    EXPECT_EQ(w.last_queueing(), 0us) << "a single slow round trip is noise";
+  }
+  uint64_t before = w.window();
+  for (int i = 0; i < 400; ++i) {
+    w.Sent(128 << 10, t);
+    t += 5100us;
+    w.Acked(++acked, t);
+    EXPECT_EQ(w.last_queueing(), 5000us);
+    if (before > (256u << 10)) {
+      EXPECT_LT(w.window(), before) << "batch " << i;
+    }
+    before = w.window();
+  }
+  EXPECT_EQ(w.window(), 256u << 10);
+  // Under the target again: it grows, by at most a batch per round trip.
+  for (int i = 0; i < 4; ++i) {
+    w.Sent(128 << 10, t);
+    t += 1100us;
+    w.Acked(++acked, t);
+  }
+  EXPECT_GT(w.window(), 256u << 10);
+  EXPECT_LE(w.window(), (256u << 10) + 4 * (128u << 10));
+}
+
+// The control loop against a model of a bottleneck: a FIFO queue drained at
+// 125 MB/s (1 Gbit/s) and 200 us of round trip besides. The push must keep
+// the link nearly busy while the queue, what an answer waits behind, stays
+// near the target.
+TEST(PushWindowTest, KeepsABottleneckBusyWithLittleQueue) {
+  PushWindow w;
+  const double rate = 125e6;  // bytes/s
+  const auto base = 200us;
+  const uint64_t batch = 128 << 10;
+  const Steady::time_point t0{std::chrono::hours(1)};
+  Steady::time_point now = t0, link_free = t0;
+  std::deque<Steady::time_point> acks;  // when each batch in flight is acknowledged
+  uint64_t sent = 0, acked = 0, acked_bytes_late = 0;
+  Steady::duration worst_queue{};
+  const Steady::time_point warm = t0 + 500ms, end = t0 + 3s;
+  while (now < end) {
+    if (w.in_flight() == 0 || w.in_flight() + batch <= w.window()) {
+      // Send: the batch waits in the queue behind what is there.
+      w.Sent(batch, now);
+      const Steady::time_point start = std::max(now, link_free);
+      if (now > warm) worst_queue = std::max(worst_queue, start - now);
+      link_free = start + std::chrono::duration_cast<Steady::duration>(std::chrono::duration<double>(batch / rate));
+      acks.push_back(link_free + base);
+      ++sent;
+      continue;
+    }
+    now = acks.front();  // nothing fits: wait for the next acknowledgement
+    acks.pop_front();
+    w.Acked(++acked, now);
+    if (now > warm) acked_bytes_late += batch;
+  }
+  const double seconds = std::chrono::duration<double>(end - warm).count();
+  EXPECT_GT(static_cast<double>(acked_bytes_late) / seconds, 0.9 * rate) << "the link is not kept busy";
+  // Queueing at most the target plus the batches sent in one round trip's
+  // worth of growth (each ack below the target adds a batch).
+  EXPECT_LT(worst_queue, 5ms) << "window " << w.window();
+  std::printf("   1 Gbit/s model: %.0f%% of the link, worst queue %.2f ms, window %llu KiB\n",
+              100.0 * static_cast<double>(acked_bytes_late) / seconds / rate,
+              std::chrono::duration<double, std::milli>(worst_queue).count(),
+              static_cast<unsigned long long>(w.window() >> 10));
+}
+
+TEST(PushWindowTest, StopAndCloseReleaseAWaiter) {
+  PushWindow w;
+  std::atomic<bool> stop{false};
+  w.Sent(256 << 10, Steady::now());  // the window is full
+  std::atomic<int> result{-1};
+  std::thread waiter([&] { result = w.WaitToSend(128 << 10, stop) ? 1 : 0; });
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(result.load(), -1);
+  stop = true;
+  w.Wake();
+  waiter.join();
+  EXPECT_EQ(result.load(), 0);
+  stop = false;
+  std::thread waiter2([&] { result = w.WaitToSend(128 << 10, stop) ? 1 : 0; });
+  w.Close();
+  waiter2.join();
+  EXPECT_EQ(result.load(), 0);
 }
 
 TEST(BufferPoolTest, BuffersComeBackAndAreReused) {

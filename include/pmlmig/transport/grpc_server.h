@@ -74,6 +74,7 @@ struct ReceivedMigration {
   engine::FinalReply reply;     // the target's reply (completed only)
   engine::TransferStats totals; // pages and bytes applied (wire_bytes: message bytes received)
   uint32_t rounds = 0;          // highest round seen + 1
+  bool postcopy = false;             // the VM resumed before all its memory was here
   uint32_t postcopy_recoveries = 0;  // post-copy links broken and resumed
   // A completed migration's resumed VM (target->TakeVm()), the caller's from
   // here; null otherwise.
