@@ -537,11 +537,18 @@ MigrationStats MigrationSource::RunPhases() {
       if (!sink_.can_postcopy()) {
         return failed(Unavailable("the switch-over policy asked for post-copy, which the target cannot take"));
       }
+      // What this round would have sent is owed: the target makes it
+      // missing while the VM still runs here (outside the downtime).
+      const std::vector<PageRun> stale = RunsOf(dirty);
+      if (Status s = sink_.PreparePostcopy(stale); !s.ok()) return failed(s.WithContext("post-copy prepare"));
       const auto pause = clock_.Now();
       if (Status s = vm_.Pause(); !s.ok()) return failed(s.WithContext("pause"));
       // Everything written since the last round: owed, and followed through
       // the tracker no more (the VM runs on the target from the switch).
       if (Status s = tracker_.Collect(dirty); !s.ok()) return failed(s.WithContext("final collect"));
+      for (const PageRun& r : stale) {
+        if (Status s = dirty.MarkRange(r.gpa, r.pages << kPageShift); !s.ok()) return failed(s);
+      }
       if (digest_) digest_->Queue(dirty);
       return RunPostcopy(pause, RunsOf(dirty));
     }

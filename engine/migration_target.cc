@@ -165,11 +165,22 @@ void VmMigrationTarget::OnAbort(const std::string&) {
   }
 }
 
-Result<PostcopyMemory*> VmMigrationTarget::ArmPostcopy(std::span<const PageRun> owed) {
-  if (!vm_) return InvalidArgument("post-copy before setup");
+std::vector<std::optional<MemoryFile>> VmMigrationTarget::MemoryFiles() const {
   std::vector<std::optional<MemoryFile>> files;
   for (const MemorySlot& s : memory().slots()) files.push_back(memory_file(s.slot));
-  PMLMIG_ASSIGN_OR_RETURN(postcopy_, PostcopyMemory::Arm(memory(), files, owed, digests_.get()));
+  return files;
+}
+
+Status VmMigrationTarget::PreparePostcopy(std::span<const PageRun> stale) {
+  if (!vm_) return InvalidArgument("post-copy before setup");
+  if (!punched_) punched_ = std::make_unique<PageBits>(memory());
+  return PostcopyMemory::Punch(memory(), MemoryFiles(), stale, punched_.get());
+}
+
+Result<PostcopyMemory*> VmMigrationTarget::ArmPostcopy(std::span<const PageRun> owed) {
+  if (!vm_) return InvalidArgument("post-copy before setup");
+  PMLMIG_ASSIGN_OR_RETURN(postcopy_, PostcopyMemory::Arm(memory(), MemoryFiles(), owed, digests_.get(), punched_.get()));
+  punched_.reset();
   return postcopy_.get();
 }
 

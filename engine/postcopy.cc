@@ -92,38 +92,98 @@ Status PostcopyMemory::Available() {
 PostcopyMemory::PostcopyMemory(const SlotTable& memory, PageDigestTable* digests)
     : memory_(memory), index_(memory), digests_(digests) {}
 
+namespace {
+
+// The slot holding all of `r`, or why not.
+Result<const MemorySlot*> SlotOfRun(const SlotTable& memory, const PageRun& r) {
+  const MemorySlot* s = memory.FindByGpa(r.gpa);
+  if (s == nullptr || r.pages == 0 || r.gpa + (r.pages << kPageShift) > s->gpa_end() ||
+      (r.gpa & (kPageSize - 1)) != 0) {
+    return InvalidArgument("post-copy: owed pages at gpa " + FormatHex(r.gpa) + " (+" + std::to_string(r.pages) +
+                           ") lie outside guest memory");
+  }
+  return s;
+}
+
+// Makes `pages` pages from `gpa` (inside slot `s`, the i-th) holes: the page
+// cache forgets the stale copy, and the mapping's page tables with it, so
+// the next touch is a missing fault.
+Status PunchPages(const SlotTable& memory, const std::vector<std::optional<MemoryFile>>& files, const MemorySlot& s,
+                  uint64_t gpa, uint64_t pages) {
+  const size_t i = static_cast<size_t>(&s - memory.slots().data());
+  const uint64_t off = gpa - s.gpa, len = pages << kPageShift;
+  if (i < files.size() && files[i]) {
+    if (::fallocate(files[i]->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(files[i]->offset + off), static_cast<off_t>(len)) < 0) {
+      return Status::FromErrno(errno, "post-copy: punching gpa " + FormatHex(gpa) + " out of guest memory");
+    }
+  } else if (::madvise(s.host + off, len, MADV_DONTNEED) < 0) {
+    return Status::FromErrno(errno, "post-copy: dropping gpa " + FormatHex(gpa));
+  }
+  return Status::Ok();
+}
+
+// Punches the pages of `r` that `punched` does not hold (all without it),
+// one call per stretch of them.
+Status PunchRun(const SlotTable& memory, const std::vector<std::optional<MemoryFile>>& files, const MemorySlot& s,
+                const PageIndex& index, const PageRun& r, const PageBits* punched) {
+  if (punched == nullptr) return PunchPages(memory, files, s, r.gpa, r.pages);
+  const uint64_t first = *index.Of(r.gpa);
+  uint64_t p = first;
+  const uint64_t end = first + r.pages;
+  while (p < end) {
+    if (punched->Test(p)) {
+      ++p;
+      continue;
+    }
+    uint64_t q = p + 1;
+    while (q < end && !punched->Test(q)) ++q;
+    PMLMIG_RETURN_IF_ERROR(PunchPages(memory, files, s, index.GpaOf(p), q - p));
+    p = q;
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status PostcopyMemory::Punch(const SlotTable& memory, const std::vector<std::optional<MemoryFile>>& files,
+                             std::span<const PageRun> runs, PageBits* punched) {
+  for (const PageRun& r : runs) {
+    PMLMIG_ASSIGN_OR_RETURN(const MemorySlot* s, SlotOfRun(memory, r));
+    PMLMIG_RETURN_IF_ERROR(PunchRun(memory, files, *s, punched->index(), r, punched));
+    const uint64_t first = *punched->index().Of(r.gpa);
+    for (uint64_t p = first; p < first + r.pages; ++p) punched->Set(p);
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Arm(const SlotTable& memory,
                                                             const std::vector<std::optional<MemoryFile>>& files,
-                                                            std::span<const PageRun> needed,
-                                                            PageDigestTable* digests) {
+                                                            std::span<const PageRun> needed, PageDigestTable* digests,
+                                                            const PageBits* punched) {
   std::unique_ptr<PostcopyMemory> m(new PostcopyMemory(memory, digests));
   const uint64_t words = (m->index_.total() + 63) / 64;
   m->owed_ = std::make_unique<std::atomic<uint64_t>[]>(words);
   for (uint64_t w = 0; w < words; ++w) m->owed_[w].store(0, std::memory_order_relaxed);
   const auto& slots = memory.slots();
   for (const PageRun& r : needed) {
-    const MemorySlot* s = memory.FindByGpa(r.gpa);
-    if (s == nullptr || r.pages == 0 || r.gpa + (r.pages << kPageShift) > s->gpa_end() ||
-        (r.gpa & (kPageSize - 1)) != 0) {
-      return InvalidArgument("post-copy: owed pages at gpa " + FormatHex(r.gpa) + " (+" + std::to_string(r.pages) +
-                             ") lie outside guest memory");
-    }
-    const size_t i = static_cast<size_t>(s - slots.data());
-    const uint64_t off = r.gpa - s->gpa, len = r.pages << kPageShift;
-    // Holes: the page cache forgets the stale copy, and the mapping's page
-    // tables with it, so the next touch is a missing fault.
-    if (i < files.size() && files[i]) {
-      if (::fallocate(files[i]->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      static_cast<off_t>(files[i]->offset + off), static_cast<off_t>(len)) < 0) {
-        return Status::FromErrno(errno, "post-copy: punching gpa " + FormatHex(r.gpa) + " out of guest memory");
-      }
-    } else if (::madvise(s->host + off, len, MADV_DONTNEED) < 0) {
-      return Status::FromErrno(errno, "post-copy: dropping gpa " + FormatHex(r.gpa));
-    }
+    PMLMIG_ASSIGN_OR_RETURN(const MemorySlot* s, SlotOfRun(memory, r));
+    PMLMIG_RETURN_IF_ERROR(PunchRun(memory, files, *s, m->index_, r, punched));
     const uint64_t first = *m->index_.Of(r.gpa);
     for (uint64_t p = first; p < first + r.pages; ++p) {
       const uint64_t bit = uint64_t{1} << (p & 63);
       if ((m->owed_[p >> 6].fetch_or(bit, std::memory_order_relaxed) & bit) == 0) ++m->needed_;
+    }
+  }
+  if (punched != nullptr) {
+    // A page made a hole before the switch and not owed now would read as
+    // zero: refused.
+    for (size_t w = 0; w < punched->words() && w < words; ++w) {
+      if (const uint64_t lost = punched->word(w) & ~m->owed_[w].load(std::memory_order_relaxed); lost != 0) {
+        const uint64_t gpa = m->index_.GpaOf(w * 64 + static_cast<uint64_t>(__builtin_ctzll(lost)));
+        return InvalidArgument("post-copy: gpa " + FormatHex(gpa) +
+                               " was prepared as owed (PostcopyPrepare) but the switch does not owe it");
+      }
     }
   }
   m->remaining_.store(m->needed_, std::memory_order_release);

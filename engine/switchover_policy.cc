@@ -14,6 +14,12 @@ constexpr double kCloseToFewest = 1.1;
 // QEMU's throttle-trigger-threshold: dirty bytes above this share of the
 // bytes the last round sent make a round dirty-high.
 constexpr double kDirtyHigh = 0.5;
+// Post-copy auto without an aid: a round that leaves more than this share of
+// what it sent still to send switches at once. Pre-copy would take several
+// more rounds, each sending the hot pages again; post-copy sends each of
+// them once (docs/BENCHMARKS.md, "Post-copy": waiting for two dirty-high
+// rounds cost 1.64x one full send).
+constexpr double kPostcopyDirtyShare = 0.25;
 // Dirty-limit, derived: the share of the bandwidth the vCPUs may dirty at
 // first, and how far the halving goes.
 constexpr double kQuotaShareOfBandwidth = 0.5;
@@ -143,7 +149,10 @@ SwitchoverDecision DowntimeLimitPolicy::Decide(const RoundSummary& r) {
   const bool out_of_rounds = r.round > options_.max_rounds;
   const bool out_of_time =
       options_.timeout.count() > 0 && elapsed_ms >= static_cast<double>(options_.timeout.count());
-  const bool postcopy_now = options_.postcopy == PostcopyMode::kAuto && dirty_high_ >= 2;
+  const bool postcopy_round = options_.aid == ConvergeAid::kNone && r.last_round_wire_bytes > 0 &&
+                              static_cast<double>(r.remaining_pages) * r.bytes_per_page >
+                                  kPostcopyDirtyShare * static_cast<double>(r.last_round_wire_bytes);
+  const bool postcopy_now = options_.postcopy == PostcopyMode::kAuto && (dirty_high_ >= 2 || postcopy_round);
   if (!out_of_rounds && !out_of_time && !stalled && forcing_since_ == 0 && !postcopy_now) {
     return SwitchoverDecision::Continue();
   }

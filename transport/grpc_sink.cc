@@ -97,6 +97,7 @@ class GrpcMigrationSink::Impl {
   engine::CommitResult Commit();
   void Abort(const std::string& why);
   Result<engine::PostcopyResult> Postcopy(engine::PostcopyBacklog& backlog);
+  Status PreparePostcopy(std::span<const engine::PageRun> stale);
   bool can_postcopy() const { return can_postcopy_; }
 
   engine::TransferStats totals() const {
@@ -120,6 +121,7 @@ class GrpcMigrationSink::Impl {
   bool can_postcopy_ = false;                  // set by Begin: the receiver said so
   bool can_recover_ = false;                   // set by Begin: the receiver waits for a PostcopyResume
   bool can_push_acks_ = false;                 // set by Begin: the receiver acknowledges push batches
+  bool can_prepare_ = false;                   // set by Begin: the receiver takes a PostcopyPrepare
   bool postcopy_ = false;                      // Finish sent a post-copy Final
   std::unique_ptr<TokenBucket> bucket_;        // null: no bandwidth limit
   // Declared before the calls: its contexts outlive them.
@@ -233,6 +235,7 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   can_postcopy_ = hello.hello().postcopy();
   can_recover_ = hello.hello().postcopy_recovery();
   can_push_acks_ = hello.hello().postcopy_push_acks();
+  can_prepare_ = hello.hello().postcopy_prepare();
   // XXH3 when the receiver takes it (0.4+), else the XXH64 every receiver takes.
   Checksum checksum = Checksum::kXxh64;
   for (int c : hello.hello().checksums()) {
@@ -333,6 +336,29 @@ Status GrpcMigrationSink::Impl::DoFinishStreams() {
   }
   watch.Disarm();
   return result;
+}
+
+Status GrpcMigrationSink::Impl::PreparePostcopy(std::span<const engine::PageRun> stale) {
+  if (Status f = calls_.failure(); !f.ok()) return f;
+  {
+    std::lock_guard lock(mu_);
+    if (phase_ != Phase::kReady) return InvalidArgument("GrpcMigrationSink::PreparePostcopy: not between rounds");
+  }
+  // An older receiver arms everything at Final; so does one given more
+  // runs than a message may name.
+  if (!can_prepare_ || stale.empty() || stale.size() > static_cast<size_t>(kMaxPostcopyRuns)) return Status::Ok();
+  proto::ControlRequest req;
+  for (const engine::PageRun& r : stale) {
+    proto::PageRun* pr = req.mutable_prepare()->add_stale();
+    pr->set_gpa(r.gpa);
+    pr->set_pages(static_cast<uint32_t>(r.pages));
+  }
+  if (!control_.Write(req)) return Break(control_.End(options_.connect_timeout, "PostcopyPrepare"));
+  Result<proto::ControlReply> reply =
+      control_.WaitReply(options_.final_timeout, "waiting for the target to prepare post-copy");
+  if (!reply.ok()) return Break(reply.status());
+  if (!reply->has_prepared()) return Break(InvalidArgument("receiver answered PostcopyPrepare with something else"));
+  return Status::Ok();
 }
 
 Result<engine::FinalReply> GrpcMigrationSink::Impl::Finish(const engine::FinalState& state) {
@@ -516,6 +542,9 @@ Result<engine::FinalReply> GrpcMigrationSink::Finish(const engine::FinalState& s
 engine::CommitResult GrpcMigrationSink::Commit() { return impl_->Commit(); }
 void GrpcMigrationSink::Abort(const std::string& why) { impl_->Abort(why); }
 bool GrpcMigrationSink::can_postcopy() const { return impl_->can_postcopy(); }
+Status GrpcMigrationSink::PreparePostcopy(std::span<const engine::PageRun> stale) {
+  return impl_->PreparePostcopy(stale);
+}
 Result<engine::PostcopyResult> GrpcMigrationSink::Postcopy(engine::PostcopyBacklog& backlog) {
   return impl_->Postcopy(backlog);
 }

@@ -98,6 +98,10 @@ Status PagesReactor::Admit(const std::shared_ptr<Session>& session, uint32_t ind
     return InvalidArgument("stream " + std::to_string(index) + ": batch " + std::to_string(b.sequence()) +
                            ": the migration is not receiving pages (before Setup, or after Final or a failure)");
   }
+  if (session->switch_prepared) {
+    return InvalidArgument("stream " + std::to_string(index) + ": batch " + std::to_string(b.sequence()) +
+                           " after PostcopyPrepare (the pages it names may be holes now)");
+  }
   const StreamState& ss = session->per_stream[index];
   return AdmitBatch(session->id, index, StreamCursor{ss.next_sequence, ss.last_round}, b);
 }

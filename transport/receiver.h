@@ -92,6 +92,7 @@ struct Session {
   Status pause_reason;                     // why the link broke
   uint32_t postcopy_recoveries = 0;
   bool postcopy_used = false;              // armed at Final
+  bool switch_prepared = false;            // a PostcopyPrepare came: no page batch is taken any more
   engine::FinalReply prepared;             // set at Commit: what the outcome reports, from whichever link
 };
 

@@ -25,6 +25,7 @@ const char* RequestName(const proto::ControlRequest& r) {
     case proto::ControlRequest::kAbort: return "Abort";
     case proto::ControlRequest::kCommit: return "Commit";
     case proto::ControlRequest::kResume: return "PostcopyResume";
+    case proto::ControlRequest::kPrepare: return "PostcopyPrepare";
     case proto::ControlRequest::MSG_NOT_SET: break;
   }
   return "an empty message";
@@ -101,7 +102,7 @@ ReceiverSession::Next ReceiverSession::Dispatch(const proto::ControlRequest& req
   }
   switch (state) {
     case SessionState::kWaitSetup: return Setup(req);
-    case SessionState::kReceiving: return Final(req);
+    case SessionState::kReceiving: return req.has_prepare() ? Prepare(req.prepare()) : Final(req);
     case SessionState::kPrepared: return Commit(req);
     default: return EndOfCall();  // kFailing (another thread failed the session) or later
   }
@@ -178,6 +179,7 @@ ReceiverSession::Next ReceiverSession::Hello(const proto::ControlRequest& req) {
   h->set_postcopy(engine::PostcopyMemory::Available().ok());
   h->set_postcopy_recovery(r_.options_.postcopy_recovery_timeout.count() > 0);
   h->set_postcopy_push_acks(true);
+  h->set_postcopy_prepare(true);
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
@@ -357,6 +359,10 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
     }
     session_->state = SessionState::kFinalizing;  // from here no batch is admitted
     target = session_->target.get();
+    if (session_->switch_prepared && !f.postcopy()) {
+      lock.unlock();
+      return Fail(InvalidArgument("Final without post-copy after PostcopyPrepare (the prepared pages are holes)"));
+    }
   }
   engine::FinalState fs;
   if (f.postcopy()) {
@@ -402,6 +408,33 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
   fr->set_chunk_bytes(prepared_.chunk_bytes);
   if (!stream_->Write(reply_)) return EndOfCall();  // the source never learns: it resumes its VM; we discard
   FailPoint("receiver.prepared");
+  return std::nullopt;
+}
+
+ReceiverSession::Next ReceiverSession::Prepare(const proto::PostcopyPrepare& p) {
+  if (p.stale_size() > kMaxPostcopyRuns) {
+    return Fail(InvalidArgument("PostcopyPrepare: " + std::to_string(p.stale_size()) + " runs, more than " +
+                                std::to_string(kMaxPostcopyRuns)));
+  }
+  std::vector<engine::PageRun> stale;
+  stale.reserve(static_cast<size_t>(p.stale_size()));
+  for (const proto::PageRun& r : p.stale()) {
+    if (r.pages() == 0) return Fail(InvalidArgument("PostcopyPrepare: a run of 0 pages"));
+    stale.push_back({r.gpa(), r.pages()});
+  }
+  engine::MigrationTarget* target = nullptr;
+  {
+    // From here no batch is taken; one being applied finishes first.
+    std::unique_lock lock(r_.mu_);
+    if (session_->state != SessionState::kReceiving) return EndOfCall();
+    session_->switch_prepared = true;
+    r_.cv_.wait(lock, [&] { return session_->applying == 0; });
+    target = session_->target.get();
+  }
+  if (Status s = target->PreparePostcopy(stale); !s.ok()) return Fail(s.WithContext("PostcopyPrepare"));
+  reply_.Clear();
+  reply_.mutable_prepared();
+  if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
 

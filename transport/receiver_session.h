@@ -73,6 +73,7 @@ class ReceiverSession {
   Next Hello(const proto::ControlRequest& req);   // WAIT_HELLO
   Next Setup(const proto::ControlRequest& req);   // WAIT_SETUP
   Next Final(const proto::ControlRequest& req);   // RECEIVING
+  Next Prepare(const proto::PostcopyPrepare& p);  // RECEIVING, before a post-copy Final
   Next Commit(const proto::ControlRequest& req);  // PREPARED
   Next Abort(const proto::Abort& abort);          // any state
   // WAIT_HELLO, a PostcopyResume: takes over a post-copy session whose

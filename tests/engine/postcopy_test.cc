@@ -180,6 +180,41 @@ TEST_F(PostcopyMemoryTest, WaitingAndMissingForAResume) {
   EXPECT_TRUE(pc.WaitComplete(std::chrono::milliseconds(100)));
 }
 
+// Pages made holes before the switch (Punch, while the source still runs)
+// are owed at Arm without being punched again; one punched but not owed at
+// Arm would read as zero, and is refused.
+TEST_F(PostcopyMemoryTest, PunchBeforeTheSwitchThenArm) {
+  const std::vector<std::optional<MemoryFile>> files = {MemoryFile{fd_.get(), 0}};
+  PageBits punched(slots_);
+  // Pages 0..9 and 20 are stale (they hold 0xee): punched early.
+  ASSERT_TRUE(PostcopyMemory::Punch(slots_, files, std::vector<PageRun>{{kGpa, 10}, {kGpa + 20 * kPageSize, 1}},
+                                    &punched)
+                  .ok());
+  for (uint64_t p = 0; p < 24; ++p) EXPECT_EQ(punched.Test(p), p < 10 || p == 20) << "page " << p;
+  // The file holds a hole there now: the stale copy is gone.
+  {
+    uint8_t b = 0xff;
+    ASSERT_EQ(::pread(fd_.get(), &b, 1, 5 * kPageSize), 1);
+    EXPECT_EQ(b, 0) << "a punched page reads as a hole";
+  }
+  // A prepared page that the switch does not owe: refused by name.
+  {
+    auto bad = PostcopyMemory::Arm(slots_, files, std::vector<PageRun>{{kGpa, 10}}, nullptr, &punched);
+    ASSERT_FALSE(bad.ok());
+    EXPECT_NE(bad.status().message().find("0x114000"), std::string::npos) << bad.status().message();
+  }
+  // Owed: the prepared pages and pages 30..31, dirtied after the prepare.
+  auto armed = PostcopyMemory::Arm(
+      slots_, files, std::vector<PageRun>{{kGpa, 10}, {kGpa + 20 * kPageSize, 1}, {kGpa + 30 * kPageSize, 2}}, nullptr,
+      &punched);
+  ASSERT_TRUE(armed.ok()) << armed.status().message();
+  PostcopyMemory& pc = **armed;
+  EXPECT_EQ(pc.remaining(), 13u);
+  pc.Start([&](uint64_t gpa) { ASSERT_TRUE(pc.Place(gpa, 1, SourcePage(gpa)).ok()); });
+  for (uint64_t p : {0, 9, 20, 30, 31}) EXPECT_EQ(map_.data()[p * kPageSize + 1], SourceByte(p)) << "page " << p;
+  EXPECT_EQ(map_.data()[15 * kPageSize], 0xee) << "a page neither punched nor owed keeps its pre-copied bytes";
+}
+
 TEST_F(PostcopyMemoryTest, BackgroundPushPlacesWithoutFaults) {
   std::vector<PageRun> owed = {{kGpa, kPages}};
   auto armed = PostcopyMemory::Arm(slots_, {MemoryFile{fd_.get(), 0}}, owed, nullptr);

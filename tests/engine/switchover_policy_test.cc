@@ -223,16 +223,30 @@ TEST(DowntimeLimitPolicy, AutoConvergeStepsLikeQemuThenGivesUp) {
   EXPECT_NE(d.detail.find("with every vCPU throttled 99%"), std::string::npos) << d.detail;
 }
 
-TEST(DowntimeLimitPolicy, PostcopyAutoSwitchesAtTheSecondDirtyHighRound) {
+TEST(DowntimeLimitPolicy, PostcopyAutoSwitchesAtTheFirstRoundThatLeavesAQuarter) {
   FakeClock clock;
   DowntimeLimitPolicy p({.downtime_limit = 10ms, .max_rounds = 25, .postcopy = PostcopyMode::kAuto}, clock);
   p.Begin();
-  // Dirty-high every round: the second one switches to post-copy, long
-  // before the stall rule or max_rounds.
-  EXPECT_EQ(p.Decide(Busy(1, 40000, 100'000'000)).action, SwitchoverAction::kContinue);
-  const SwitchoverDecision d = p.Decide(Busy(2, 40000, 100'000'000));
+  // After round 0 (1 GiB sent) a fifth is dirty again: pre-copy goes on.
+  EXPECT_EQ(p.Decide(Busy(1, 52000, 1ull << 30)).action, SwitchoverAction::kContinue);
+  // Round 1 sent those 52000 pages and leaves 23000 (over a quarter): post-copy,
+  // long before the dirty-high rule, the stall rule or max_rounds.
+  const SwitchoverDecision d = p.Decide(Busy(2, 23000, 52000ull * 4096));
   EXPECT_EQ(d.action, SwitchoverAction::kPostcopy);
   EXPECT_EQ(d.reason, SwitchoverReason::kNotConverging);
+}
+
+TEST(DowntimeLimitPolicy, PostcopyAutoWaitsForADirtySetThatShrinksFourfold) {
+  FakeClock clock;
+  DowntimeLimitPolicy p({.downtime_limit = 10ms, .max_rounds = 25, .postcopy = PostcopyMode::kAuto}, clock);
+  p.Begin();
+  // Each round leaves a fifth of what it sent: pre-copy is paying off.
+  uint64_t sent = 1ull << 30, pages = 52000;
+  uint32_t round = 1;
+  for (; round <= 4; ++round, sent = pages * 4096, pages /= 5) {
+    EXPECT_EQ(p.Decide(Busy(round, pages, sent)).action, SwitchoverAction::kContinue) << "round " << round;
+  }
+  EXPECT_EQ(p.Decide(Busy(round, pages, sent)).action, SwitchoverAction::kStopAndCopy);  // converged, no post-copy
 }
 
 TEST(DowntimeLimitPolicy, PostcopyAutoComesAfterTheAidsSteps) {

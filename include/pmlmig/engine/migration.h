@@ -218,6 +218,15 @@ class MigrationSink {
   virtual TransferStats totals() const { return {}; }
   // After Begin: whether the target can take a post-copy switch.
   virtual bool can_postcopy() const { return false; }
+  // Post-copy, before the switch (the VM still runs here; no page is sent
+  // between this and Finish): the pages of `stale` will be owed, and the
+  // target may make them missing now, the slow part of arming post-copy,
+  // outside the downtime. Finish's postcopy_pages include them. Default:
+  // nothing (the target does it all at Finish).
+  virtual Status PreparePostcopy(std::span<const PageRun> stale) {
+    (void)stale;
+    return Status::Ok();
+  }
   // Post-copy, after a committed Finish of a FinalState with postcopy set:
   // answers the target's page requests and pushes the rest of `backlog`
   // (read from source memory, which must stay paused and mapped) until the
@@ -267,6 +276,14 @@ class MigrationTarget {
   // After OnCommit succeeded: the running VM, handed to whoever received it
   // (once; nullptr afterwards or if it never resumed).
   virtual std::unique_ptr<VmControl> TakeVm() = 0;
+  // Post-copy, before the switch (MigrationSink::PreparePostcopy): the
+  // pages of `stale` will be owed; a target may make them missing now and
+  // skip them in ArmPostcopy. No page is written into memory() between the
+  // two. Default: nothing.
+  virtual Status PreparePostcopy(std::span<const PageRun> stale) {
+    (void)stale;
+    return Status::Ok();
+  }
   // Post-copy (before OnFinal of a post-copy FinalState): makes `owed`
   // missing in memory() and returns what serves the faults (owned by the
   // target; the transport starts it before OnCommit and places the pages

@@ -44,6 +44,7 @@ class VmMigrationTarget final : public MigrationTarget {
   Result<FinalReply> OnFinal(const FinalState& state) override;
   Result<double> OnCommit() override;
   void OnAbort(const std::string& why) override;
+  Status PreparePostcopy(std::span<const PageRun> stale) override;
   Result<PostcopyMemory*> ArmPostcopy(std::span<const PageRun> owed) override;
   void EndPostcopy() override;
   std::vector<ProgressSample> postcopy_progress() const override;
@@ -57,6 +58,7 @@ class VmMigrationTarget final : public MigrationTarget {
 
  private:
   Status Verify(const FinalState& state, FinalReply* reply);
+  std::vector<std::optional<MemoryFile>> MemoryFiles() const;
 
   Factory factory_;
   Check check_;
@@ -66,6 +68,7 @@ class VmMigrationTarget final : public MigrationTarget {
   // Post-copy, armed until every page arrived. After vm_: destroyed first,
   // so vCPUs waiting on a fault are woken before the VM goes.
   std::unique_ptr<PostcopyMemory> postcopy_;
+  std::unique_ptr<PageBits> punched_;  // PreparePostcopy to ArmPostcopy
   std::function<uint64_t(VmControl&)> counter_;
   std::thread sampler_;                      // post-copy, from OnCommit to EndPostcopy/OnAbort
   std::atomic<bool> sampling_{false};

@@ -83,6 +83,22 @@ class PageIndex {
   uint64_t total_ = 0;
 };
 
+// One bit per page of a SlotTable, in PageIndex order: the target's pages
+// already made missing before the switch (PostcopyMemory::Punch).
+class PageBits {
+ public:
+  explicit PageBits(const SlotTable& memory) : index_(memory), words_((index_.total() + 63) / 64, 0) {}
+  const PageIndex& index() const { return index_; }
+  void Set(uint64_t index) { words_[index >> 6] |= uint64_t{1} << (index & 63); }
+  bool Test(uint64_t index) const { return (words_[index >> 6] >> (index & 63)) & 1; }
+  size_t words() const { return words_.size(); }
+  uint64_t word(size_t w) const { return words_[w]; }
+
+ private:
+  PageIndex index_;
+  std::vector<uint64_t> words_;
+};
+
 // Target side.
 class PostcopyMemory {
  public:
@@ -98,9 +114,18 @@ class PostcopyMemory {
   // for missing faults. `files[i]` is slot i's file (nullopt: anonymous).
   // With `digests` each placed page's value is set from the data placed.
   // Nothing is served until Start.
+  // Pages in `punched` (Punch before the switch) are owed but not punched
+  // again.
   static Result<std::unique_ptr<PostcopyMemory>> Arm(const SlotTable& memory,
                                                      const std::vector<std::optional<MemoryFile>>& files,
-                                                     std::span<const PageRun> needed, PageDigestTable* digests);
+                                                     std::span<const PageRun> needed, PageDigestTable* digests,
+                                                     const PageBits* punched = nullptr);
+  // Before the switch, while the source still runs: makes the pages of
+  // `runs` holes (as Arm does), skipping and recording them in `punched`.
+  // Nothing may write them until Arm. One fallocate per run: the slow part
+  // of arming when the owed pages are scattered (about 3.5 us a run here).
+  static Status Punch(const SlotTable& memory, const std::vector<std::optional<MemoryFile>>& files,
+                      std::span<const PageRun> runs, PageBits* punched);
   // Stops the fault thread and closes the userfaultfd: faults from then on
   // are served by the kernel (a hole reads as zero), so only destroy it
   // once every page is placed or when the VM is being discarded.

@@ -125,7 +125,10 @@ std::string_view PostcopyModeName(PostcopyMode mode);
 //   - else it aborts (the VM stays on the source), with the numbers.
 // The aid's steps also follow QEMU's trigger: a round whose dirty bytes
 // exceed half of what the previous round sent is "dirty-high", and two
-// dirty-high rounds take a step. Auto-converge: throttle_initial, then
+// dirty-high rounds take a step. With post-copy auto (postcopy = kAuto) and
+// no aid, the first round whose dirty bytes exceed a quarter of what the
+// previous round sent switches to post-copy; with an aid, post-copy comes
+// where the aid has no step left. Auto-converge: throttle_initial, then
 // +throttle_increment per step, up to throttle_max. Dirty-limit: the given
 // per-vCPU quota; or, derived (dirty_limit = 0), half the measured bandwidth
 // in pages/s split between the vCPUs, halved at each further step (down to

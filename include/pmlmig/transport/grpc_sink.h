@@ -140,6 +140,9 @@ class GrpcMigrationSink final : public engine::MigrationSink {
   engine::TransferStats totals() const override;
   // The receiver (pmlmig 0.6+, with userfaultfd) can take post-copy.
   bool can_postcopy() const override;
+  // Before a post-copy switch: a PostcopyPrepare naming `stale`, when the
+  // receiver takes it (0.7+); otherwise nothing.
+  Status PreparePostcopy(std::span<const engine::PageRun> stale) override;
   // After Commit of a post-copy Finish: two Postcopy calls on connections
   // of their own, one answering page requests, one pushing the rest
   // (postcopy_client.h), until the receiver's PostcopyDone. Failures: the
