@@ -25,7 +25,7 @@
 static const char kUsage[] =
     "usage: minivmm --run SECONDS [--memory MIB] [--vcpus N] [--no-ring] [--pauses N] [--reload] [--seed N]\n"
     "       minivmm --send HOST:PORT [--after MS] [--memory MIB] [--vcpus N] [--no-ring] [--streams N] [--verify]\n"
-    "               [--postcopy now|auto]\n"
+    "               [--postcopy now|auto] [--auto-converge] [--downtime-limit MS]\n"
     "       minivmm --receive HOST:PORT [--run-after SECONDS]\n"
     "\n"
     "A tiny KVM VMM whose guest stamps a counter into every page of its memory,\n"
@@ -42,6 +42,9 @@ static const char kUsage[] =
     "  --verify             --send: the target compares a digest of all memory\n"
     "  --postcopy now|auto  --send: post-copy: the VM resumes on the target at once (now) or once\n"
     "                       pre-copy stalls (auto), and its missing pages follow while it runs\n"
+    "  --auto-converge      --send: if the guest dirties too fast, throttle its vCPUs (pmlmig holds them\n"
+    "                       out of KVM_RUN through pmlmig_vm_throttle_ns)\n"
+    "  --downtime-limit MS  --send: the longest pause the switch may take (default pmlmig's, 300)\n"
     "  --receive HOST:PORT  accept one migration (port 0 picks one; the port is printed)\n"
     "  --run-after SECONDS  --receive: run the received VM this long, then check it (default 2)\n"
     "  --memory MIB         guest RAM in MiB, 1..3072 (default 64)\n"
@@ -271,6 +274,8 @@ enum {
   OPT_RELOAD,
   OPT_SEED,
   OPT_POSTCOPY,
+  OPT_AUTO_CONVERGE,
+  OPT_DOWNTIME_LIMIT,
   OPT_HELP
 };
 
@@ -283,6 +288,8 @@ int main(int argc, char **argv) {
       {"verify", no_argument, NULL, OPT_VERIFY},       {"run-after", required_argument, NULL, OPT_RUN_AFTER},
       {"pauses", required_argument, NULL, OPT_PAUSES}, {"reload", no_argument, NULL, OPT_RELOAD},
       {"seed", required_argument, NULL, OPT_SEED},     {"postcopy", required_argument, NULL, OPT_POSTCOPY},
+      {"auto-converge", no_argument, NULL, OPT_AUTO_CONVERGE},
+      {"downtime-limit", required_argument, NULL, OPT_DOWNTIME_LIMIT},
       {"help", no_argument, NULL, OPT_HELP},
       {NULL, 0, NULL, 0}};
   /* Which mode each option belongs to: r(un), s(end), v (receive). */
@@ -290,12 +297,13 @@ int main(int argc, char **argv) {
       [OPT_AFTER - OPT_RUN] = "s",  [OPT_MEMORY - OPT_RUN] = "rs", [OPT_VCPUS - OPT_RUN] = "rs",
       [OPT_NO_RING - OPT_RUN] = "rs", [OPT_STREAMS - OPT_RUN] = "s", [OPT_VERIFY - OPT_RUN] = "s",
       [OPT_RUN_AFTER - OPT_RUN] = "v", [OPT_PAUSES - OPT_RUN] = "r", [OPT_RELOAD - OPT_RUN] = "r",
-      [OPT_SEED - OPT_RUN] = "r", [OPT_POSTCOPY - OPT_RUN] = "s"};
+      [OPT_SEED - OPT_RUN] = "r", [OPT_POSTCOPY - OPT_RUN] = "s", [OPT_AUTO_CONVERGE - OPT_RUN] = "s",
+      [OPT_DOWNTIME_LIMIT - OPT_RUN] = "s"};
 
   char mode = 0;
   const char *address = NULL;
   run_args run = {1.0, {64, 2, 1}, 10, 0, 0};
-  mv_send_args send = {NULL, 500, {64, 2, 1}, 1, 0, 0};
+  mv_send_args send = {NULL, 500, {64, 2, 1}, 1, 0, 0, 0, 0};
   mv_receive_args receive = {NULL, 2.0};
   int used[OPT_HELP - OPT_RUN + 1] = {0};
   int have_seed = 0;
@@ -352,6 +360,10 @@ int main(int argc, char **argv) {
         } else {
           return usage_error("--postcopy: '%s' is neither now nor auto", optarg);
         }
+        break;
+      case OPT_AUTO_CONVERGE: send.auto_converge = 1; break;
+      case OPT_DOWNTIME_LIMIT:
+        if (parse_u32("--downtime-limit", optarg, 1, 3600000, &send.downtime_limit_ms) != 0) return 2;
         break;
       case OPT_RUN_AFTER:
         if (parse_seconds("--run-after", optarg, 86400, &receive.run_after_s) != 0) return 2;

@@ -167,6 +167,8 @@ static void op_release(void *opaque) {
 }
 
 static int on_ring_full(void *ctx, uint32_t vcpu) { return pmlmig_vm_dirty_ring_full(ctx, vcpu); }
+static uint64_t on_throttle(void *ctx, uint32_t vcpu) { return pmlmig_vm_throttle_ns(ctx, vcpu); }
+static void op_kick_vcpu(void *opaque, uint32_t vcpu) { mv_vm_kick_vcpu(vm_of(opaque), vcpu); }
 
 /* Wraps vm for pmlmig. owned_by_pmlmig: pmlmig_vm_destroy frees vm too (the
  * target's factory); otherwise the caller frees vm after pmlmig_vm_destroy.
@@ -206,12 +208,16 @@ static int wrap_vm(mv_vm *vm, int owned_by_pmlmig, pmlmig_vm **out, mv_error *er
   ops.save_state = op_save_state;
   ops.load_state = op_load_state;
   ops.release = op_release;
+  ops.kick_vcpu = op_kick_vcpu;
   const int rc = pmlmig_vm_create(&config, &ops, e, out);
   if (rc < 0) {
     free(e);
     return mv_fail(err, rc, "pmlmig_vm_create: %s", pmlmig_last_error());
   }
   mv_vm_set_ring_full_handler(vm, on_ring_full, *out);
+  /* Only a source is throttled (dirty-limit, auto-converge); the handler goes
+   * before pmlmig_vm_destroy, like the ring-full one. */
+  if (!owned_by_pmlmig) mv_vm_set_throttle_handler(vm, on_throttle, *out);
   return 0;
 }
 
@@ -296,6 +302,7 @@ static void print_migration_stats(const pmlmig_migration_stats *s) {
            s->postcopy_owed_pages, s->postcopy_requests, s->postcopy_latency_p50_ms, s->postcopy_latency_p99_ms,
            s->postcopy_ms, s->postcopy_recoveries);
   }
+  if (s->throttle_steps > 0) printf("migration: throttled in %u steps, at most %u%%\n", s->throttle_steps, s->throttle_max_pct);
 }
 
 /* After a failed or cancelled migration: the VM must still be running here. */
@@ -327,6 +334,8 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   options.postcopy = args->postcopy == 'n'   ? PMLMIG_POSTCOPY_NOW
                      : args->postcopy == 'a' ? PMLMIG_POSTCOPY_AUTO
                                              : PMLMIG_POSTCOPY_OFF;
+  if (args->auto_converge) options.converge = PMLMIG_CONVERGE_AUTO;
+  if (args->downtime_limit_ms > 0) options.downtime_limit_ms = args->downtime_limit_ms;
   options.on_progress = on_progress;
   pmlmig_migration_stats stats;
   pmlmig_migration_stats_init(&stats);
@@ -407,6 +416,7 @@ int mv_send(const mv_send_args *args) {
   /* Stop the vCPUs first: nothing may call into pmlmig_vm once it is gone. */
   mv_vm_pause(vm, &err);
   mv_vm_set_ring_full_handler(vm, NULL, NULL);
+  mv_vm_set_throttle_handler(vm, NULL, NULL);
   if (source != NULL) pmlmig_source_destroy(source);
   if (pm != NULL) pmlmig_vm_destroy(pm); /* release frees only the view */
   mv_vm_free(vm);

@@ -79,6 +79,9 @@ typedef struct mv_vm_options {
 /* Called on a vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; 0 re-enters KVM_RUN,
  * a negative errno stops the vCPU. */
 typedef int (*mv_ring_full_fn)(void *ctx, uint32_t vcpu);
+/* Before each KVM_RUN: nanoseconds this vCPU must stay out of guest mode
+ * (a migration's throttle), 0 to enter now. */
+typedef uint64_t (*mv_throttle_fn)(void *ctx, uint32_t vcpu);
 
 typedef enum mv_want { MV_WANT_PAUSE = 0, MV_WANT_RUN = 1, MV_WANT_QUIT = 2 } mv_want;
 
@@ -118,6 +121,8 @@ struct mv_vm {
   mv_want want;
   mv_ring_full_fn ring_full;
   void *ring_full_ctx;
+  mv_throttle_fn throttle;
+  void *throttle_ctx;
   int vcpu_failed;
   mv_error vcpu_error; /* the first vCPU failure */
 };
@@ -138,6 +143,9 @@ int mv_vm_kick_all(mv_vm *vm, mv_error *err);
 int mv_vm_set_dirty_logging(mv_vm *vm, int on, mv_error *err);
 
 void mv_vm_set_ring_full_handler(mv_vm *vm, mv_ring_full_fn fn, void *ctx);
+void mv_vm_set_throttle_handler(mv_vm *vm, mv_throttle_fn fn, void *ctx);
+/* Makes vCPU `id` leave KVM_RUN soon; does not wait. Any thread. */
+void mv_vm_kick_vcpu(mv_vm *vm, uint32_t id);
 /* 0, or the first vCPU failure in *err. */
 int mv_vm_vcpu_status(mv_vm *vm, mv_error *err);
 /* vCPUs parked: each vCPU's registers (regs[vcpu_count]). */
@@ -195,6 +203,8 @@ typedef struct mv_send_args {
   uint32_t streams;
   int verify;
   int postcopy; /* 0: pre-copy only; 'n': post-copy now; 'a': post-copy auto */
+  int auto_converge;
+  uint32_t downtime_limit_ms; /* 0: pmlmig's default */
 } mv_send_args;
 
 typedef struct mv_receive_args {

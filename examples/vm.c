@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "minivmm.h"
@@ -114,6 +115,32 @@ static void *vcpu_thread(void *arg) {
       pthread_cond_broadcast(&vm->cond);
     }
     if (vm->want == MV_WANT_QUIT) break;
+    if (vm->throttle != NULL) {
+      /* A migration's throttle holds this vCPU out of guest mode a while: at
+       * most 10 ms at a time, and a pause or quit (which broadcast cond)
+       * ends the wait. */
+      const mv_throttle_fn fn = vm->throttle;
+      void *ctx = vm->throttle_ctx;
+      pthread_mutex_unlock(&vm->lock);
+      uint64_t hold = fn(ctx, v->id);
+      pthread_mutex_lock(&vm->lock);
+      /* A pause or quit asked while the lock was free found this vCPU out of
+       * KVM_RUN, so its kick did nothing: look again before entering, or the
+       * vCPU would run on until its next exit while the pauser waits. */
+      if (vm->want != MV_WANT_RUN) continue;
+      if (hold > 0) {
+        if (hold > 10000000ull) hold = 10000000ull;
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += (long)hold;
+        if (until.tv_nsec >= 1000000000l) {
+          until.tv_sec += 1;
+          until.tv_nsec -= 1000000000l;
+        }
+        pthread_cond_timedwait(&vm->cond, &vm->lock, &until);
+        continue;
+      }
+    }
 
     v->run->immediate_exit = 0;
     v->in_run = 1;
@@ -451,6 +478,20 @@ int mv_vm_set_dirty_logging(mv_vm *vm, int on, mv_error *err) {
                          vm->options.memory_mib, on ? "on" : "off");
   }
   return 0;
+}
+
+void mv_vm_set_throttle_handler(mv_vm *vm, mv_throttle_fn fn, void *ctx) {
+  pthread_mutex_lock(&vm->lock);
+  vm->throttle = fn;
+  vm->throttle_ctx = ctx;
+  pthread_mutex_unlock(&vm->lock);
+}
+
+void mv_vm_kick_vcpu(mv_vm *vm, uint32_t id) {
+  if (id >= vm->vcpu_count) return;
+  pthread_mutex_lock(&vm->lock);
+  kick_locked(&vm->vcpus[id]);
+  pthread_mutex_unlock(&vm->lock);
 }
 
 void mv_vm_set_ring_full_handler(mv_vm *vm, mv_ring_full_fn fn, void *ctx) {

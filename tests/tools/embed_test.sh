@@ -16,6 +16,9 @@
 #      resume and again after running on; the sender's final memory digest and
 #      vCPU positions must equal what the receiver restored; pmlmig's own
 #      digest must have been verified.
+#   4a. The same with --auto-converge and a 1 ms downtime limit: pmlmig takes
+#      throttle steps (minivmm's vCPU threads hold as pmlmig_vm_throttle_ns
+#      says), completes, verified, and the guest runs on at the target.
 #   4b. The same with --postcopy now (the C ABI's post-copy): both exit 0,
 #      pmlmig did not call the check (memory was missing at the resume), the
 #      receiver checked every page after running on and every vCPU moved on
@@ -201,6 +204,20 @@ if [ ! -s "$tmp/sent.pos" ] || ! cmp -s "$tmp/sent.pos" "$tmp/restored.pos"; the
   die "the restored vCPU positions differ from the sent ones"
 fi
 pass "migrated live (pkg-config build -> CMake build): every page checked before and after the resume, digest $sent on both sides"
+
+# ---- 4a. auto-converge through the C ABI -----------------------------------
+# A 1 ms downtime limit that the guest's writes never let a round meet: pmlmig
+# throttles the vCPUs, which minivmm holds out of KVM_RUN as long as
+# pmlmig_vm_throttle_ns says (its kick_vcpu op makes a running vCPU ask).
+
+migrate "auto-converge migration" --auto-converge --downtime-limit 1
+expect "$tmp/send.out" '^migration: completed .* verified yes$' "auto-converge: the sender's statistics do not say completed and verified"
+expect "$tmp/send.out" '^migration: throttled in [1-9][0-9]* steps, at most [1-9][0-9]*%$' \
+  "auto-converge: pmlmig took no throttle step"
+expect "$tmp/receive.out" \
+  '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
+  "auto-converge: the receiver did not check every page after running on"
+pass "auto-converge (C ABI): $(grep -m1 '^migration: throttled' "$tmp/send.out" | cut -c12-), completed, verified, the guest runs on at the target"
 
 # ---- 4b. post-copy through the C ABI ---------------------------------------
 # The VM resumes on the target before its memory is there: pmlmig does not
