@@ -425,6 +425,9 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
         std::lock_guard lock(progress_mu_);
         progress_.remaining_pages = backlog.left();
         progress_.postcopy_requests = backlog.requests();
+        progress_.postcopy_pushed_pages = backlog.pushed();
+        progress_.postcopy_latency_p50_ms = backlog.latency_p50_ms();
+        progress_.postcopy_latency_p99_ms = backlog.latency_p99_ms();
         progress_.postcopy_link_down = backlog.link_down();
         progress_.postcopy_recoveries = backlog.recoveries();
         progress_.elapsed_ms = MsSince(clock_, start_);

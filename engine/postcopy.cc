@@ -490,6 +490,7 @@ bool PostcopyBacklog::Next(uint64_t max_pages, PageRun* out) {
       const uint64_t mask = (len == 64 ? ~uint64_t{0} : ((uint64_t{1} << len) - 1)) << lo;
       if (bits_[w].compare_exchange_weak(v, v & ~mask, std::memory_order_acq_rel)) {
         left_.fetch_sub(len, std::memory_order_relaxed);
+        pushed_.fetch_add(len, std::memory_order_relaxed);
         out->gpa = index_.GpaOf(first);
         out->pages = len;
         // Keep going from here next time (a request moves it elsewhere).

@@ -236,6 +236,13 @@ std::string ProgressLine(const engine::MigrationProgress& p) {
   if (p.phase == engine::Phase::kPostcopy) {
     std::snprintf(buf, sizeof buf, " | post-copy: %" PRIu64 " requests answered", p.postcopy_requests);
     out += buf;
+    if (p.postcopy_latency_p99_ms > 0) {
+      std::snprintf(buf, sizeof buf, " (latency p50 %.2f ms, p99 %.2f ms)", p.postcopy_latency_p50_ms,
+                    p.postcopy_latency_p99_ms);
+      out += buf;
+    }
+    std::snprintf(buf, sizeof buf, ", %" PRIu64 " pages pushed", p.postcopy_pushed_pages);
+    out += buf;
     if (p.postcopy_link_down) out += " | LINK LOST, reconnecting (the target's VM runs; vCPUs on missing pages wait)";
     if (p.postcopy_recoveries > 0) out += " | resumed " + std::to_string(p.postcopy_recoveries) + "x";
   }

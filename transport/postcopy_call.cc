@@ -82,7 +82,11 @@ Status PostcopyCall::Attach() {
 }
 
 void PostcopyCall::WriteRequests() {
+  // The latency so far goes to the source about twice a second (its
+  // progress line), with the requests or alone.
+  constexpr std::chrono::milliseconds kLatencyEvery{500};
   proto::PostcopyRequest req;
+  auto next_latency = Session::Clock::now() + kLatencyEvery;
   for (;;) {
     {
       std::unique_lock lock(r_.mu_);
@@ -90,12 +94,22 @@ void PostcopyCall::WriteRequests() {
         return stop_ || session_->state != SessionState::kPostcopy || session_->postcopy_link != link_ ||
                session_->postcopy_paused;
       };
-      r_.cv_.wait(lock, [&] { return over() || !session_->requests.empty(); });
+      r_.cv_.wait_until(lock, next_latency, [&] { return over() || !session_->requests.empty(); });
       if (over()) return;  // requests still queued go out on the next link
       req.Clear();
       for (uint64_t gpa : session_->requests) req.add_gpa(gpa);
       session_->requests.clear();
+      if (Session::Clock::now() >= next_latency) {
+        next_latency = Session::Clock::now() + kLatencyEvery;
+        if (session_->postcopy != nullptr) {
+          // Under mu_: the session's PostcopyMemory goes only with the session.
+          const engine::PostcopyStats st = session_->postcopy->stats();
+          req.set_latency_p50_ms(st.latency_p50_ms);
+          req.set_latency_p99_ms(st.latency_p99_ms);
+        }
+      }
     }
+    if (req.gpa_size() == 0 && req.latency_p99_ms() == 0) continue;
     if (!stream_->Write(req)) return;
   }
 }

@@ -204,6 +204,7 @@ Status RunLink(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& contro
     proto::PageBatch batch;
     uint64_t sequence = 0;
     while (requests->Read(&req)) {
+      if (req.latency_p99_ms() > 0) backlog.SetTargetLatency(req.latency_p50_ms(), req.latency_p99_ms());
       for (uint64_t gpa : req.gpa()) {
         if ((gpa & (engine::kPageSize - 1)) != 0 || source.HostAddress(gpa, engine::kPageSize) == nullptr) {
           calls.Fail(InvalidArgument("post-copy: the target asked for gpa " + FormatHex(gpa) +

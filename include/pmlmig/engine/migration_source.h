@@ -165,6 +165,9 @@ struct MigrationProgress {
   // whether the link is down now (the sink tries to resume it) and how
   // many times it was resumed.
   uint64_t postcopy_requests = 0;
+  uint64_t postcopy_pushed_pages = 0;     // sent in the background so far
+  double postcopy_latency_p50_ms = 0;     // the target's request latency so far (0: not reported yet)
+  double postcopy_latency_p99_ms = 0;
   bool postcopy_link_down = false;
   uint32_t postcopy_recoveries = 0;
 };

@@ -202,12 +202,22 @@ class PostcopyBacklog {
   // Claim() calls so far: the requests answered.
   uint64_t requests() const { return requests_.load(std::memory_order_relaxed); }
 
-  // The state of the link that serves the backlog, for progress reports
-  // (set by the sink, read by any thread): down between a break and a
-  // resume; recoveries() counts the resumes.
+  // Pages Next() handed out so far: the background push.
+  uint64_t pushed() const { return pushed_.load(std::memory_order_relaxed); }
+
+  // What the sink learns of the post-copy in progress, for progress
+  // reports (set by the sink, read by any thread): the link is down between
+  // a break and a resume, recoveries() counts the resumes; the target's
+  // request latency so far (ms; 0 until it reports one).
   void SetLinkDown(bool down);
   bool link_down() const { return link_down_.load(std::memory_order_relaxed); }
   uint32_t recoveries() const { return recoveries_.load(std::memory_order_relaxed); }
+  void SetTargetLatency(double p50_ms, double p99_ms) {
+    latency_p50_ms_.store(p50_ms, std::memory_order_relaxed);
+    latency_p99_ms_.store(p99_ms, std::memory_order_relaxed);
+  }
+  double latency_p50_ms() const { return latency_p50_ms_.load(std::memory_order_relaxed); }
+  double latency_p99_ms() const { return latency_p99_ms_.load(std::memory_order_relaxed); }
 
  private:
   PageIndex index_;
@@ -216,8 +226,11 @@ class PostcopyBacklog {
   std::atomic<uint64_t> hint_{0};  // page index
   std::atomic<uint64_t> left_{0};
   std::atomic<uint64_t> requests_{0};
+  std::atomic<uint64_t> pushed_{0};
   std::atomic<bool> link_down_{false};
   std::atomic<uint32_t> recoveries_{0};
+  std::atomic<double> latency_p50_ms_{0};
+  std::atomic<double> latency_p99_ms_{0};
   uint64_t total_ = 0;
 };
 
