@@ -128,7 +128,10 @@ Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls
   if (broke.ok()) return result;
   calls.Fail(broke);  // the first link is over: every call of it ends
   const bool recover = p.recover && o.postcopy_recovery.count() > 0;
-  std::vector<std::unique_ptr<PostcopyLink>> links;  // each outlives its calls
+  // The link of the latest try. Replacing it ends the previous one: its
+  // calls are over by then (RunLink joins its threads, the destructor the
+  // control call's reader).
+  std::unique_ptr<PostcopyLink> link;
   while (recover && broke.code() == Code::kUnavailable) {
     // The target's VM runs on; its vCPUs wait for missing pages. Try to
     // reach it again until the window closes.
@@ -138,12 +141,12 @@ Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls
     Status last;
     Result<Resumed> resumed = Unavailable("not tried");
     for (;;) {
-      links.push_back(std::make_unique<PostcopyLink>(o, p.bucket));
+      link.reset();
+      link = std::make_unique<PostcopyLink>(o, p.bucket);
       bool definitive = false;
-      resumed = Resume(o, *links.back(), source, p, &definitive);
+      resumed = Resume(o, *link, source, p, &definitive);
       if (resumed.ok()) break;
       last = resumed.status();
-      links.back()->calls.Fail(last, true);
       if (definitive) {
         return last.WithContext("post-copy could not be resumed after the link broke (" + broke.message() + ")");
       }
@@ -164,10 +167,9 @@ Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls
       return result;
     }
     backlog.Reset(resumed->missing);
-    PostcopyLink& link = *links.back();
-    broke = RunLink(o, link.calls, link.control, source, p, backlog, result);
+    broke = RunLink(o, link->calls, link->control, source, p, backlog, result);
     if (broke.ok()) return result;
-    link.calls.Fail(broke);
+    link->calls.Fail(broke);
   }
   return broke;
 }
