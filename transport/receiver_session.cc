@@ -194,6 +194,7 @@ ReceiverSession::Next ReceiverSession::Resume(const proto::ControlRequest& req) 
   const uint64_t id = pr.session_id();
   engine::PostcopyMemory* postcopy = nullptr;
   std::vector<engine::PageRun> missing;
+  bool completed = false;
   {
     std::unique_lock lock(r_.mu_);
     // Completing right now (every page is here; PostcopyDone is on its way
@@ -210,17 +211,26 @@ ReceiverSession::Next ReceiverSession::Resume(const proto::ControlRequest& req) 
     if (!cur || cur->id != id || cur->state != SessionState::kPostcopy || cur->postcopy == nullptr) {
       std::string why = "no session " + FormatHex(id) + " here";
       if (auto it = r_.ended_.find(id); it != r_.ended_.end() && it->second.committed) {
-        // Every page arrived, but the PostcopyDone was lost with the link.
-        reply_.Clear();
-        reply_.mutable_resumed()->set_completed(true);
-        (void)stream_->Write(reply_);
-        return ToGrpc(Status::Ok());
+        completed = true;  // every page arrived, but the PostcopyDone was lost with the link
       } else if (it != r_.ended_.end()) {
         why = "session " + FormatHex(id) + " failed here: " + it->second.error.message();
       } else if (cur && cur->id == id) {
         why = "session " + FormatHex(id) + " is not in post-copy";
       }
-      return ToGrpc(InvalidArgument("PostcopyResume: " + why + "; nothing to resume"));
+      if (!completed) return ToGrpc(InvalidArgument("PostcopyResume: " + why + "; nothing to resume"));
+    }
+  }
+  if (completed) {  // written without mu_ held, as every reply
+    reply_.Clear();
+    reply_.mutable_resumed()->set_completed(true);
+    (void)stream_->Write(reply_);
+    return ToGrpc(Status::Ok());
+  }
+  {
+    std::lock_guard lock(r_.mu_);
+    const std::shared_ptr<Session>& cur = r_.current_;
+    if (!cur || cur->id != id || cur->state != SessionState::kPostcopy || cur->postcopy == nullptr) {
+      return ToGrpc(InvalidArgument("PostcopyResume: session " + FormatHex(id) + " ended meanwhile"));
     }
     // A resume while the old link still looks alive here: the source has
     // given it up, so it is ended first.
