@@ -335,8 +335,12 @@ RoundSummary MigrationSource::Summarize(uint32_t round, uint64_t remaining, Cloc
 }
 
 void MigrationSource::CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine) {
+  CompareDigests(digest_->layout(), reply, mine);
+}
+
+void MigrationSource::CompareDigests(const ChunkLayout& layout, const FinalReply& reply,
+                                     const std::vector<uint64_t>& mine) {
   VerifyReport& v = stats_.verification;
-  const ChunkLayout& layout = digest_->layout();
   if (reply.chunk_digests.empty()) {
     v.verdict = VerifyVerdict::kNotDone;
     v.detail = "the target returned no memory digests (a receiver older than pmlmig 0.3)";
@@ -479,8 +483,9 @@ MigrationStats MigrationSource::RunPhases() {
   setup.verify_order = options_.verify_order;
   stats_.verification.order = options_.verify_order;
   stats_.throttle.aid = options_.policy ? ConvergeAid::kNone : options_.convergence.aid;
-  if (Status s = CheckAid(); !s.ok()) return Finished(Outcome::kFailed, CancelReason::kNone, s);
   for (const MemorySlot& s : vm_.memory_slots().slots()) setup.memory.push_back({s.slot, s.gpa, s.size});
+  if (sink_.shares_memory()) return RunHandover(std::move(setup));
+  if (Status s = CheckAid(); !s.ok()) return Finished(Outcome::kFailed, CancelReason::kNone, s);
   if (Status s = sink_.Begin(setup, vm_.memory_slots()); !s.ok()) {
     return Finished(Outcome::kFailed, CancelReason::kNone, s.WithContext("setup"));
   }

@@ -1,5 +1,7 @@
 #include "pmlmig/engine/migration_target.h"
 
+#include <sys/stat.h>
+
 #include <cstdio>
 
 #include "pmlmig/base/units.h"
@@ -31,11 +33,39 @@ Status VmMigrationTarget::OnSetup(const MigrationSetup& setup) {
     return InvalidArgument("setup: source announced " + std::to_string(setup.vcpus) + " vCPUs, the VM has " +
                            std::to_string((*vm)->vcpu_count()));
   }
+  if (!setup.shared_memory.empty()) PMLMIG_RETURN_IF_ERROR(CheckSharedMemory(setup, **vm));
   setup_ = setup;
+  setup_.shared_memory.clear();  // the transport's fds; the VM holds its own references
+  shared_ = !setup.shared_memory.empty();
   vm_ = std::move(*vm);
-  // Its memory is zeroed: the digests start as those of zero pages and
-  // follow every page the transport writes.
-  if (setup.verify) digests_ = std::make_unique<PageDigestTable>(vm_->memory_slots(), PageDigestTable::Initial::kZero);
+  // Its own memory is zeroed: the digests start as those of zero pages and
+  // follow every page the transport writes. Shared memory is digested at
+  // Final, as it is then.
+  if (setup.verify && !shared_) {
+    digests_ = std::make_unique<PageDigestTable>(vm_->memory_slots(), PageDigestTable::Initial::kZero);
+  }
+  return Status::Ok();
+}
+
+// A handover's VM must be built over the very files it was handed (the same
+// inode at the same offset), not over memory of its own: a factory that
+// ignored them would resume the guest on zeroed memory.
+Status VmMigrationTarget::CheckSharedMemory(const MigrationSetup& setup, const VmControl& vm) {
+  if (setup.shared_memory.size() != setup.memory.size()) {
+    return InvalidArgument("setup: " + std::to_string(setup.shared_memory.size()) + " memory files for " +
+                           std::to_string(setup.memory.size()) + " memory ranges");
+  }
+  for (size_t i = 0; i < setup.memory.size(); ++i) {
+    const MemoryFile& handed = setup.shared_memory[i];
+    const std::optional<VmControl::Backing> b = vm.slot_backing(setup.memory[i].slot);
+    struct stat a{}, m{};
+    if (!b || b->fd < 0 || ::fstat(handed.fd, &a) != 0 || ::fstat(b->fd, &m) != 0 || a.st_dev != m.st_dev ||
+        a.st_ino != m.st_ino || b->offset != handed.offset) {
+      return InvalidArgument("setup: the VM built from the description does not map the memory handed over for "
+                             "slot " + std::to_string(setup.memory[i].slot) +
+                             " (its VMM cannot take a same-host handover)");
+    }
+  }
   return Status::Ok();
 }
 
@@ -71,6 +101,14 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
 }
 
 Status VmMigrationTarget::Verify(const FinalState& state, FinalReply* reply) {
+  if (shared_) {  // the source's own pages: digested as they are now, for the source to compare
+    const ChunkLayout layout(memory());
+    reply->chunk_digests = DigestAllChunks(memory(), layout);
+    reply->chunk_bytes = layout.chunk_bytes();
+    reply->verify_detail = "digests of " + std::to_string(reply->chunk_digests.size()) + " chunks of the shared " +
+                           "memory returned to the source, which compares them before the commit";
+    return Status::Ok();
+  }
   reply->chunk_digests = digests_->Snapshot();
   reply->chunk_bytes = digests_->layout().chunk_bytes();
   const size_t n = reply->chunk_digests.size();

@@ -16,6 +16,7 @@
 #include "pmlmig/engine/migration_target.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "pmlmig/transport/grpc_sink.h"
+#include "pmlmig/transport/handover.h"
 #include "pmlmig/vmm/description.h"
 #include "pmlmig/vmm/machine.h"
 
@@ -39,6 +40,7 @@ struct ReceiveFlags {
   std::string idle_timeout = "60s";
   std::string commit_timeout = "30s";
   std::string postcopy_recovery = "10m";
+  std::vector<uint32_t> allow_uids;  // unix:PATH only
 };
 
 int Receive(const ReceiveFlags& f) {
@@ -47,8 +49,23 @@ int Receive(const ReceiveFlags& f) {
   auto wait = ParseDuration(f.wait);
   if (!wait.ok()) return PrintError("--wait: " + wait.status().message()), kExitUsage;
   // Checked before KVM is opened: a bad address is a usage error anywhere.
-  auto listen = transport::ParseHostPort(f.listen);
-  if (!listen.ok()) return PrintError("--listen " + listen.status().message()), kExitUsage;
+  const bool local = f.listen.rfind("unix:", 0) == 0;
+  Result<transport::HostPort> listen = transport::HostPort{};
+  if (local) {
+    if (auto path = transport::ParseUnixAddress(f.listen); !path.ok()) {
+      return PrintError("--listen " + path.status().message()), kExitUsage;
+    }
+    if (!f.security.tls_ca.empty() || !f.security.tls_cert.empty() || !f.security.token_file.empty() || f.insecure ||
+        f.max_streams != 64 || f.max_memory != "0") {
+      return PrintError("--listen unix:PATH takes same-host handovers: TLS, tokens, --insecure, --max-streams and "
+                        "--max-memory do not apply (the socket is 0600 and the peer's uid is checked; see --allow-uid)"),
+             kExitUsage;
+    }
+  } else {
+    listen = transport::ParseHostPort(f.listen);
+    if (!listen.ok()) return PrintError("--listen " + listen.status().message()), kExitUsage;
+    if (!f.allow_uids.empty()) return PrintError("--allow-uid needs --listen unix:PATH"), kExitUsage;
+  }
   transport::MigrationServerOptions so;
   {
     auto mem = ParseSize(f.max_memory);
@@ -97,7 +114,27 @@ int Receive(const ReceiveFlags& f) {
   }
   vmm::TestVmFactory factory(*kvm, std::move(fo));
   auto make_target = [&factory] { return factory.MakeTarget(); };
-  auto server = transport::MigrationServer::Start(f.listen, make_target, so);
+  Result<std::unique_ptr<transport::MigrationReceiver>> server = Internal("no receiver");
+  int port = 0;
+  if (local) {
+    transport::HandoverServerOptions ho;
+    ho.allowed_uids.assign(f.allow_uids.begin(), f.allow_uids.end());
+    ho.max_vcpus = f.max_vcpus;
+    ho.handshake_timeout = so.handshake_timeout;
+    ho.commit_timeout = so.commit_timeout;
+    if (so.idle_timeout.count() > 0) ho.idle_timeout = std::max(ho.idle_timeout, so.idle_timeout);
+    auto hs = transport::HandoverServer::Start(*transport::ParseUnixAddress(f.listen), make_target, ho);
+    if (hs.ok()) server = std::unique_ptr<transport::MigrationReceiver>(std::move(*hs));
+    else server = hs.status();
+  } else {
+    auto gs = transport::MigrationServer::Start(f.listen, make_target, so);
+    if (gs.ok()) {
+      port = (*gs)->port();
+      server = std::unique_ptr<transport::MigrationReceiver>(std::move(*gs));
+    } else {
+      server = gs.status();
+    }
+  }
   if (!server.ok()) {
     const Status& s = server.status();
     const char* advice = s.code() == Code::kPermissionDenied
@@ -109,9 +146,13 @@ int Receive(const ReceiveFlags& f) {
   }
   // With port 0 the line is the only way to learn the port: printed even
   // with --quiet.
-  if (!f.quiet || listen->port == 0) {
+  if (local && !f.quiet) {
+    std::fprintf(stderr, "pmlmig receive: listening on %s (mode 0600, uid %u%s)%s; waiting for a handover\n",
+                 f.listen.c_str(), static_cast<unsigned>(::geteuid()), f.allow_uids.empty() ? "" : " and --allow-uid",
+                 f.verify ? ", verifying" : "");
+  } else if (!local && (!f.quiet || listen->port == 0)) {
     std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s%s%s; waiting for a migration\n",
-                 f.listen.c_str(), (*server)->port(), so.security.tls() ? ", mutual TLS" : "",
+                 f.listen.c_str(), port, so.security.tls() ? ", mutual TLS" : "",
                  so.security.token.empty() ? "" : ", token", f.verify ? ", verifying" : "");
   }
 
@@ -161,6 +202,7 @@ int Receive(const ReceiveFlags& f) {
   out["received_zero_pages"] = o.totals.zero_pages;
   out["received_bytes"] = o.totals.wire_bytes;
   out["postcopy_recoveries"] = o.postcopy_recoveries;
+  out["handover"] = local;  // same host: the memory was taken over, no page received
   if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
     out["error"] = o.error.message();
@@ -259,8 +301,12 @@ Command RegisterReceive(CLI::App& app) {
   auto* cmd = app.add_subcommand("receive", "Wait for one live migration, resume the VM and report");
   cmd->add_option("--listen", f->listen,
                   "HOST:PORT or [IPV6]:PORT to listen on, port 0..65535 (0: a free port, named on stderr even with "
-                  "--quiet)")
+                  "--quiet); or unix:PATH for same-host handovers ('pmlmig run --local'), a socket of mode 0600")
       ->required();
+  cmd->add_option("--allow-uid", f->allow_uids,
+                  "With unix:PATH: also take handovers from processes of this uid (repeatable; default: only this "
+                  "process's own uid)")
+      ->group("Security");
   cmd->add_flag("--verify", f->verify,
                 "Refuse a source that does not verify memory; verifying before commit, also run the test VM's "
                 "memory checker before resuming");

@@ -59,6 +59,7 @@ struct RunFlags {
   SecurityFlags security;
   ConvergeFlags converge;
   std::string control;  // unix socket for the control API
+  bool local = false;   // same-host handover
 };
 
 // The dirty ring's size: a power of two in [256, host maximum] (KVM wants at
@@ -96,9 +97,7 @@ class RunControl final : public transport::ControlHandler {
   RunControl(engine::MigrationController& controller, vmm::Machine& m) : controller_(controller), m_(m) {}
 
   Status StartMigration(const transport::MigrateCommand& c) override {
-    auto so = transport::SinkOptionsFor(c);
-    if (!so.ok()) return so.status();
-    auto sink = transport::GrpcMigrationSink::Create(std::move(*so));
+    auto sink = transport::SinkFor(c);
     if (!sink.ok()) return sink.status();
     engine::MigrationCallbacks callbacks;
     callbacks.on_done = [](const engine::MigrationStats& st) {
@@ -149,16 +148,17 @@ class RunControl final : public transport::ControlHandler {
 int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
             const transport::MigrateCommand& command, std::chrono::steady_clock::time_point vm_start,
             std::chrono::nanoseconds linger) {
-  auto sink_options = transport::SinkOptionsFor(command);
-  if (!sink_options.ok()) return PrintError(sink_options.status().message()), kExitFailure;
-  auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
+  auto sink = transport::SinkFor(command);
   if (!sink.ok()) return PrintError(sink.status().message()), kExitFailure;
   const std::vector<vmm::VcpuStats> before = m.Stats();
   engine::MigrationController controller(m, tracker, vmm::EncodeTestVmDescription(options));
   const bool tty = isatty(STDERR_FILENO) != 0;
   engine::MigrationCallbacks callbacks;
   if (!f.quiet) {
-    std::fprintf(stderr, "pmlmig run: migrating to %s (tracker %s, %u stream%s, compress %s%s%s)\n",
+    if (command.local) {
+      std::fprintf(stderr, "pmlmig run: handing the VM over to %s (same host: its memory is shared, not copied%s)\n",
+                   f.migrate_to.c_str(), f.verify ? ", verify" : "");
+    } else std::fprintf(stderr, "pmlmig run: migrating to %s (tracker %s, %u stream%s, compress %s%s%s)\n",
                  f.migrate_to.c_str(), std::string(tracker.name()).c_str(), f.streams, f.streams == 1 ? "" : "s",
                  f.compress.c_str(), f.max_bandwidth != "0" ? (", max " + f.max_bandwidth + "B/s").c_str() : "",
                  f.verify ? ", verify" : "");
@@ -357,11 +357,15 @@ int Run(const RunFlags& f) {
       return PrintError("--streams: " + std::to_string(f.streams) + " is outside 1.." +
                         std::to_string(transport::kMaxStreams)), kExitUsage;
     }
-    auto sink_options = transport::SinkOptionsFor(command);
-    if (!sink_options.ok()) return PrintError(sink_options.status().message()), kExitUsage;
-    if (auto check = transport::GrpcMigrationSink::Create(std::move(*sink_options)); !check.ok()) {
-      return PrintError(check.status().message()), kExitUsage;
+    command.local = f.local;
+    if (f.local && (command.aid != engine::ConvergeAid::kNone || command.postcopy != engine::PostcopyMode::kOff)) {
+      return PrintError("--local hands the memory over without copying it: --dirty-limit, --auto-converge and "
+                        "--postcopy do not apply"),
+             kExitUsage;
     }
+    if (auto check = transport::SinkFor(command); !check.ok()) return PrintError(check.status().message()), kExitUsage;
+  } else if (f.local) {
+    return PrintError("--local needs --migrate-to unix:PATH"), kExitUsage;
   } else if (f.verify || f.streams != transport::DefaultStreams() || f.compress != "none" || f.max_bandwidth != "0") {
     return PrintError("--verify, --streams, --compress and --max-bandwidth need --migrate-to"), kExitUsage;
   }
@@ -604,7 +608,13 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--ring-entries", f->ring_entries,
                   "Dirty ring entries per vCPU: a power of two, 256 to the host maximum (default 65536)");
   auto* mig = "Live migration";
-  cmd->add_option("--migrate-to", f->migrate_to, "Migrate the VM to a 'pmlmig receive' at HOST:PORT")->group(mig);
+  cmd->add_option("--migrate-to", f->migrate_to,
+                  "Migrate the VM to a 'pmlmig receive' at HOST:PORT (or, with --local, at unix:PATH)")
+      ->group(mig);
+  cmd->add_flag("--local", f->local,
+                "Same-host handover: the receiver at unix:PATH takes the guest's memory itself (shared, no page "
+                "copied); only the vCPU state moves, while the VM is paused")
+      ->group(mig);
   cmd->add_option("--migrate-after", f->migrate_after, "Run this long before migrating")->capture_default_str()->group(mig);
   cmd->add_option("--downtime-limit", f->downtime_limit_ms, "Switch over once the expected downtime is at most this (ms)")
       ->capture_default_str()->group(mig);

@@ -1,4 +1,5 @@
 #include "pmlmig/transport/control.h"
+#include "pmlmig/transport/handover.h"
 
 #include <cmath>
 
@@ -60,6 +61,7 @@ class Service final : public proto::Control::Service {
     }
     if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
     if (r->has_postcopy_recovery_ms()) c.postcopy_recovery_ms = r->postcopy_recovery_ms();
+    c.local = r->local();
     switch (r->postcopy()) {
       case proto::POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
       case proto::POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
@@ -173,6 +175,7 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_dirty_limit_pages_per_s(c.dirty_limit_pages_per_s);
   r.set_stall_rounds(c.stall_rounds);
   r.set_postcopy_recovery_ms(c.postcopy_recovery_ms);
+  r.set_local(c.local);
   r.set_postcopy(c.postcopy == engine::PostcopyMode::kAuto  ? proto::POSTCOPY_AUTO
                  : c.postcopy == engine::PostcopyMode::kNow ? proto::POSTCOPY_NOW
                                                             : proto::POSTCOPY_OFF);
@@ -228,6 +231,27 @@ Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& c) {
   PMLMIG_ASSIGN_OR_RETURN(so.security, LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file,
                                                              c.tls_server_name));
   return so;
+}
+
+Result<std::unique_ptr<engine::MigrationSink>> SinkFor(const MigrateCommand& c) {
+  if (c.local) {
+    PMLMIG_ASSIGN_OR_RETURN(std::string path, ParseUnixAddress(c.to));
+    if (c.compress != "none" || c.max_bandwidth != 0 || !c.tls_ca.empty() || !c.tls_cert.empty() ||
+        !c.token_file.empty()) {
+      return InvalidArgument("a same-host handover sends no page: compression, a bandwidth limit, TLS and tokens "
+                             "do not apply (the socket is private to this user)");
+    }
+    HandoverSinkOptions ho;
+    ho.path = std::move(path);
+    PMLMIG_ASSIGN_OR_RETURN(auto sink, HandoverSink::Create(std::move(ho)));
+    return std::unique_ptr<engine::MigrationSink>(std::move(sink));
+  }
+  if (c.to.rfind("unix:", 0) == 0) {
+    return InvalidArgument("'" + c.to + "' is a unix socket: only a same-host handover (local) uses one");
+  }
+  PMLMIG_ASSIGN_OR_RETURN(GrpcSinkOptions so, SinkOptionsFor(c));
+  PMLMIG_ASSIGN_OR_RETURN(auto sink, GrpcMigrationSink::Create(std::move(so)));
+  return std::unique_ptr<engine::MigrationSink>(std::move(sink));
 }
 
 engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {

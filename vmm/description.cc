@@ -132,8 +132,14 @@ Result<std::unique_ptr<engine::VmControl>> TestVmFactory::Build(const engine::Mi
     return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
   }
   PMLMIG_ASSIGN_OR_RETURN(MachineOptions o, DecodeTestVmDescription(setup.vm_description));
+  // A handover: the test VM's RAM is one memfd, and every range of it was
+  // handed over as that file (VmMigrationTarget checks each range's file
+  // and offset against the VM built here).
+  const bool shared = !setup.shared_memory.empty();
+  if (shared) o.memory_fd = setup.shared_memory.front().fd;
   PMLMIG_ASSIGN_OR_RETURN(std::unique_ptr<Machine> m, Machine::CreateForRestore(kvm_, o));
-  if (options_.prefault && ::madvise(m->memory().host(), m->memory().size(), MADV_POPULATE_WRITE) != 0) {
+  o.memory_fd = -1;
+  if (options_.prefault && !shared && ::madvise(m->memory().host(), m->memory().size(), MADV_POPULATE_WRITE) != 0) {
     return Status::FromErrno(errno, "madvise(MADV_POPULATE_WRITE) on the new VM's memory");
   }
   {

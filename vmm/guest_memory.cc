@@ -1,6 +1,8 @@
 #include "pmlmig/vmm/guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "pmlmig/base/units.h"
@@ -25,12 +27,17 @@ Result<std::vector<MemoryRegion>> PcLayout(uint64_t bytes) {
 Result<GuestMemory> GuestMemory::Create(const Options& options) {
   GuestMemory mem;
   PMLMIG_ASSIGN_OR_RETURN(mem.regions_, PcLayout(options.bytes));
-  int fd = ::memfd_create("pmlmig-guest-ram", MFD_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(errno, "memfd_create guest RAM");
-  mem.memfd_.Reset(fd);
-  if (::ftruncate(fd, static_cast<off_t>(options.bytes)) < 0) {
-    return Status::FromErrno(errno, "ftruncate guest RAM memfd to " + FormatBytes(options.bytes));
+  if (options.adopt_fd >= 0) {
+    PMLMIG_RETURN_IF_ERROR(mem.Adopt(options.adopt_fd, options.bytes));
+  } else {
+    int fd = ::memfd_create("pmlmig-guest-ram", MFD_CLOEXEC);
+    if (fd < 0) return Status::FromErrno(errno, "memfd_create guest RAM");
+    mem.memfd_.Reset(fd);
+    if (::ftruncate(fd, static_cast<off_t>(options.bytes)) < 0) {
+      return Status::FromErrno(errno, "ftruncate guest RAM memfd to " + FormatBytes(options.bytes));
+    }
   }
+  const int fd = mem.memfd_.get();
   PMLMIG_ASSIGN_OR_RETURN(mem.mapping_,
                           Mapping::Map(options.bytes, PROT_READ | PROT_WRITE,
                                        MAP_SHARED | MAP_NORESERVE, fd, 0, "guest RAM"));
@@ -38,6 +45,20 @@ Result<GuestMemory> GuestMemory::Create(const Options& options) {
     return Status::FromErrno(errno, "madvise(MADV_HUGEPAGE) guest RAM");
   }
   return mem;
+}
+
+Status GuestMemory::Adopt(int fd, uint64_t bytes) {
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) return Status::FromErrno(errno, "fstat the guest RAM handed over");
+  if (!S_ISREG(st.st_mode)) return InvalidArgument("the guest RAM handed over is not a memory file");
+  if (static_cast<uint64_t>(st.st_size) < bytes) {
+    return InvalidArgument("the guest RAM handed over holds " + FormatBytes(static_cast<uint64_t>(st.st_size)) +
+                           ", the VM needs " + FormatBytes(bytes));
+  }
+  const int dup = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) return Status::FromErrno(errno, "dup the guest RAM handed over");
+  memfd_.Reset(dup);
+  return Status::Ok();
 }
 
 uint8_t* GuestMemory::HostAddress(uint64_t gpa, uint64_t len) const {

@@ -52,7 +52,7 @@ Result<std::unique_ptr<Machine>> Machine::Build(const Kvm& kvm, const MachineOpt
   }
   auto m = std::unique_ptr<Machine>(new Machine());
   m->options_ = options;
-  PMLMIG_ASSIGN_OR_RETURN(m->memory_, GuestMemory::Create({g.memory_bytes, options.huge_pages}));
+  PMLMIG_ASSIGN_OR_RETURN(m->memory_, GuestMemory::Create({g.memory_bytes, options.huge_pages, options.memory_fd}));
   PMLMIG_ASSIGN_OR_RETURN(m->vm_, Vm::Create(kvm, {options.irqchip, options.dirty_ring_bytes}));
   PMLMIG_RETURN_IF_ERROR(m->vm_->AddMemory(m->memory_, options.slot_flags));
   PMLMIG_ASSIGN_OR_RETURN(m->msr_indices_, kvm.MsrIndexList());
@@ -69,6 +69,7 @@ Result<std::unique_ptr<Machine>> Machine::Build(const Kvm& kvm, const MachineOpt
 }
 
 Result<std::unique_ptr<Machine>> Machine::Create(const Kvm& kvm, const MachineOptions& options) {
+  if (options.memory_fd >= 0) return InvalidArgument("a booted test VM cannot take over memory (CreateForRestore can)");
   PMLMIG_ASSIGN_OR_RETURN(auto m, Build(kvm, options));
   PMLMIG_RETURN_IF_ERROR(PrepareTestGuest(m->memory_, options.guest));
   for (auto& t : m->vcpus_) PMLMIG_RETURN_IF_ERROR(SetBootRegisters(*t->vcpu));

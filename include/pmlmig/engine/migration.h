@@ -68,6 +68,12 @@ struct MemoryRange {
   uint64_t size = 0;
 };
 
+// Guest memory behind a memslot as a range of a file (a memfd).
+struct MemoryFile {
+  int fd = -1;
+  uint64_t offset = 0;  // of the slot's first byte in the file
+};
+
 // What the source says first. `vm_description` is opaque to the engine and
 // the transport: the VMM on each side encodes and decodes it (for the test
 // VM: the memory size, vCPUs, workload, fill).
@@ -77,6 +83,14 @@ struct MigrationSetup {
   uint32_t vcpus = 0;
   bool verify = false;  // the two sides will compare memory digests (see VerifyOrder)
   VerifyOrder verify_order = VerifyOrder::kAfterCommit;
+  // A same-host handover (MigrationSink::shares_memory): the file behind
+  // each range of `memory`, in the same order. The target builds its VM
+  // over these very pages (no page is sent) and must not write them before
+  // Commit: until then the source may resume on them. Empty: the target's
+  // memory is its own and the pages follow. The fds belong to whoever
+  // received them (the transport); a target keeps its own references
+  // (mmap, dup).
+  std::vector<MemoryFile> shared_memory;
 };
 
 // A run of consecutive guest pages to send.
@@ -218,6 +232,11 @@ class MigrationSink {
   virtual TransferStats totals() const { return {}; }
   // After Begin: whether the target can take a post-copy switch.
   virtual bool can_postcopy() const { return false; }
+  // A same-host handover: the target maps the source's own guest memory
+  // (Begin's setup carries MigrationSetup::shared_memory), so no page is
+  // sent; the source pauses, Finish carries the state, and after Commit the
+  // source never touches the memory again.
+  virtual bool shares_memory() const { return false; }
   // Post-copy, before the switch (the VM still runs here; no page is sent
   // between this and Finish): the pages of `stale` will be owed, and the
   // target may make them missing now, the slow part of arming post-copy,
@@ -241,12 +260,6 @@ class MigrationSink {
 
 // Target side: implemented by the engine, called by the transport's server
 // after its own checks (order, version, checksums, sizes).
-// Guest memory behind a memslot as a range of a file (a memfd).
-struct MemoryFile {
-  int fd = -1;
-  uint64_t offset = 0;  // of the slot's first byte in the file
-};
-
 class MigrationTarget {
  public:
   virtual ~MigrationTarget() = default;

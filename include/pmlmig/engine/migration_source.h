@@ -137,6 +137,7 @@ struct MigrationStats {
   bool verified = false;             // verification.verdict == kMatched
   VerifyReport verification;
   bool commit_resolved = false;      // the commit's reply was lost; Resolve gave the outcome
+  bool shared_memory = false;        // a same-host handover: the target took the memory itself, no page was copied
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
   ThrottleReport throttle;
@@ -215,6 +216,7 @@ class MigrationSource {
   void StopThrottle();
   // After the target's FinalReply: compares its digests with the source's.
   void CompareDigests(const FinalReply& reply, const std::vector<uint64_t>& mine);
+  void CompareDigests(const ChunkLayout& layout, const FinalReply& reply, const std::vector<uint64_t>& mine);
   // The same for the source's own digest, which may have failed.
   void CompareDigests(const FinalReply& reply, const Result<std::vector<uint64_t>>& mine);
   // After a prepared Finish: Commit. The migration's end (failed, in doubt)
@@ -224,6 +226,9 @@ class MigrationSource {
   // From the pause on, with `owed` the pages the target lacks: switch,
   // commit, serve the pages, verify.
   MigrationStats RunPostcopy(Clock::TimePoint pause, std::vector<PageRun> owed);
+  // A same-host handover (sink_.shares_memory()): from setup (with the
+  // memory's files) to the commit; no tracking, no page sent.
+  MigrationStats RunHandover(MigrationSetup setup);
 
   VmControl& vm_;
   DirtyTracker& tracker_;

@@ -58,6 +58,7 @@ class VmMigrationTarget final : public MigrationTarget {
 
  private:
   Status Verify(const FinalState& state, FinalReply* reply);
+  static Status CheckSharedMemory(const MigrationSetup& setup, const VmControl& vm);
   std::vector<std::optional<MemoryFile>> MemoryFiles() const;
 
   Factory factory_;
@@ -78,6 +79,7 @@ class VmMigrationTarget final : public MigrationTarget {
   SlotTable empty_;
   bool prepared_ = false;
   bool resumed_ = false;
+  bool shared_ = false;  // a handover: the VM runs on the source's own memory files
   std::chrono::steady_clock::time_point resumed_at_{};
 };
 

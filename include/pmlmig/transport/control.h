@@ -31,6 +31,7 @@ struct MigrateCommand {
   uint32_t stall_rounds = 5;           // 0: only max_rounds and the timeout end it
   engine::PostcopyMode postcopy = engine::PostcopyMode::kOff;
   uint64_t postcopy_recovery_ms = 300000;  // resuming a broken post-copy link; 0: never
+  bool local = false;  // a same-host handover to `to` = "unix:PATH" (handover.h): no page is copied
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
@@ -40,6 +41,9 @@ struct MigrateCommand {
 // becomes options: `run --migrate-to` and the control API both use it.
 Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& command);
 engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& command);
+// The sink a command asks for: the gRPC sink, or with `local` the same-host
+// HandoverSink (whose options it checks: no compression, limit or TLS).
+Result<std::unique_ptr<engine::MigrationSink>> SinkFor(const MigrateCommand& command);
 
 struct ControlStatus {
   std::string vm = "running";      // running, migrated, failed, paused-in-doubt

@@ -18,6 +18,7 @@
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/engine/migration.h"
+#include "pmlmig/transport/received.h"
 #include "pmlmig/transport/security.h"
 
 namespace pmlmig::transport {
@@ -65,32 +66,13 @@ struct MigrationServerOptions {
   std::string receiver_name = "pmlmig";
 };
 
-// How one migration ended, as the receiver saw it.
-struct ReceivedMigration {
-  // kCompleted, kFailed, or kCancelled (the source aborted it).
-  engine::Outcome outcome = engine::Outcome::kFailed;
-  Status error;                 // why it failed or was cancelled; OK when completed
-  uint64_t session_id = 0;
-  engine::FinalReply reply;     // the target's reply (completed only)
-  engine::TransferStats totals; // pages and bytes applied (wire_bytes: message bytes received)
-  uint32_t rounds = 0;          // highest round seen + 1
-  bool postcopy = false;             // the VM resumed before all its memory was here
-  uint32_t postcopy_recoveries = 0;  // post-copy links broken and resumed
-  // A completed migration's resumed VM (target->TakeVm()), the caller's from
-  // here; null otherwise.
-  std::unique_ptr<engine::VmControl> vm;
-  // The target of a completed migration (its VM taken into `vm`). Null
-  // otherwise (a failed target has been discarded via OnAbort and destroyed).
-  std::unique_ptr<engine::MigrationTarget> target;
-};
-
 // Threads: Start, WaitForMigration, RefuseNewMigrations, port and Shutdown
 // may be called from any thread. The factory and every MigrationTarget
 // method run on gRPC's server threads: OnSetup, OnFinal, OnCommit and OnAbort
 // on the control stream's thread, never two at once; pages are written into memory() by the Pages streams' threads
 // only between OnSetup and OnFinal/OnAbort (OnAbort and OnFinal run only once
 // no batch is being written).
-class MigrationServer {
+class MigrationServer final : public MigrationReceiver {
  public:
   using TargetFactory = std::function<std::unique_ptr<engine::MigrationTarget>()>;
 
@@ -101,7 +83,7 @@ class MigrationServer {
   // options.allow_insecure.
   static Result<std::unique_ptr<MigrationServer>> Start(const std::string& listen, TargetFactory factory,
                                                         MigrationServerOptions options = {});
-  ~MigrationServer();  // Shutdown()
+  ~MigrationServer() override;  // Shutdown()
 
   // The port actually bound.
   int port() const;
@@ -109,17 +91,17 @@ class MigrationServer {
   // Waits until a migration ends (completed, failed or aborted) and returns
   // its outcome; outcomes are returned oldest first, each once. Error
   // (kAborted) when the deadline passes first or the server shuts down.
-  Result<ReceivedMigration> WaitForMigration(std::chrono::steady_clock::time_point deadline);
+  Result<ReceivedMigration> WaitForMigration(std::chrono::steady_clock::time_point deadline) override;
 
   // From now on a Hello is refused (UNAVAILABLE, naming `why`), while
   // Resolve keeps answering. Keep the server running like this as long as a
   // VM it received runs: a source whose commit reply was lost asks it, and
   // takes a closed port to mean that no VM runs here.
-  void RefuseNewMigrations(std::string why);
+  void RefuseNewMigrations(std::string why) override;
 
   // Cancels every call (a migration in progress fails: its target's OnAbort
   // runs), stops listening, and waits for the handlers. Idempotent.
-  void Shutdown();
+  void Shutdown() override;
 
   class Impl;
 

@@ -40,6 +40,10 @@ class GuestMemory {
   struct Options {
     uint64_t bytes = 0;        // RAM size; a multiple of 2 MiB in [2 MiB, 256 GiB]
     bool huge_pages = false;   // madvise(MADV_HUGEPAGE) (needs shmem THP "advise" or better)
+    // An existing memfd to map instead of a new one (a same-host handover:
+    // the RAM of a VM in another process; duplicated, never written here,
+    // at least `bytes` long). -1: a new, zeroed memfd.
+    int adopt_fd = -1;
   };
   static Result<GuestMemory> Create(const Options& options);
 
@@ -53,6 +57,8 @@ class GuestMemory {
   uint64_t gpa_end() const { return regions_.back().gpa + regions_.back().size; }
 
  private:
+  Status Adopt(int fd, uint64_t bytes);
+
   UniqueFd memfd_;
   Mapping mapping_;
   std::vector<MemoryRegion> regions_;

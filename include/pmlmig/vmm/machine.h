@@ -47,6 +47,10 @@ struct MachineOptions {
   uint32_t dirty_ring_bytes = 0;  // enable KVM's dirty ring with this many bytes per vCPU
   uint32_t slot_flags = 0;        // initial memslot flags (e.g. KVM_MEM_LOG_DIRTY_PAGES)
   bool echo_console = false;      // copy guest console lines to stderr
+  // CreateForRestore only: the guest's RAM is this existing memfd (a VM
+  // handed over by another process on this host), mapped and never written
+  // before the state is restored. -1: new, zeroed memory. Not described.
+  int memory_fd = -1;
 };
 
 struct VcpuStats {

@@ -1,0 +1,299 @@
+// HandoverServer: the receiver's side of a same-host handover
+// (proto/handover.proto). One thread accepts connections and serves each to
+// its end, one at a time: a handover is a few messages, and a second source
+// arriving meanwhile waits in the listen queue.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "handover_wire.h"
+#include "pmlmig/transport/handover.h"
+
+namespace pmlmig::transport {
+namespace {
+
+Deadline In(std::chrono::milliseconds d) {
+  return d.count() > 0 ? std::chrono::steady_clock::now() + d : Deadline::max();
+}
+
+// Binds a listening socket at `path`, mode 0600 from the start: it is bound
+// under a private name, restricted, then renamed into place, so nobody can
+// connect while it is still open to all. A stale socket (nothing accepts on
+// it) is replaced; anything else at `path` is refused.
+Result<UniqueFd> Listen(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::string temp = path + ".pmlmig-" + std::to_string(::getpid());
+  if (temp.size() >= sizeof addr.sun_path) return InvalidArgument("unix:" + path + ": the path is too long");
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) return InvalidArgument("unix:" + path + ": exists and is not a socket");
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    if (probe.valid() && ::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
+      return InvalidArgument("unix:" + path + ": another receiver listens there");
+    }
+    ::unlink(path.c_str());
+  }
+  UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!sock.valid()) return Status::FromErrno(errno, "socket(AF_UNIX)");
+  std::memcpy(addr.sun_path, temp.c_str(), temp.size() + 1);
+  ::unlink(temp.c_str());
+  if (::bind(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    return Status::FromErrno(errno, "bind unix:" + temp);
+  }
+  if (::chmod(temp.c_str(), 0600) != 0 || ::rename(temp.c_str(), path.c_str()) != 0) {
+    Status s = Status::FromErrno(errno, "make unix:" + path + " private (0600)");
+    ::unlink(temp.c_str());
+    return s;
+  }
+  if (::listen(sock.get(), 4) != 0) return Status::FromErrno(errno, "listen on unix:" + path);
+  return sock;
+}
+
+proto::HandoverMessage SetupReply(const Status& s, const std::string& receiver) {
+  proto::HandoverMessage m;
+  m.mutable_setup_reply()->set_ok(s.ok());
+  m.mutable_setup_reply()->set_error(s.message());
+  m.mutable_setup_reply()->set_receiver(receiver);
+  return m;
+}
+
+}  // namespace
+
+class HandoverServer::Impl {
+ public:
+  Impl(std::string path, UniqueFd listen, TargetFactory factory, HandoverServerOptions o)
+      : path_(std::move(path)), listen_(std::move(listen)), factory_(std::move(factory)), options_(std::move(o)) {
+    thread_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~Impl() { Shutdown(); }
+
+  Result<ReceivedMigration> Wait(Deadline deadline) {
+    std::unique_lock lock(mu_);
+    cv_.wait_until(lock, deadline, [&] { return !done_.empty() || stopped_; });
+    if (done_.empty()) return Aborted(stopped_ ? "the receiver shut down" : "no handover ended in time");
+    ReceivedMigration r = std::move(done_.front());
+    done_.pop_front();
+    return r;
+  }
+
+  void Refuse(std::string why) {
+    std::lock_guard lock(mu_);
+    refuse_ = std::move(why);
+  }
+
+  void Shutdown() {
+    {
+      std::lock_guard lock(mu_);
+      if (stopped_) return;
+      stopped_ = true;
+      if (conn_ >= 0) ::shutdown(conn_, SHUT_RDWR);  // the handover in progress fails
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+    ::unlink(path_.c_str());
+  }
+
+  const std::string& path() const { return path_; }
+
+ private:
+  bool stopped() {
+    std::lock_guard lock(mu_);
+    return stopped_;
+  }
+
+  void AcceptLoop() {
+    while (!stopped()) {
+      pollfd p{listen_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      UniqueFd conn(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn.valid()) continue;
+      {
+        std::lock_guard lock(mu_);
+        if (stopped_) break;
+        conn_ = conn.get();
+      }
+      Serve(conn.get());
+      std::lock_guard lock(mu_);
+      conn_ = -1;
+    }
+  }
+
+  void Serve(int conn) {
+    auto peer = PeerOf(conn);
+    Status allowed = peer.ok() ? CheckPeer(*peer, ::geteuid(), options_.allowed_uids, "source") : peer.status();
+    if (!allowed.ok()) {  // answered at once: not a word of its is read
+      (void)SendFrame(conn, SetupReply(allowed, options_.receiver_name), In(std::chrono::milliseconds(1000)));
+      return;
+    }
+    auto first = ReceiveFrame(conn, In(options_.handshake_timeout), kMaxHandoverFds, "handover setup");
+    if (!first.ok()) return;  // nothing was built: not a migration
+    if (first->message.has_resolve()) return AnswerResolve(conn, first->message.resolve().session_id());
+    if (!first->message.has_setup()) {
+      (void)SendFrame(conn, SetupReply(InvalidArgument("the first message must be a setup"), options_.receiver_name),
+                      In(std::chrono::milliseconds(1000)));
+      return;
+    }
+    ReceivedMigration r = Receive(conn, first->message.setup(), std::move(first->fds));
+    std::lock_guard lock(mu_);
+    done_.push_back(std::move(r));
+    cv_.notify_all();
+  }
+
+  void AnswerResolve(int conn, uint64_t session) {
+    proto::HandoverMessage m;
+    proto::HandoverResolveReply::State state = proto::HandoverResolveReply::UNKNOWN;
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = sessions_.find(session); it != sessions_.end()) state = it->second;
+    }
+    m.mutable_resolve_reply()->set_state(state);
+    (void)SendFrame(conn, m, In(std::chrono::milliseconds(1000)));
+  }
+
+  // One handover, from its setup to its end.
+  ReceivedMigration Receive(int conn, const proto::HandoverSetup& setup, std::vector<UniqueFd> fds);
+
+  const std::string path_;
+  UniqueFd listen_;
+  TargetFactory factory_;
+  const HandoverServerOptions options_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<ReceivedMigration> done_;  // guarded by mu_
+  std::string refuse_;                   // guarded by mu_
+  bool stopped_ = false;                 // guarded by mu_
+  int conn_ = -1;                        // guarded by mu_: the connection being served
+  std::map<uint64_t, proto::HandoverResolveReply::State> sessions_;  // guarded by mu_
+};
+
+ReceivedMigration HandoverServer::Impl::Receive(int conn, const proto::HandoverSetup& setup,
+                                                std::vector<UniqueFd> fds) {
+  ReceivedMigration r;
+  r.session_id = setup.session_id();
+  std::unique_ptr<engine::MigrationTarget> target;
+  auto record = [&](proto::HandoverResolveReply::State s) {
+    std::lock_guard lock(mu_);
+    sessions_[r.session_id] = s;
+  };
+  // Any end before the commit: the target discards its VM (it wrote nothing
+  // of the shared memory, so the source may resume on it).
+  auto fail = [&](engine::Outcome outcome, const Status& why) {
+    if (target) target->OnAbort(why.message());
+    record(proto::HandoverResolveReply::DISCARDED);
+    r.outcome = outcome;
+    r.error = why;
+    return std::move(r);
+  };
+  Status valid = ValidateHandoverSetup(setup, fds, options_.max_regions, options_.max_vcpus);
+  {
+    std::lock_guard lock(mu_);
+    if (valid.ok() && !refuse_.empty()) valid = Unavailable("this receiver takes no more handovers: " + refuse_);
+  }
+  engine::MigrationSetup ms;
+  if (valid.ok()) {
+    ms.vm_description = setup.vm_description();
+    ms.vcpus = setup.vcpus();
+    ms.verify = setup.verify();
+    ms.verify_order = engine::VerifyOrder::kAfterCommit;  // the source compares the digests it gets back
+    for (int i = 0; i < setup.regions_size(); ++i) {
+      const proto::HandoverRegion& reg = setup.regions(i);
+      ms.memory.push_back({reg.slot(), reg.gpa(), reg.size()});
+      ms.shared_memory.push_back({fds[static_cast<size_t>(i)].get(), reg.file_offset()});
+    }
+    target = factory_();
+    valid = target ? target->OnSetup(ms) : Internal("no target");
+  }
+  if (!valid.ok()) {
+    (void)SendFrame(conn, SetupReply(valid, options_.receiver_name), In(std::chrono::milliseconds(1000)));
+    return fail(engine::Outcome::kFailed, valid);
+  }
+  if (Status s = SendFrame(conn, SetupReply(Status::Ok(), options_.receiver_name), In(options_.commit_timeout));
+      !s.ok()) {
+    return fail(engine::Outcome::kFailed, s);
+  }
+  // The final state, whenever the source pauses.
+  auto final = ReceiveFrame(conn, In(options_.idle_timeout), 0, "handover final state");
+  if (!final.ok()) return fail(engine::Outcome::kFailed, final.status());
+  if (final->message.has_abort()) {
+    return fail(engine::Outcome::kCancelled, Aborted("the source aborted: " + final->message.abort().why()));
+  }
+  if (!final->message.has_final()) return fail(engine::Outcome::kFailed, InvalidArgument("expected the final state"));
+  engine::FinalState state;
+  const std::string& blob = final->message.final().vm_state();
+  state.vm_state.assign(blob.begin(), blob.end());
+  state.source_paused_ms = final->message.final().source_paused_ms();
+  auto prepared = target->OnFinal(state);
+  proto::HandoverMessage reply;
+  proto::HandoverFinalReply* fr = reply.mutable_final_reply();
+  if (!prepared.ok()) {
+    fr->set_prepared(false);
+    fr->set_error(prepared.status().message());
+    fr->set_data_loss(prepared.status().code() == Code::kDataLoss);
+    (void)SendFrame(conn, reply, In(std::chrono::milliseconds(1000)));
+    return fail(engine::Outcome::kFailed, prepared.status());
+  }
+  fr->set_prepared(true);
+  for (uint64_t d : prepared->chunk_digests) fr->add_chunk_digests(d);
+  fr->set_chunk_bytes(prepared->chunk_bytes);
+  fr->set_target_restore_ms(prepared->target_restore_ms);
+  fr->set_verify_detail(prepared->verify_detail);
+  if (Status s = SendFrame(conn, reply, In(options_.commit_timeout)); !s.ok()) return fail(engine::Outcome::kFailed, s);
+  // Prepared: the VM runs only on Commit.
+  auto commit = ReceiveFrame(conn, In(options_.commit_timeout), 0, "handover commit");
+  if (!commit.ok()) return fail(engine::Outcome::kFailed, commit.status().WithContext("prepared, no commit"));
+  if (commit->message.has_abort()) {
+    return fail(engine::Outcome::kCancelled, Aborted("the source aborted: " + commit->message.abort().why()));
+  }
+  if (!commit->message.has_commit()) return fail(engine::Outcome::kFailed, InvalidArgument("expected the commit"));
+  auto resumed = target->OnCommit();
+  proto::HandoverMessage cr;
+  cr.mutable_commit_reply()->set_resumed(resumed.ok());
+  if (!resumed.ok()) {
+    cr.mutable_commit_reply()->set_error(resumed.status().message());
+    (void)SendFrame(conn, cr, In(std::chrono::milliseconds(1000)));
+    return fail(engine::Outcome::kFailed, resumed.status());
+  }
+  record(proto::HandoverResolveReply::COMMITTED);
+  cr.mutable_commit_reply()->set_target_resume_ms(*resumed);
+  // A lost reply is the source's to resolve; the VM runs here either way.
+  Status replied = SendFrame(conn, cr, In(std::chrono::milliseconds(1000)));
+  r.outcome = engine::Outcome::kCompleted;
+  r.error = replied.ok() ? Status::Ok() : replied.WithContext("the commit's answer");
+  r.reply = *prepared;
+  r.reply.target_resume_ms = *resumed;
+  r.reply.source_paused_ms = state.source_paused_ms;
+  r.vm = target->TakeVm();
+  r.target = std::move(target);
+  return r;
+}
+
+Result<std::unique_ptr<HandoverServer>> HandoverServer::Start(const std::string& path, TargetFactory factory,
+                                                              HandoverServerOptions options) {
+  if (path.empty()) return InvalidArgument("handover: no socket path");
+  PMLMIG_ASSIGN_OR_RETURN(UniqueFd sock, Listen(path));
+  return std::unique_ptr<HandoverServer>(
+      new HandoverServer(std::make_unique<Impl>(path, std::move(sock), std::move(factory), std::move(options))));
+}
+
+HandoverServer::HandoverServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+HandoverServer::~HandoverServer() { Shutdown(); }
+Result<ReceivedMigration> HandoverServer::WaitForMigration(std::chrono::steady_clock::time_point deadline) {
+  return impl_->Wait(deadline);
+}
+void HandoverServer::RefuseNewMigrations(std::string why) { impl_->Refuse(std::move(why)); }
+void HandoverServer::Shutdown() { impl_->Shutdown(); }
+const std::string& HandoverServer::path() const { return impl_->path(); }
+
+}  // namespace pmlmig::transport
