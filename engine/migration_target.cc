@@ -87,7 +87,8 @@ Result<FinalReply> VmMigrationTarget::OnFinal(const FinalState& state) {
     PMLMIG_RETURN_IF_ERROR(Verify(state, &reply));
     // The VMM's own check needs the vCPUs paused, so it costs downtime:
     // only when the VM waits for verification anyway.
-    if (check_ && setup_.verify_order == VerifyOrder::kBeforeCommit) {
+    // A handover waits anyway: the source compares the digests before its commit.
+    if (check_ && (setup_.verify_order == VerifyOrder::kBeforeCommit || shared_)) {
       auto checked = check_(*vm_);
       if (!checked.ok()) return checked.status().WithContext("verify");
       reply.verify_detail += "; " + *checked;

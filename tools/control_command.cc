@@ -116,7 +116,9 @@ Command RegisterControl(CLI::App& app) {
   auto f = std::make_shared<ControlFlags>();
   auto* migrate = app.add_subcommand("migrate", "Migrate a VM run with 'pmlmig run --control PATH'");
   AddControlOption(migrate, f.get());
-  migrate->add_option("--to", f->command.to, "The receiver, HOST:PORT")->required();
+  migrate->add_option("--to", f->command.to, "The receiver, HOST:PORT (or unix:PATH with --local)")->required();
+  migrate->add_flag("--local", f->command.local,
+                    "Same-host handover to a 'pmlmig receive --listen unix:PATH': the memory is shared, not copied");
   migrate->add_option("--streams", f->command.streams,
                       "Parallel data streams (1-64); 0 = the source's default (half its CPUs, 2 to 8)")
       ->capture_default_str();

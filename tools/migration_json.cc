@@ -129,6 +129,7 @@ nlohmann::ordered_json MigrationStatsJson(const engine::MigrationStats& s) {
       {"target_restore_ms", s.final_reply.target_restore_ms},
       {"target_resume_ms", s.final_reply.target_resume_ms},
       {"commit_resolved", s.commit_resolved},
+      {"shared_memory", s.shared_memory},
       {"error", s.error.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(ErrorWithAdvice(s))},
       {"throttle", ThrottleJson(s)},
       {"postcopy", PostcopyJson(s.postcopy)},
@@ -175,6 +176,9 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                 FormatBytes(s.transferred.payload_bytes).c_str(), s.transferred.normal_pages, s.transferred.zero_pages,
                 s.throughput_mbps);
   out += buf;
+  if (s.shared_memory) {
+    out += "  same-host handover: the target took the guest's memory itself (no page copied)\n";
+  }
   if (completed) {
     std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s\n",
                   s.final_reply.target_restore_ms, s.final_reply.target_resume_ms,

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "handover_wire.h"
+#include "pmlmig/base/failpoint.h"
 #include "pmlmig/transport/handover.h"
 
 namespace pmlmig::transport {
@@ -223,6 +224,7 @@ ReceivedMigration HandoverServer::Impl::Receive(int conn, const proto::HandoverS
       !s.ok()) {
     return fail(engine::Outcome::kFailed, s);
   }
+  FailPoint("handover.setup");
   // The final state, whenever the source pauses.
   auto final = ReceiveFrame(conn, In(options_.idle_timeout), 0, "handover final state");
   if (!final.ok()) return fail(engine::Outcome::kFailed, final.status());
@@ -250,6 +252,7 @@ ReceivedMigration HandoverServer::Impl::Receive(int conn, const proto::HandoverS
   fr->set_target_restore_ms(prepared->target_restore_ms);
   fr->set_verify_detail(prepared->verify_detail);
   if (Status s = SendFrame(conn, reply, In(options_.commit_timeout)); !s.ok()) return fail(engine::Outcome::kFailed, s);
+  FailPoint("handover.prepared");
   // Prepared: the VM runs only on Commit.
   auto commit = ReceiveFrame(conn, In(options_.commit_timeout), 0, "handover commit");
   if (!commit.ok()) return fail(engine::Outcome::kFailed, commit.status().WithContext("prepared, no commit"));
@@ -266,6 +269,7 @@ ReceivedMigration HandoverServer::Impl::Receive(int conn, const proto::HandoverS
     return fail(engine::Outcome::kFailed, resumed.status());
   }
   record(proto::HandoverResolveReply::COMMITTED);
+  if (TamperPoint("tamper.handover_commit_reply")) ::shutdown(conn, SHUT_RDWR);  // the answer lost: the source resolves
   cr.mutable_commit_reply()->set_target_resume_ms(*resumed);
   // A lost reply is the source's to resolve; the VM runs here either way.
   Status replied = SendFrame(conn, cr, In(std::chrono::milliseconds(1000)));
