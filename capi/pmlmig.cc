@@ -16,6 +16,7 @@
 #include <memory>
 #include <string>
 
+#include "c_receiver.h"
 #include "c_vm.h"
 #include "pmlmig/base/unique_fd.h"
 #include "pmlmig/engine/migration_controller.h"
@@ -188,12 +189,6 @@ struct pmlmig_source {
   engine::MigrationController controller;
 };
 
-struct pmlmig_receiver {
-  std::unique_ptr<transport::MigrationServer> server;
-  pmlmig_receive_options options{};
-  capi::ErrorSlot error;
-};
-
 extern "C" {
 
 uint32_t pmlmig_version(void) { return PMLMIG_VERSION; }
@@ -212,7 +207,7 @@ void pmlmig_set_error(const char* message) {
 
 uint64_t pmlmig_features(void) {
   uint64_t f = PMLMIG_FEATURE_MIGRATION | PMLMIG_FEATURE_TLS | PMLMIG_FEATURE_LZ4 | PMLMIG_FEATURE_ZSTD |
-               PMLMIG_FEATURE_MARK_DIRTY;
+               PMLMIG_FEATURE_MARK_DIRTY | PMLMIG_FEATURE_HANDOVER;
   const int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (kvm >= 0) {
     pmlmig::UniqueFd owner(kvm);
@@ -415,9 +410,12 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
         return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: unknown postcopy " +
                                                               std::to_string(RawEnum(o.postcopy))));
     }
-    auto sink_options = transport::SinkOptionsFor(c);
-    if (!sink_options.ok()) return capi::Fail(&source->error, sink_options.status());
-    auto sink = transport::GrpcMigrationSink::Create(std::move(*sink_options));
+    c.local = o.local != 0;
+    if (c.local && (c.aid != engine::ConvergeAid::kNone || c.postcopy != engine::PostcopyMode::kOff)) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: a local handover copies no memory: "
+                                                        "converge and postcopy must be off"));
+    }
+    auto sink = transport::SinkFor(c);
     if (!sink.ok()) return capi::Fail(&source->error, sink.status());
     auto kind = TrackerKindOf(RawEnum(o.tracker), source->vm);
     if (!kind.ok()) return capi::Fail(&source->error, kind.status());
@@ -557,8 +555,9 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
     pmlmig_receive_options_init(&o);
     if (Status s = capi::ReadSized(options, &o, "pmlmig_receive_options"); !s.ok()) return capi::Fail(nullptr, s);
     if (o.listen == nullptr || *o.listen == '\0') {
-      return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: listen is empty (expected host:port)"));
+      return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: listen is empty (expected host:port or unix:PATH)"));
     }
+    if (std::string_view(o.listen).rfind("unix:", 0) == 0) return capi::StartHandoverReceiver(std::move(r), out);
     if (o.factory == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: factory is NULL"));
     if (o.max_vcpus == 0) return capi::Fail(nullptr, InvalidArgument("pmlmig_receive_options: max_vcpus is 0"));
     if (o.max_streams == 0 || o.max_streams > transport::kMaxStreams) {
@@ -596,32 +595,13 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
         capi::SetThreadError("");
         const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
                                layout.data(), static_cast<uint32_t>(layout.size()), &vm);
-        if (rc < 0 || vm == nullptr) {
-          if (vm != nullptr) pmlmig_vm_destroy(vm);  // wrapped, then refused: released here
-          const int err = rc < 0 ? -rc : EINVAL;
-          const std::string why = !capi::ThreadError().empty() ? capi::ThreadError()
-                                  : rc < 0                     ? std::string(std::strerror(err))
-                                                               : std::string("it returned no VM");
-          return Status(Status::FromErrno(err, "").code(), "the receiver's VM factory refused: " + why);
-        }
-        return std::unique_ptr<engine::VmControl>(vm);
+        return capi::FactoryResult(rc, vm);
       };
-      engine::VmMigrationTarget::Check verify = nullptr;
-      if (check != nullptr) {
-        verify = [=](engine::VmControl& vm) -> Result<std::string> {
-          capi::SetThreadError("");
-          const int rc = check(user, static_cast<pmlmig_vm*>(&vm));
-          if (rc < 0) {
-            const std::string why = capi::ThreadError().empty() ? std::strerror(-rc) : capi::ThreadError();
-            return pmlmig::DataLoss("the receiver's check refused the VM: " + why);
-          }
-          return std::string("the receiver's check passed");
-        };
-      }
-      return std::make_unique<engine::VmMigrationTarget>(build, verify);
+      return std::make_unique<engine::VmMigrationTarget>(build, capi::CheckOf(check, user));
     };
     auto server = transport::MigrationServer::Start(o.listen, make_target, std::move(so));
     if (!server.ok()) return capi::Fail(nullptr, server.status());
+    r->port = (*server)->port();
     r->server = std::move(*server);
     *out = r.release();
     return 0;
@@ -629,7 +609,7 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
 }
 
 int pmlmig_receiver_port(const pmlmig_receiver* receiver) {
-  return receiver != nullptr && receiver->server ? receiver->server->port() : -EINVAL;
+  return receiver != nullptr && receiver->server ? receiver->port : -EINVAL;
 }
 
 int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_vm** vm, pmlmig_receive_stats* stats) {

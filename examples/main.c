@@ -26,7 +26,8 @@ static const char kUsage[] =
     "usage: minivmm --run SECONDS [--memory MIB] [--vcpus N] [--no-ring] [--pauses N] [--reload] [--seed N]\n"
     "       minivmm --send HOST:PORT [--after MS] [--memory MIB] [--vcpus N] [--no-ring] [--streams N] [--verify]\n"
     "               [--postcopy now|auto] [--auto-converge] [--downtime-limit MS]\n"
-    "       minivmm --receive HOST:PORT [--run-after SECONDS]\n"
+    "       minivmm --send unix:PATH --local [--after MS] [--memory MIB] [--vcpus N] [--verify]\n"
+    "       minivmm --receive HOST:PORT|unix:PATH [--run-after SECONDS]\n"
     "\n"
     "A tiny KVM VMM whose guest stamps a counter into every page of its memory,\n"
     "embedding pmlmig through its C ABI to migrate that guest live.\n"
@@ -45,7 +46,10 @@ static const char kUsage[] =
     "  --auto-converge      --send: if the guest dirties too fast, throttle its vCPUs (pmlmig holds them\n"
     "                       out of KVM_RUN through pmlmig_vm_throttle_ns)\n"
     "  --downtime-limit MS  --send: the longest pause the switch may take (default pmlmig's, 300)\n"
-    "  --receive HOST:PORT  accept one migration (port 0 picks one; the port is printed)\n"
+    "  --local              --send unix:PATH: same-host handover: the receiver maps this VM's memory\n"
+    "                       itself (no page copied); only the vCPU state moves\n"
+    "  --receive HOST:PORT  accept one migration (port 0 picks one; the port is printed);\n"
+    "                       unix:PATH: accept one same-host handover\n"
     "  --run-after SECONDS  --receive: run the received VM this long, then check it (default 2)\n"
     "  --memory MIB         guest RAM in MiB, 1..3072 (default 64)\n"
     "  --vcpus N            vCPUs, 1..64, one thread each (default 2)\n"
@@ -106,6 +110,10 @@ static int parse_seconds(const char *flag, const char *text, double max, double 
 
 /* HOST:PORT with a port in 0..65535 (0 only where allow_zero). */
 static int check_address(const char *flag, const char *text, int allow_zero) {
+  if (strncmp(text, "unix:", 5) == 0) {
+    if (text[5] == '\0') return usage_error("%s: unix: needs a PATH", flag);
+    return 0;
+  }
   const char *colon = strrchr(text, ':');
   uint32_t port;
   if (colon == NULL || colon == text) return usage_error("%s: '%s' is not HOST:PORT", flag, text);
@@ -276,6 +284,7 @@ enum {
   OPT_POSTCOPY,
   OPT_AUTO_CONVERGE,
   OPT_DOWNTIME_LIMIT,
+  OPT_LOCAL,
   OPT_HELP
 };
 
@@ -290,6 +299,7 @@ int main(int argc, char **argv) {
       {"seed", required_argument, NULL, OPT_SEED},     {"postcopy", required_argument, NULL, OPT_POSTCOPY},
       {"auto-converge", no_argument, NULL, OPT_AUTO_CONVERGE},
       {"downtime-limit", required_argument, NULL, OPT_DOWNTIME_LIMIT},
+      {"local", no_argument, NULL, OPT_LOCAL},
       {"help", no_argument, NULL, OPT_HELP},
       {NULL, 0, NULL, 0}};
   /* Which mode each option belongs to: r(un), s(end), v (receive). */
@@ -298,12 +308,12 @@ int main(int argc, char **argv) {
       [OPT_NO_RING - OPT_RUN] = "rs", [OPT_STREAMS - OPT_RUN] = "s", [OPT_VERIFY - OPT_RUN] = "s",
       [OPT_RUN_AFTER - OPT_RUN] = "v", [OPT_PAUSES - OPT_RUN] = "r", [OPT_RELOAD - OPT_RUN] = "r",
       [OPT_SEED - OPT_RUN] = "r", [OPT_POSTCOPY - OPT_RUN] = "s", [OPT_AUTO_CONVERGE - OPT_RUN] = "s",
-      [OPT_DOWNTIME_LIMIT - OPT_RUN] = "s"};
+      [OPT_DOWNTIME_LIMIT - OPT_RUN] = "s", [OPT_LOCAL - OPT_RUN] = "s"};
 
   char mode = 0;
   const char *address = NULL;
-  run_args run = {1.0, {64, 2, 1}, 10, 0, 0};
-  mv_send_args send = {NULL, 500, {64, 2, 1}, 1, 0, 0, 0, 0};
+  run_args run = {1.0, {64, 2, 1, 0, 0}, 10, 0, 0};
+  mv_send_args send = {NULL, 500, {64, 2, 1, 0, 0}, 1, 0, 0, 0, 0, 0};
   mv_receive_args receive = {NULL, 2.0};
   int used[OPT_HELP - OPT_RUN + 1] = {0};
   int have_seed = 0;
@@ -362,6 +372,7 @@ int main(int argc, char **argv) {
         }
         break;
       case OPT_AUTO_CONVERGE: send.auto_converge = 1; break;
+      case OPT_LOCAL: send.local = 1; break;
       case OPT_DOWNTIME_LIMIT:
         if (parse_u32("--downtime-limit", optarg, 1, 3600000, &send.downtime_limit_ms) != 0) return 2;
         break;
@@ -395,6 +406,9 @@ int main(int argc, char **argv) {
       if (!have_seed) run.seed = (uint64_t)(mv_now_ms() * 1000.0) ^ 0x5bd1e995u;
       return run_local(&run);
     case 's':
+      if (send.local != (strncmp(address, "unix:", 5) == 0)) {
+        return usage_error(send.local ? "--local needs --send unix:PATH" : "--send unix:PATH needs --local");
+      }
       send.target = address;
       return mv_send(&send);
     default:

@@ -329,6 +329,7 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   pmlmig_migrate_options options;
   pmlmig_migrate_options_init(&options);
   options.target = args->target;
+  options.local = args->local;
   options.streams = args->streams;
   options.verify = args->verify;
   options.postcopy = args->postcopy == 'n'   ? PMLMIG_POSTCOPY_NOW
@@ -350,6 +351,10 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   mv_error err;
   switch (stats.outcome) {
     case PMLMIG_OUTCOME_COMPLETED: {
+      if (args->local) {  /* the memory is the target's now: not even read here again */
+        printf("source: handed over; the VM runs on the target over the same memory; stopped here\n");
+        return 0;
+      }
       /* Paused by pmlmig for good: check what we sent, then stop it here. */
       mv_check_result res;
       struct kvm_regs regs[MV_MAX_VCPUS];
@@ -432,14 +437,17 @@ typedef struct receive_ctx {
   struct kvm_regs restored[MV_MAX_VCPUS];
 } receive_ctx;
 
-static int factory(void *user, const void *description, size_t description_length, uint32_t vcpus,
-                   const pmlmig_region_layout *layout, uint32_t region_count, pmlmig_vm **out) {
-  receive_ctx *ctx = user;
+/* Builds the VM a migration (memfd < 0) or a handover (the source's memfd)
+ * announces. */
+static int build(receive_ctx *ctx, const void *description, size_t description_length, uint32_t vcpus,
+                 const pmlmig_region_layout *layout, uint32_t region_count, int memfd, pmlmig_vm **out) {
   mv_error err;
   mv_vm_options options;
   mv_vm *vm = NULL;
   ctx->checked = 0;
   int rc = parse_description(description, description_length, vcpus, layout, region_count, &options, &err);
+  options.adopt_memfd_valid = memfd >= 0;
+  options.adopt_memfd = memfd;
   if (rc == 0) rc = mv_vm_create(&options, &vm, &err);
   if (rc == 0 && (rc = wrap_vm(vm, 1, out, &err)) < 0) mv_vm_free(vm);
   if (rc < 0) {
@@ -447,9 +455,25 @@ static int factory(void *user, const void *description, size_t description_lengt
     pmlmig_set_error(err.msg);
     return rc;
   }
-  printf("receive: building a VM of %u MiB, %u vCPUs, %s\n", options.memory_mib, options.vcpus,
-         vm->ring_entries ? "dirty ring" : "no dirty ring");
+  printf("receive: building a VM of %u MiB, %u vCPUs, %s%s\n", options.memory_mib, options.vcpus,
+         vm->ring_entries ? "dirty ring" : "no dirty ring", memfd >= 0 ? ", over the memory handed over" : "");
   return 0;
+}
+
+static int factory(void *user, const void *description, size_t description_length, uint32_t vcpus,
+                   const pmlmig_region_layout *layout, uint32_t region_count, pmlmig_vm **out) {
+  return build(user, description, description_length, vcpus, layout, region_count, -1, out);
+}
+
+/* A same-host handover: the one region's memfd is the source's guest RAM. */
+static int shared_factory(void *user, const void *description, size_t description_length, uint32_t vcpus,
+                          const pmlmig_region *regions, uint32_t region_count, pmlmig_vm **out) {
+  if (region_count != 1 || regions[0].memfd < 0 || regions[0].memfd_offset != 0) {
+    pmlmig_set_error("minivmm takes one memory region at offset 0 of its memfd");
+    return -EINVAL;
+  }
+  const pmlmig_region_layout layout = {regions[0].slot, 0, regions[0].gpa, regions[0].size};
+  return build(user, description, description_length, vcpus, &layout, 1, regions[0].memfd, out);
 }
 
 static int check(void *user, pmlmig_vm *pm) {
@@ -527,6 +551,7 @@ int mv_receive(const mv_receive_args *args) {
   pmlmig_receive_options_init(&options);
   options.listen = args->listen;
   options.factory = factory;
+  options.shared_factory = shared_factory; /* listen unix:PATH: same-host handovers */
   options.check = check;
   options.user = ctx;
   pmlmig_receiver *receiver = NULL;
@@ -536,8 +561,13 @@ int mv_receive(const mv_receive_args *args) {
     free(ctx);
     return 1;
   }
-  const char *colon = strrchr(args->listen, ':');
-  printf("receive: listening on %.*s:%d\n", (int)(colon - args->listen), args->listen, pmlmig_receiver_port(receiver));
+  if (strncmp(args->listen, "unix:", 5) == 0) {
+    printf("receive: listening on %s (same-host handovers)\n", args->listen);
+  } else {
+    const char *colon = strrchr(args->listen, ':');
+    printf("receive: listening on %.*s:%d\n", (int)(colon - args->listen), args->listen,
+           pmlmig_receiver_port(receiver));
+  }
 
   pmlmig_vm *pm = NULL;
   pmlmig_receive_stats stats;

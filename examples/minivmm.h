@@ -74,6 +74,11 @@ typedef struct mv_vm_options {
   uint32_t memory_mib; /* MV_MIN_MEMORY_MIB..MV_MAX_MEMORY_MIB */
   uint32_t vcpus;      /* 1..MV_MAX_VCPUS */
   int use_ring;        /* enable the dirty ring if the host has one (else the bitmap) */
+  /* A same-host handover's target: map this memfd (the source's guest RAM,
+   * dup'ed here, never written before the VM resumes) instead of creating
+   * one. Only when adopt_memfd_valid is set. */
+  int adopt_memfd_valid;
+  int adopt_memfd;
 } mv_vm_options;
 
 /* Called on a vCPU's thread on KVM_EXIT_DIRTY_RING_FULL; 0 re-enters KVM_RUN,
@@ -205,6 +210,7 @@ typedef struct mv_send_args {
   int postcopy; /* 0: pre-copy only; 'n': post-copy now; 'a': post-copy auto */
   int auto_converge;
   uint32_t downtime_limit_ms; /* 0: pmlmig's default */
+  int local;                  /* same-host handover to unix:PATH: the memory is shared, not copied */
 } mv_send_args;
 
 typedef struct mv_receive_args {

@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -224,12 +225,30 @@ static int enable_dirty_ring(mv_vm *vm, mv_error *err) {
   return 0;
 }
 
-static int create_memory(mv_vm *vm, mv_error *err) {
+/* Guest RAM: a new memfd, or (a handover's target) the source's, dup'ed. */
+static int open_memory(mv_vm *vm, mv_error *err) {
+  if (vm->options.adopt_memfd_valid) {
+    struct stat st;
+    if (fstat(vm->options.adopt_memfd, &st) != 0) return mv_fail_errno(err, errno, "fstat (the memfd handed over)");
+    if ((uint64_t)st.st_size < vm->memory_bytes) {
+      return mv_fail(err, -EINVAL, "the memfd handed over holds %lld bytes, the VM needs %u MiB", (long long)st.st_size,
+                     vm->options.memory_mib);
+    }
+    vm->mem_fd = fcntl(vm->options.adopt_memfd, F_DUPFD_CLOEXEC, 0);
+    if (vm->mem_fd < 0) return mv_fail_errno(err, errno, "dup (the memfd handed over)");
+    return 0;
+  }
   vm->mem_fd = memfd_create("minivmm-ram", MFD_CLOEXEC);
   if (vm->mem_fd < 0) return mv_fail_errno(err, errno, "memfd_create (guest RAM)");
   if (ftruncate(vm->mem_fd, (off_t)vm->memory_bytes) != 0) {
     return mv_fail_errno(err, errno, "ftruncate (guest RAM memfd, %u MiB)", vm->options.memory_mib);
   }
+  return 0;
+}
+
+static int create_memory(mv_vm *vm, mv_error *err) {
+  const int rc = open_memory(vm, err);
+  if (rc < 0) return rc;
   void *p = mmap(NULL, vm->memory_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, vm->mem_fd, 0);
   if (p == MAP_FAILED) return mv_fail_errno(err, errno, "mmap (guest RAM memfd, %u MiB)", vm->options.memory_mib);
   vm->mem = p;

@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 7
+#define PMLMIG_VERSION_MINOR 8
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -68,7 +68,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.7.0" */
+/* "0.8.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);
@@ -80,6 +80,7 @@ PMLMIG_API uint32_t pmlmig_wire_version(void);
 #define PMLMIG_FEATURE_LZ4 (1ull << 4)
 #define PMLMIG_FEATURE_ZSTD (1ull << 5)
 #define PMLMIG_FEATURE_MARK_DIRTY (1ull << 6)   /* pmlmig_vm_mark_dirty */
+#define PMLMIG_FEATURE_HANDOVER (1ull << 7)     /* same-host handover (local, unix:PATH, shared_factory) */
 /* What this library and host offer (opens /dev/kvm to ask). */
 PMLMIG_API uint64_t pmlmig_features(void);
 
@@ -336,6 +337,15 @@ typedef struct pmlmig_migrate_options {
    * (0.6). Needs a 0.7 receiver; with a 0.6 one it fails at once, as 0.6 did. */
   uint32_t postcopy_recovery_ms;
   uint32_t reserved3;
+  /* Since 0.8 (docs/EMBEDDING.md, "Same-host handover"): target is "unix:PATH"
+   * of a receiver on this host, which takes the VM's memory itself: each
+   * region's memfd is handed over (SCM_RIGHTS), no page is copied, and only
+   * the state moves while the VM is paused. Every region needs its memfd.
+   * Compression, max_bandwidth, TLS, tokens, converge and postcopy do not
+   * apply (refused). After COMPLETED the memory belongs to the target: never
+   * write it again (unmapping it is fine). */
+  int32_t local;
+  uint32_t reserved4;
 } pmlmig_migrate_options;
 PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
 
@@ -419,6 +429,17 @@ typedef struct pmlmig_region_layout {
 typedef int (*pmlmig_vm_factory)(void *user, const void *description, size_t description_length,
                                  uint32_t vcpus, const pmlmig_region_layout *layout, uint32_t region_count,
                                  pmlmig_vm **out);
+/* Since 0.8: builds the VM for a same-host handover (listen "unix:PATH") over
+ * the source's own memory: `regions` give each slot's gpa and size, and in
+ * memfd / memfd_offset the file that holds it (host is NULL). The fds are
+ * valid during the call only: map them (MAP_SHARED) or dup them. Never write
+ * that memory before the VM resumes (until then the source may resume on
+ * it). Wrap the VM with pmlmig_vm_create, its regions naming the memfd (a
+ * dup is fine: the library checks that it is the same file, at the same
+ * offset). Runs on the receiver's thread. */
+typedef int (*pmlmig_vm_factory_shared)(void *user, const void *description, size_t description_length,
+                                        uint32_t vcpus, const pmlmig_region *regions, uint32_t region_count,
+                                        pmlmig_vm **out);
 /* Optional check of the restored VM before it resumes (state loaded, vCPUs
  * not running), when the source asked for verification and the memory digest
  * matched: 0 accepts, a negative errno refuses the migration. */
@@ -429,8 +450,9 @@ PMLMIG_API void pmlmig_set_error(const char *message);
 
 typedef struct pmlmig_receive_options {
   size_t size;                    /* pmlmig_receive_options_init sets it and every default */
-  const char *listen;             /* "host:port"; port 0 picks one (pmlmig_receiver_port); required */
-  pmlmig_vm_factory factory;      /* required */
+  const char *listen;             /* "host:port"; port 0 picks one (pmlmig_receiver_port); required;
+                                     since 0.8 also "unix:PATH" (see shared_factory) */
+  pmlmig_vm_factory factory;      /* required for host:port */
   pmlmig_vm_check check;          /* optional */
   void *user;
   int32_t require_verify;         /* refuse a source that sends no memory digest; default 0 */
@@ -451,6 +473,11 @@ typedef struct pmlmig_receive_options {
    * 600000 (10 min); 0 = discard at once (0.6). */
   uint32_t postcopy_recovery_ms;
   uint32_t reserved2;
+  /* Since 0.8: with listen "unix:PATH" the receiver takes same-host handovers
+   * (a socket of mode 0600; a source of another uid is refused) and builds
+   * each VM with this factory; `factory` may then be NULL. TLS, tokens,
+   * allow_insecure, max_memory_bytes and max_streams do not apply. */
+  pmlmig_vm_factory_shared shared_factory;
 } pmlmig_receive_options;
 PMLMIG_API void pmlmig_receive_options_init(pmlmig_receive_options *options);
 

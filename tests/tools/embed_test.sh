@@ -240,6 +240,36 @@ expect "$tmp/receive.out" \
   "post-copy: the receiver did not check every page after running on"
 pass "post-copy (C ABI): resumed at once, every page checked after running on, digests verified ($(grep -m1 '^migration: post-copy' "$tmp/send.out" | cut -c22-110))"
 
+# ---- 4c. same-host handover through the C ABI ------------------------------
+# The receiver listens on a unix socket (pmlmig_receive_options.shared_factory);
+# the sender hands its memfd over (pmlmig_migrate_options.local): no page is
+# copied, the receiver's minivmm maps the same memory, checks every page
+# before the resume (verifying) and after running on.
+
+hsock="$tmp/handover.sock"
+send_rc=0 receive_rc=0
+timeout 120 "$cmake_vmm" --receive "unix:$hsock" --run-after 1 >"$tmp/receive.out" 2>"$tmp/receive.err" &
+receiver=$!
+children+=("$receiver")
+for _ in $(seq 100); do [ -S "$hsock" ] && break; sleep 0.1; done
+timeout 120 "$pc_vmm" --send "unix:$hsock" --local --verify --after 500 --memory 64 --vcpus 2 \
+  >"$tmp/send.out" 2>"$tmp/send.err" || send_rc=$?
+wait "$receiver" || receive_rc=$?
+children=()
+if [ "$send_rc" -ne 0 ] || [ "$receive_rc" -ne 0 ]; then
+  show "$tmp/send.out" "$tmp/send.err" "$tmp/receive.out" "$tmp/receive.err"
+  die "handover: sender exited $send_rc, receiver exited $receive_rc (both must be 0)"
+fi
+expect "$tmp/send.out" '^migration: completed .*0 pages.* verified yes$' "handover: the sender's statistics do not say completed, 0 pages, verified"
+expect "$tmp/send.out" '^source: handed over' "handover: the sender did not say it handed the VM over"
+expect "$tmp/receive.out" 'over the memory handed over' "handover: the receiver did not build over the shared memory"
+expect "$tmp/receive.out" '^receive: check before resume: all 16384 of 16384 pages good' \
+  "handover: the receiver did not check every page before resuming"
+expect "$tmp/receive.out" \
+  '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
+  "handover: the receiver did not check every page after running on"
+pass "same-host handover (C ABI): no page copied, every page checked before and after the resume ($(grep -m1 '^migration: completed' "$tmp/send.out" | cut -c1-90))"
+
 # ---- 5. a failure: nobody listens -----------------------------------------
 
 # The receiver above has exited, so nothing listens on its port any more.

@@ -1,0 +1,29 @@
+// The C ABI's receiver (pmlmig_receiver): what pmlmig.cc and the same-host
+// handover's receiver (c_receiver.cc) share. Private to capi/.
+#pragma once
+
+#include <memory>
+
+#include "c_vm.h"
+#include "pmlmig/engine/migration_target.h"
+#include "pmlmig/pmlmig.h"
+#include "pmlmig/transport/received.h"
+
+struct pmlmig_receiver {
+  std::unique_ptr<pmlmig::transport::MigrationReceiver> server;
+  int port = 0;  // host:port; 0 for unix:PATH
+  pmlmig_receive_options options{};
+  pmlmig::capi::ErrorSlot error;
+};
+
+namespace pmlmig::capi {
+
+// A factory's answer as a VM or the refusal: its message (pmlmig_set_error)
+// or its errno. A VM it wrapped and still refused is released here.
+Result<std::unique_ptr<engine::VmControl>> FactoryResult(int rc, pmlmig_vm* vm);
+// The embedder's check as the engine's, or nullptr without one.
+engine::VmMigrationTarget::Check CheckOf(pmlmig_vm_check check, void* user);
+// pmlmig_receiver_start for listen "unix:PATH", its options read into r.
+int StartHandoverReceiver(std::unique_ptr<pmlmig_receiver> r, pmlmig_receiver** out);
+
+}  // namespace pmlmig::capi
