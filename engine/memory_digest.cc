@@ -6,6 +6,7 @@
 
 #include <bit>
 #include <cstdio>
+#include <cstring>
 
 #include "pmlmig/base/units.h"
 
@@ -25,6 +26,11 @@ uint64_t PageValue(uint64_t gpa, const uint8_t* page) {
   return XXH3_64bits_withSeed_dispatch(page, kPageSize, gpa);
 }
 
+uint64_t PageValueOf(uint64_t gpa, const uint8_t* page, ZeroPages zero) {
+  if (zero == ZeroPages::kNull && std::memcmp(page, kZeroPage, kPageSize) == 0) return 0;
+  return PageValue(gpa, page);
+}
+
 ChunkLayout::ChunkLayout(const SlotTable& slots) {
   chunk_bytes_ = kMinChunkBytes;
   while (slots.total_bytes() / chunk_bytes_ > kMaxChunks) chunk_bytes_ <<= 1;
@@ -41,7 +47,7 @@ ChunkLayout::ChunkLayout(const SlotTable& slots) {
   }
 }
 
-std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout& layout) {
+std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout& layout, ZeroPages zero) {
   std::vector<uint64_t> out(layout.size());
   const auto all = slots.slots();
   tbb::parallel_for(tbb::blocked_range<size_t>(0, layout.size()), [&](const tbb::blocked_range<size_t>& r) {
@@ -49,7 +55,7 @@ std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout&
       const ChunkLayout::Chunk& c = layout.chunk(i);
       const uint8_t* host = all[c.slot_index].host + (c.gpa - all[c.slot_index].gpa);
       uint64_t sum = 0;
-      for (uint64_t p = 0; p < c.pages; ++p) sum += PageValue(c.gpa + (p << kPageShift), host + (p << kPageShift));
+      for (uint64_t p = 0; p < c.pages; ++p) sum += PageValueOf(c.gpa + (p << kPageShift), host + (p << kPageShift), zero);
       out[i] = sum;
     }
   });
@@ -96,8 +102,8 @@ DigestMismatch CompareChunkDigests(const ChunkLayout& layout, std::span<const ui
   return m;
 }
 
-PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial)
-    : slots_(slots), layout_(slots) {
+PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial, ZeroPages zero)
+    : slots_(slots), layout_(slots), zero_(zero) {
   values_.reset(new std::atomic<uint64_t>[layout_.total_pages()]);
   sums_.reset(new std::atomic<uint64_t>[layout_.size()]);
   uint64_t first = 0;
@@ -105,7 +111,7 @@ PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial)
     slot_first_page_.push_back(first);
     first += s.pages();
   }
-  if (initial == Initial::kUnset) {
+  if (initial == Initial::kUnset || (initial == Initial::kZero && zero == ZeroPages::kNull)) {
     for (uint64_t p = 0; p < layout_.total_pages(); ++p) values_[p].store(0, std::memory_order_relaxed);
     for (size_t i = 0; i < layout_.size(); ++i) sums_[i].store(0, std::memory_order_relaxed);
     return;
@@ -118,8 +124,8 @@ PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial)
       const uint64_t first_page = layout_.FirstPage(i);
       uint64_t sum = 0;
       for (uint64_t p = 0; p < c.pages; ++p) {
-        const uint64_t v =
-            PageValue(c.gpa + (p << kPageShift), initial == Initial::kZero ? kZeroPage : host + (p << kPageShift));
+        const uint64_t v = PageValueOf(c.gpa + (p << kPageShift),
+                                       initial == Initial::kZero ? kZeroPage : host + (p << kPageShift), zero);
         values_[first_page + p].store(v, std::memory_order_relaxed);
         sum += v;
       }
@@ -140,7 +146,7 @@ void PageDigestTable::Update(uint64_t gpa, uint64_t pages) {
   const uint64_t first = (gpa - s->gpa) >> kPageShift;
   for (uint64_t p = 0; p < pages && first + p < s->pages(); ++p) {
     const uint64_t at = gpa + (p << kPageShift);
-    Replace(index, first + p, PageValue(at, s->host + (at - s->gpa)));
+    Replace(index, first + p, PageValueOf(at, s->host + (at - s->gpa), zero_));
   }
 }
 
@@ -150,7 +156,7 @@ void PageDigestTable::SetZero(uint64_t gpa, uint64_t pages) {
   const size_t index = static_cast<size_t>(s - slots_.slots().data());
   const uint64_t first = (gpa - s->gpa) >> kPageShift;
   for (uint64_t p = 0; p < pages && first + p < s->pages(); ++p) {
-    Replace(index, first + p, PageValue(gpa + (p << kPageShift), kZeroPage));
+    Replace(index, first + p, zero_ == ZeroPages::kNull ? 0 : PageValue(gpa + (p << kPageShift), kZeroPage));
   }
 }
 
@@ -160,7 +166,7 @@ void PageDigestTable::SetFrom(uint64_t gpa, uint64_t pages, const uint8_t* data)
   const size_t index = static_cast<size_t>(s - slots_.slots().data());
   const uint64_t first = (gpa - s->gpa) >> kPageShift;
   for (uint64_t p = 0; p < pages && first + p < s->pages(); ++p) {
-    Replace(index, first + p, PageValue(gpa + (p << kPageShift), data + (p << kPageShift)));
+    Replace(index, first + p, PageValueOf(gpa + (p << kPageShift), data + (p << kPageShift), zero_));
   }
 }
 

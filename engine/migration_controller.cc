@@ -62,7 +62,7 @@ Status MigrationController::Start(std::unique_ptr<MigrationSink> sink, Migration
     MigrationStats st = source->Run();
     {
       std::lock_guard l(mu_);
-      if (st.outcome == Outcome::kCompleted) placement_ = VmPlacement::kMigrated;
+      if (st.outcome == Outcome::kCompleted && !st.source_kept) placement_ = VmPlacement::kMigrated;
       if (st.outcome == Outcome::kInDoubt) placement_ = VmPlacement::kPausedInDoubt;
       if (st.outcome == Outcome::kPostcopyFailed) placement_ = VmPlacement::kPausedPostcopyFailed;
       last_ = std::move(st);

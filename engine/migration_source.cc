@@ -473,6 +473,19 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
 }
 
+// A copy was made (a snapshot): the VM resumes here. Its downtime is the
+// pause, as for a migration.
+MigrationStats MigrationSource::KeptSource(Clock::TimePoint pause) {
+  stats_.source_kept = true;
+  if (digest_ && options_.verify_order == VerifyOrder::kAfterCommit) digest_.reset();  // nothing to compare with
+  (void)tracker_.Disable();
+  if (Status s = vm_.Resume(); !s.ok()) {
+    return Finished(Outcome::kFailed, CancelReason::kNone, s.WithContext("resume after the copy was made"));
+  }
+  stats_.downtime_ms = MsSince(clock_, pause);
+  return Finished(Outcome::kCompleted, CancelReason::kNone, Status::Ok());
+}
+
 MigrationStats MigrationSource::RunPhases() {
   Publish(Phase::kSetup, 0, 0, 0);
 
@@ -509,6 +522,7 @@ MigrationStats MigrationSource::RunPhases() {
     return RunPostcopy(pause, PagesWithData());
   }
 
+  if (!options_.live) return RunPaused();
   // Tracking on before the first read of memory: every later write is seen.
   DirtySet dirty(vm_.memory_slots());
   if (Status s = tracker_.Enable(); !s.ok()) return failed(s.WithContext("tracker"));
@@ -648,6 +662,7 @@ MigrationStats MigrationSource::RunPhases() {
   // target is known not to run it.
   Publish(Phase::kCommit, stats_.rounds, 0, expected_ms);
   if (std::optional<MigrationStats> ended = CommitSwitch(pause, *reply, "switch-over")) return *ended;
+  if (sink_.keeps_source()) return KeptSource(pause);
   if (digest_ && options_.verify_order == VerifyOrder::kAfterCommit) {
     // The VM runs on the target; this copy stays paused while the source
     // digests it and compares.

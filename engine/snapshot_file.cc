@@ -313,7 +313,7 @@ std::vector<SnapshotRegion> SnapshotRegionsOf(const SlotTable& memory) {
 // ---------------------------------------------------------------- writer
 
 struct SnapshotWriter::State {
-  explicit State(AddressOnlySlots s) : slots(std::move(s)), digests(slots.table, PageDigestTable::Initial::kZero) {}
+  explicit State(AddressOnlySlots s) : slots(std::move(s)), digests(slots.table, PageDigestTable::Initial::kZero, ZeroPages::kNull) {}
 
   std::string path, partial;
   UniqueFd fd;  // of `partial`; valid from its creation until Finish or Abandon
@@ -781,12 +781,13 @@ Result<SnapshotLoadStats> SnapshotReader::Scan(const SlotTable* memory, unsigned
     const uint64_t len = p.pages << kPageShift;
     uint64_t sum = 0;
     if (!p.data) {  // never touched: a fresh target's memory is already zero
-      for (uint64_t k = 0; k < p.pages; ++k) sum += PageValue(p.gpa + (k << kPageShift), kZeros);
-      holes.fetch_add(len, std::memory_order_relaxed);
+      holes.fetch_add(len, std::memory_order_relaxed);  // zero pages count 0 (ZeroPages::kNull)
     } else {
       uint8_t* dst = memory != nullptr ? memory->HostAddress(p.gpa, len) : scratch[worker].data();
       PMLMIG_RETURN_IF_ERROR(ReadRun(fd_.get(), path_, p.gpa, p.file_offset, len, dst));
-      for (uint64_t k = 0; k < p.pages; ++k) sum += PageValue(p.gpa + (k << kPageShift), dst + (k << kPageShift));
+      for (uint64_t k = 0; k < p.pages; ++k) {
+        sum += PageValueOf(p.gpa + (k << kPageShift), dst + (k << kPageShift), ZeroPages::kNull);
+      }
       read.fetch_add(len, std::memory_order_relaxed);
     }
     sums[p.chunk].fetch_add(sum, std::memory_order_relaxed);

@@ -15,7 +15,8 @@ Command RegisterProbe(CLI::App& app);
 Command RegisterRun(CLI::App& app);
 Command RegisterBench(CLI::App& app);
 Command RegisterReceive(CLI::App& app);
-Command RegisterControl(CLI::App& app);  // migrate, status, cancel
+Command RegisterControl(CLI::App& app);  // migrate, snapshot, status, cancel
+Command RegisterRestore(CLI::App& app);
 // `bench migrate`, added under the `bench` subcommand (bench_migrate.cc).
 Command RegisterBenchMigrate(CLI::App& bench);
 

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <cinttypes>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -28,6 +29,7 @@ struct ControlFlags {
   std::string on_timeout = "cancel";
   SecurityFlags security;
   ConvergeFlags converge;
+  std::string snapshot_to;  // `snapshot --to`, made absolute
 };
 
 void AddControlOption(CLI::App* cmd, ControlFlags* f) {
@@ -81,7 +83,8 @@ int Migrate(ControlFlags& f) {
     if (f.json) {
       std::printf("%s\n", st->stats_json.c_str());
     } else {
-      std::printf("Migration %s%s%s\n", st->migration.c_str(), st->error.empty() ? "" : ": ", st->error.c_str());
+      std::printf("%s %s%s%s\n", f.command.snapshot_to.empty() ? "Migration" : "Snapshot", st->migration.c_str(),
+                  st->error.empty() ? "" : ": ", st->error.c_str());
     }
     return st->migration == "completed" ? kExitOk : st->migration == "in-doubt" ? kExitInDoubt : kExitFailure;
   }
@@ -138,13 +141,27 @@ Command RegisterControl(CLI::App& app) {
   migrate->add_flag("--json", f->json, "Print the statistics as one JSON object");
   AddConvergeFlags(migrate, &f->converge, "Convergence");
   AddSecurityFlags(migrate, &f->security, /*sender=*/true);
+  auto* snapshot = app.add_subcommand("snapshot", "Write a snapshot of a VM run with 'pmlmig run --control PATH' to a file");
+  AddControlOption(snapshot, f.get());
+  snapshot->add_option("--to", f->snapshot_to, "The snapshot file (the VM's process writes it; replaced only once complete)")
+      ->required();
+  snapshot->add_flag("--live", f->command.live,
+                     "Pre-copy rounds into the file while the VM runs (default: the VM pauses for the whole write)");
+  snapshot->add_flag("--stop", f->command.snapshot_stop, "Stop the VM once the snapshot is complete (default: it runs on)");
+  snapshot->add_flag("--json", f->json, "Print the statistics as one JSON object");
   auto* status = app.add_subcommand("status", "Show a controlled VM and its migration");
   AddControlOption(status, f.get());
   status->add_flag("--json", f->json, "One JSON object");
   auto* cancel = app.add_subcommand("cancel", "Cancel a controlled VM's migration (the VM stays where it is)");
   AddControlOption(cancel, f.get());
-  return [f, migrate, status, cancel]() {
+  return [f, migrate, snapshot, status, cancel]() {
     if (migrate->parsed()) return Migrate(*f);
+    if (snapshot->parsed()) {
+      std::error_code ec;
+      f->command.snapshot_to = std::filesystem::absolute(f->snapshot_to, ec).string();
+      if (ec || f->snapshot_to.empty()) return PrintError("--to: '" + f->snapshot_to + "' is not a file name"), kExitUsage;
+      return Migrate(*f);
+    }
     if (status->parsed()) return ShowStatus(*f);
     if (cancel->parsed()) {
       if (Status s = transport::ControlCancel(f->control); !s.ok()) return PrintError(s.message()), kExitFailure;

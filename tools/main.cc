@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
   add(&RegisterRun);
   add(&RegisterReceive);
   add(&RegisterControl);
+  add(&RegisterRestore);
   add(&RegisterBench);
   if (std::optional<std::string> e = CommandError(app, argc, argv)) {
     PrintError(*e);

@@ -1,4 +1,5 @@
 // pmlmig run: run a test VM with a workload and report its write rate.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -60,6 +61,9 @@ struct RunFlags {
   ConvergeFlags converge;
   std::string control;  // unix socket for the control API
   bool local = false;   // same-host handover
+  std::string snapshot_to;
+  bool live = false;           // snapshot: pre-copy rounds while the VM runs
+  bool snapshot_stop = false;  // snapshot: stop the VM once it is written
 };
 
 // The dirty ring's size: a power of two in [256, host maximum] (KVM wants at
@@ -100,14 +104,19 @@ class RunControl final : public transport::ControlHandler {
     auto sink = transport::SinkFor(c);
     if (!sink.ok()) return sink.status();
     engine::MigrationCallbacks callbacks;
-    callbacks.on_done = [](const engine::MigrationStats& st) {
-      std::fprintf(stderr, "pmlmig run: control API: migration %s%s%s\n", std::string(engine::OutcomeName(st.outcome)).c_str(),
+    const bool stop = c.snapshot_stop;
+    callbacks.on_done = [this, stop, what = c.snapshot_to.empty() ? "migration" : "snapshot"](const engine::MigrationStats& st) {
+      std::fprintf(stderr, "pmlmig run: control API: %s %s%s%s\n", what, std::string(engine::OutcomeName(st.outcome)).c_str(),
                    st.error.empty() ? "" : ": ", ErrorWithAdvice(st).c_str());
+      if (stop && st.source_kept) stop_requested_.store(true);  // the snapshot is written: the run ends
     };
     PMLMIG_RETURN_IF_ERROR(controller_.Start(std::move(*sink), transport::MigrationOptionsFor(c), std::move(callbacks)));
-    std::fprintf(stderr, "pmlmig run: control API: migrating to %s\n", c.to.c_str());
+    if (c.snapshot_to.empty()) std::fprintf(stderr, "pmlmig run: control API: migrating to %s\n", c.to.c_str());
+    else std::fprintf(stderr, "pmlmig run: control API: writing a snapshot to %s\n", c.snapshot_to.c_str());
     return Status::Ok();
   }
+  // A snapshot asked to stop the VM once written has completed.
+  bool stop_requested() const { return stop_requested_.load(); }
 
   transport::ControlStatus GetStatus() override {
     transport::ControlStatus s;
@@ -142,12 +151,13 @@ class RunControl final : public transport::ControlHandler {
  private:
   engine::MigrationController& controller_;
   vmm::Machine& m_;
+  std::atomic<bool> stop_requested_{false};
 };
 
 // Migrates the running VM; prints the statistics; 0 only when completed.
 int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine& m, engine::DirtyTracker& tracker,
             const transport::MigrateCommand& command, std::chrono::steady_clock::time_point vm_start,
-            std::chrono::nanoseconds linger) {
+            std::chrono::nanoseconds linger, std::chrono::nanoseconds run_for) {
   auto sink = transport::SinkFor(command);
   if (!sink.ok()) return PrintError(sink.status().message()), kExitFailure;
   const std::vector<vmm::VcpuStats> before = m.Stats();
@@ -155,7 +165,11 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   const bool tty = isatty(STDERR_FILENO) != 0;
   engine::MigrationCallbacks callbacks;
   if (!f.quiet) {
-    if (command.local) {
+    if (!command.snapshot_to.empty()) {
+      std::fprintf(stderr, "pmlmig run: writing a snapshot to %s (%s; then the VM %s)\n", command.snapshot_to.c_str(),
+                   command.live ? "live: pre-copy rounds while the VM runs" : "the VM paused while it is written",
+                   command.snapshot_stop ? "stops" : "runs on");
+    } else if (command.local) {
       std::fprintf(stderr, "pmlmig run: handing the VM over to %s (same host: its memory is shared, not copied%s)\n",
                    f.migrate_to.c_str(), f.verify ? ", verify" : "");
     } else std::fprintf(stderr, "pmlmig run: migrating to %s (tracker %s, %u stream%s, compress %s%s%s)\n",
@@ -184,15 +198,22 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
   // Failed or cancelled: the source resumed the VM; it keeps running here
   // (for --linger, so the report can show it running) before the run ends.
+  // A snapshot made: the VM runs on for the rest of --duration, unless asked
+  // to stop.
   const bool failed_here = stats.outcome == engine::Outcome::kFailed || stats.outcome == engine::Outcome::kCancelled;
+  const bool runs_on = stats.source_kept && !command.snapshot_stop;
   const std::string outcome(engine::OutcomeName(stats.outcome));
   std::vector<vmm::VcpuStats> lingered = after;
-  if (failed_here && !Interrupted()) {
-    if (!f.quiet) {
+  if ((failed_here || runs_on) && !Interrupted()) {
+    auto until = std::chrono::steady_clock::now() + linger;
+    if (runs_on) {
+      until = run_for.count() == 0 ? std::chrono::steady_clock::time_point::max() : std::max(vm_start + run_for, std::chrono::steady_clock::now());
+      if (!f.quiet) std::fprintf(stderr, "pmlmig run: snapshot written to %s; the VM runs on%s\n", command.snapshot_to.c_str(),
+                                 run_for.count() == 0 ? " until Ctrl-C" : " until --duration ends");
+    } else if (!f.quiet) {
       std::fprintf(stderr, "pmlmig run: migration %s; the VM keeps running here (for %s more)\n", outcome.c_str(),
                    f.linger.c_str());
     }
-    const auto until = std::chrono::steady_clock::now() + linger;
     while (std::chrono::steady_clock::now() < until && !Interrupted() && m.error().ok()) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
@@ -232,6 +253,14 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
       vcpus.push_back({{"id", i}, {"pages_written", lingered[i].pages_written},
                        {"pages_written_during_migration", after[i].pages_written - before[i].pages_written},
                        {"pages_written_after_migration", lingered[i].pages_written - after[i].pages_written}});
+    }
+    if (!command.snapshot_to.empty()) {
+      struct stat st{};
+      const bool exists = ::stat(command.snapshot_to.c_str(), &st) == 0;
+      out["snapshot"] = {{"path", command.snapshot_to}, {"live", command.live},
+                         {"file_bytes", exists ? nlohmann::ordered_json(st.st_size) : nlohmann::ordered_json(nullptr)},
+                         {"allocated_bytes", exists ? nlohmann::ordered_json(uint64_t(st.st_blocks) * 512)
+                                                    : nlohmann::ordered_json(nullptr)}};
     }
     out["tracker"] = std::string(tracker.name());
     out["streams"] = f.streams;
@@ -298,7 +327,10 @@ int Run(const RunFlags& f) {
   options.irqchip = !f.no_irqchip;
   options.huge_pages = f.huge_pages;
 
-  const bool migrating = !f.migrate_to.empty();
+  const bool snapshotting = !f.snapshot_to.empty();
+  if (snapshotting && !f.migrate_to.empty()) return PrintError("choose --migrate-to or --snapshot-to"), kExitUsage;
+  if (!snapshotting && (f.live || f.snapshot_stop)) return PrintError("--live and --snapshot-stop need --snapshot-to"), kExitUsage;
+  const bool migrating = !f.migrate_to.empty() || snapshotting;
   auto linger = ParseDuration(f.linger);
   if (!linger.ok()) return PrintError("--linger: " + linger.status().message()), kExitUsage;
   const bool can_migrate = migrating || !f.control.empty();
@@ -314,7 +346,7 @@ int Run(const RunFlags& f) {
   transport::MigrateCommand command;
   std::chrono::nanoseconds migrate_after{0};
   if (migrating) {
-    if (*tracker_kind == engine::TrackerKind::kNone) return PrintError("--migrate-to needs a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
+    if (*tracker_kind == engine::TrackerKind::kNone) return PrintError("--migrate-to and --snapshot-to need a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
     auto after = ParseDuration(f.migrate_after);
     if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
     migrate_after = *after;
@@ -358,6 +390,9 @@ int Run(const RunFlags& f) {
                         std::to_string(transport::kMaxStreams)), kExitUsage;
     }
     command.local = f.local;
+    command.snapshot_to = f.snapshot_to;
+    command.live = f.live;
+    command.snapshot_stop = f.snapshot_stop;
     if (f.local && (command.aid != engine::ConvergeAid::kNone || command.postcopy != engine::PostcopyMode::kOff)) {
       return PrintError("--local hands the memory over without copying it: --dirty-limit, --auto-converge and "
                         "--postcopy do not apply"),
@@ -427,6 +462,7 @@ int Run(const RunFlags& f) {
     if ((migrating || duration->count() != 0) && now >= end) break;
     if (failure = m.error(); !failure.ok()) break;
     if (migrated()) break;
+    if (control && control->stop_requested()) break;
     auto next = std::min(last_tick + std::chrono::seconds(1),
                          migrating || duration->count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
@@ -464,7 +500,9 @@ int Run(const RunFlags& f) {
       last_tick = t;
     }
   }
-  if (migrating && failure.ok() && !Interrupted()) return Migrate(f, options, m, **tracker, command, start, *linger);
+  if (migrating && failure.ok() && !Interrupted()) {
+    return Migrate(f, options, m, **tracker, command, start, *linger, *duration);
+  }
   if (controller) {
     (void)controller->Cancel();  // a migration still in progress is cancelled: the VM stays here
     const engine::MigrationStats st = controller->Wait();
@@ -615,7 +653,20 @@ Command RegisterRun(CLI::App& app) {
                 "Same-host handover: the receiver at unix:PATH takes the guest's memory itself (shared, no page "
                 "copied); only the vCPU state moves, while the VM is paused")
       ->group(mig);
-  cmd->add_option("--migrate-after", f->migrate_after, "Run this long before migrating")->capture_default_str()->group(mig);
+  cmd->add_option("--migrate-after", f->migrate_after, "Run this long before migrating (or snapshotting)")
+      ->capture_default_str()
+      ->group(mig);
+  const char* snap = "Snapshot";
+  cmd->add_option("--snapshot-to", f->snapshot_to,
+                  "Write a snapshot of the VM to FILE (replaced only once the new one is complete; 'pmlmig restore "
+                  "FILE' brings it back), then let the VM run on for the rest of --duration")
+      ->group(snap);
+  cmd->add_flag("--live", f->live,
+                "With --snapshot-to: pre-copy rounds into the file while the VM runs, paused only for the last "
+                "pages (default: paused for the whole write)")
+      ->group(snap);
+  cmd->add_flag("--snapshot-stop", f->snapshot_stop, "With --snapshot-to: stop the VM once the snapshot is complete")
+      ->group(snap);
   cmd->add_option("--downtime-limit", f->downtime_limit_ms, "Switch over once the expected downtime is at most this (ms)")
       ->capture_default_str()->group(mig);
   cmd->add_option("--max-rounds", f->max_rounds, "Live rounds before acting on --on-timeout")->capture_default_str()->group(mig);

@@ -1,5 +1,6 @@
 #include "pmlmig/transport/control.h"
 #include "pmlmig/transport/handover.h"
+#include "pmlmig/engine/snapshot_sink.h"
 
 #include <cmath>
 
@@ -62,6 +63,9 @@ class Service final : public proto::Control::Service {
     if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
     if (r->has_postcopy_recovery_ms()) c.postcopy_recovery_ms = r->postcopy_recovery_ms();
     c.local = r->local();
+    c.snapshot_to = r->snapshot_to();
+    c.live = r->snapshot_live();
+    c.snapshot_stop = r->snapshot_stop();
     switch (r->postcopy()) {
       case proto::POSTCOPY_OFF: c.postcopy = engine::PostcopyMode::kOff; break;
       case proto::POSTCOPY_AUTO: c.postcopy = engine::PostcopyMode::kAuto; break;
@@ -176,6 +180,9 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_stall_rounds(c.stall_rounds);
   r.set_postcopy_recovery_ms(c.postcopy_recovery_ms);
   r.set_local(c.local);
+  r.set_snapshot_to(c.snapshot_to);
+  r.set_snapshot_live(c.live);
+  r.set_snapshot_stop(c.snapshot_stop);
   r.set_postcopy(c.postcopy == engine::PostcopyMode::kAuto  ? proto::POSTCOPY_AUTO
                  : c.postcopy == engine::PostcopyMode::kNow ? proto::POSTCOPY_NOW
                                                             : proto::POSTCOPY_OFF);
@@ -234,6 +241,18 @@ Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& c) {
 }
 
 Result<std::unique_ptr<engine::MigrationSink>> SinkFor(const MigrateCommand& c) {
+  if (!c.snapshot_to.empty()) {
+    if (c.local || c.compress != "none" || c.max_bandwidth != 0 || !c.tls_ca.empty() || !c.tls_cert.empty() ||
+        !c.token_file.empty() || c.postcopy != engine::PostcopyMode::kOff || c.verify) {
+      return InvalidArgument("a snapshot goes to a file: a handover, compression, a bandwidth limit, TLS, tokens, "
+                             "post-copy and verification do not apply (the file carries its own digests, checked "
+                             "when it is restored)");
+    }
+    engine::SnapshotSinkOptions so;
+    so.path = c.snapshot_to;
+    PMLMIG_ASSIGN_OR_RETURN(auto sink, engine::SnapshotSink::Create(std::move(so)));
+    return std::unique_ptr<engine::MigrationSink>(std::move(sink));
+  }
   if (c.local) {
     PMLMIG_ASSIGN_OR_RETURN(std::string path, ParseUnixAddress(c.to));
     if (c.compress != "none" || c.max_bandwidth != 0 || !c.tls_ca.empty() || !c.tls_cert.empty() ||
@@ -266,6 +285,7 @@ engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& c) {
   mo.convergence.dirty_limit = c.dirty_limit_pages_per_s;
   mo.convergence.stall_rounds = c.stall_rounds;
   mo.convergence.postcopy = c.postcopy;
+  mo.live = c.snapshot_to.empty() || c.live;
   return mo;
 }
 

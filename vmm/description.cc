@@ -118,7 +118,7 @@ std::unique_ptr<engine::MigrationTarget> TestVmFactory::MakeTarget() {
   engine::VmMigrationTarget::Check check = nullptr;
   if (options_.check_memory) check = [this](engine::VmControl&) { return Check(); };
   auto target = std::make_unique<engine::VmMigrationTarget>(
-      [this](const engine::MigrationSetup& setup) { return Build(setup); }, check);
+      [this](const engine::MigrationSetup& setup) { return BuildVm(setup); }, check);
   target->SetProgressCounter([](engine::VmControl& vm) {
     uint64_t n = 0;
     for (uint64_t c : PagesWritten(static_cast<Machine&>(vm))) n += c;
@@ -127,7 +127,7 @@ std::unique_ptr<engine::MigrationTarget> TestVmFactory::MakeTarget() {
   return target;
 }
 
-Result<std::unique_ptr<engine::VmControl>> TestVmFactory::Build(const engine::MigrationSetup& setup) {
+Result<std::unique_ptr<engine::VmControl>> TestVmFactory::BuildVm(const engine::MigrationSetup& setup) {
   if (options_.require_verify && !setup.verify) {
     return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
   }

@@ -117,7 +117,7 @@ class SnapshotFileTest : public ::testing::Test {
   void MakeSnapshot(const std::string& description = "vm description") {
     SnapshotWriter w = NewWriter(description);
     WriteAll(w, src_.slots);
-    const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots));
+    const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots), ZeroPages::kNull);
     const std::string state = "state bytes";
     ASSERT_TRUE(w.Finish({reinterpret_cast<const uint8_t*>(state.data()), state.size()}, &expected).ok());
   }
@@ -154,7 +154,7 @@ TEST_F(SnapshotFileTest, RoundTripOverRoundsWithZeroPages) {
   std::memset(src_.high.data(), 0, 4096);
   ASSERT_TRUE(w.WriteZeroPages(kHigh, 1).ok());
   EXPECT_EQ(w.bytes_written(), 6 * kMiB + 6 * 4096);
-  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots));
+  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots), ZeroPages::kNull);
   EXPECT_EQ(w.chunk_digests(), expected);
   const std::vector<uint8_t> state = {1, 2, 3, 0, 255};
   ASSERT_TRUE(w.Finish(state, &expected).ok());
@@ -222,7 +222,7 @@ TEST_F(SnapshotFileTest, FileMatchesTheDocumentedLayout) {
   uint64_t v;
   std::memcpy(&v, src_.high.data() + 0x1238, 8);
   EXPECT_EQ(ReadLe(path_, 6 * kMiB + 0x1238, 8), v);
-  const std::vector<uint64_t> digests = DigestAllChunks(src_.slots, ChunkLayout(src_.slots));
+  const std::vector<uint64_t> digests = DigestAllChunks(src_.slots, ChunkLayout(src_.slots), ZeroPages::kNull);
   EXPECT_EQ(ReadLe(path_, 8 * kMiB + 25 + 16, 8), digests[2]);
   // The header checksum, computed as documented.
   std::vector<uint8_t> header(4096);
@@ -277,7 +277,7 @@ TEST_F(SnapshotFileTest, ZeroPagesAfterDataReadZeroAndFreeBlocks) {
   EXPECT_LE(static_cast<uint64_t>(after.st_blocks) * 512 + 4 * kMiB - 64 * 1024,
             static_cast<uint64_t>(before.st_blocks) * 512);
   std::memset(src_.low.data(), 0, src_.low.size());
-  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots));
+  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots), ZeroPages::kNull);
   ASSERT_TRUE(w.Finish({}, &expected).ok());
   auto r = SnapshotReader::Open(path_);
   ASSERT_TRUE(r.ok());
@@ -331,7 +331,7 @@ TEST_F(SnapshotFileTest, FailedFinishLeavesThePreviousSnapshot) {
   SnapshotWriter w = NewWriter("second");
   WriteAll(w, src_.slots);
   Fill(src_.low.data() + 3 * kMiB + 4096, 4096, 10);  // the source changed a page nobody re-sent
-  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots));
+  const std::vector<uint64_t> expected = DigestAllChunks(src_.slots, ChunkLayout(src_.slots), ZeroPages::kNull);
   const Status finished = w.Finish({}, &expected);
   EXPECT_EQ(finished.code(), Code::kDataLoss);
   EXPECT_THAT(finished.ToString(), HasSubstr("1 chunk (2 MiB) differs: gpa 0x200000-0x3fffff"));

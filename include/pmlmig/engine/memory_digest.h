@@ -34,6 +34,16 @@ namespace pmlmig::engine {
 // The value of the 4 KiB page at `page` that lives at `gpa`.
 uint64_t PageValue(uint64_t gpa, const uint8_t* page);
 
+// How a zero page counts. kHashed: PageValue like any page (the migration
+// digests, both sides, every version). kNull: 0, so that memory nobody
+// wrote costs nothing to digest (snapshot files: a 4 GiB untouched guest is
+// digested without hashing 4 GiB of zeros). A nonzero page keeps its
+// PageValue either way, so a flipped bit or a page at another address still
+// changes its chunk's digest; a page that became zero (or nonzero) too.
+enum class ZeroPages : uint8_t { kHashed, kNull };
+// PageValue, or 0 for a zero page under kNull.
+uint64_t PageValueOf(uint64_t gpa, const uint8_t* page, ZeroPages zero);
+
 class ChunkLayout {
  public:
   ChunkLayout() = default;
@@ -65,7 +75,8 @@ class ChunkLayout {
 };
 
 // Digests every chunk of `slots` from its memory now, in parallel.
-std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout& layout);
+std::vector<uint64_t> DigestAllChunks(const SlotTable& slots, const ChunkLayout& layout,
+                                      ZeroPages zero = ZeroPages::kHashed);
 
 // Where two sets of chunk digests differ.
 struct DigestMismatch {
@@ -96,7 +107,7 @@ class PageDigestTable {
     kZero,   // of zero pages, memory not read (a target's freshly built, zeroed memory)
     kUnset,  // 0: the caller Updates every page before a Snapshot means anything
   };
-  PageDigestTable(const SlotTable& slots, Initial initial);
+  PageDigestTable(const SlotTable& slots, Initial initial, ZeroPages zero = ZeroPages::kHashed);
 
   const ChunkLayout& layout() const { return layout_; }
   // Re-reads `pages` pages from `gpa` (inside one slot; the caller checked)
@@ -118,6 +129,7 @@ class PageDigestTable {
 
   SlotTable slots_;
   ChunkLayout layout_;
+  ZeroPages zero_ = ZeroPages::kHashed;
   std::unique_ptr<std::atomic<uint64_t>[]> values_;  // per page, slot order
   std::unique_ptr<std::atomic<uint64_t>[]> sums_;    // per chunk
   std::vector<uint64_t> slot_first_page_;

@@ -237,6 +237,9 @@ class MigrationSink {
   // sent; the source pauses, Finish carries the state, and after Commit the
   // source never touches the memory again.
   virtual bool shares_memory() const { return false; }
+  // The target is a copy, not a new home (a snapshot file): after Commit
+  // the VM resumes here and the migration still completes.
+  virtual bool keeps_source() const { return false; }
   // Post-copy, before the switch (the VM still runs here; no page is sent
   // between this and Finish): the pages of `stale` will be owed, and the
   // target may make them missing now, the slow part of arming post-copy,

@@ -57,6 +57,9 @@ struct MigrationOptions {
   std::chrono::milliseconds bandwidth_window{100};  // rounds measured for the bandwidth; default 100 ms
   // Replaces the default DowntimeLimitPolicy(convergence) when set.
   std::shared_ptr<SwitchoverPolicy> policy;
+  // false: pause the VM first and send every page once, paused (a snapshot
+  // of a stopped VM); no tracking, no live round. Default true.
+  bool live = true;
 };
 
 struct RoundStats {
@@ -138,6 +141,7 @@ struct MigrationStats {
   VerifyReport verification;
   bool commit_resolved = false;      // the commit's reply was lost; Resolve gave the outcome
   bool shared_memory = false;        // a same-host handover: the target took the memory itself, no page was copied
+  bool source_kept = false;          // the target was a copy (a snapshot): completed, and the VM runs on here
   FinalReply final_reply;
   std::vector<RoundStats> round_stats;
   ThrottleReport throttle;
@@ -229,6 +233,11 @@ class MigrationSource {
   // A same-host handover (sink_.shares_memory()): from setup (with the
   // memory's files) to the commit; no tracking, no page sent.
   MigrationStats RunHandover(MigrationSetup setup);
+  // options_.live false: pause, every page with data as the one round, the
+  // state, commit.
+  MigrationStats RunPaused();
+  // After the commit to a target that keeps the source (a snapshot).
+  MigrationStats KeptSource(Clock::TimePoint pause);
 
   VmControl& vm_;
   DirtyTracker& tracker_;

@@ -32,6 +32,12 @@ struct MigrateCommand {
   engine::PostcopyMode postcopy = engine::PostcopyMode::kOff;
   uint64_t postcopy_recovery_ms = 300000;  // resuming a broken post-copy link; 0: never
   bool local = false;  // a same-host handover to `to` = "unix:PATH" (handover.h): no page is copied
+  // A snapshot to this file (engine/snapshot_sink.h) instead of a migration
+  // (`to` unused): with live rounds while the VM runs (else paused for the
+  // whole write); the VM stops once it is complete (else it runs on).
+  std::string snapshot_to;
+  bool live = false;
+  bool snapshot_stop = false;
   // Security of the migration port: paths (absolute) read by the VM's process.
   std::string tls_ca, tls_cert, tls_key, tls_server_name, token_file;
 };
@@ -41,8 +47,9 @@ struct MigrateCommand {
 // becomes options: `run --migrate-to` and the control API both use it.
 Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& command);
 engine::MigrationOptions MigrationOptionsFor(const MigrateCommand& command);
-// The sink a command asks for: the gRPC sink, or with `local` the same-host
-// HandoverSink (whose options it checks: no compression, limit or TLS).
+// The sink a command asks for: the gRPC sink; with `local` the same-host
+// HandoverSink; with `snapshot_to` a SnapshotSink (their options checked:
+// no compression, limit or TLS; a snapshot has no post-copy).
 Result<std::unique_ptr<engine::MigrationSink>> SinkFor(const MigrateCommand& command);
 
 struct ControlStatus {

@@ -57,6 +57,9 @@ class TestVmFactory {
   TestVmFactory(const Kvm& kvm, TestVmFactoryOptions options) : kvm_(kvm), options_(std::move(options)) {}
 
   std::unique_ptr<engine::MigrationTarget> MakeTarget();
+  // The VM a setup describes (memory zeroed, or the memory handed over), as
+  // a target's factory builds it; also for a snapshot's restore.
+  Result<std::unique_ptr<engine::VmControl>> BuildVm(const engine::MigrationSetup& setup);
 
   // The last VM built (owned by its target, then by whoever took it), its
   // options, and its vCPUs' counters when the checker ran (empty if none ran).
@@ -65,7 +68,6 @@ class TestVmFactory {
   std::vector<uint64_t> counters_at_check() const;
 
  private:
-  Result<std::unique_ptr<engine::VmControl>> Build(const engine::MigrationSetup& setup);
   Result<std::string> Check();
 
   const Kvm& kvm_;
