@@ -317,6 +317,12 @@ struct SnapshotWriter::State {
 
   std::string path, partial;
   UniqueFd fd;  // of `partial`; valid from its creation until Finish or Abandon
+  // The same file opened O_DIRECT, for page data written from page-aligned
+  // memory: a guest-sized snapshot then does not grow the page cache by the
+  // guest's size, whose fresh pages cost 4-6x the disk's own speed on this
+  // kind of host (docs/BENCHMARKS.md, "Snapshots"). Invalid where the file
+  // system refuses O_DIRECT (tmpfs): buffered writes then.
+  UniqueFd direct;
   AddressOnlySlots slots;   // the reservation the digest table's slots point into
   PageDigestTable digests;  // every page's value as the file holds it
   std::vector<SnapshotRegion> regions;  // sorted by gpa: the order of slots.table
@@ -386,6 +392,7 @@ Status SnapshotWriter::CreateFile() {
   const int fd = ::open(s.partial.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return Status::FromErrno(errno, "create " + s.partial);
   s.fd.Reset(fd);
+  s.direct.Reset(::open(s.partial.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOFOLLOW));  // -1: buffered only
   const uint64_t data_end = s.header.data_offset + s.header.data_bytes;
   if (::ftruncate(fd, static_cast<off_t>(data_end)) < 0) {
     return Status::FromErrno(errno, Cat("ftruncate ", s.partial, " to ", data_end, " bytes"));
@@ -421,7 +428,9 @@ Status SnapshotWriter::WritePages(uint64_t gpa, uint64_t pages, const uint8_t* d
   const uint64_t first = gpa;
   Status written = UnderChunkLocks("WritePages", gpa, pages, [&](uint64_t at, uint64_t n, uint64_t offset) {
     const uint8_t* src = data + (at - first);
-    PMLMIG_RETURN_IF_ERROR(PwriteAll(s_->fd.get(), src, n << kPageShift, offset, s_->partial));
+    const bool aligned = reinterpret_cast<uintptr_t>(src) % kPageSize == 0;
+    PMLMIG_RETURN_IF_ERROR(PwriteAll(aligned && s_->direct.valid() ? s_->direct.get() : s_->fd.get(), src,
+                                     n << kPageShift, offset, s_->partial));
     s_->digests.SetFrom(at, n, src);
     return Status::Ok();
   });
@@ -498,6 +507,7 @@ Status SnapshotWriter::Publish() {
   }
   s.finished = true;
   s.fd.Reset();
+  s.direct.Reset();
   std::string dir = std::filesystem::path(s.path).parent_path().string();
   if (dir.empty()) dir = ".";
   UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
@@ -511,6 +521,7 @@ Status SnapshotWriter::Publish() {
 void SnapshotWriter::Abandon() {
   if (s_ == nullptr || s_->finished || !s_->fd.valid()) return;
   s_->fd.Reset();
+  s_->direct.Reset();
   ::unlink(s_->partial.c_str());  // best effort: a stale partial file is replaced by the next Create anyway
 }
 
@@ -711,6 +722,7 @@ Result<SnapshotReader> SnapshotReader::Open(const std::string& path) {
   r.path_ = path;
   r.fd_.Reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!r.fd_.valid()) return Status::FromErrno(errno, "open snapshot " + path);
+  r.direct_.Reset(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));  // -1: buffered reads only
   struct stat st {};
   if (::fstat(r.fd_.get(), &st) < 0) return Status::FromErrno(errno, "fstat " + path);
   if (!S_ISREG(st.st_mode)) return InvalidArgument(Where(path) + ": not a regular file");
@@ -738,9 +750,13 @@ Result<SnapshotReader> SnapshotReader::Open(const std::string& path) {
 
 std::optional<uint64_t> SnapshotReader::FileOffset(uint64_t gpa) const { return OffsetOf(regions_, gpa); }
 
+int SnapshotReader::FdFor(const uint8_t* dst) const {
+  return direct_.valid() && reinterpret_cast<uintptr_t>(dst) % kPageSize == 0 ? direct_.get() : fd_.get();
+}
+
 Status SnapshotReader::ReadPages(uint64_t gpa, uint64_t pages, uint8_t* dst) const {
   PMLMIG_ASSIGN_OR_RETURN(const SnapshotRegion* r, FindRun(path_, regions_, gpa, pages));
-  return ReadRun(fd_.get(), path_, gpa, r->file_offset + (gpa - r->gpa), pages << kPageShift, dst);
+  return ReadRun(FdFor(dst), path_, gpa, r->file_offset + (gpa - r->gpa), pages << kPageShift, dst);
 }
 
 Result<SnapshotLoadStats> SnapshotReader::LoadInto(const SlotTable& memory, unsigned threads) const {
@@ -784,7 +800,7 @@ Result<SnapshotLoadStats> SnapshotReader::Scan(const SlotTable* memory, unsigned
       holes.fetch_add(len, std::memory_order_relaxed);  // zero pages count 0 (ZeroPages::kNull)
     } else {
       uint8_t* dst = memory != nullptr ? memory->HostAddress(p.gpa, len) : scratch[worker].data();
-      PMLMIG_RETURN_IF_ERROR(ReadRun(fd_.get(), path_, p.gpa, p.file_offset, len, dst));
+      PMLMIG_RETURN_IF_ERROR(ReadRun(FdFor(dst), path_, p.gpa, p.file_offset, len, dst));
       for (uint64_t k = 0; k < p.pages; ++k) {
         sum += PageValueOf(p.gpa + (k << kPageShift), dst + (k << kPageShift), ZeroPages::kNull);
       }

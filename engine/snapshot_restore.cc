@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 
 namespace pmlmig::engine {
 namespace {
@@ -122,14 +123,19 @@ Status SnapshotRestore::StartLazy(std::vector<PageRun> owed) {
   return Status::Ok();
 }
 
-Status SnapshotRestore::PlaceFromFile(const PageRun& run, std::vector<uint8_t>& buffer) {
-  buffer.resize(run.pages << kPageShift);
-  PMLMIG_RETURN_IF_ERROR(reader_.ReadPages(run.gpa, run.pages, buffer.data()));
-  return memory_->Place(run.gpa, run.pages, buffer.data()).status();
+Status SnapshotRestore::PlaceFromFile(const PageRun& run, PageBuffer& buffer) {
+  const size_t bytes = run.pages << kPageShift;
+  if (buffer.bytes < bytes) {  // page-aligned: the reader may then bypass the page cache
+    buffer.data.reset(static_cast<uint8_t*>(std::aligned_alloc(kPageSize, bytes)));
+    if (!buffer.data) return ResourceExhausted("lazy restore: no memory for a read buffer");
+    buffer.bytes = bytes;
+  }
+  PMLMIG_RETURN_IF_ERROR(reader_.ReadPages(run.gpa, run.pages, buffer.data.get()));
+  return memory_->Place(run.gpa, run.pages, buffer.data.get()).status();
 }
 
 void SnapshotRestore::ServeFaults() {
-  std::vector<uint8_t> buffer;
+  PageBuffer buffer;
   for (;;) {
     uint64_t gpa;
     {
@@ -151,7 +157,7 @@ void SnapshotRestore::ServeFaults() {
 }
 
 void SnapshotRestore::Fill() {
-  std::vector<uint8_t> buffer;
+  PageBuffer buffer;
   PageRun run;
   constexpr uint64_t kFillPages = 64;  // 256 KiB: a vCPU's fault never waits behind much
   while (!stop_.load(std::memory_order_relaxed) && backlog_->Next(kFillPages, &run)) {

@@ -66,7 +66,7 @@ Result<TransferStats> SnapshotSink::SendPages(uint32_t round, PageList& pages) {
     if (!writer_) return Internal("snapshot: pages before Begin");
     sending_ = true;
   }
-  constexpr uint64_t kChunkPages = 256;  // 1 MiB a write
+  constexpr uint64_t kChunkPages = 512;  // 2 MiB a write (a digest chunk: the writer cuts there anyway)
   const unsigned workers =
       static_cast<unsigned>(std::clamp<uint64_t>((pages.total_pages() + kChunkPages - 1) / kChunkPages, 1, options_.threads));
   std::vector<TransferStats> sent(workers);

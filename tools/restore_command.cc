@@ -23,7 +23,7 @@ struct RestoreFlags {
   std::string file;
   bool lazy = false;
   std::string exit_after = "2s";
-  unsigned threads = 2;
+  unsigned threads = 8;
   bool json = false;
   bool quiet = false;
 };
@@ -133,7 +133,7 @@ Command RegisterRestore(CLI::App& app) {
                 "background; the digests are checked once every page is in");
   cmd->add_option("--exit-after", f->exit_after, "Keep the restored VM running this long, then check it and report")
       ->capture_default_str();
-  cmd->add_option("--threads", f->threads, "Readers (eager) or background fillers (lazy), 1-16")->capture_default_str();
+  cmd->add_option("--threads", f->threads, "Reads in flight: eager, of the whole file; lazy, besides the guest's own faults (1-16; the disk wants several)")->capture_default_str();
   cmd->add_flag("--json", f->json, "Print the report as one JSON object on stdout");
   cmd->add_flag("--quiet,-q", f->quiet, "No progress lines");
   return [f]() { return Restore(*f); };

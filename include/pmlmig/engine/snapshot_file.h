@@ -188,6 +188,11 @@ class SnapshotReader {
 
   std::string path_;
   UniqueFd fd_;
+  // The file opened O_DIRECT (invalid where the file system refuses it):
+  // reads into page-aligned memory bypass the page cache, whose fresh
+  // pages cost more than the disk here (docs/BENCHMARKS.md, "Snapshots").
+  UniqueFd direct_;
+  int FdFor(const uint8_t* dst) const;
   uint64_t file_end_ = 0;  // the end of the meta section
   uint16_t minor_ = 0;
   uint32_t vcpus_ = 0;

@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -39,7 +40,7 @@ namespace pmlmig::engine {
 
 struct RestoreOptions {
   bool lazy = false;
-  unsigned threads = 2;  // eager: readers; lazy: background fillers (besides the fault server)
+  unsigned threads = 8;  // eager: reads in flight; lazy: background fillers (besides the fault server)
 };
 
 struct RestoreStats {
@@ -89,7 +90,14 @@ class SnapshotRestore {
   Status StartLazy(std::vector<PageRun> owed);
   void ServeFaults();       // the fault server: reads what a vCPU waits for
   void Fill();              // a background filler
-  Status PlaceFromFile(const PageRun& run, std::vector<uint8_t>& buffer);
+  struct FreeDeleter {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  struct PageBuffer {
+    std::unique_ptr<uint8_t, FreeDeleter> data;
+    size_t bytes = 0;
+  };
+  Status PlaceFromFile(const PageRun& run, PageBuffer& buffer);
   void StopWorkers();
 
   SnapshotReader reader_;
