@@ -4,7 +4,11 @@
 #include <tbb/parallel_for.h>
 #include <xxh_x86dispatch.h>  // picks the widest vector unit at run time (AVX2 here: 2.5x SSE2)
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <bit>
+#include <new>
 #include <cstdio>
 #include <cstring>
 
@@ -104,18 +108,22 @@ DigestMismatch CompareChunkDigests(const ChunkLayout& layout, std::span<const ui
 
 PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial, ZeroPages zero)
     : slots_(slots), layout_(slots), zero_(zero) {
-  values_.reset(new std::atomic<uint64_t>[layout_.total_pages()]);
-  sums_.reset(new std::atomic<uint64_t>[layout_.size()]);
+  // Zero-filled by the kernel, and untouched until written.
+  auto zeroed = [](size_t n, Mapping* owner) {
+    auto m = Mapping::Map(std::max<size_t>(n, 1) * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0, "digest table");
+    if (!m.ok()) throw std::bad_alloc();  // as `new` would: a table the size of memory's pages cannot fail quietly
+    *owner = std::move(*m);
+    return reinterpret_cast<uint64_t*>(owner->data());
+  };
+  values_ = zeroed(layout_.total_pages(), &values_map_);
+  sums_ = zeroed(layout_.size(), &sums_map_);
   uint64_t first = 0;
   for (const MemorySlot& s : slots_.slots()) {
     slot_first_page_.push_back(first);
     first += s.pages();
   }
-  if (initial == Initial::kUnset || (initial == Initial::kZero && zero == ZeroPages::kNull)) {
-    for (uint64_t p = 0; p < layout_.total_pages(); ++p) values_[p].store(0, std::memory_order_relaxed);
-    for (size_t i = 0; i < layout_.size(); ++i) sums_[i].store(0, std::memory_order_relaxed);
-    return;
-  }
+  if (initial == Initial::kUnset || (initial == Initial::kZero && zero == ZeroPages::kNull)) return;  // all 0
   const auto all = slots_.slots();
   tbb::parallel_for(tbb::blocked_range<size_t>(0, layout_.size()), [&](const tbb::blocked_range<size_t>& r) {
     for (size_t i = r.begin(); i != r.end(); ++i) {
@@ -126,17 +134,17 @@ PageDigestTable::PageDigestTable(const SlotTable& slots, Initial initial, ZeroPa
       for (uint64_t p = 0; p < c.pages; ++p) {
         const uint64_t v = PageValueOf(c.gpa + (p << kPageShift),
                                        initial == Initial::kZero ? kZeroPage : host + (p << kPageShift), zero);
-        values_[first_page + p].store(v, std::memory_order_relaxed);
+        value_at(first_page + p).store(v, std::memory_order_relaxed);
         sum += v;
       }
-      sums_[i].store(sum, std::memory_order_relaxed);
+      sum_at(i).store(sum, std::memory_order_relaxed);
     }
   });
 }
 
 void PageDigestTable::Replace(size_t slot_index, uint64_t page, uint64_t value) {
-  const uint64_t old = values_[slot_first_page_[slot_index] + page].exchange(value, std::memory_order_relaxed);
-  if (old != value) sums_[layout_.ChunkOf(slot_index, page)].fetch_add(value - old, std::memory_order_relaxed);
+  const uint64_t old = value_at(slot_first_page_[slot_index] + page).exchange(value, std::memory_order_relaxed);
+  if (old != value) sum_at(layout_.ChunkOf(slot_index, page)).fetch_add(value - old, std::memory_order_relaxed);
 }
 
 void PageDigestTable::Update(uint64_t gpa, uint64_t pages) {
@@ -177,7 +185,7 @@ void PageDigestTable::UpdateChunk(size_t i) {
 
 std::vector<uint64_t> PageDigestTable::Snapshot() const {
   std::vector<uint64_t> out(layout_.size());
-  for (size_t i = 0; i < out.size(); ++i) out[i] = sums_[i].load(std::memory_order_relaxed);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = sum_at(i).load(std::memory_order_relaxed);
   return out;
 }
 

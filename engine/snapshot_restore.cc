@@ -79,7 +79,9 @@ Result<std::unique_ptr<SnapshotRestore>> SnapshotRestore::Start(const std::strin
   if (options.lazy) {
     PMLMIG_ASSIGN_OR_RETURN(std::vector<PageRun> owed, DataRuns(r->reader_));
     r->stats_.data_extents = owed.size();
+    const auto t = std::chrono::steady_clock::now();
     PMLMIG_RETURN_IF_ERROR(r->StartLazy(std::move(owed)));
+    r->stats_.load_ms = MsFrom(t);  // lazy: arming the faults
   } else {
     const auto t = std::chrono::steady_clock::now();
     PMLMIG_ASSIGN_OR_RETURN(SnapshotLoadStats loaded, r->reader_.LoadInto(r->vm_->memory_slots(), options.threads));

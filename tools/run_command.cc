@@ -295,6 +295,60 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   return kExitOk;
 }
 
+// The migration (or handover, or snapshot) a run's flags ask for, every flag
+// checked; an error is a usage error naming the flag.
+Result<transport::MigrateCommand> MigrateCommandOf(const RunFlags& f, engine::TrackerKind tracker) {
+  transport::MigrateCommand command;
+  auto timeout = ParseDuration(f.timeout);
+  if (!timeout.ok()) return InvalidArgument("--timeout: " + timeout.status().message());
+  if (f.on_timeout != "cancel" && f.on_timeout != "force") {
+    return InvalidArgument("--on-timeout: '" + f.on_timeout + "' is not cancel or force");
+  }
+  auto bw = ParseSize(f.max_bandwidth);
+  if (!bw.ok()) return InvalidArgument("--max-bandwidth: " + bw.status().message());
+  if (auto compress = transport::ParseCompression(f.compress); !compress.ok()) {
+    return InvalidArgument("--compress: " + compress.status().message());
+  }
+  if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
+    return InvalidArgument("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit");
+  }
+  if (f.streams == 0 || f.streams > transport::kMaxStreams) {
+    return InvalidArgument("--streams: " + std::to_string(f.streams) + " is outside 1.." +
+                           std::to_string(transport::kMaxStreams));
+  }
+  command.to = f.migrate_to;
+  command.streams = f.streams;
+  command.compress = f.compress;
+  command.max_bandwidth = *bw;
+  command.downtime_limit_ms = f.downtime_limit_ms;
+  command.max_rounds = f.max_rounds;
+  command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
+  command.force_on_timeout = f.on_timeout == "force";
+  command.verify = f.verify;
+  command.verify_order =
+      f.verify_order == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
+  PMLMIG_RETURN_IF_ERROR(ApplyConvergeFlags(f.converge, &command));
+  if (command.aid == engine::ConvergeAid::kDirtyLimit && tracker != engine::TrackerKind::kRing) {
+    return InvalidArgument("--dirty-limit needs --tracker ring: only the dirty ring says which vCPU wrote a page "
+                           "(use --auto-converge with the bitmap)");
+  }
+  command.tls_ca = f.security.tls_ca;
+  command.tls_cert = f.security.tls_cert;
+  command.tls_key = f.security.tls_key;
+  command.tls_server_name = f.security.tls_server_name;
+  command.token_file = f.security.token_file;
+  command.local = f.local;
+  command.snapshot_to = f.snapshot_to;
+  command.live = f.live;
+  command.snapshot_stop = f.snapshot_stop;
+  if (f.local && (command.aid != engine::ConvergeAid::kNone || command.postcopy != engine::PostcopyMode::kOff)) {
+    return InvalidArgument("--local hands the memory over without copying it: --dirty-limit, --auto-converge and "
+                           "--postcopy do not apply");
+  }
+  PMLMIG_RETURN_IF_ERROR(transport::SinkFor(command).status());  // the sink's own checks (files, addresses)
+  return command;
+}
+
 int Run(const RunFlags& f) {
   vmm::MachineOptions options;
   auto memory = ParseSize(f.memory);
@@ -346,59 +400,15 @@ int Run(const RunFlags& f) {
   transport::MigrateCommand command;
   std::chrono::nanoseconds migrate_after{0};
   if (migrating) {
-    if (*tracker_kind == engine::TrackerKind::kNone) return PrintError("--migrate-to and --snapshot-to need a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
+    if (*tracker_kind == engine::TrackerKind::kNone) {
+      return PrintError("--migrate-to and --snapshot-to need a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
+    }
     auto after = ParseDuration(f.migrate_after);
     if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
     migrate_after = *after;
-    auto timeout = ParseDuration(f.timeout);
-    if (!timeout.ok()) return PrintError("--timeout: " + timeout.status().message()), kExitUsage;
-    if (f.on_timeout != "cancel" && f.on_timeout != "force") {
-      return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
-    }
-    auto bw = ParseSize(f.max_bandwidth);
-    if (!bw.ok()) return PrintError("--max-bandwidth: " + bw.status().message()), kExitUsage;
-    if (auto compress = transport::ParseCompression(f.compress); !compress.ok()) {
-      return PrintError("--compress: " + compress.status().message()), kExitUsage;
-    }
-    command.to = f.migrate_to;
-    command.streams = f.streams;
-    command.compress = f.compress;
-    command.max_bandwidth = *bw;
-    command.downtime_limit_ms = f.downtime_limit_ms;
-    command.max_rounds = f.max_rounds;
-    command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
-    command.force_on_timeout = f.on_timeout == "force";
-    command.verify = f.verify;
-    if (f.verify_order != "after-commit" && f.verify_order != "before-commit") {
-      return PrintError("--verify-order: '" + f.verify_order + "' is not before-commit or after-commit"), kExitUsage;
-    }
-    command.verify_order =
-        f.verify_order == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
-    if (Status s = ApplyConvergeFlags(f.converge, &command); !s.ok()) return PrintError(s.message()), kExitUsage;
-    if (command.aid == engine::ConvergeAid::kDirtyLimit && *tracker_kind != engine::TrackerKind::kRing) {
-      return PrintError("--dirty-limit needs --tracker ring: only the dirty ring says which vCPU wrote a page "
-                        "(use --auto-converge with the bitmap)"),
-             kExitUsage;
-    }
-    command.tls_ca = f.security.tls_ca;
-    command.tls_cert = f.security.tls_cert;
-    command.tls_key = f.security.tls_key;
-    command.tls_server_name = f.security.tls_server_name;
-    command.token_file = f.security.token_file;
-    if (f.streams == 0 || f.streams > transport::kMaxStreams) {
-      return PrintError("--streams: " + std::to_string(f.streams) + " is outside 1.." +
-                        std::to_string(transport::kMaxStreams)), kExitUsage;
-    }
-    command.local = f.local;
-    command.snapshot_to = f.snapshot_to;
-    command.live = f.live;
-    command.snapshot_stop = f.snapshot_stop;
-    if (f.local && (command.aid != engine::ConvergeAid::kNone || command.postcopy != engine::PostcopyMode::kOff)) {
-      return PrintError("--local hands the memory over without copying it: --dirty-limit, --auto-converge and "
-                        "--postcopy do not apply"),
-             kExitUsage;
-    }
-    if (auto check = transport::SinkFor(command); !check.ok()) return PrintError(check.status().message()), kExitUsage;
+    auto c = MigrateCommandOf(f, *tracker_kind);
+    if (!c.ok()) return PrintError(c.status().message()), kExitUsage;
+    command = std::move(*c);
   } else if (f.local) {
     return PrintError("--local needs --migrate-to unix:PATH"), kExitUsage;
   } else if (f.verify || f.streams != transport::DefaultStreams() || f.compress != "none" || f.max_bandwidth != "0") {

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "pmlmig/base/mapping.h"
 #include "pmlmig/engine/slot_table.h"
 
 namespace pmlmig::engine {
@@ -130,8 +131,14 @@ class PageDigestTable {
   SlotTable slots_;
   ChunkLayout layout_;
   ZeroPages zero_ = ZeroPages::kHashed;
-  std::unique_ptr<std::atomic<uint64_t>[]> values_;  // per page, slot order
-  std::unique_ptr<std::atomic<uint64_t>[]> sums_;    // per chunk
+  // Anonymous mappings, so that a table that starts at 0 (kUnset, or kZero
+  // with ZeroPages::kNull) costs no page until its entries are written (a
+  // 16 GiB guest's is 32 MiB). Accessed through std::atomic_ref.
+  Mapping values_map_, sums_map_;
+  uint64_t* values_ = nullptr;  // per page, slot order
+  uint64_t* sums_ = nullptr;    // per chunk
+  std::atomic_ref<uint64_t> value_at(uint64_t i) const { return std::atomic_ref<uint64_t>(values_[i]); }
+  std::atomic_ref<uint64_t> sum_at(size_t i) const { return std::atomic_ref<uint64_t>(sums_[i]); }
   std::vector<uint64_t> slot_first_page_;
 };
 

@@ -47,7 +47,7 @@ struct RestoreStats {
   bool lazy = false;
   double open_ms = 0;      // the file checked: header, layout, meta
   double build_ms = 0;     // the VM built by the factory
-  double load_ms = 0;      // eager: memory read and checked
+  double load_ms = 0;      // eager: memory read and checked; lazy: the faults armed
   double running_ms = 0;   // Start to the vCPUs running
   double complete_ms = 0;  // Start to every page in memory (eager: = running_ms)
   uint64_t guest_bytes = 0;
