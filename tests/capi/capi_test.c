@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "pmlmig/pmlmig.h"
 
@@ -147,6 +149,7 @@ static void test_versions_and_defaults(void) {
   CHECK(pmlmig_wire_version() == PMLMIG_WIRE_VERSION);
   CHECK((pmlmig_features() & PMLMIG_FEATURE_MIGRATION) != 0);
   CHECK((pmlmig_features() & PMLMIG_FEATURE_MARK_DIRTY) != 0);
+  CHECK((pmlmig_features() & PMLMIG_FEATURE_HANDOVER) != 0);
   CHECK(strcmp(pmlmig_outcome_name(PMLMIG_OUTCOME_IN_DOUBT), "in-doubt") == 0);
 
   pmlmig_migrate_options o;
@@ -248,6 +251,20 @@ static void test_source_refusals(void) {
   o.postcopy = (pmlmig_postcopy)7;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "unknown postcopy 7");
   o.postcopy = PMLMIG_POSTCOPY_OFF;
+  /* A same-host handover needs unix:PATH and copies nothing, so nothing to compress or throttle. */
+  o.local = 1;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "is not unix:PATH");
+  o.target = "unix:/nonexistent/pmlmig.sock";
+  o.compression = PMLMIG_COMPRESSION_LZ4;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "do not apply");
+  o.compression = PMLMIG_COMPRESSION_NONE;
+  o.converge = PMLMIG_CONVERGE_AUTO;
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "converge and postcopy must be off");
+  o.converge = PMLMIG_CONVERGE_NONE;
+  o.local = 0;
+  o.target = "unix:/nonexistent/pmlmig.sock";
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "only a same-host handover");
+  o.target = "127.0.0.1:1";
   CHECK(strcmp(pmlmig_outcome_name(PMLMIG_OUTCOME_POSTCOPY_FAILED), "postcopy-failed") == 0);
   CHECK(pmlmig_vm_throttle_ns(vm, 0) == 0 && pmlmig_vm_throttle_ns(vm, 99) == 0 && pmlmig_vm_throttle_ns(NULL, 0) == 0);
   o.token_file = "/nonexistent/token";
@@ -266,6 +283,14 @@ static void test_source_refusals(void) {
   CHECK(v.pauses == 0 && v.resumes == 0);
 }
 
+static int shared_factory(void *user, const void *description, size_t description_length, uint32_t vcpus,
+                          const pmlmig_region *regions, uint32_t region_count, pmlmig_vm **out) {
+  (void)user, (void)description, (void)description_length, (void)vcpus, (void)regions, (void)region_count;
+  *out = NULL;
+  pmlmig_set_error("this test takes no handover");
+  return -EINVAL;
+}
+
 static void test_receiver_refusals(void) {
   pmlmig_receive_options ro;
   pmlmig_receive_options_init(&ro);
@@ -281,6 +306,23 @@ static void test_receiver_refusals(void) {
   ro.listen = "10.1.2.3:7400"; /* not loopback, no TLS, no token */
   CHECK(pmlmig_receiver_start(&ro, &r) < 0);
   CHECK(strlen(pmlmig_last_error()) > 0);
+  /* unix:PATH takes same-host handovers, built by shared_factory. */
+  char path[64];
+  snprintf(path, sizeof path, "unix:/tmp/pmlmig-capi-%d.sock", (int)getpid());
+  ro.listen = path;
+  CHECK_ERR(pmlmig_receiver_start(&ro, &r), -EINVAL, "shared_factory is NULL");
+  ro.shared_factory = shared_factory;
+  ro.token_file = "/nonexistent/token";
+  CHECK_ERR(pmlmig_receiver_start(&ro, &r), -EINVAL, "do not apply to a unix:PATH receiver");
+  ro.token_file = NULL;
+  CHECK(pmlmig_receiver_start(&ro, &r) == 0);
+  CHECK(pmlmig_receiver_port(r) == 0);
+  struct stat st;
+  CHECK(stat(path + 5, &st) == 0 && S_ISSOCK(st.st_mode) && (st.st_mode & 0777) == 0600);
+  pmlmig_vm *none = (pmlmig_vm *)1;
+  CHECK(pmlmig_receiver_wait(r, 10, &none, NULL) == -ETIMEDOUT && none == NULL);
+  pmlmig_receiver_destroy(r);
+  CHECK(stat(path + 5, &st) != 0); /* the socket goes with the receiver */
   r = start_receiver(factory);
   pmlmig_vm *got = (pmlmig_vm *)1;
   CHECK(pmlmig_receiver_wait(r, 10, &got, NULL) == -ETIMEDOUT);
