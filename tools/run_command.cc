@@ -181,6 +181,14 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
       if (tty && p.phase == engine::Phase::kDone) std::fputc('\n', stderr);
     };
   }
+  // The guest's counters when the VM paused for the switch. After a handover
+  // its statistics page is the target's (the memory is shared): reading it
+  // later would count the target's writes as this side's.
+  std::vector<vmm::VcpuStats> at_pause;
+  callbacks.on_progress = [show = std::move(callbacks.on_progress), &m, &at_pause](const engine::MigrationProgress& p) {
+    if (p.phase == engine::Phase::kStopAndCopy && at_pause.empty()) at_pause = m.Stats();
+    if (show) show(p);
+  };
   if (Status s = controller.Start(std::move(*sink), transport::MigrationOptionsFor(command), std::move(callbacks));
       !s.ok()) {
     return PrintError(s.message()), kExitFailure;
@@ -194,7 +202,7 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   const engine::MigrationStats stats = controller.Wait();
-  const std::vector<vmm::VcpuStats> after = m.Stats();
+  const std::vector<vmm::VcpuStats> after = stats.shared_memory && !at_pause.empty() ? at_pause : m.Stats();
   const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
   // Failed or cancelled: the source resumed the VM; it keeps running here
   // (for --linger, so the report can show it running) before the run ends.

@@ -199,7 +199,7 @@ class HandoverSink::Impl {
                            : Result<proto::HandoverMessage>(sent);
     if (!reply.ok()) {
       result.detail = lost.WithContext("the commit's answer was lost and asking again failed (" +
-                                       reply.status().message() + ")");
+                                       reply.status().message() + "); it may have run the guest on the shared memory");
       return result;
     }
     result.resolved = true;
@@ -213,7 +213,8 @@ class HandoverSink::Impl {
         result.detail = lost.WithContext("the receiver discarded the VM");
         return result;
       default:
-        result.detail = lost.WithContext("the receiver does not know this handover (another process?)");
+        result.detail = lost.WithContext("the receiver does not know this handover (another process?); the one "
+                                         "that took it may have run the guest on the shared memory");
         return result;
     }
   }

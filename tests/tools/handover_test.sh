@@ -129,6 +129,7 @@ receiver PMLMIG_FAILPOINTS=handover.setup=1
   >"$tmp/s.json" 2>"$tmp/s.err"
 src_rc=$?
 wait $rpid
+rcv_rc=$?
 if [ $src_rc -eq 1 ] && check '
 assert s["status"] == "failed", s["status"]
 assert sum(v["pages_written_after_migration"] for v in s["vcpus"]) > 0, s["vcpus"]
@@ -144,6 +145,7 @@ receiver PMLMIG_FAILPOINTS=handover.prepared=1
   >"$tmp/s.json" 2>"$tmp/s.err"
 src_rc=$?
 wait $rpid
+rcv_rc=$?
 if [ $src_rc -eq 3 ] && check '
 assert s["status"] == "in-doubt", s["status"]
 assert sum(v["pages_written_after_migration"] for v in s["vcpus"]) == 0, s["vcpus"]
