@@ -215,7 +215,9 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   if ((failed_here || runs_on) && !Interrupted()) {
     auto until = std::chrono::steady_clock::now() + linger;
     if (runs_on) {
-      until = run_for.count() == 0 ? std::chrono::steady_clock::time_point::max() : std::max(vm_start + run_for, std::chrono::steady_clock::now());
+      // The rest of --duration, and at least --linger, so the report shows it running on.
+      until = run_for.count() == 0 ? std::chrono::steady_clock::time_point::max()
+                                   : std::max(vm_start + run_for, std::chrono::steady_clock::now() + linger);
       if (!f.quiet) std::fprintf(stderr, "pmlmig run: snapshot written to %s; the VM runs on%s\n", command.snapshot_to.c_str(),
                                  run_for.count() == 0 ? " until Ctrl-C" : " until --duration ends");
     } else if (!f.quiet) {
@@ -677,7 +679,7 @@ Command RegisterRun(CLI::App& app) {
   const char* snap = "Snapshot";
   cmd->add_option("--snapshot-to", f->snapshot_to,
                   "Write a snapshot of the VM to FILE (replaced only once the new one is complete; 'pmlmig restore "
-                  "FILE' brings it back), then let the VM run on for the rest of --duration")
+                  "FILE' brings it back), then let the VM run on for the rest of --duration (at least --linger)")
       ->group(snap);
   cmd->add_flag("--live", f->live,
                 "With --snapshot-to: pre-copy rounds into the file while the VM runs, paused only for the last "

@@ -36,8 +36,8 @@ else
   fail "--version: '$("$PMLMIG" --version 2>&1)', expected pmlmig $release"
 fi
 
-expect_error "no command" 2 "no command given (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')"
-expect_error "unknown command" 2 "unknown command 'frobnicate' (commands: probe, run, receive, migrate, status, cancel, bench; see 'pmlmig --help')" frobnicate
+expect_error "no command" 2 "no command given (commands: probe, run, receive, migrate, snapshot, status, cancel, restore, bench; see 'pmlmig --help')"
+expect_error "unknown command" 2 "unknown command 'frobnicate' (commands: probe, run, receive, migrate, snapshot, status, cancel, restore, bench; see 'pmlmig --help')" frobnicate
 expect_error "unknown command before flags" 2 "unknown command 'frobnicate'" frobnicate --memory 1G
 expect_error "no bench command" 2 "no bench command given (commands: dirty, migrate; see 'pmlmig bench --help')" bench
 expect_error "unknown bench command" 2 "unknown bench command 'frobnicate' (commands: dirty, migrate; see 'pmlmig bench --help')" bench frobnicate
