@@ -31,6 +31,20 @@ engine::VmMigrationTarget::Check CheckOf(pmlmig_vm_check check, void* user) {
   };
 }
 
+std::function<std::unique_ptr<engine::MigrationTarget>()> TargetsOf(const pmlmig_receive_options& o, VmBuilder build) {
+  const bool require_verify = o.require_verify != 0;
+  engine::VmMigrationTarget::Check check = CheckOf(o.check, o.user);
+  return [=]() -> std::unique_ptr<engine::MigrationTarget> {
+    auto checked = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+      if (require_verify && !setup.verify) {
+        return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
+      }
+      return build(setup);
+    };
+    return std::make_unique<engine::VmMigrationTarget>(checked, check);
+  };
+}
+
 int StartHandoverReceiver(std::unique_ptr<pmlmig_receiver> r, pmlmig_receiver** out) {
   const pmlmig_receive_options& o = r->options;
   auto path = transport::ParseUnixAddress(o.listen);
@@ -54,33 +68,26 @@ int StartHandoverReceiver(std::unique_ptr<pmlmig_receiver> r, pmlmig_receiver** 
   ho.commit_timeout = std::chrono::milliseconds(o.commit_timeout_ms);
   if (o.idle_timeout_ms > 0) ho.idle_timeout = std::max(ho.idle_timeout, std::chrono::milliseconds(o.idle_timeout_ms));
   const pmlmig_vm_factory_shared factory = o.shared_factory;
-  const pmlmig_vm_check check = o.check;
   void* const user = o.user;
-  const bool require_verify = o.require_verify != 0;
-  auto make_target = [=]() -> std::unique_ptr<engine::MigrationTarget> {
-    auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
-      if (require_verify && !setup.verify) {
-        return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
-      }
-      std::vector<pmlmig_region> regions;
-      for (size_t i = 0; i < setup.memory.size(); ++i) {
-        pmlmig_region g{};
-        g.slot = setup.memory[i].slot;
-        g.gpa = setup.memory[i].gpa;
-        g.size = setup.memory[i].size;
-        g.host = nullptr;
-        g.memfd = setup.shared_memory.at(i).fd;
-        g.memfd_offset = setup.shared_memory[i].offset;
-        regions.push_back(g);
-      }
-      pmlmig_vm* vm = nullptr;
-      SetThreadError("");
-      const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
-                             regions.data(), static_cast<uint32_t>(regions.size()), &vm);
-      return FactoryResult(rc, vm);
-    };
-    return std::make_unique<engine::VmMigrationTarget>(build, CheckOf(check, user));
+  auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+    std::vector<pmlmig_region> regions;
+    for (size_t i = 0; i < setup.memory.size(); ++i) {
+      pmlmig_region g{};
+      g.slot = setup.memory[i].slot;
+      g.gpa = setup.memory[i].gpa;
+      g.size = setup.memory[i].size;
+      g.host = nullptr;
+      g.memfd = setup.shared_memory.at(i).fd;
+      g.memfd_offset = setup.shared_memory[i].offset;
+      regions.push_back(g);
+    }
+    pmlmig_vm* vm = nullptr;
+    SetThreadError("");
+    const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
+                           regions.data(), static_cast<uint32_t>(regions.size()), &vm);
+    return FactoryResult(rc, vm);
   };
+  auto make_target = TargetsOf(o, build);
   auto server = transport::HandoverServer::Start(*path, make_target, std::move(ho));
   if (!server.ok()) return Fail(nullptr, server.status());
   r->server = std::move(*server);

@@ -2,6 +2,7 @@
 // handover's receiver (c_receiver.cc) share. Private to capi/.
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include "c_vm.h"
@@ -23,6 +24,11 @@ namespace pmlmig::capi {
 Result<std::unique_ptr<engine::VmControl>> FactoryResult(int rc, pmlmig_vm* vm);
 // The embedder's check as the engine's, or nullptr without one.
 engine::VmMigrationTarget::Check CheckOf(pmlmig_vm_check check, void* user);
+// The targets of a receiver with options `o`: each builds its VM with
+// `build` (a call of the embedder's factory) once the setup passed the
+// options' require_verify, and checks it with the embedder's check.
+using VmBuilder = std::function<Result<std::unique_ptr<engine::VmControl>>(const engine::MigrationSetup&)>;
+std::function<std::unique_ptr<engine::MigrationTarget>()> TargetsOf(const pmlmig_receive_options& o, VmBuilder build);
 // pmlmig_receiver_start for listen "unix:PATH", its options read into r.
 int StartHandoverReceiver(std::unique_ptr<pmlmig_receiver> r, pmlmig_receiver** out);
 

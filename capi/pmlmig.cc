@@ -581,24 +581,17 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
     so.security = std::move(*sec);
     // Copies of what the factory needs: the callbacks run on gRPC threads.
     const pmlmig_vm_factory factory = o.factory;
-    const pmlmig_vm_check check = o.check;
     void* const user = o.user;
-    const bool require_verify = o.require_verify != 0;
-    auto make_target = [=]() -> std::unique_ptr<engine::MigrationTarget> {
-      auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
-        if (require_verify && !setup.verify) {
-          return InvalidArgument("this receiver requires memory verification and the source did not ask for it");
-        }
-        std::vector<pmlmig_region_layout> layout;
-        for (const engine::MemoryRange& m : setup.memory) layout.push_back({m.slot, 0, m.gpa, m.size});
-        pmlmig_vm* vm = nullptr;
-        capi::SetThreadError("");
-        const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
-                               layout.data(), static_cast<uint32_t>(layout.size()), &vm);
-        return capi::FactoryResult(rc, vm);
-      };
-      return std::make_unique<engine::VmMigrationTarget>(build, capi::CheckOf(check, user));
+    auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+      std::vector<pmlmig_region_layout> layout;
+      for (const engine::MemoryRange& m : setup.memory) layout.push_back({m.slot, 0, m.gpa, m.size});
+      pmlmig_vm* vm = nullptr;
+      capi::SetThreadError("");
+      const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
+                             layout.data(), static_cast<uint32_t>(layout.size()), &vm);
+      return capi::FactoryResult(rc, vm);
     };
+    auto make_target = capi::TargetsOf(o, build);
     auto server = transport::MigrationServer::Start(o.listen, make_target, std::move(so));
     if (!server.ok()) return capi::Fail(nullptr, server.status());
     r->port = (*server)->port();
