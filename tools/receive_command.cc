@@ -122,7 +122,9 @@ int Receive(const ReceiveFlags& f) {
     ho.max_vcpus = f.max_vcpus;
     ho.handshake_timeout = so.handshake_timeout;
     ho.commit_timeout = so.commit_timeout;
-    if (so.idle_timeout.count() > 0) ho.idle_timeout = std::max(ho.idle_timeout, so.idle_timeout);
+    // Between setup and the final state a source may wait for its moment:
+    // 10 min unless --idle-timeout says otherwise (0: no limit).
+    if (f.idle_timeout != ReceiveFlags{}.idle_timeout) ho.idle_timeout = so.idle_timeout;
     auto hs = transport::HandoverServer::Start(*transport::ParseUnixAddress(f.listen), make_target, ho);
     if (hs.ok()) server = std::unique_ptr<transport::MigrationReceiver>(std::move(*hs));
     else server = hs.status();

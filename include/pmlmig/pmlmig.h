@@ -476,7 +476,8 @@ typedef struct pmlmig_receive_options {
   /* Since 0.8: with listen "unix:PATH" the receiver takes same-host handovers
    * (a socket of mode 0600; a source of another uid is refused) and builds
    * each VM with this factory; `factory` may then be NULL. TLS, tokens,
-   * allow_insecure, max_memory_bytes and max_streams do not apply. */
+   * allow_insecure, max_memory_bytes and max_streams do not apply; the idle
+   * timeout (between the setup and the final state) is at least 10 min. */
   pmlmig_vm_factory_shared shared_factory;
 } pmlmig_receive_options;
 PMLMIG_API void pmlmig_receive_options_init(pmlmig_receive_options *options);
