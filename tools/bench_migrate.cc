@@ -118,7 +118,7 @@ struct MigrationSetupFlags {
 
 // What the receiving side's factory built, for stopping it afterwards.
 Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, uint32_t streams,
-                        transport::Compression compress, const MigrationSetupFlags& f) {
+                        transport::Compression compress, bool grpc_data, const MigrationSetupFlags& f) {
   Row row;
   row.scenario = sc.name;
   row.guest_bytes = size;
@@ -127,6 +127,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.fill = std::string(vmm::FillModeName(sc.fill));
   row.streams = streams;
   row.compress = std::string(transport::CompressionName(compress));
+  row.data_path = grpc_data ? "grpc" : "direct";
 
   // The source VM, running its workload.
   const Clock::time_point t_prepare = Clock::now();
@@ -161,6 +162,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   so.target = "127.0.0.1:" + std::to_string(server->port());
   so.streams = streams;
   so.compress = compress;
+  so.direct_data = !grpc_data;
   PMLMIG_ASSIGN_OR_RETURN(auto sink, transport::GrpcMigrationSink::Create(so));
   engine::MigrationController controller(*source_vm, *tracker, vmm::EncodeTestVmDescription(o));
   const std::vector<uint64_t> before = vmm::PagesWritten(*source_vm);
@@ -316,6 +318,14 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     compressions.push_back(*c);
   }
   if (compressions.empty()) return PrintError("--compress: empty list"), kExitUsage;
+  std::vector<bool> grpc_paths;  // per --data-path item: Pages calls rather than direct streams
+  for (const std::string& item : SplitList(f.data_path)) {
+    if (item != "direct" && item != "grpc") {
+      return PrintError("--data-path: '" + item + "' is not direct or grpc"), kExitUsage;
+    }
+    grpc_paths.push_back(item == "grpc");
+  }
+  if (grpc_paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
   MigrationSetupFlags setup;
   {
     auto kind = engine::ParseTrackerKind(f.tracker);
@@ -430,25 +440,27 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
         }
         for (const Scenario& sc : scenarios) {
           for (transport::Compression c : compressions) {
+            for (const bool grpc_data : grpc_paths) {
             for (const MigrationSetupFlags& variant : variants) {
               if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-              auto row = MigrateOnce(*kvm, sc, size, streams, c, variant);
+              auto row = MigrateOnce(*kvm, sc, size, streams, c, grpc_data, variant);
               if (!row.ok()) {
                 return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
               }
               row->repeat = rep;
               const engine::MigrationStats& s = row->stats;
               std::fprintf(stderr,
-                           "%-9s %s, %u stream%s, %s, verify %s: %s in %.1f ms, downtime %.1f ms, %u rounds, %s, "
-                           "%.3f GB/s%s%s\n",
+                           "%-9s %s, %u stream%s, %s, %s data, verify %s: %s in %.1f ms, downtime %.1f ms, %u "
+                           "rounds, %s, %.3f GB/s%s%s\n",
                            sc.name.c_str(), FormatBytes(size).c_str(), streams, streams == 1 ? "" : "s",
-                           row->compress.c_str(), row->verify.c_str(),
+                           row->compress.c_str(), row->data_path.c_str(), row->verify.c_str(),
                            std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.downtime_ms,
                            s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), row->gbps,
                            s.error.empty() ? "" : ": ", s.error.c_str());
               if (s.outcome != engine::Outcome::kCompleted) all_completed = false;
               if (s.verification.verdict == engine::VerifyVerdict::kMismatch) all_completed = false;
               res.rows.push_back(std::move(*row));
+            }
             }
           }
         }
@@ -489,6 +501,9 @@ Command RegisterBenchMigrate(CLI::App& bench) {
                   "--hotset-vcpus vCPUs writing --hotset)")
       ->capture_default_str();
   cmd->add_option("--streams", f->streams, "Parallel data streams; a comma-separated list runs each")
+      ->capture_default_str();
+  cmd->add_option("--data-path", f->data_path,
+                  "direct (plain TCP data streams) or grpc (the Pages calls); a comma-separated list runs each")
       ->capture_default_str();
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
       ->capture_default_str();

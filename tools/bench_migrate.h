@@ -22,6 +22,7 @@ struct MigrateBenchFlags {
   std::string scenarios = "untouched,random,hotset";
   std::string streams = std::to_string(transport::DefaultStreams());
   std::string compress = "none";
+  std::string data_path = "direct";  // direct, grpc, or both comma-separated
   uint32_t downtime_limit_ms = 300;
   uint32_t max_rounds = 50;
   std::string on_timeout = "cancel";
@@ -66,6 +67,7 @@ struct Row {
   std::string workload, fill;
   uint32_t streams = 1;
   std::string compress;
+  std::string data_path = "direct";  // direct or grpc (what the sink asked for)
   std::string verify = "off";  // off, before-commit or after-commit
   double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
   engine::MigrationStats stats;
@@ -134,7 +136,7 @@ struct QemuMedian {
 // One pmlmig configuration against its limits and QEMU: medians over the
 // interleaved runs. GB/s here is guest bytes over time, for every column.
 struct Comparison {
-  std::string scenario, compress, verify;
+  std::string scenario, compress, data_path, verify;
   uint64_t guest_bytes = 0;
   uint32_t streams = 1;
   size_t runs = 0, completed = 0;

@@ -41,6 +41,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"fill", r.fill},
           {"streams", r.streams},
           {"compress", r.compress},
+          {"data_path", r.data_path},
           {"verify", r.verify},
           {"prepare_ms", r.prepare_ms},
           {"throughput_gbps", r.gbps},
@@ -69,7 +70,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
 void PrintVerifyCost(const std::vector<Row>& rows) {
   auto same_config = [](const Row& a, const Row& b) {
     return a.scenario == b.scenario && a.guest_bytes == b.guest_bytes && a.streams == b.streams &&
-           a.compress == b.compress;
+           a.compress == b.compress && a.data_path == b.data_path;
   };
   auto downtimes = [&](const Row& like, const std::string& verify) {
     std::vector<double> v;
@@ -85,7 +86,7 @@ void PrintVerifyCost(const std::vector<Row>& rows) {
   for (const Row& on : rows) {
     if (on.verify == "off") continue;
     const std::string key = on.scenario + "/" + std::to_string(on.guest_bytes) + "/" + std::to_string(on.streams) +
-                            "/" + on.compress + "/" + on.verify;
+                            "/" + on.compress + "/" + on.data_path + "/" + on.verify;
     if (std::find(done.begin(), done.end(), key) != done.end()) continue;
     done.push_back(key);
     const std::vector<double> off_ms = downtimes(on, "off"), on_ms = downtimes(on, on.verify);
@@ -126,8 +127,8 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
   PrintBaselines("(a) raw loopback TCP into a reused buffer, 1 MiB writes, N connections", reused);
   PrintBaselines("(b) raw loopback TCP into a fresh memfd of the guest's size, N connections", fresh);
   std::printf("\n");
-  std::printf("%-10s %7s %5s %7s %8s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
-              "streams", "compress", "verify", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
+  std::printf("%-10s %7s %5s %7s %12s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
+              "streams", "compress/path", "verify", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
               "r0_GB/s", "cpu%", "status");
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
@@ -140,8 +141,9 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
       std::snprintf(downtime, sizeof downtime, "-");
     }
     const double round0 = Round0Gbps(r);
-    std::printf("%-10s %7s %5u %7u %8s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
-                FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, r.compress.c_str(), r.verify.c_str(),
+    std::printf("%-10s %7s %5u %7u %12s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
+                FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, (r.compress + "/" + r.data_path).c_str(),
+                r.verify.c_str(),
                 s.total_time_ms,
                 s.setup_time_ms, downtime, s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(), r.gbps, r.ratio,
                 round0, cpu, ok ? "completed" : (std::string(engine::OutcomeName(s.outcome)) + ": " + s.error).c_str());
@@ -152,8 +154,8 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
     if (s.outcome != engine::Outcome::kCompleted || s.round_stats.empty()) continue;
-    std::printf("%-10s %7s %7u %8s %13s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
-                r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, r.compress.c_str(),
+    std::printf("%-10s %7s %7u %12s %13s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
+                r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, (r.compress + "/" + r.data_path).c_str(),
                 r.verify.c_str(), s.downtime_ms,
                 r.final_collect_ms, r.final_round_ms, s.round_stats.back().sent.pages,
                 s.round_stats.back().sent.batches, r.pause_other_ms, r.switchover_ms,
@@ -185,13 +187,14 @@ std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<
   std::vector<Comparison> out;
   auto same = [](const Comparison& c, const Row& r) {
     return c.scenario == r.scenario && c.guest_bytes == r.guest_bytes && c.streams == r.streams &&
-           c.compress == r.compress && c.verify == r.verify;
+           c.compress == r.compress && c.data_path == r.data_path && c.verify == r.verify;
   };
   for (const Row& r : rows) {
     if (std::any_of(out.begin(), out.end(), [&](const Comparison& c) { return same(c, r); })) continue;
     Comparison c;
     c.scenario = r.scenario;
     c.compress = r.compress;
+    c.data_path = r.data_path;
     c.verify = r.verify;
     c.guest_bytes = r.guest_bytes;
     c.streams = r.streams;
@@ -242,13 +245,13 @@ void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, ui
                                      ", paused guest in /dev/shm, time = query-migrate total-time" +
                                      (qemu.skipped.empty() ? "" : "; stopped: " + qemu.skipped))
                                         .c_str());
-  std::printf("%-10s %7s %7s %8s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
-              "compress", "verify", "pmlmig_s", "GB/s", "(a)", "(b)", "qemu1_s", "qemuN_s", "x_faster", "/(b)",
+  std::printf("%-10s %7s %7s %12s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
+              "compress/path", "verify", "pmlmig_s", "GB/s", "(a)", "(b)", "qemu1_s", "qemuN_s", "x_faster", "/(b)",
               "r0/(a)", "CPU-s/GB: pmlmig   (a)    (b)  qemu1  qemuN");
   for (const Comparison& c : cs) {
     const bool ok = c.completed > 0;
-    std::printf("%-10s %7s %7u %8s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
-                c.scenario.c_str(), FormatBytes(c.guest_bytes).c_str(), c.streams, c.compress.c_str(),
+    std::printf("%-10s %7s %7u %12s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
+                c.scenario.c_str(), FormatBytes(c.guest_bytes).c_str(), c.streams, (c.compress + "/" + c.data_path).c_str(),
                 c.verify.c_str(), Fig(c.time_ms / 1e3, "%.3f", ok).c_str(), Fig(c.gbps, "%.3f", ok).c_str(),
                 Fig(c.reused ? c.reused->gbps : 0, "%.2f", c.reused).c_str(),
                 Fig(c.fresh ? c.fresh->gbps : 0, "%.2f", c.fresh).c_str(),
@@ -338,6 +341,7 @@ nlohmann::ordered_json ComparisonJson(const Comparison& c) {
           {"guest_bytes", c.guest_bytes},
           {"streams", c.streams},
           {"compress", c.compress},
+          {"data_path", c.data_path},
           {"verify", c.verify},
           {"runs", c.runs},
           {"completed", c.completed},

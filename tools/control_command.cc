@@ -30,6 +30,7 @@ struct ControlFlags {
   SecurityFlags security;
   ConvergeFlags converge;
   std::string snapshot_to;  // `snapshot --to`, made absolute
+  std::string data_path = "direct";
 };
 
 void AddControlOption(CLI::App* cmd, ControlFlags* f) {
@@ -58,6 +59,7 @@ int Migrate(ControlFlags& f) {
   f.command.max_bandwidth = *bw;
   f.command.timeout_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(*timeout).count());
   f.command.force_on_timeout = f.on_timeout == "force";
+  f.command.grpc_data = f.data_path == "grpc";
   if (Status s = ApplyConvergeFlags(f.converge, &f.command); !s.ok()) return PrintError(s.message()), kExitUsage;
   // Checked here for a clear error; the VM's process reads the files again.
   if (auto sec = LoadSecurity(f.security); !sec.ok()) return PrintError(sec.status().message()), kExitUsage;
@@ -126,6 +128,7 @@ Command RegisterControl(CLI::App& app) {
                       "Parallel data streams (1-64); 0 = the source's default (half its CPUs, 2 to 8)")
       ->capture_default_str();
   migrate->add_option("--compress", f->command.compress, "none, lz4 or zstd")->capture_default_str();
+  AddDataPathFlag(migrate, &f->data_path, /*sender=*/true, "Options");
   migrate->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str();
   migrate->add_option("--downtime-limit", f->command.downtime_limit_ms, "Downtime limit (ms)")->capture_default_str();

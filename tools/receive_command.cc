@@ -33,6 +33,7 @@ struct ReceiveFlags {
   uint32_t attempts = 0;  // 0: until one completes
   SecurityFlags security;
   bool insecure = false;
+  std::string data_path = "direct";
   std::string max_memory = "0";
   uint32_t max_vcpus = 1024;
   uint32_t max_streams = 64;
@@ -96,6 +97,7 @@ int Receive(const ReceiveFlags& f) {
     if (!sec.ok()) return PrintError(sec.status().message()), kExitUsage;
     so.security = std::move(*sec);
     so.allow_insecure = f.insecure;
+    so.direct_data = f.data_path == "direct";
   }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
@@ -326,6 +328,7 @@ Command RegisterReceive(CLI::App& app) {
                 "Allow listening on a non-loopback address without TLS or a token (anyone who reaches it can "
                 "push a VM here)")
       ->group("Security");
+  AddDataPathFlag(cmd, &f->data_path, /*sender=*/false, "Options");
   const char* limits = "Limits";
   cmd->add_option("--max-memory", f->max_memory, "Most guest memory a source may ask for (K/M/G); 0 = what the host has available")
       ->capture_default_str()

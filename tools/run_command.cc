@@ -53,6 +53,7 @@ struct RunFlags {
   std::string on_timeout = "cancel";
   uint32_t streams = transport::DefaultStreams();
   std::string compress = "none";
+  std::string data_path = "direct";
   std::string max_bandwidth = "0";
   bool verify = false;
   std::string verify_order = "after-commit";
@@ -329,6 +330,7 @@ Result<transport::MigrateCommand> MigrateCommandOf(const RunFlags& f, engine::Tr
   command.to = f.migrate_to;
   command.streams = f.streams;
   command.compress = f.compress;
+  command.grpc_data = f.data_path == "grpc";
   command.max_bandwidth = *bw;
   command.downtime_limit_ms = f.downtime_limit_ms;
   command.max_rounds = f.max_rounds;
@@ -697,6 +699,7 @@ Command RegisterRun(CLI::App& app) {
       ->capture_default_str()
       ->group(mig);
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd")->capture_default_str()->group(mig);
+  AddDataPathFlag(cmd, &f->data_path, /*sender=*/true, mig);
   cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
       ->capture_default_str()->group(mig);
   cmd->add_option("--linger", f->linger, "After a failed or cancelled migration, keep the VM running this long before the run ends")

@@ -22,6 +22,18 @@ void AddSecurityFlags(CLI::App* cmd, SecurityFlags* f, bool sender) {
       ->group(group);
 }
 
+void AddDataPathFlag(CLI::App* cmd, std::string* data_path, bool sender, const std::string& group) {
+  cmd->add_option("--data-path", *data_path,
+                  sender ? "direct: page data on plain TCP connections of their own when the receiver offers them "
+                           "(never with TLS; about half gRPC's CPU per byte); grpc: on the gRPC Pages calls"
+                         : "direct: offer senders page data on plain TCP connections to a port of their own (a "
+                           "free one on the listen host, per migration; never with TLS); grpc: only the gRPC "
+                           "Pages calls, on the listen port alone")
+      ->check(CLI::IsMember({"direct", "grpc"}))
+      ->capture_default_str()
+      ->group(group);
+}
+
 Result<transport::TransportSecurity> LoadSecurity(const SecurityFlags& f) {
   return transport::LoadTransportSecurity(f.tls_ca, f.tls_cert, f.tls_key, f.token_file, f.tls_server_name);
 }

@@ -23,6 +23,10 @@ struct SecurityFlags {
 // --tls-server-name) to `cmd`, in the group "Security".
 void AddSecurityFlags(CLI::App* cmd, SecurityFlags* f, bool sender);
 
+// --data-path direct|grpc (the page data's carrier, shared by the same
+// commands), in `group`; `sender` words the help for one side.
+void AddDataPathFlag(CLI::App* cmd, std::string* data_path, bool sender, const std::string& group);
+
 // Reads and checks the files; errors name the flag and the file.
 Result<transport::TransportSecurity> LoadSecurity(const SecurityFlags& f);
 

@@ -63,6 +63,7 @@ class Service final : public proto::Control::Service {
     if (r->has_stall_rounds()) c.stall_rounds = r->stall_rounds();
     if (r->has_postcopy_recovery_ms()) c.postcopy_recovery_ms = r->postcopy_recovery_ms();
     c.local = r->local();
+    c.grpc_data = r->grpc_data();
     c.snapshot_to = r->snapshot_to();
     c.live = r->snapshot_live();
     c.snapshot_stop = r->snapshot_stop();
@@ -180,6 +181,7 @@ Status ControlMigrate(const std::string& path, const MigrateCommand& c) {
   r.set_stall_rounds(c.stall_rounds);
   r.set_postcopy_recovery_ms(c.postcopy_recovery_ms);
   r.set_local(c.local);
+  r.set_grpc_data(c.grpc_data);
   r.set_snapshot_to(c.snapshot_to);
   r.set_snapshot_live(c.live);
   r.set_snapshot_stop(c.snapshot_stop);
@@ -235,6 +237,7 @@ Result<GrpcSinkOptions> SinkOptionsFor(const MigrateCommand& c) {
   PMLMIG_ASSIGN_OR_RETURN(so.compress, ParseCompression(c.compress));
   so.max_bandwidth = c.max_bandwidth;
   so.postcopy_recovery = std::chrono::milliseconds(c.postcopy_recovery_ms);
+  so.direct_data = !c.grpc_data;
   PMLMIG_ASSIGN_OR_RETURN(so.security, LoadTransportSecurity(c.tls_ca, c.tls_cert, c.tls_key, c.token_file,
                                                              c.tls_server_name));
   return so;

@@ -159,21 +159,13 @@ void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint3
   uint32_t next_pages = 0;
   uint64_t next_data = 0;
   bool broken = false;
-  engine::PageRun chunk;
   std::vector<engine::PageRun> gathered;
   gathered.reserve(options_.batch_pages);
   const std::atomic<bool>& stop = calls_.stop();
   while (!stop.load(std::memory_order_relaxed)) {
     if (!have_next && !exhausted) {
-      // Gather runs until the batch is full: scattered dirty pages would
-      // otherwise travel as one or two pages per message.
-      gathered.clear();
-      uint64_t gathered_pages = 0;
-      while (gathered_pages < options_.batch_pages && pages.Next(options_.batch_pages - gathered_pages, &chunk)) {
-        gathered.push_back(chunk);
-        gathered_pages += chunk.pages;
-      }
-      if (gathered.empty()) {
+      const uint64_t gathered_pages = GatherBatch(pages, options_.batch_pages, &gathered);
+      if (gathered_pages == 0) {
         exhausted = true;
       } else {
         Result<uint64_t> bytes = BuildNext(source, BatchHeader{session_id, index_, round, next_sequence_}, gathered);
@@ -192,13 +184,7 @@ void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint3
     // but always at least one batch however large.
     if (have_next && !write_pending_ &&
         (inflight_.empty() || inflight_bytes_ + next_bytes <= options_.max_inflight_bytes)) {
-      if (bucket_) {
-        progress_.throttled.store(true, std::memory_order_relaxed);
-        const bool ok = bucket_->Acquire(next_bytes, stop);
-        progress_.throttled.store(false, std::memory_order_relaxed);
-        progress_.Touch();
-        if (!ok) break;
-      }
+      if (!PaceWrite(bucket_, next_bytes, progress_, stop)) break;
       writing_.Swap(&next_);
       next_.Clear();
       call_->Write(writing_, &kWriteTag);
@@ -208,13 +194,7 @@ void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint3
       inflight_bytes_ += next_bytes;
       ++next_sequence_;
       pages_sent_ += next_pages;
-      const uint64_t data_pages = next_data >> engine::kPageShift;
-      round_stats_.pages += next_pages;
-      round_stats_.normal_pages += data_pages;
-      round_stats_.zero_pages += next_pages - data_pages;
-      round_stats_.payload_bytes += next_data;
-      round_stats_.wire_bytes += next_bytes;
-      ++round_stats_.batches;
+      CountBatch(&round_stats_, next_pages, next_data, next_bytes);
       continue;
     }
     if (!have_next && exhausted && inflight_.empty() && !write_pending_) break;  // round done
@@ -254,6 +234,36 @@ Status DataStream::Close() {
   if (!st.ok()) return FromGrpc(st, name_);
   if (stray_ack_) return DataLoss(name_ + ": acknowledgement for a batch never sent");
   return Status::Ok();
+}
+
+uint64_t GatherBatch(engine::PageList& pages, uint32_t batch_pages, std::vector<engine::PageRun>* gathered) {
+  gathered->clear();
+  uint64_t n = 0;
+  engine::PageRun chunk;
+  while (n < batch_pages && pages.Next(batch_pages - n, &chunk)) {
+    gathered->push_back(chunk);
+    n += chunk.pages;
+  }
+  return n;
+}
+
+bool PaceWrite(TokenBucket* bucket, uint64_t bytes, StreamProgress& progress, const std::atomic<bool>& stop) {
+  if (bucket == nullptr) return true;
+  progress.throttled.store(true, std::memory_order_relaxed);
+  const bool ok = bucket->Acquire(bytes, stop);
+  progress.throttled.store(false, std::memory_order_relaxed);
+  progress.Touch();
+  return ok;
+}
+
+void CountBatch(engine::TransferStats* s, uint64_t pages, uint64_t data_bytes, uint64_t wire_bytes) {
+  const uint64_t data_pages = data_bytes >> engine::kPageShift;
+  s->pages += pages;
+  s->normal_pages += data_pages;
+  s->zero_pages += pages - data_pages;
+  s->payload_bytes += data_bytes;
+  s->wire_bytes += wire_bytes;
+  ++s->batches;
 }
 
 }  // namespace pmlmig::transport

@@ -29,23 +29,24 @@
 #include "batch_codec.h"
 #include "buffer_pool.h"
 #include "migration.grpc.pb.h"
+#include "page_stream.h"
 #include "sink_calls.h"
 #include "stall_watch.h"
 #include "token_bucket.h"
 
 namespace pmlmig::transport {
 
-class DataStream {
+class DataStream final : public PageStream {
  public:
   // Stream `index` (0-based) of a sink with options `o`; connects on its
   // own channel (connection index + 1). `bucket` may be null (no limit).
   DataStream(uint32_t index, const GrpcSinkOptions& o, SinkCalls& calls, TokenBucket* bucket);
   // Tears down (see Teardown).
-  ~DataStream();
+  ~DataStream() override;
   DataStream(const DataStream&) = delete;
   DataStream& operator=(const DataStream&) = delete;
 
-  uint32_t index() const { return index_; }
+  uint32_t index() const override { return index_; }
   // The batch checksum agreed in Hello (before the first Run).
   void set_checksum(Checksum c) { builder_.set_checksum(c); }
   grpc::Channel& channel() { return *channel_; }
@@ -55,26 +56,22 @@ class DataStream {
   // Sender thread: sends batches of `pages` (shared with the other streams)
   // for `round` until the list is exhausted and every batch acknowledged,
   // or the sink stops; failures go to SinkCalls::Fail.
-  void Run(const engine::SlotTable& source, uint64_t session_id, uint32_t round, engine::PageList& pages);
+  void Run(const engine::SlotTable& source, uint64_t session_id, uint32_t round, engine::PageList& pages) override;
   // Finish: half-closes the call and waits for its status (OK: the receiver
   // saw the end after applying and acknowledging every batch).
-  Status Close();
+  Status Close() override;
   // Ends the call if it is not over (every call was cancelled by now), then
   // shuts the completion queue down and drains it. Idempotent.
-  void Teardown();
+  void Teardown() override;
 
-  StreamProgress& progress() { return progress_; }
+  StreamProgress& progress() override { return progress_; }
   // What the last Run sent; reset by the next.
-  const engine::TransferStats& round_stats() const { return round_stats_; }
-  uint64_t batches_sent() const { return next_sequence_; }
-  uint64_t pages_sent() const { return pages_sent_; }
+  const engine::TransferStats& round_stats() const override { return round_stats_; }
+  uint64_t batches_sent() const override { return next_sequence_; }
+  uint64_t pages_sent() const override { return pages_sent_; }
 
  private:
-  struct Inflight {
-    uint64_t sequence;
-    uint64_t bytes;
-    uint32_t pages;
-  };
+  using Inflight = InflightBatch;
 
   // Builds the batch of `runs` into next_; returns its size on the wire.
   Result<uint64_t> BuildNext(const engine::SlotTable& source, const BatchHeader& h,

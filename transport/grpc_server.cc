@@ -24,11 +24,13 @@
 
 #include <grpc/grpc.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/server_posix.h>
 
 #include "batch_codec.h"
 #include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "pages_reactor.h"
+#include "port_acceptor.h"
 #include "postcopy_call.h"
 #include "receiver.h"
 #include "receiver_session.h"
@@ -65,6 +67,7 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
   }
 
   void Shutdown() {
+    if (acceptor_) acceptor_->Stop();  // no new connection from here on
     if (!receiver_.BeginShutdown()) return;
     // Handlers return promptly once cancelled; the deadline cancels whatever
     // else is still open (e.g. a Pages call not yet attached).
@@ -75,6 +78,9 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
   Receiver receiver_;
   std::unique_ptr<grpc::Server> server_;
+  // Without TLS, with direct data on: the port, serving gRPC and direct
+  // streams (port_acceptor.h). Declared after server_: stopped first.
+  std::unique_ptr<PortAcceptor> acceptor_;
   int port_ = 0;
 };
 
@@ -82,9 +88,8 @@ class MigrationServer::Impl final : public proto::Migration::WithRawCallbackMeth
 
 Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::string& listen, TargetFactory factory,
                                                                 MigrationServerOptions options) {
-  if (Result<HostPort> address = ParseHostPort(listen); !address.ok()) {
-    return InvalidArgument("listen address " + address.status().message());
-  }
+  Result<HostPort> address = ParseHostPort(listen);
+  if (!address.ok()) return InvalidArgument("listen address " + address.status().message());
   if (!factory) return InvalidArgument("MigrationServer: no target factory");
   if (options.max_streams == 0) return InvalidArgument("MigrationServer: max_streams must be >= 1");
   if (options.max_vcpus == 0) return InvalidArgument("MigrationServer: max_vcpus must be >= 1");
@@ -99,6 +104,13 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
   }
   TuneMallocForTransfer();
   auto impl = std::make_unique<Impl>(std::move(factory), options);
+  // Direct data streams share the port: this side accepts, and hands gRPC
+  // what is not a direct stream. Under TLS gRPC keeps its own listener.
+  if (options.direct_data && !options.security.tls()) {
+    PMLMIG_ASSIGN_OR_RETURN(impl->acceptor_, PortAcceptor::Listen(address->host, address->port));
+    impl->port_ = impl->acceptor_->port();
+    impl->receiver_.set_direct_port(true);
+  }
   std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
   if (options.security.tls()) {
     grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
@@ -107,7 +119,7 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
     creds = grpc::SslServerCredentials(ssl);
   }
   grpc::ServerBuilder b;
-  b.AddListeningPort(listen, creds, &impl->port_);
+  if (!impl->acceptor_) b.AddListeningPort(listen, creds, &impl->port_);
   b.RegisterService(impl.get());
   b.SetMaxReceiveMessageSize(kMaxMessageBytes);
   b.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -122,6 +134,12 @@ Result<std::unique_ptr<MigrationServer>> MigrationServer::Start(const std::strin
   impl->server_ = b.BuildAndStart();
   if (!impl->server_ || impl->port_ == 0) {
     return Unavailable("migration receiver: cannot listen on " + listen);
+  }
+  if (impl->acceptor_) {
+    Impl* i = impl.get();
+    PMLMIG_RETURN_IF_ERROR(impl->acceptor_->Run(
+        {[i](UniqueFd fd) { grpc::AddInsecureChannelFromFd(i->server_.get(), fd.Release()); },
+         [i](UniqueFd fd, const direct::Hello& hello) { i->receiver_.AdoptDirect(std::move(fd), hello); }}));
   }
   return std::unique_ptr<MigrationServer>(new MigrationServer(std::move(impl)));
 }

@@ -36,6 +36,7 @@
 #include "connection_probe.h"
 #include "control_client.h"
 #include "data_stream.h"
+#include "direct_stream.h"
 #include "postcopy_client.h"
 #include "grpc_status.h"
 #include "migration.grpc.pb.h"
@@ -128,7 +129,8 @@ class GrpcMigrationSink::Impl {
   SinkCalls calls_;
   std::shared_ptr<grpc::Channel> control_channel_;
   ControlClient control_;
-  std::vector<std::unique_ptr<DataStream>> streams_;  // fixed after Begin
+  std::vector<std::unique_ptr<PageStream>> streams_;  // fixed after Begin
+  bool direct_ = false;                                // set by Begin: the streams are direct
 
   mutable std::mutex mu_;
   Phase phase_ = Phase::kNew;     // guarded by mu_
@@ -200,15 +202,22 @@ Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::str
 
 Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   const std::string where = "migration to " + options_.target;
-  // Connect everything first: control on connection 0, stream i on i + 1.
+  // Connect everything first: control on connection 0, stream i on i + 1
+  // (direct streams only once Setup has named their port).
+  const bool want_direct = options_.direct_data && !options_.security.tls();
+  std::vector<std::unique_ptr<DataStream>> calls;
+  auto connect_calls = [&]() -> Status {
+    for (uint32_t i = 0; i < options_.streams; ++i) {
+      calls.push_back(std::make_unique<DataStream>(i, options_, calls_, bucket_.get()));
+    }
+    for (auto& ds : calls) {
+      PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, ds->channel(), "stream " + std::to_string(ds->index())));
+    }
+    return Status::Ok();
+  };
   control_channel_ = MakeChannel(options_, 0);
-  for (uint32_t i = 0; i < options_.streams; ++i) {
-    streams_.push_back(std::make_unique<DataStream>(i, options_, calls_, bucket_.get()));
-  }
   PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, *control_channel_, "control"));
-  for (auto& ds : streams_) {
-    PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, ds->channel(), "stream " + std::to_string(ds->index())));
-  }
+  if (!want_direct) PMLMIG_RETURN_IF_ERROR(connect_calls());
   control_.Start(control_channel_);
 
   // Hello.
@@ -241,7 +250,6 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
   for (int c : hello.hello().checksums()) {
     if (c == proto::BATCH_CHECKSUM_XXH3) checksum = Checksum::kXxh3;
   }
-  for (auto& ds : streams_) ds->set_checksum(checksum);
   checksum_ = checksum;
 
   // Setup.
@@ -260,13 +268,36 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
                                                                                : proto::VERIFY_BEFORE_COMMIT);
   ps->set_streams(options_.streams);
   ps->set_checksum(checksum == Checksum::kXxh3 ? proto::BATCH_CHECKSUM_XXH3 : proto::BATCH_CHECKSUM_XXH64);
+  ps->set_direct_data(want_direct);
   if (!control_.Write(req)) return control_.End(options_.connect_timeout, "Setup").WithContext(where);
   PMLMIG_ASSIGN_OR_RETURN(proto::ControlReply sr,
                           control_.WaitReply(options_.setup_timeout, "waiting for the VM to be built"));
   if (!sr.has_setup()) return InvalidArgument(where + ": receiver answered Setup with something else");
 
-  // The data streams; the receiver attaches each at its first batch.
-  for (auto& ds : streams_) PMLMIG_RETURN_IF_ERROR(ds->Open());
+  // The data streams. Direct: each connection's hello attaches it.
+  const proto::SetupReply& reply = sr.setup();
+  if (want_direct && reply.direct() && reply.direct_key().size() == direct::kKeyBytes) {
+    PMLMIG_ASSIGN_OR_RETURN(HostPort host, ParseHostPort(options_.target));
+    direct::Key key;
+    std::copy(reply.direct_key().begin(), reply.direct_key().end(), key.begin());
+    for (uint32_t i = 0; i < options_.streams; ++i) {
+      auto ds = std::make_unique<DirectStream>(i, options_, calls_, bucket_.get());
+      ds->set_checksum(checksum);
+      PMLMIG_RETURN_IF_ERROR(
+          ds->Open(host.host, host.port, session_id_, key).WithContext(where));
+      streams_.push_back(std::move(ds));
+    }
+    direct_ = true;
+    return Status::Ok();
+  }
+  // Pages calls (TLS, direct data off, or a receiver that does not offer
+  // them); the receiver attaches each at its first batch.
+  if (want_direct) PMLMIG_RETURN_IF_ERROR(connect_calls());
+  for (auto& ds : calls) {
+    ds->set_checksum(checksum);
+    PMLMIG_RETURN_IF_ERROR(ds->Open());
+    streams_.push_back(std::move(ds));
+  }
   return Status::Ok();
 }
 

@@ -2,11 +2,12 @@
 // a callback-API reactor over raw ByteBuffers, so a batch's payload is read
 // straight out of the received slices into guest memory (no protobuf parse
 // copy). OnReadDone decodes, checks (receiver_checks.h) and applies the
-// batch and queues its ack; at most one ack write is in flight, and Finish
-// waits for it. The first batch attaches the call to the session it names
-// (which must be the one in progress) and to its stream index. When it
-// refuses a batch it marks the session failed and cancels the control call
-// with the same reason, whose thread then discards the target.
+// batch (through its StreamIntake, stream_intake.h) and queues its ack; at
+// most one ack write is in flight, and Finish waits for it. The first batch
+// attaches the call to the session it names (which must be the one in
+// progress) and to its stream index. When it refuses a batch it marks the
+// session failed and cancels the control call with the same reason, whose
+// thread then discards the target.
 //
 // Why the callback API: one reactor per call, owned by gRPC and deleted in
 // OnDone, needs no thread of ours per stream, and reading the raw
@@ -16,7 +17,7 @@
 //
 // Thread-safety: gRPC runs the reactions one at a time per call. Abandon
 // runs on other threads, under Receiver::mu_, while the reactor is attached
-// (it is not deleted before PagesDone detaches it). mu_ below guards the
+// (it is not deleted before the intake's Done detaches it). mu_ below guards the
 // ack queue and the call's closing; the session state is guarded by
 // Receiver::mu_, which is never taken under mu_.
 #pragma once
@@ -31,53 +32,35 @@
 #include "grpc_status.h"
 #include "migration.grpc.pb.h"
 #include "receiver.h"
+#include "stream_intake.h"
 
 namespace pmlmig::transport {
 
-class PagesReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+class PagesReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>, public DataCall {
  public:
   // A call that failed authorization ends at once with `denied`.
   PagesReactor(Receiver& receiver, const Status& denied);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
-  void OnCancel() override { PagesCancelled(); }
+  void OnCancel() override;
   void OnDone() override;
 
   // Ends the call with `why` (from another thread, under Receiver::mu_,
   // while the reactor is attached).
-  void Abandon(const Status& why) { Close(ToGrpc(why)); }
+  void Abandon(const Status& why) override { Close(ToGrpc(why)); }
 
  private:
-  // What the call knows of its session. Written only by OnReadDone, under
-  // Receiver::mu_ where other threads read it.
-  struct PagesState {
-    std::shared_ptr<Session> session;  // set by the first batch naming the current session
-    uint32_t index = 0;
-    bool attached = false;             // per_stream[index].reactor is this call
-    proto::PageBatch header;           // reused
-    ChunkList payload;
-    BatchApplier applier;
-    SlotFiles files;  // of the session's target memory, once attached
-  };
-
-  // Under Receiver::mu_: may this batch be applied now?
-  Status Admit(const std::shared_ptr<Session>& session, uint32_t index, const proto::PageBatch& b) const;
-  // Decodes, checks and applies one received batch; returns its ack.
+  // Decodes one received message and hands it to the intake; returns its ack.
   Result<proto::BatchAck> HandleBatch(Chunks wire);
-  // Refuses a batch: the call leaves the session (so the session's teardown
-  // does not cancel it and it ends with `s`), and the migration fails.
-  grpc::Status Refuse(const Status& s);
-  // The call was cancelled or broke (OnCancel), or is over (OnDone).
-  void PagesCancelled();
-  void PagesDone();
   // Finishes the call with `st` once the ack being written (and, for a
   // clean end, those queued) are out.
   void Close(const grpc::Status& st);
   void WriteNextLocked();
 
-  Receiver& r_;
-  PagesState state_;
+  StreamIntake intake_;
+  proto::PageBatch header_;  // reused
+  ChunkList payload_;
   grpc::ByteBuffer in_;
   ChunkList chunks_;
   std::mutex mu_;

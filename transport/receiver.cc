@@ -3,7 +3,7 @@
 #include <grpc/grpc.h>
 
 #include "grpc_status.h"
-#include "pages_reactor.h"
+#include "direct_receiver.h"
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
@@ -34,7 +34,7 @@ Receiver::Receiver(MigrationServer::TargetFactory factory, MigrationServerOption
       options_(std::move(options)),
       limits_{options_.max_memory_bytes, options_.max_vcpus, options_.max_streams} {}
 
-bool Receiver::MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self) {
+bool Receiver::MarkFailedLocked(Session& session, const Status& why, const DataCall* self) {
   if (session.state != SessionState::kWaitSetup && session.state != SessionState::kReceiving &&
       session.state != SessionState::kPrepared && session.state != SessionState::kPostcopy) {
     return false;
@@ -111,6 +111,7 @@ Status Receiver::Authorize(const grpc::ServerContextBase& ctx) const {
 void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outcome status, const Status& error,
                           engine::FinalReply reply) {
   std::unique_ptr<engine::MigrationTarget> target;
+  std::shared_ptr<DirectStreams> direct;
   ReceivedMigration out;
   {
     std::unique_lock lock(mu_);
@@ -118,6 +119,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     session->state = SessionState::kEnded;  // no batch is admitted from here on
     EndStreams(*session, status == engine::Outcome::kCompleted ? Aborted("the migration is over") : error, nullptr);
     cv_.wait(lock, [&] { return session->applying == 0; });
+    direct = std::move(session->direct);  // joined below, outside the lock its threads take
     session->postcopy = nullptr;  // the target owns it and goes below
     target = std::move(session->target);
     out.totals = session->totals;
@@ -125,6 +127,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     out.postcopy = session->postcopy_used;
     out.postcopy_recoveries = session->postcopy_recoveries;
   }
+  if (direct) direct->Close();
   out.outcome = status;
   out.error = error;
   out.session_id = session->id;
@@ -143,11 +146,25 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
   cv_.notify_all();
 }
 
-void Receiver::EndStreams(Session& session, const Status& why, const PagesReactor* self) {
+void Receiver::AdoptDirect(UniqueFd fd, const direct::Hello& hello) {
+  std::shared_ptr<DirectStreams> streams;
+  {
+    std::lock_guard lock(mu_);
+    if (current_ && current_->id == hello.session_id) streams = current_->direct;
+  }
+  if (!streams) {
+    return RefuseDirect(std::move(fd), InvalidArgument("direct stream: session " + FormatHex(hello.session_id) +
+                                                       " is not a migration in progress here that asked for "
+                                                       "direct streams"));
+  }
+  streams->Adopt(std::move(fd), hello);
+}
+
+void Receiver::EndStreams(Session& session, const Status& why, const DataCall* self) {
   const Status reason(why.code() == Code::kOk ? Code::kAborted : why.code(),
                       "the receiver ended the migration: " + why.message());
   for (StreamState& ss : session.per_stream) {
-    if (ss.reactor != nullptr && ss.reactor != self) ss.reactor->Abandon(reason);
+    if (ss.call != nullptr && ss.call != self) ss.call->Abandon(reason);
   }
   for (grpc::ServerContextBase* ctx : session.postcopy_calls) CancelCall(ctx, reason);
 }

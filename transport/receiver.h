@@ -28,14 +28,26 @@
 #include <vector>
 
 #include "batch_codec.h"
+#include "direct_wire.h"
 #include "migration.pb.h"
 #include "pmlmig/transport/grpc_server.h"
 #include "receiver_checks.h"
 
 namespace pmlmig::transport {
 
-class PagesReactor;
+class DirectStreams;
 class ReceiverSession;
+
+// One data stream's carrier as the session sees it (a gRPC Pages call, or a
+// direct TCP connection): the session ends it with Abandon, from another
+// thread, under Receiver::mu_, while it is attached.
+class DataCall {
+ public:
+  virtual void Abandon(const Status& why) = 0;
+
+ protected:
+  ~DataCall() = default;
+};
 
 // The protocol state of a session (proto/migration.proto's state machine;
 // WAIT_HELLO is a Control call without a session).
@@ -46,7 +58,7 @@ enum class SessionState { kWaitSetup, kReceiving, kFinalizing, kPrepared, kCommi
 // One data stream of a session. Guarded by Receiver::mu_.
 struct StreamState {
   bool attached = false;
-  PagesReactor* reactor = nullptr;  // the call attached to it, while it is open
+  DataCall* call = nullptr;  // the carrier attached to it, while it is open
   uint64_t next_sequence = 0;
   uint32_t last_round = 0;
   uint64_t pages = 0;
@@ -72,6 +84,9 @@ struct Session {
   uint32_t streams = 0;
   Checksum checksum = Checksum::kXxh64;  // of every batch, from Setup
   std::vector<StreamState> per_stream;
+  // The direct data streams (direct_receiver.h), when offered at Setup;
+  // closed by EndSession outside the lock (it joins their threads).
+  std::shared_ptr<DirectStreams> direct;  // shared_ptr: its deleter is bound where it is made
   int applying = 0;  // Pages threads writing into target memory right now
   engine::TransferStats totals;
   uint32_t rounds = 0;
@@ -110,6 +125,12 @@ class Receiver {
   Receiver(MigrationServer::TargetFactory factory, MigrationServerOptions options);
 
   const MigrationServerOptions& options() const { return options_; }
+  // Whether the listening port takes direct data streams (a PortAcceptor
+  // serves it). Set once, before the server starts.
+  void set_direct_port(bool on) { direct_port_ = on; }
+  // The PortAcceptor's thread: a connection whose hello names `hello.
+  // session_id`. Never blocks.
+  void AdoptDirect(UniqueFd fd, const direct::Hello& hello);
   // A call's credentials (the shared secret, when one is configured).
   Status Authorize(const grpc::ServerContextBase& ctx) const;
   // Resolve: how session `id` ended, deciding a PREPARED one as discarded
@@ -127,6 +148,8 @@ class Receiver {
  private:
   friend class ReceiverSession;
   friend class PagesReactor;
+  friend class StreamIntake;
+  friend class DirectStreams;
   friend class PostcopyCall;
 
   // Under mu_, another thread than Control's (a Pages call, Resolve, the
@@ -135,7 +158,7 @@ class Receiver {
   // thread then ends the session. Only while it waits for Setup, receives,
   // or is prepared (never once Final is being restored or Commit is
   // running); returns whether it did.
-  bool MarkFailedLocked(Session& session, const Status& why, const PagesReactor* self);
+  bool MarkFailedLocked(Session& session, const Status& why, const DataCall* self);
   // The deadline of the phase `session` is in, if it has passed: why.
   Status CheckDeadline(const Session& session, Clock::time_point now) const;
   // Under mu_: what to report when the session fails by `consequence` (its
@@ -153,11 +176,12 @@ class Receiver {
   bool PausePostcopyLocked(Session& session, uint32_t link, const Status& why);
   // Under mu_: ends every open Pages call of the session but `self` with
   // `why` (the sender learns the receiver's reason, not just "cancelled").
-  void EndStreams(Session& session, const Status& why, const PagesReactor* self);
+  void EndStreams(Session& session, const Status& why, const DataCall* self);
 
   const MigrationServer::TargetFactory factory_;
   const MigrationServerOptions options_;
   const ReceiverLimits limits_;
+  bool direct_port_ = false;
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "batch_codec.h"
+#include "direct_receiver.h"
 #include "grpc_status.h"
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
@@ -302,10 +303,19 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     target->OnAbort(s.message());
     return Fail(s.WithContext("target refused the setup"));
   }
+  // Direct data streams, when asked for and the port takes them (never
+  // under TLS). Without a key the sender is left to the Pages calls.
+  std::shared_ptr<DirectStreams> direct;
+  if (ps.direct_data() && r_.direct_port_) {
+    if (Result<direct::Key> key = direct::NewKey(); key.ok()) {
+      direct = std::make_shared<DirectStreams>(r_, session_->id, ps.streams(), *key);
+    }
+  }
   std::string failed_meanwhile;  // the session failed during OnSetup (a Pages call, a deadline)
   {
     std::lock_guard lock(r_.mu_);
     if (session_->state == SessionState::kWaitSetup) {
+      session_->direct = direct;
       session_->target = std::move(target);
       session_->streams = ps.streams();
       session_->checksum = ps.checksum() == proto::BATCH_CHECKSUM_XXH3 ? Checksum::kXxh3 : Checksum::kXxh64;
@@ -324,6 +334,10 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
   uint64_t bytes = 0;
   for (const proto::MemoryRange& r : ps.memory()) bytes += r.size();
   reply_.mutable_setup()->set_memory_bytes(bytes);
+  if (direct) {
+    reply_.mutable_setup()->set_direct(true);
+    reply_.mutable_setup()->set_direct_key(direct->key().data(), direct->key().size());
+  }
   if (!stream_->Write(reply_)) return EndOfCall();
   return std::nullopt;
 }
@@ -630,7 +644,7 @@ grpc::Status ReceiverSession::EndOfCall() {
       r_.cv_.wait_for(lock, kStreamReportGrace, [&] {
         if (session_->state != SessionState::kReceiving || r_.shutting_down_) return true;
         return std::none_of(session_->per_stream.begin(), session_->per_stream.end(),
-                            [](const StreamState& ss) { return ss.reactor != nullptr; });
+                            [](const StreamState& ss) { return ss.call != nullptr; });
       });
     }
     if (session_->state == SessionState::kFailing) {

@@ -31,6 +31,9 @@ struct MigrateCommand {
   uint32_t stall_rounds = 5;           // 0: only max_rounds and the timeout end it
   engine::PostcopyMode postcopy = engine::PostcopyMode::kOff;
   uint64_t postcopy_recovery_ms = 300000;  // resuming a broken post-copy link; 0: never
+  // Page data on the gRPC Pages calls even where the receiver offers direct
+  // data streams (GrpcSinkOptions::direct_data off).
+  bool grpc_data = false;
   bool local = false;  // a same-host handover to `to` = "unix:PATH" (handover.h): no page is copied
   // A snapshot to this file (engine/snapshot_sink.h) instead of a migration
   // (`to` unused): with live rounds while the VM runs (else paused for the

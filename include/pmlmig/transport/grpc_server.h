@@ -64,6 +64,12 @@ struct MigrationServerOptions {
   std::chrono::milliseconds keepalive_timeout{5000};
   // Free text sent in HelloReply. Default "pmlmig".
   std::string receiver_name = "pmlmig";
+  // Offer direct data streams (proto/migration.proto) to a sender that asks:
+  // page data on plain TCP connections to a port of their own (on the
+  // listen address's host, chosen per migration), authenticated by a
+  // per-session key sent on the authorized Control call. Never under TLS
+  // (the data then stays in the TLS-protected Pages calls). Default on.
+  bool direct_data = true;
 };
 
 // Threads: Start, WaitForMigration, RefuseNewMigrations, port and Shutdown

@@ -97,6 +97,13 @@ struct GrpcSinkOptions {
   // gone), or that says the session is over, ends the tries at once.
   // Default 5 min; 0 = no recovery (fail at the first break, as 0.6).
   std::chrono::milliseconds postcopy_recovery{300000};
+  // Page data on direct TCP connections (proto/migration.proto, "Direct
+  // data streams") when the receiver offers them: one per stream, to a port
+  // the receiver names at Setup on the target's host, instead of the Pages
+  // calls; about half the CPU per byte of gRPC (docs/BENCHMARKS.md). Never
+  // with TLS; a receiver older than 0.9, or one that does not offer them,
+  // gets Pages calls. Default on.
+  bool direct_data = true;
   // Free text sent in Hello, for the receiver's logs. Default "pmlmig".
   std::string sender_name = "pmlmig";
 };

@@ -1,0 +1,247 @@
+#include "direct_wire.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace pmlmig::transport::direct {
+
+void PutU32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }  // x86-64: little-endian
+void PutU64(uint8_t* p, uint64_t v) { std::memcpy(p, &v, 8); }
+uint32_t GetU32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t GetU64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+std::array<uint8_t, kHelloBytes> EncodeHello(const Hello& h) {
+  std::array<uint8_t, kHelloBytes> out{};
+  std::memcpy(out.data(), kMagic, sizeof kMagic);
+  PutU32(out.data() + 8, h.version);
+  PutU32(out.data() + 12, h.stream);
+  PutU64(out.data() + 16, h.session_id);
+  std::memcpy(out.data() + 24, h.key.data(), kKeyBytes);
+  return out;
+}
+
+Result<Hello> DecodeHello(std::span<const uint8_t, kHelloBytes> bytes) {
+  if (std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) {
+    return InvalidArgument("not a pmlmig data connection (its first 8 bytes are not the direct stream's magic)");
+  }
+  Hello h;
+  h.version = GetU32(bytes.data() + 8);
+  h.stream = GetU32(bytes.data() + 12);
+  h.session_id = GetU64(bytes.data() + 16);
+  std::memcpy(h.key.data(), bytes.data() + 24, kKeyBytes);
+  return h;
+}
+
+std::array<uint8_t, kReplyBytes> EncodeReply(const Reply& r) {
+  std::array<uint8_t, kReplyBytes> out{};
+  PutU32(out.data(), static_cast<uint32_t>(r.kind));
+  PutU32(out.data() + 4, r.a);
+  PutU64(out.data() + 8, r.b);
+  return out;
+}
+
+Result<Reply> DecodeReply(std::span<const uint8_t, kReplyBytes> bytes) {
+  Reply r;
+  const uint32_t kind = GetU32(bytes.data());
+  r.a = GetU32(bytes.data() + 4);
+  r.b = GetU64(bytes.data() + 8);
+  if (kind < 1 || kind > 3) return InvalidArgument("reply of unknown kind " + std::to_string(kind));
+  r.kind = static_cast<ReplyKind>(kind);
+  if (r.kind == ReplyKind::kError && r.b > kMaxErrorBytes) {
+    return InvalidArgument("error reply of " + std::to_string(r.b) + " bytes, more than " +
+                           std::to_string(kMaxErrorBytes));
+  }
+  return r;
+}
+
+Result<Key> NewKey() {
+  Key k;
+  size_t got = 0;
+  while (got < k.size()) {
+    const ssize_t n = ::getrandom(k.data() + got, k.size() - got, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return Status::FromErrno(errno, "getrandom (direct stream key)");
+    got += static_cast<size_t>(n);
+  }
+  return k;
+}
+
+bool SameKey(const Key& a, std::string_view b) {
+  if (b.size() != a.size()) return false;
+  uint8_t diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<uint8_t>(a[i] ^ static_cast<uint8_t>(b[i]));
+  return diff == 0;
+}
+
+namespace {
+
+// Waits until `fd` is ready for `events`, `stop` is set or the deadline
+// passes; 50 ms slices.
+Status WaitReady(int fd, short events, const std::atomic<bool>& stop, Deadline deadline, const char* what) {
+  for (;;) {
+    if (stop.load(std::memory_order_relaxed)) return Aborted(std::string(what) + ": stopped");
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return Unavailable(std::string(what) + ": timed out");
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+    pollfd p{fd, events, 0};
+    const int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left + 1, 50)));
+    if (r < 0 && errno != EINTR) return Status::FromErrno(errno, std::string(what) + " (poll)");
+    if (r > 0) return Status::Ok();
+  }
+}
+
+}  // namespace
+
+Status ReadFull(int fd, uint8_t* buf, size_t n, const std::atomic<bool>& stop, Deadline deadline) {
+  while (n > 0) {
+    const ssize_t r = ::recv(fd, buf, n, MSG_DONTWAIT);
+    if (r > 0) {
+      buf += r;
+      n -= static_cast<size_t>(r);
+      continue;
+    }
+    if (r == 0) return Unavailable("the peer closed the connection");
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return Status::FromErrno(errno, "reading the data connection");
+    PMLMIG_RETURN_IF_ERROR(WaitReady(fd, POLLIN, stop, deadline, "reading the data connection"));
+  }
+  return Status::Ok();
+}
+
+Status WriteFull(int fd, const uint8_t* buf, size_t n, const std::atomic<bool>& stop, Deadline deadline) {
+  while (n > 0) {
+    const ssize_t w = ::send(fd, buf, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (w > 0) {
+      buf += w;
+      n -= static_cast<size_t>(w);
+      continue;
+    }
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+      return Status::FromErrno(errno, "writing the data connection");
+    }
+    PMLMIG_RETURN_IF_ERROR(WaitReady(fd, POLLOUT, stop, deadline, "writing the data connection"));
+  }
+  return Status::Ok();
+}
+
+void TuneBulkSocket(int fd) {
+  const int one = 1;
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+namespace {
+
+struct AddrInfo {
+  addrinfo* list = nullptr;
+  ~AddrInfo() {
+    if (list != nullptr) ::freeaddrinfo(list);
+  }
+};
+
+Status Resolve(const std::string& host, uint16_t port, bool passive, AddrInfo* out) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  const std::string service = std::to_string(port);
+  const int r = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &out->list);
+  if (r != 0) return Unavailable("resolving " + host + ": " + ::gai_strerror(r));
+  return Status::Ok();
+}
+
+Result<UniqueFd> NewSocket(int family) {
+  UniqueFd fd(::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return Status::FromErrno(errno, "socket");
+  return fd;
+}
+
+std::string Where(const std::string& host, uint16_t port) {
+  return (host.find(':') != std::string::npos ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+}  // namespace
+
+Result<UniqueFd> Connect(const std::string& host, uint16_t port, const std::atomic<bool>& stop, Deadline deadline) {
+  AddrInfo ai;
+  PMLMIG_RETURN_IF_ERROR(Resolve(host, port, false, &ai));
+  Status last = Unavailable("no address");
+  for (addrinfo* a = ai.list; a != nullptr; a = a->ai_next) {
+    Result<UniqueFd> made = NewSocket(a->ai_family);
+    if (!made.ok()) {
+      last = made.status();
+      continue;
+    }
+    UniqueFd fd = std::move(made).value();
+    if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      last = Status::FromErrno(errno, "connect");
+      continue;
+    }
+    if (Status w = WaitReady(fd.get(), POLLOUT, stop, deadline, "connect"); !w.ok()) {
+      last = w;
+      continue;
+    }
+    int err = 0;
+    socklen_t len = sizeof err;
+    (void)::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) {
+      last = Status::FromErrno(err, "connect");
+      continue;
+    }
+    TuneBulkSocket(fd.get());
+    return fd;
+  }
+  return Unavailable("data connection to " + Where(host, port) + ": " + last.message());
+}
+
+Result<UniqueFd> Listen(const std::string& host, uint16_t port, uint16_t* bound) {
+  AddrInfo ai;
+  PMLMIG_RETURN_IF_ERROR(Resolve(host, port, true, &ai));
+  Status last = Unavailable("no address");
+  for (addrinfo* a = ai.list; a != nullptr; a = a->ai_next) {
+    Result<UniqueFd> made = NewSocket(a->ai_family);
+    if (!made.ok()) {
+      last = made.status();
+      continue;
+    }
+    UniqueFd fd = std::move(made).value();
+    const int one = 1;
+    (void)::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd.get(), a->ai_addr, a->ai_addrlen) != 0) {
+      last = Status::FromErrno(errno, "bind");
+      continue;
+    }
+    if (::listen(fd.get(), 64) != 0) {
+      last = Status::FromErrno(errno, "listen");
+      continue;
+    }
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&ss), &len) != 0) {
+      last = Status::FromErrno(errno, "getsockname");
+      continue;
+    }
+    *bound = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
+                                           : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+    return fd;
+  }
+  return Unavailable("cannot listen on " + Where(host, port) + ": " + last.message());
+}
+
+}  // namespace pmlmig::transport::direct
