@@ -1,5 +1,8 @@
 #include "direct_receiver.h"
 
+#include <algorithm>
+#include <chrono>
+
 #include <poll.h>
 #include <sys/socket.h>
 
@@ -16,6 +19,8 @@ namespace {
 // How long a refused stream's remaining input is read (and dropped) so that
 // the source reads the refusal rather than a reset.
 constexpr auto kDrainTimeout = std::chrono::seconds(2);
+// ... and for how long once the session is over (Close() waits for it).
+constexpr auto kDrainAfterStop = std::chrono::milliseconds(500);
 // Connections beyond the session's streams (refused ones, being drained).
 constexpr size_t kSpareConnections = 8;
 
@@ -47,8 +52,9 @@ class DirectStreams::Connection final : public DataCall {
   void Start() { thread_ = std::thread([this] { Run(); }); }
   bool done() const { return done_.load(std::memory_order_acquire); }
   // The session is over: end within one poll slice. A refusal being sent
-  // still goes out (its write is bounded by kDrainTimeout), so the source
-  // reads why even when the refusal itself ended the session.
+  // still goes out (its write is bounded by kDrainTimeout) and is drained
+  // for up to kDrainAfterStop, so the source reads why even when the
+  // refusal itself ended the session.
   void Stop() { stop_.store(true, std::memory_order_relaxed); }
   void Join() {
     if (thread_.joinable()) thread_.join();
@@ -171,10 +177,19 @@ class DirectStreams::Connection final : public DataCall {
   // Under write_mu_.
   void SendError(const Status& why, bool blocking) { SendErrorReply(fd_.get(), why, blocking); }
 
+  // Ends when the source closes (it does once it has read the refusal), at
+  // kDrainTimeout, or kDrainAfterStop after the session ended: closing with
+  // unread input would send a reset, which can overtake the refusal (a
+  // middlebox, or a retransmission, drops what the reset overtakes).
   void Drain() {
-    const auto deadline = std::chrono::steady_clock::now() + kDrainTimeout;
+    auto deadline = std::chrono::steady_clock::now() + kDrainTimeout;
+    bool stopped = false;
     uint8_t sink[64 << 10];
-    while (!stop_.load(std::memory_order_relaxed) && std::chrono::steady_clock::now() < deadline) {
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (!stopped && stop_.load(std::memory_order_relaxed)) {
+        stopped = true;
+        deadline = std::min(deadline, std::chrono::steady_clock::now() + kDrainAfterStop);
+      }
       pollfd p{fd_.get(), POLLIN, 0};
       if (::poll(&p, 1, 50) <= 0) continue;
       const ssize_t n = ::recv(fd_.get(), sink, sizeof sink, MSG_DONTWAIT);

@@ -385,9 +385,33 @@ class Proxy {
   bool Armed() const { return f_.fault != Fault::kNone && !fired_; }
   bool Stops() const { return f_.fault == Fault::kCut || f_.fault == Fault::kStall; }
 
+  // dst broke while fl was being sent to it. A kernel between the peers
+  // would still deliver what dst had sent before its reset (a refusal, say),
+  // so pass that on to src, for up to 200 ms, before resetting both.
+  void Broken(Conn& c, Flow& fl, UniqueFd& src, UniqueFd& dst) {
+    Flow& back = &fl == &c.up ? c.down : c.up;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(200);
+    for (;;) {
+      if (back.len > 0) {
+        if (!Flush(back, src)) break;
+        if (back.len > 0) {
+          if (std::chrono::steady_clock::now() >= deadline) break;
+          pollfd p{src.get(), POLLOUT, 0};
+          (void)poll(&p, 1, 10);
+          continue;
+        }
+      }
+      const ssize_t n = recv(dst.get(), back.buf.get(), kBufferBytes, MSG_DONTWAIT);
+      if (n <= 0) break;
+      back.off = 0;
+      back.len = static_cast<size_t>(n);
+    }
+    Abort(c);
+  }
+
   void Pump(Conn& c, Flow& fl, UniqueFd& src, short src_events, UniqueFd& dst, short dst_events, bool counted) {
     constexpr short kAny = POLLIN | POLLOUT | POLLERR | POLLHUP;
-    if (fl.len > 0 && (dst_events & kAny) != 0 && !Flush(fl, dst)) return Abort(c);
+    if (fl.len > 0 && (dst_events & kAny) != 0 && !Flush(fl, dst)) return Broken(c, fl, src, dst);
     if (fl.len != 0 || fl.eof || (src_events & kAny) == 0) {
       if (fl.eof && fl.len == 0 && !fl.shut) {
         (void)shutdown(dst.get(), SHUT_WR);
@@ -422,7 +446,7 @@ class Proxy {
       }
       count_ += fl.len;
     }
-    if (!Flush(fl, dst)) return Abort(c);
+    if (!Flush(fl, dst)) return Broken(c, fl, src, dst);
     if (counted && Armed() && Stops() && count_ == f_.after) Fire();
   }
 

@@ -7,6 +7,9 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <chrono>
+#include <thread>
+
 #include "../../transport/direct_wire.h"
 #include "hostile_client.h"
 
@@ -25,6 +28,7 @@ class DirectClient {
     connected_ = ::connect(fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
   }
   bool connected() const { return connected_; }
+  void Close() { fd_.Reset(); }
 
   bool SendBytes(const std::string& bytes) {
     const std::atomic<bool> never{false};
@@ -245,6 +249,28 @@ TEST_F(HostileDirectTest, BadBatchesFailTheMigrationWithTheirReason) {
       0,
       [this](DirectClient& d, uint64_t session, uint64_t seq) { (void)d.Batch(Batch(session, seq + 3)); },
       Code::kInvalidArgument, grpc::StatusCode::INVALID_ARGUMENT, "expected batch 0");
+}
+
+// The refusal ends the session, but the refused stream is still read (and
+// dropped) after that, so that a source still writing gets the refusal and
+// not a reset that could overtake it.
+TEST_F(HostileDirectTest, RefusedStreamIsDrainedAfterTheSessionEnds) {
+  uint64_t session = 0;
+  std::string key;
+  auto control = DirectSession(&session, &key);
+  DirectClient d(server_->port());
+  ASSERT_TRUE(d.connected());
+  ASSERT_TRUE(d.Hello(session, 0, key));
+  proto::PageBatch b = Batch(session, 0, 0);
+  b.set_checksum(b.checksum() ^ 1);
+  ASSERT_TRUE(d.Batch(b));
+  ExpectStatus(control->Finish(), grpc::StatusCode::DATA_LOSS, "checksum mismatch");
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_TRUE(d.SendBytes(std::string(1 << 20, 'x'))) << "the refused stream was reset once the session ended";
+  d.ExpectError(Code::kDataLoss, "checksum mismatch");
+  d.Close();  // the source read the refusal and went: the session's end completes
+  ExpectFailedOutcome(session, "checksum mismatch");
+  ExpectServing();
 }
 
 TEST_F(HostileDirectTest, MalformedFramesFailTheMigration) {
