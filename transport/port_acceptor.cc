@@ -1,5 +1,7 @@
 #include "port_acceptor.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -116,6 +118,11 @@ void PortAcceptor::Loop() {
           UniqueFd c(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
           if (!c.valid()) break;
           if (pending.size() >= kMaxPending) continue;  // closes it
+          // gRPC sets TCP_NODELAY on the sockets it accepts, not on those
+          // it is handed: without it a small reply after another (an ack,
+          // the Final reply) waits for the peer's delayed ACK, 40 ms.
+          const int one = 1;
+          (void)::setsockopt(c.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
           epoll_event ev{};
           ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;  // edge: a prefix of the magic waits for new bytes
           ev.data.fd = c.get();

@@ -5,20 +5,27 @@
 // there to give TSan the accesses the sink's sender threads make.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <deque>
+#include <mutex>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "buffer_pool.h"
 #include "connection_probe.h"
+#include "direct_wire.h"
 #include "failure_latch.h"
 #include "pmlmig/base/unique_fd.h"
+#include "port_acceptor.h"
 #include "push_window.h"
 #include "stall_watch.h"
 #include "token_bucket.h"
@@ -350,6 +357,79 @@ TEST(ConnectionProbeTest, RefusedOnlyWhenNothingListens) {
   ASSERT_EQ(::listen(s.get(), 1), 0);
   EXPECT_FALSE(ConnectionRefused(target));
   EXPECT_FALSE(ConnectionRefused("not a target"));
+}
+
+// A client of the acceptor's port that sends `bytes` in the pieces given.
+UniqueFd ConnectAndSend(uint16_t port, const std::vector<std::string>& pieces) {
+  UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(c.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) return UniqueFd();
+  for (const std::string& p : pieces) {
+    if (::send(c.get(), p.data(), p.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(p.size())) return UniqueFd();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return c;
+}
+
+TEST(PortAcceptorTest, SortsConnectionsByTheirFirstBytes) {
+  Result<std::unique_ptr<PortAcceptor>> acceptor = PortAcceptor::Listen("127.0.0.1", 0);
+  ASSERT_TRUE(acceptor.ok()) << acceptor.status().message();
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<UniqueFd> grpc;                                   // guarded by mu
+  std::vector<std::pair<UniqueFd, direct::Hello>> directs;      // guarded by mu
+  ASSERT_TRUE((*acceptor)
+                  ->Run({[&](UniqueFd fd) {
+                           std::lock_guard lock(mu);
+                           grpc.push_back(std::move(fd));
+                           cv.notify_all();
+                         },
+                         [&](UniqueFd fd, const direct::Hello& h) {
+                           std::lock_guard lock(mu);
+                           directs.emplace_back(std::move(fd), h);
+                           cv.notify_all();
+                         }})
+                  .ok());
+  const uint16_t port = (*acceptor)->port();
+  direct::Hello h;
+  h.stream = 3;
+  h.session_id = 0x1234;
+  h.key.fill(7);
+  const auto hb = direct::EncodeHello(h);
+  const std::string hello(hb.begin(), hb.end());
+  // HTTP/2's preface; a hello at once; a hello in three pieces (the magic
+  // cut in two); a prefix of the magic and then something else.
+  std::vector<UniqueFd> clients;
+  clients.push_back(ConnectAndSend(port, {"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"}));
+  clients.push_back(ConnectAndSend(port, {hello}));
+  clients.push_back(ConnectAndSend(port, {hello.substr(0, 3), hello.substr(3, 10), hello.substr(13)}));
+  clients.push_back(ConnectAndSend(port, {"PMLM", "XYZW"}));
+  for (const UniqueFd& c : clients) ASSERT_TRUE(c.valid());
+
+  std::unique_lock lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return grpc.size() == 2 && directs.size() == 2; }))
+      << grpc.size() << " handed to gRPC, " << directs.size() << " direct";
+  for (const auto& [fd, got] : directs) {
+    EXPECT_EQ(got.stream, 3u);
+    EXPECT_EQ(got.session_id, 0x1234u);
+    EXPECT_EQ(got.key, h.key);
+  }
+  // gRPC is handed the bytes as they came, and (like the direct streams) a
+  // socket without Nagle's delay: gRPC sets it only on sockets it accepts.
+  for (const UniqueFd& fd : grpc) {
+    int nodelay = 0;
+    socklen_t len = sizeof nodelay;
+    ASSERT_EQ(::getsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &nodelay, &len), 0);
+    EXPECT_NE(nodelay, 0);
+    char first[4] = {};
+    EXPECT_EQ(::recv(fd.get(), first, sizeof first, MSG_PEEK), 4);
+    EXPECT_TRUE(std::string(first, 4) == "PRI " || std::string(first, 4) == "PMLM") << std::string(first, 4);
+  }
+  lock.unlock();
+  (*acceptor)->Stop();
 }
 
 }  // namespace
