@@ -197,6 +197,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   if (completed) {
     auto outcome = server->WaitForMigration(Clock::now() + std::chrono::seconds(30));
     if (outcome.ok() && outcome->vm) (void)outcome->vm->Pause();
+    if (outcome.ok()) row.data_path = outcome->direct_data ? "direct" : "grpc";  // what the receiver saw
   }
   server->Shutdown();
   return row;

@@ -206,6 +206,7 @@ int Receive(const ReceiveFlags& f) {
   out["received_zero_pages"] = o.totals.zero_pages;
   out["received_bytes"] = o.totals.wire_bytes;
   out["postcopy_recoveries"] = o.postcopy_recoveries;
+  out["data_path"] = local ? "handover" : o.direct_data ? "direct" : "grpc";
   out["handover"] = local;  // same host: the memory was taken over, no page received
   if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
@@ -283,10 +284,11 @@ int Receive(const ReceiveFlags& f) {
   if (f.json) {
     std::printf("%s\n", out.dump().c_str());
   } else {
-    std::printf("Received: %s, %u rounds, %" PRIu64 " normal + %" PRIu64 " zero pages; restore %.1f ms; %s\n",
+    std::printf("Received: %s, %u rounds, %" PRIu64 " normal + %" PRIu64 " zero pages%s; restore %.1f ms; %s\n",
                 status.c_str(), o.rounds, o.totals.normal_pages,
-                o.totals.zero_pages, o.reply.target_restore_ms,
-                o.reply.verified ? o.reply.verify_detail.c_str() : "not verified");
+                o.totals.zero_pages,
+                local ? " (handed over)" : o.direct_data ? " on direct data streams" : " on gRPC Pages calls",
+                o.reply.target_restore_ms, o.reply.verified ? o.reply.verify_detail.c_str() : "not verified");
     if (o.postcopy_recoveries > 0) {
       std::printf("  post-copy: the link broke and the source resumed it %u time%s\n", o.postcopy_recoveries,
                   o.postcopy_recoveries == 1 ? "" : "s");

@@ -66,7 +66,7 @@ class DirectStreams::Connection final : public DataCall {
     std::lock_guard lock(write_mu_);
     if (replied_end_) return;
     replied_end_ = true;
-    SendError(why, /*blocking=*/false);
+    SendErrorReply(fd_.get(), why, /*blocking=*/false);
     ::shutdown(fd_.get(), SHUT_WR);
   }
 
@@ -89,7 +89,7 @@ class DirectStreams::Connection final : public DataCall {
           std::lock_guard lock(write_mu_);
           tell = !replied_end_;
           replied_end_ = true;
-          if (tell) SendError(why, /*blocking=*/true);
+          if (tell) SendErrorReply(fd_.get(), why, /*blocking=*/true);
         }
         ::shutdown(fd_.get(), SHUT_WR);
         if (tell) Drain();
@@ -173,9 +173,6 @@ class DirectStreams::Connection final : public DataCall {
     *why = Unavailable(name + " broke (" + s.message() + ": the source went away or the connection was lost)");
     return End::kBroke;
   }
-
-  // Under write_mu_.
-  void SendError(const Status& why, bool blocking) { SendErrorReply(fd_.get(), why, blocking); }
 
   // Ends when the source closes (it does once it has read the refusal), at
   // kDrainTimeout, or kDrainAfterStop after the session ended: closing with

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -166,10 +167,32 @@ Status Resolve(const std::string& host, uint16_t port, bool passive, AddrInfo* o
   return Status::Ok();
 }
 
-Result<UniqueFd> NewSocket(int family) {
-  UniqueFd fd(::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd.valid()) return Status::FromErrno(errno, "socket");
-  return fd;
+// Calls `each(address, fd)` with a new socket for every address of `list`
+// in turn; the first socket it accepts, or its last failure.
+template <typename Each>
+Result<UniqueFd> FirstThatWorks(const addrinfo* list, Each each) {
+  Status last = Unavailable("no address");
+  for (const addrinfo* a = list; a != nullptr; a = a->ai_next) {
+    UniqueFd fd(::socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) {
+      last = Status::FromErrno(errno, "socket");
+    } else if (Status s = each(*a, fd.get()); !s.ok()) {
+      last = std::move(s);
+    } else {
+      return fd;
+    }
+  }
+  return last;
+}
+
+uint16_t PortOf(const sockaddr_storage& ss) {
+  return ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<const sockaddr_in6*>(&ss)->sin6_port
+                                        : reinterpret_cast<const sockaddr_in*>(&ss)->sin_port);
+}
+
+void SetPort(sockaddr* sa, uint16_t port) {
+  if (sa->sa_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(sa)->sin6_port = htons(port);
+  else reinterpret_cast<sockaddr_in*>(sa)->sin_port = htons(port);
 }
 
 std::string Where(const std::string& host, uint16_t port) {
@@ -181,67 +204,54 @@ std::string Where(const std::string& host, uint16_t port) {
 Result<UniqueFd> Connect(const std::string& host, uint16_t port, const std::atomic<bool>& stop, Deadline deadline) {
   AddrInfo ai;
   PMLMIG_RETURN_IF_ERROR(Resolve(host, port, false, &ai));
-  Status last = Unavailable("no address");
-  for (addrinfo* a = ai.list; a != nullptr; a = a->ai_next) {
-    Result<UniqueFd> made = NewSocket(a->ai_family);
-    if (!made.ok()) {
-      last = made.status();
-      continue;
-    }
-    UniqueFd fd = std::move(made).value();
-    if (::connect(fd.get(), a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
-      last = Status::FromErrno(errno, "connect");
-      continue;
-    }
-    if (Status w = WaitReady(fd.get(), POLLOUT, stop, deadline, "connect"); !w.ok()) {
-      last = w;
-      continue;
-    }
+  Result<UniqueFd> fd = FirstThatWorks(ai.list, [&](const addrinfo& a, int s) -> Status {
+    if (::connect(s, a.ai_addr, a.ai_addrlen) != 0 && errno != EINPROGRESS) return Status::FromErrno(errno, "connect");
+    PMLMIG_RETURN_IF_ERROR(WaitReady(s, POLLOUT, stop, deadline, "connect"));
     int err = 0;
     socklen_t len = sizeof err;
-    (void)::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-    if (err != 0) {
-      last = Status::FromErrno(err, "connect");
-      continue;
-    }
-    TuneBulkSocket(fd.get());
-    return fd;
-  }
-  return Unavailable("data connection to " + Where(host, port) + ": " + last.message());
+    (void)::getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len);
+    if (err != 0) return Status::FromErrno(err, "connect");
+    TuneBulkSocket(s);
+    return Status::Ok();
+  });
+  if (!fd.ok()) return Unavailable("data connection to " + Where(host, port) + ": " + fd.status().message());
+  return fd;
 }
 
-Result<UniqueFd> Listen(const std::string& host, uint16_t port, uint16_t* bound) {
+Result<std::vector<UniqueFd>> Listen(const std::string& host, uint16_t port, uint16_t* bound) {
   AddrInfo ai;
   PMLMIG_RETURN_IF_ERROR(Resolve(host, port, true, &ai));
+  bool has_v4 = false;
+  for (const addrinfo* a = ai.list; a != nullptr; a = a->ai_next) has_v4 |= a->ai_family == AF_INET;
+  std::vector<UniqueFd> fds;
   Status last = Unavailable("no address");
+  uint16_t chosen = port;
   for (addrinfo* a = ai.list; a != nullptr; a = a->ai_next) {
-    Result<UniqueFd> made = NewSocket(a->ai_family);
-    if (!made.ok()) {
-      last = made.status();
-      continue;
-    }
-    UniqueFd fd = std::move(made).value();
-    const int one = 1;
-    (void)::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (::bind(fd.get(), a->ai_addr, a->ai_addrlen) != 0) {
-      last = Status::FromErrno(errno, "bind");
-      continue;
-    }
-    if (::listen(fd.get(), 64) != 0) {
-      last = Status::FromErrno(errno, "listen");
-      continue;
-    }
-    sockaddr_storage ss{};
-    socklen_t len = sizeof ss;
-    if (::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&ss), &len) != 0) {
-      last = Status::FromErrno(errno, "getsockname");
-      continue;
-    }
-    *bound = ntohs(ss.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port
-                                           : reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
-    return fd;
+    // This address alone, on the port the first one got.
+    sockaddr_storage addr{};
+    std::memcpy(&addr, a->ai_addr, std::min<size_t>(a->ai_addrlen, sizeof addr));
+    SetPort(reinterpret_cast<sockaddr*>(&addr), chosen);
+    addrinfo only = *a;
+    only.ai_addr = reinterpret_cast<sockaddr*>(&addr);
+    only.ai_next = nullptr;
+    Result<UniqueFd> fd = FirstThatWorks(&only, [&](const addrinfo& x, int s) -> Status {
+      const int on = 1;
+      (void)::setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+      if (x.ai_family == AF_INET6 && has_v4) (void)::setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on);
+      if (::bind(s, x.ai_addr, x.ai_addrlen) != 0) return Status::FromErrno(errno, "bind");
+      if (::listen(s, 64) != 0) return Status::FromErrno(errno, "listen");
+      sockaddr_storage ss{};
+      socklen_t len = sizeof ss;
+      if (::getsockname(s, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return Status::FromErrno(errno, "getsockname");
+      chosen = PortOf(ss);
+      return Status::Ok();
+    });
+    if (fd.ok()) fds.push_back(std::move(fd).value());
+    else last = fd.status();
   }
-  return Unavailable("cannot listen on " + Where(host, port) + ": " + last.message());
+  if (fds.empty()) return Unavailable("cannot listen on " + Where(host, port) + ": " + last.message());
+  *bound = chosen;
+  return fds;
 }
 
 }  // namespace pmlmig::transport::direct

@@ -29,6 +29,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "pmlmig/base/status.h"
 #include "pmlmig/base/unique_fd.h"
@@ -84,13 +85,17 @@ Status ReadFull(int fd, uint8_t* buf, size_t n, const std::atomic<bool>& stop, D
 Status WriteFull(int fd, const uint8_t* buf, size_t n, const std::atomic<bool>& stop,
                  Deadline deadline = kNoDeadline);
 
-// A TCP connection to host:port (every address of the host, in order),
-// TCP_NODELAY, close-on-exec, left blocking. Fails naming the address.
+// A TCP connection to host:port (every address of the host, in order, until
+// one answers), TCP_NODELAY, close-on-exec, non-blocking. Fails naming the
+// address.
 Result<UniqueFd> Connect(const std::string& host, uint16_t port, const std::atomic<bool>& stop, Deadline deadline);
-// A listening socket on host:port (SO_REUSEADDR, non-blocking); *bound is
-// the port it got (port 0 picks a free one).
-Result<UniqueFd> Listen(const std::string& host, uint16_t port, uint16_t* bound);
-// Socket buffers sized for bulk data (both ends).
+// Listening sockets on every address of host:port (SO_REUSEADDR,
+// non-blocking; IPv6 ones IPv6-only when the host has IPv4 addresses too),
+// all on one port: *bound (port 0 picks a free one). Addresses that cannot
+// be bound are skipped while one can; fails naming the address otherwise.
+Result<std::vector<UniqueFd>> Listen(const std::string& host, uint16_t port, uint16_t* bound);
+// TCP_NODELAY: a reply or a frame's end never waits for the peer's delayed
+// ACK (both ends).
 void TuneBulkSocket(int fd);
 
 }  // namespace pmlmig::transport::direct

@@ -11,9 +11,10 @@
 //
 // Why the callback API: one reactor per call, owned by gRPC and deleted in
 // OnDone, needs no thread of ours per stream, and reading the raw
-// ByteBuffer lets the payload be applied from gRPC's own slices. (Decoding
-// and applying still run on gRPC's callback thread; moving them off it is a
-// throughput change of issue 11, not part of this structure.)
+// ByteBuffer lets the payload be applied from gRPC's own slices. Decoding
+// and applying run on gRPC's callback thread; the bulk path that avoids it
+// is the direct data streams (direct_receiver.h, a thread per stream),
+// which a sender uses whenever TLS is off.
 //
 // Thread-safety: gRPC runs the reactions one at a time per call. Abandon
 // runs on other threads, under Receiver::mu_, while the reactor is attached

@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -30,8 +31,8 @@ struct Pending {
 
 Result<std::unique_ptr<PortAcceptor>> PortAcceptor::Listen(const std::string& host, uint16_t port) {
   uint16_t bound = 0;
-  PMLMIG_ASSIGN_OR_RETURN(UniqueFd fd, direct::Listen(host, port, &bound));
-  return std::unique_ptr<PortAcceptor>(new PortAcceptor(std::move(fd), bound));
+  PMLMIG_ASSIGN_OR_RETURN(std::vector<UniqueFd> fds, direct::Listen(host, port, &bound));
+  return std::unique_ptr<PortAcceptor>(new PortAcceptor(std::move(fds), bound));
 }
 
 PortAcceptor::~PortAcceptor() { Stop(); }
@@ -43,7 +44,9 @@ Status PortAcceptor::Run(Handlers handlers) {
   if (!epoll_.valid()) return Status::FromErrno(errno, "epoll_create1");
   wake_ = UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake_.valid()) return Status::FromErrno(errno, "eventfd");
-  for (int fd : {listen_.get(), wake_.get()}) {
+  std::vector<int> fds{wake_.get()};
+  for (const UniqueFd& l : listen_) fds.push_back(l.get());
+  for (int fd : fds) {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.fd = fd;
@@ -113,9 +116,9 @@ void PortAcceptor::Loop() {
     for (int i = 0; i < n; ++i) {
       const int fd = events[i].data.fd;
       if (fd == wake_.get()) continue;
-      if (fd == listen_.get()) {
+      if (std::any_of(listen_.begin(), listen_.end(), [fd](const UniqueFd& l) { return l.get() == fd; })) {
         for (;;) {
-          UniqueFd c(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+          UniqueFd c(::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
           if (!c.valid()) break;
           if (pending.size() >= kMaxPending) continue;  // closes it
           // gRPC sets TCP_NODELAY on the sockets it accepts, not on those

@@ -22,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "direct_wire.h"
 
@@ -33,8 +34,8 @@ class PortAcceptor {
     std::function<void(UniqueFd)> on_grpc;
     std::function<void(UniqueFd, const direct::Hello&)> on_direct;
   };
-  // Listens on host:port (port 0: a free one); the handlers run once Run
-  // is called.
+  // Listens on every address of host:port (port 0: a free one, the same
+  // on each); the handlers run once Run is called.
   static Result<std::unique_ptr<PortAcceptor>> Listen(const std::string& host, uint16_t port);
   ~PortAcceptor();
   PortAcceptor(const PortAcceptor&) = delete;
@@ -47,10 +48,10 @@ class PortAcceptor {
   void Stop();
 
  private:
-  PortAcceptor(UniqueFd fd, uint16_t port) : listen_(std::move(fd)), port_(port) {}
+  PortAcceptor(std::vector<UniqueFd> fds, uint16_t port) : listen_(std::move(fds)), port_(port) {}
   void Loop();
 
-  const UniqueFd listen_;
+  const std::vector<UniqueFd> listen_;  // one per address of the host, one port
   const uint16_t port_;
   Handlers handlers_;
   UniqueFd epoll_;

@@ -120,6 +120,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     EndStreams(*session, status == engine::Outcome::kCompleted ? Aborted("the migration is over") : error, nullptr);
     cv_.wait(lock, [&] { return session->applying == 0; });
     direct = std::move(session->direct);  // joined below, outside the lock its threads take
+    out.direct_data = direct != nullptr;
     session->postcopy = nullptr;  // the target owns it and goes below
     target = std::move(session->target);
     out.totals = session->totals;

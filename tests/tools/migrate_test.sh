@@ -40,9 +40,12 @@ expect_completed() {
   local name=$1
   shift
   migrate "$name" "--verify" "$@" --verify
-  if [ $src_rc -eq 0 ] && [ $rcv_rc -eq 0 ] && python3 - "$tmp/s.json" "$tmp/r.json" <<'PY'
+  if [ $src_rc -eq 0 ] && [ $rcv_rc -eq 0 ] && python3 - "$tmp/s.json" "$tmp/r.json" "$@" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1])); r = json.load(open(sys.argv[2]))
+args = sys.argv[3:]
+want_path = args[args.index("--data-path") + 1] if "--data-path" in args else "direct"
+assert r["data_path"] == want_path, (want_path, r)
 assert s["status"] == "completed" and s["verified"] is True, s
 v = s["verification"]
 assert v["verdict"] == "matched" and v["witness"] is True, v
@@ -57,13 +60,16 @@ else:
     assert r["verified"] is None and r["verified_by"] == "source", r
 assert r["pages_written_after_resume"] > 0, r
 print("   %d rounds, %.0f ms total, downtime %.1f ms, %.0f Mbit/s; target: %s" % (
-    s["rounds"], s["total_time_ms"], s["downtime_ms"], s["throughput_mbps"], v["order"] + ", " + v["detail"]))
+    s["rounds"], s["total_time_ms"], s["downtime_ms"], s["throughput_mbps"], v["order"] + ", " + v["detail"] +
+    ", " + r["data_path"] + " data"))
 PY
   then pass "$name"; else fail "$name (source rc $src_rc, receiver rc $rcv_rc): $(tail -c 600 "$tmp/s.json" "$tmp/s.err" "$tmp/r.json" "$tmp/r.err")"; fi
 }
 
 expect_completed "random, 1 vCPU, ring, 1 stream, verified before commit" \
   --memory 256M --vcpus 1 --workload random --tracker ring --streams 1 --verify-order before-commit
+expect_completed "random, 1 vCPU, ring, 2 streams, gRPC Pages calls (--data-path grpc)" \
+  --memory 256M --vcpus 1 --workload random --tracker ring --streams 2 --data-path grpc
 expect_completed "hotset, 2 vCPUs, bitmap, 4 streams, lz4" \
   --memory 256M --vcpus 2 --workload hotset:fraction=0.05,share=0.9 --tracker bitmap --streams 4 --compress lz4
 expect_completed "random (rate-limited), 2 vCPUs, ring, 4 streams, zstd" \

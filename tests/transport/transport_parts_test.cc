@@ -359,6 +359,29 @@ TEST(ConnectionProbeTest, RefusedOnlyWhenNothingListens) {
   EXPECT_FALSE(ConnectionRefused("not a target"));
 }
 
+TEST(DirectWireTest, ListenAndConnectNameTheAddressWhenTheyFail) {
+  uint16_t port = 0;
+  Result<std::vector<UniqueFd>> fds = direct::Listen("127.0.0.1", 0, &port);
+  ASSERT_TRUE(fds.ok()) << fds.status().message();
+  EXPECT_EQ(fds->size(), 1u);
+  EXPECT_NE(port, 0);
+  const std::atomic<bool> never{false};
+  Result<UniqueFd> c = direct::Connect("127.0.0.1", port, never, std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  EXPECT_TRUE(c.ok()) << c.status().message();
+  // The port is taken (SO_REUSEADDR does not share a listening port).
+  uint16_t again = 0;
+  Result<std::vector<UniqueFd>> busy = direct::Listen("127.0.0.1", port, &again);
+  ASSERT_FALSE(busy.ok());
+  EXPECT_NE(busy.status().message().find("127.0.0.1:" + std::to_string(port)), std::string::npos)
+      << busy.status().message();
+  fds->clear();  // nothing listens there now
+  Result<UniqueFd> refused =
+      direct::Connect("127.0.0.1", port, never, std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("data connection to 127.0.0.1:" + std::to_string(port)), std::string::npos)
+      << refused.status().message();
+}
+
 // A client of the acceptor's port that sends `bytes` in the pieces given.
 UniqueFd ConnectAndSend(uint16_t port, const std::vector<std::string>& pieces) {
   UniqueFd c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));

@@ -25,6 +25,10 @@ struct ReceivedMigration {
   uint32_t rounds = 0;          // highest round seen + 1
   bool postcopy = false;             // the VM resumed before all its memory was here
   uint32_t postcopy_recoveries = 0;  // post-copy links broken and resumed
+  // The page batches came on direct data streams (0.9; proto/migration.proto
+  // "Direct data streams"), not Pages calls: the source asked for them and
+  // this receiver offered them.
+  bool direct_data = false;
   // A completed migration's resumed VM (target->TakeVm()), the caller's from
   // here; null otherwise.
   std::unique_ptr<engine::VmControl> vm;
