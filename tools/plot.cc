@@ -54,7 +54,8 @@ for r in rows:
     if not rounds:
         continue
     label = "%d GiB, %d vCPUs, %d stream(s), %s, limit %d ms: %s, downtime %s ms" % (
-        r["guest_bytes"] // 2**30, r["vcpus"], r["streams"], r["compress"], doc["downtime_limit_ms"], m["status"],
+        r["guest_bytes"] // 2**30, r["vcpus"], r["streams"], r["compress"] + "/" + r.get("data_path", "grpc"),
+        doc["downtime_limit_ms"], m["status"],
         "%.1f" % m["downtime_ms"] if m["downtime_ms"] is not None else "-")
     x = [s["round"] for s in rounds]
     line, = top.plot(x, [max(s["dirty_pages"], 0.5) for s in rounds], "o-", markersize=4, label=label)
@@ -84,7 +85,7 @@ if baselines:
                  (0, max(b["gbps"] for b in baselines)), fontsize=7, color="gray", va="bottom")
 mid.set_ylim(0, max([b["gbps"] for b in doc.get("baseline", [])] + [mid.get_ylim()[1]]) * 1.1)
 bottom.set_yscale("log")
-bottom.set_ylabel("pages per gRPC batch")
+bottom.set_ylabel("pages per batch")
 bottom.set_xlabel("round (0: all memory)")
 bottom.grid(True, which="both", alpha=0.3)
 bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -108,13 +109,16 @@ def gib(b):
 for k, size in enumerate(sizes):
     ls = dashes[k % len(dashes)]
     tag = "" if len(sizes) == 1 else ", " + gib(size)
-    for cfg in sorted({(c["scenario"], c["compress"], c["verify"]) for c in doc["comparison"]}):
+    def cfg_of(c):
+        return (c["scenario"], c["compress"], c["verify"], c.get("data_path", ""))
+    paths = {cfg_of(c)[3] for c in doc["comparison"]}
+    for cfg in sorted({cfg_of(c) for c in doc["comparison"]}):
         pts = sorted((c["streams"], c["pmlmig_gbps"]) for c in doc["comparison"]
-                     if c["guest_bytes"] == size and (c["scenario"], c["compress"], c["verify"]) == cfg
-                     and c["pmlmig_gbps"] is not None)
+                     if c["guest_bytes"] == size and cfg_of(c) == cfg and c["pmlmig_gbps"] is not None)
         if pts:
             label = "pmlmig " + cfg[0] + ("" if cfg[1] == "none" else ", " + cfg[1]) + \
-                    ("" if cfg[2] == "off" else ", verify " + cfg[2]) + tag
+                    ("" if cfg[2] == "off" else ", verify " + cfg[2]) + \
+                    ("" if len(paths) == 1 else ", " + cfg[3] + " data") + tag
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o" + ls, label=label)
     q = [m for m in doc["qemu"]["medians"] if m["guest_bytes"] == size]
     pts = sorted((m["channels"], m["gbps"]) for m in q if m["multifd"])

@@ -293,6 +293,7 @@ class LoopbackTest : public ::testing::Test {
     EXPECT_TRUE(out->error.ok()) << out->error.message();
     EXPECT_EQ(out->totals.pages, pages);
     EXPECT_EQ(out->rounds, static_cast<uint32_t>(rounds + 1));
+    EXPECT_EQ(out->direct_data, o.direct_data && !o.security.tls()) << "the data path the receiver reports";
     ASSERT_NE(out->target, nullptr);
     EXPECT_TRUE(SameMemory(out->target->memory(), src.mem.slots)) << "target memory differs from the source";
     std::lock_guard lock(probe_->mu);
@@ -308,6 +309,7 @@ class LoopbackTest : public ::testing::Test {
 struct Variant {
   uint32_t streams;
   Compression compression;
+  bool grpc_data = false;  // Pages calls instead of direct data streams
 };
 
 class LoopbackVariantTest : public LoopbackTest, public ::testing::WithParamInterface<Variant> {};
@@ -315,6 +317,7 @@ class LoopbackVariantTest : public LoopbackTest, public ::testing::WithParamInte
 TEST_P(LoopbackVariantTest, RoundsArriveByteForByte) {
   Source src(16 << 20, 8 << 20, 42);
   GrpcSinkOptions o = Options(GetParam().streams, GetParam().compression);
+  o.direct_data = !GetParam().grpc_data;
   o.batch_pages = 64;  // many batches per round, so every stream gets work
   Migrate(src, o, 3);
 }
@@ -322,10 +325,12 @@ TEST_P(LoopbackVariantTest, RoundsArriveByteForByte) {
 INSTANTIATE_TEST_SUITE_P(StreamsAndCompression, LoopbackVariantTest,
                          ::testing::Values(Variant{1, Compression::kNone}, Variant{1, Compression::kLz4},
                                            Variant{1, Compression::kZstd}, Variant{4, Compression::kNone},
-                                           Variant{4, Compression::kLz4}, Variant{4, Compression::kZstd}),
+                                           Variant{4, Compression::kLz4}, Variant{4, Compression::kZstd},
+                                           Variant{1, Compression::kNone, true}, Variant{4, Compression::kLz4, true}),
                          [](const ::testing::TestParamInfo<Variant>& i) {
                            return std::to_string(i.param.streams) + "streams_" +
-                                  std::string(CompressionName(i.param.compression));
+                                  std::string(CompressionName(i.param.compression)) +
+                                  (i.param.grpc_data ? "_grpcdata" : "");
                          });
 
 TEST_F(LoopbackTest, BandwidthCapAndBackpressureStillDeliverEverything) {
@@ -937,9 +942,9 @@ TEST_F(LoopbackTest, ThroughputReport) {
       const double cpu = CpuSeconds() - cpu0;
       ASSERT_TRUE(st.ok()) << st.status().message();
       const double mbps = static_cast<double>(bytes) / s / 1e6;
-      std::printf("throughput: gRPC %u stream%s, none, 512 MiB random, round %u (%s target): %.0f MB/s "
+      std::printf("throughput: %s, %u stream%s, none, 512 MiB random, round %u (%s target): %.0f MB/s "
                   "(%.0f%% of raw TCP), both ends %.2f CPU-s per GiB, %.0f%% CPU, wire %.1f MiB\n",
-                  streams, streams > 1 ? "s" : "", round, round == 0 ? "fresh" : "resident", mbps,
+                  o.direct_data ? "direct data streams" : "gRPC Pages calls", streams, streams > 1 ? "s" : "", round, round == 0 ? "fresh" : "resident", mbps,
                   raw > 0 ? 100 * mbps / raw : 0.0, cpu / 0.5, 100 * cpu / s,
                   static_cast<double>(st->wire_bytes) / (1 << 20));
     }
