@@ -117,8 +117,25 @@ struct MigrationSetupFlags {
 #endif
 
 // What the receiving side's factory built, for stopping it afterwards.
+// A configuration's data path: Pages calls or direct streams, and the
+// target's populate-ahead threads.
+struct DataPath {
+  bool grpc_data = false;
+  uint32_t populate_threads = 4;
+};
+
+// "direct", "grpc", with "+popN" when the populate threads are not the default.
+std::string DataPathLabel(bool direct, uint32_t populate_threads) {
+  std::string s = direct ? "direct" : "grpc";
+  if (populate_threads != transport::MigrationServerOptions{}.populate_threads) {
+    s += "+pop" + std::to_string(populate_threads);
+  }
+  return s;
+}
+
 Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, uint32_t streams,
-                        transport::Compression compress, bool grpc_data, const MigrationSetupFlags& f) {
+                        transport::Compression compress, const DataPath& path, const MigrationSetupFlags& f) {
+  const bool grpc_data = path.grpc_data;
   Row row;
   row.scenario = sc.name;
   row.guest_bytes = size;
@@ -127,7 +144,8 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.fill = std::string(vmm::FillModeName(sc.fill));
   row.streams = streams;
   row.compress = std::string(transport::CompressionName(compress));
-  row.data_path = grpc_data ? "grpc" : "direct";
+  row.populate_threads = path.populate_threads;
+  row.data_path = DataPathLabel(!grpc_data, path.populate_threads);
 
   // The source VM, running its workload.
   const Clock::time_point t_prepare = Clock::now();
@@ -154,9 +172,10 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   fo.check_memory = false;  // the test VM's page checker is not part of --verify's cost (receive runs it)
   fo.prefault = f.prefault_target;
   vmm::TestVmFactory factory(kvm, std::move(fo));
-  PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start("127.0.0.1:0", [&factory] {
-    return factory.MakeTarget();
-  }));
+  transport::MigrationServerOptions server_options;
+  server_options.populate_threads = path.populate_threads;
+  PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start(
+                                           "127.0.0.1:0", [&factory] { return factory.MakeTarget(); }, server_options));
 
   transport::GrpcSinkOptions so;
   so.target = "127.0.0.1:" + std::to_string(server->port());
@@ -197,7 +216,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   if (completed) {
     auto outcome = server->WaitForMigration(Clock::now() + std::chrono::seconds(30));
     if (outcome.ok() && outcome->vm) (void)outcome->vm->Pause();
-    if (outcome.ok()) row.data_path = outcome->direct_data ? "direct" : "grpc";  // what the receiver saw
+    if (outcome.ok()) row.data_path = DataPathLabel(outcome->direct_data, path.populate_threads);  // what it saw
   }
   server->Shutdown();
   return row;
@@ -319,14 +338,24 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     compressions.push_back(*c);
   }
   if (compressions.empty()) return PrintError("--compress: empty list"), kExitUsage;
-  std::vector<bool> grpc_paths;  // per --data-path item: Pages calls rather than direct streams
+  std::vector<uint32_t> populates;
+  for (const std::string& item : SplitList(f.populate_threads)) {
+    char* end = nullptr;
+    const unsigned long n = std::strtoul(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || n > 64) {
+      return PrintError("--populate-threads: '" + item + "' is not a thread count 0..64"), kExitUsage;
+    }
+    populates.push_back(static_cast<uint32_t>(n));
+  }
+  if (populates.empty()) return PrintError("--populate-threads: empty list"), kExitUsage;
+  std::vector<DataPath> paths;  // per --data-path item, per --populate-threads item
   for (const std::string& item : SplitList(f.data_path)) {
     if (item != "direct" && item != "grpc") {
       return PrintError("--data-path: '" + item + "' is not direct or grpc"), kExitUsage;
     }
-    grpc_paths.push_back(item == "grpc");
+    for (uint32_t p : populates) paths.push_back({item == "grpc", p});
   }
-  if (grpc_paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
+  if (paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
   MigrationSetupFlags setup;
   {
     auto kind = engine::ParseTrackerKind(f.tracker);
@@ -441,10 +470,10 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
         }
         for (const Scenario& sc : scenarios) {
           for (transport::Compression c : compressions) {
-            for (const bool grpc_data : grpc_paths) {
+            for (const DataPath& path : paths) {
             for (const MigrationSetupFlags& variant : variants) {
               if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
-              auto row = MigrateOnce(*kvm, sc, size, streams, c, grpc_data, variant);
+              auto row = MigrateOnce(*kvm, sc, size, streams, c, path, variant);
               if (!row.ok()) {
                 return PrintError(sc.name + " " + FormatBytes(size) + ": " + row.status().message()), kExitFailure;
               }
@@ -505,6 +534,10 @@ Command RegisterBenchMigrate(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--data-path", f->data_path,
                   "direct (plain TCP data streams) or grpc (the Pages calls); a comma-separated list runs each")
+      ->capture_default_str();
+  cmd->add_option("--populate-threads", f->populate_threads,
+                  "The target's threads populating fresh memory ahead of round 0's data (0: off); a comma-separated "
+                  "list runs each (rows say +popN when not the default)")
       ->capture_default_str();
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
       ->capture_default_str();

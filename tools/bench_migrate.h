@@ -23,6 +23,7 @@ struct MigrateBenchFlags {
   std::string streams = std::to_string(transport::DefaultStreams());
   std::string compress = "none";
   std::string data_path = "direct";  // direct, grpc, or both comma-separated
+  std::string populate_threads = "4";  // the target's populate-ahead threads; a list runs each
   uint32_t downtime_limit_ms = 300;
   uint32_t max_rounds = 50;
   std::string on_timeout = "cancel";
@@ -67,7 +68,8 @@ struct Row {
   std::string workload, fill;
   uint32_t streams = 1;
   std::string compress;
-  std::string data_path = "direct";  // direct or grpc (what the sink asked for)
+  std::string data_path = "direct";  // direct or grpc (what the receiver saw), "+popN" when not the default 4 threads
+  uint32_t populate_threads = 4;     // the target's populate-ahead threads (MigrationServerOptions)
   std::string verify = "off";  // off, before-commit or after-commit
   double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
   engine::MigrationStats stats;

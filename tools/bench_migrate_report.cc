@@ -42,6 +42,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"streams", r.streams},
           {"compress", r.compress},
           {"data_path", r.data_path},
+          {"populate_threads", r.populate_threads},
           {"verify", r.verify},
           {"prepare_ms", r.prepare_ms},
           {"throughput_gbps", r.gbps},
@@ -127,7 +128,7 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
   PrintBaselines("(a) raw loopback TCP into a reused buffer, 1 MiB writes, N connections", reused);
   PrintBaselines("(b) raw loopback TCP into a fresh memfd of the guest's size, N connections", fresh);
   std::printf("\n");
-  std::printf("%-10s %7s %5s %7s %12s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
+  std::printf("%-10s %7s %5s %7s %17s %13s %9s %9s %11s %6s %12s %7s %6s %8s %6s %s\n", "scenario", "guest", "vcpus",
               "streams", "compress/path", "verify", "total_ms", "setup_ms", "downtime_ms", "rounds", "transferred", "GB/s", "x_raw",
               "r0_GB/s", "cpu%", "status");
   for (const Row& r : rows) {
@@ -141,7 +142,7 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
       std::snprintf(downtime, sizeof downtime, "-");
     }
     const double round0 = Round0Gbps(r);
-    std::printf("%-10s %7s %5u %7u %12s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
+    std::printf("%-10s %7s %5u %7u %17s %13s %9.1f %9.1f %11s %6u %12s %7.3f %6.3f %8.3f %6.0f %s\n", r.scenario.c_str(),
                 FormatBytes(r.guest_bytes).c_str(), r.vcpus, r.streams, (r.compress + "/" + r.data_path).c_str(),
                 r.verify.c_str(),
                 s.total_time_ms,
@@ -154,7 +155,7 @@ void PrintTable(const std::vector<Baseline>& reused, const std::vector<Baseline>
   for (const Row& r : rows) {
     const engine::MigrationStats& s = r.stats;
     if (s.outcome != engine::Outcome::kCompleted || s.round_stats.empty()) continue;
-    std::printf("%-10s %7s %7u %12s %13s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
+    std::printf("%-10s %7s %7u %17s %13s %7.1f = %6.2f | %6.2f (%" PRIu64 ", %" PRIu64 ") | %6.2f | %6.2f (%.2f)\n",
                 r.scenario.c_str(), FormatBytes(r.guest_bytes).c_str(), r.streams, (r.compress + "/" + r.data_path).c_str(),
                 r.verify.c_str(), s.downtime_ms,
                 r.final_collect_ms, r.final_round_ms, s.round_stats.back().sent.pages,
@@ -245,12 +246,12 @@ void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, ui
                                      ", paused guest in /dev/shm, time = query-migrate total-time" +
                                      (qemu.skipped.empty() ? "" : "; stopped: " + qemu.skipped))
                                         .c_str());
-  std::printf("%-10s %7s %7s %12s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
+  std::printf("%-10s %7s %7s %17s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
               "compress/path", "verify", "pmlmig_s", "GB/s", "(a)", "(b)", "qemu1_s", "qemuN_s", "x_faster", "/(b)",
               "r0/(a)", "CPU-s/GB: pmlmig   (a)    (b)  qemu1  qemuN");
   for (const Comparison& c : cs) {
     const bool ok = c.completed > 0;
-    std::printf("%-10s %7s %7u %12s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
+    std::printf("%-10s %7s %7u %17s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
                 c.scenario.c_str(), FormatBytes(c.guest_bytes).c_str(), c.streams, (c.compress + "/" + c.data_path).c_str(),
                 c.verify.c_str(), Fig(c.time_ms / 1e3, "%.3f", ok).c_str(), Fig(c.gbps, "%.3f", ok).c_str(),
                 Fig(c.reused ? c.reused->gbps : 0, "%.2f", c.reused).c_str(),

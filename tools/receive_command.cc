@@ -34,6 +34,7 @@ struct ReceiveFlags {
   SecurityFlags security;
   bool insecure = false;
   std::string data_path = "direct";
+  uint32_t populate_threads = transport::MigrationServerOptions{}.populate_threads;
   std::string max_memory = "0";
   uint32_t max_vcpus = 1024;
   uint32_t max_streams = 64;
@@ -98,6 +99,7 @@ int Receive(const ReceiveFlags& f) {
     so.security = std::move(*sec);
     so.allow_insecure = f.insecure;
     so.direct_data = f.data_path == "direct";
+    so.populate_threads = f.populate_threads;
   }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
@@ -331,6 +333,12 @@ Command RegisterReceive(CLI::App& app) {
                 "push a VM here)")
       ->group("Security");
   AddDataPathFlag(cmd, &f->data_path, /*sender=*/false, "Options");
+  cmd->add_option("--populate-threads", f->populate_threads,
+                  "Threads making fresh guest memory resident just ahead of the first round's data, for a "
+                  "single-stream migration (0: off)")
+      ->check(CLI::Range(0u, 64u))
+      ->capture_default_str()
+      ->group("Options");
   const char* limits = "Limits";
   cmd->add_option("--max-memory", f->max_memory, "Most guest memory a source may ask for (K/M/G); 0 = what the host has available")
       ->capture_default_str()

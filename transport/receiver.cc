@@ -4,6 +4,7 @@
 
 #include "grpc_status.h"
 #include "direct_receiver.h"
+#include "populate_ahead.h"
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
@@ -112,6 +113,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
                           engine::FinalReply reply) {
   std::unique_ptr<engine::MigrationTarget> target;
   std::shared_ptr<DirectStreams> direct;
+  std::shared_ptr<PopulateAhead> populate;
   ReceivedMigration out;
   {
     std::unique_lock lock(mu_);
@@ -121,6 +123,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     cv_.wait(lock, [&] { return session->applying == 0; });
     direct = std::move(session->direct);  // joined below, outside the lock its threads take
     out.direct_data = direct != nullptr;
+    populate = std::move(session->populate);
     session->postcopy = nullptr;  // the target owns it and goes below
     target = std::move(session->target);
     out.totals = session->totals;
@@ -129,6 +132,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     out.postcopy_recoveries = session->postcopy_recoveries;
   }
   if (direct) direct->Close();
+  if (populate) populate->Stop();  // before the target (whose memory it populates) goes
   out.outcome = status;
   out.error = error;
   out.session_id = session->id;

@@ -36,6 +36,7 @@
 namespace pmlmig::transport {
 
 class DirectStreams;
+class PopulateAhead;
 class ReceiverSession;
 
 // One data stream's carrier as the session sees it (a gRPC Pages call, or a
@@ -87,6 +88,10 @@ struct Session {
   // The direct data streams (direct_receiver.h), when offered at Setup;
   // closed by EndSession outside the lock (it joins their threads).
   std::shared_ptr<DirectStreams> direct;  // shared_ptr: its deleter is bound where it is made
+  // Round 0's populate-ahead workers (populate_ahead.h), when the server
+  // has them on; stopped at the first later round, PostcopyPrepare, Final
+  // or the end, always before the target goes.
+  std::shared_ptr<PopulateAhead> populate;
   int applying = 0;  // Pages threads writing into target memory right now
   engine::TransferStats totals;
   uint32_t rounds = 0;

@@ -6,6 +6,7 @@
 
 #include "batch_codec.h"
 #include "direct_receiver.h"
+#include "populate_ahead.h"
 #include "grpc_status.h"
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
@@ -305,6 +306,14 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
   }
   // Direct data streams, when asked for and the port takes them (never
   // under TLS). Without a key the sender is left to the Pages calls.
+  // Round 0's populate-ahead workers, over the memory the target built:
+  // for one stream only (with several, their own page faults already
+  // overlap: docs/BENCHMARKS.md measured no gain with 2 and a loss with 4).
+  std::shared_ptr<PopulateAhead> populate;
+  if (r_.options_.populate_threads > 0 && ps.streams() == 1) {
+    populate = std::make_shared<PopulateAhead>(target->memory(), std::min(r_.options_.populate_threads, 64u),
+                                               r_.options_.populate_lookahead_bytes);
+  }
   std::shared_ptr<DirectStreams> direct;
   if (ps.direct_data() && r_.direct_port_) {
     if (Result<direct::Key> key = direct::NewKey(); key.ok()) {
@@ -316,6 +325,7 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     std::lock_guard lock(r_.mu_);
     if (session_->state == SessionState::kWaitSetup) {
       session_->direct = direct;
+      session_->populate = populate;
       session_->target = std::move(target);
       session_->streams = ps.streams();
       session_->checksum = ps.checksum() == proto::BATCH_CHECKSUM_XXH3 ? Checksum::kXxh3 : Checksum::kXxh64;
@@ -327,6 +337,7 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     }
   }
   if (target) {
+    if (populate) populate->Stop();
     target->OnAbort(failed_meanwhile);
     return EndOfCall();  // ends the session with the recorded failure
   }
@@ -388,6 +399,7 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
       return Fail(InvalidArgument("Final without post-copy after PostcopyPrepare (the prepared pages are holes)"));
     }
   }
+  StopPopulating();  // before post-copy registers the memory, and before the state is restored
   engine::FinalState fs;
   if (f.postcopy()) {
     // The owed pages become missing before the state is restored; the VM
@@ -435,6 +447,15 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
   return std::nullopt;
 }
 
+void ReceiverSession::StopPopulating() {
+  std::shared_ptr<PopulateAhead> populate;
+  {
+    std::lock_guard lock(r_.mu_);
+    populate = std::move(session_->populate);
+  }
+  if (populate) populate->Stop();
+}
+
 ReceiverSession::Next ReceiverSession::Prepare(const proto::PostcopyPrepare& p) {
   if (p.stale_size() > kMaxPostcopyRuns) {
     return Fail(InvalidArgument("PostcopyPrepare: " + std::to_string(p.stale_size()) + " runs, more than " +
@@ -455,6 +476,7 @@ ReceiverSession::Next ReceiverSession::Prepare(const proto::PostcopyPrepare& p) 
     r_.cv_.wait(lock, [&] { return session_->applying == 0; });
     target = session_->target.get();
   }
+  StopPopulating();  // no populate may be in flight where holes are punched and registered
   if (Status s = target->PreparePostcopy(stale); !s.ok()) return Fail(s.WithContext("PostcopyPrepare"));
   reply_.Clear();
   reply_.mutable_prepared();

@@ -2,6 +2,7 @@
 
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
+#include "populate_ahead.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -10,6 +11,15 @@ namespace {
 Status EndedBefore(const std::string& stream, const Status& why) {
   return Status(why.code() == Code::kOk ? Code::kAborted : why.code(),
                 stream + ": the migration had already ended: " + why.message());
+}
+
+// The guest-physical end of the last run with page contents.
+uint64_t DataEnd(const proto::PageBatch& batch) {
+  uint64_t end = 0;
+  for (const proto::PageRun& r : batch.runs()) {
+    if (r.flags() == proto::PAGE_RUN_DATA) end = std::max(end, r.gpa() + (uint64_t{r.pages()} << engine::kPageShift));
+  }
+  return end;
 }
 
 }  // namespace
@@ -68,6 +78,8 @@ void StreamIntake::NoteUndecodable(const Status& s) {
 Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chunks payload, uint64_t wire_bytes) {
   const engine::SlotTable* memory = nullptr;
   engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
+  std::shared_ptr<PopulateAhead> populate;     // round 0: told where data arrived
+  std::shared_ptr<PopulateAhead> done_populating;  // a later round: stopped here
   {
     std::lock_guard lock(r_.mu_);
     if (!attached_) PMLMIG_RETURN_IF_ERROR(AttachLocked(batch.session_id(), batch.stream()));
@@ -85,9 +97,16 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
     ++session.applying;
     memory = &session.target->memory();
     digests = session.target->digests();
+    if (batch.round() == 0) populate = session.populate;
+    else done_populating = std::move(session.populate);
   }
+  if (done_populating) done_populating->Stop();
 
   Result<ApplyResult> applied = applier_.Apply(batch, payload, *memory, digests, &files_);
+  // Inside the applying window, so the target (and its memory) still exists.
+  if (populate && applied.ok() && applied->normal_pages > 0) {
+    populate->Ahead(DataEnd(batch), applied->normal_pages << engine::kPageShift);
+  }
   {
     std::lock_guard lock(r_.mu_);
     Session& session = *session_;

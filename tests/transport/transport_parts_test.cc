@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +26,9 @@
 #include "connection_probe.h"
 #include "direct_wire.h"
 #include "failure_latch.h"
+#include "pmlmig/engine/slot_table.h"
 #include "pmlmig/base/unique_fd.h"
+#include "populate_ahead.h"
 #include "port_acceptor.h"
 #include "push_window.h"
 #include "stall_watch.h"
@@ -357,6 +361,57 @@ TEST(ConnectionProbeTest, RefusedOnlyWhenNothingListens) {
   ASSERT_EQ(::listen(s.get(), 1), 0);
   EXPECT_FALSE(ConnectionRefused(target));
   EXPECT_FALSE(ConnectionRefused("not a target"));
+}
+
+// Pages of [host, host + len) resident, by mincore.
+std::vector<bool> Resident(const uint8_t* host, uint64_t len) {
+  std::vector<unsigned char> v(len / engine::kPageSize);
+  EXPECT_EQ(::mincore(const_cast<uint8_t*>(host), len, v.data()), 0);
+  std::vector<bool> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = (v[i] & 1) != 0;
+  return out;
+}
+
+TEST(PopulateAheadTest, PopulatesOnlyAheadOfDataWithinTheSlotAndStops) {
+  constexpr uint64_t kMiB = 1 << 20;
+  const uint64_t size = 16 * kMiB;
+  const int fd = ::memfd_create("populate-test", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  const UniqueFd owner(fd);
+  ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(2 * size)), 0);
+  auto* base = static_cast<uint8_t*>(::mmap(nullptr, 2 * size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(base, MAP_FAILED);
+  engine::SlotTable slots;
+  ASSERT_TRUE(slots.Set({0, 0, base, size, 0}).ok());
+  ASSERT_TRUE(slots.Set({1, 1ull << 32, base + size, size, 0}).ok());
+  {
+    PopulateAhead p(slots, 3, 4 * kMiB);
+    p.Ahead(2 * kMiB, kMiB);          // 4x 1 MiB: chunks 1 and 2 of slot 0, [2, 6) MiB
+    p.Ahead(3 * kMiB, kMiB);          // [3, 7) MiB: only chunk 3 is new
+    p.Ahead(14 * kMiB + 4096, kMiB);  // cut at the slot's end: chunk 7
+    p.Ahead(size, 8 * kMiB);          // slot 0's end: slot 1's first 4 MiB (the lookahead)
+    p.Ahead(5ull << 32, kMiB);        // no slot: nothing
+    p.Ahead(12 * kMiB, 4096);         // a page of data: one chunk at least (chunk 6)
+    const uint64_t want = (3 + 1 + 1 + 2) * 2 * kMiB;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (p.populated_bytes() < want && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_EQ(p.populated_bytes(), want);
+    p.Stop();
+    p.Ahead(8 * kMiB, kMiB);  // after Stop: nothing
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    EXPECT_EQ(p.populated_bytes(), want);
+  }
+  // Exactly the queued chunks are resident, and nothing else.
+  const std::vector<bool> r0 = Resident(base, size);
+  const std::vector<bool> r1 = Resident(base + size, size);
+  for (size_t page = 0; page < r0.size(); ++page) {
+    const uint64_t chunk = page * engine::kPageSize / (2 * kMiB);
+    EXPECT_EQ(r0[page], (chunk >= 1 && chunk <= 3) || chunk >= 6) << "slot 0 page " << page;
+    EXPECT_EQ(r1[page], chunk <= 1) << "slot 1 page " << page;
+  }
+  ::munmap(base, 2 * size);
 }
 
 TEST(DirectWireTest, ListenAndConnectNameTheAddressWhenTheyFail) {
