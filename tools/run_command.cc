@@ -361,27 +361,38 @@ Result<transport::MigrateCommand> MigrateCommandOf(const RunFlags& f, engine::Tr
   return command;
 }
 
-int Run(const RunFlags& f) {
+// What run's flags ask for, every flag checked before anything starts
+// (InvalidArgument naming the flag: a usage error).
+struct RunPlan {
   vmm::MachineOptions options;
+  std::chrono::nanoseconds duration{0}, linger{0}, migrate_after{0};
+  engine::TrackerKind tracker = engine::TrackerKind::kNone;
+  bool migrating = false;  // --migrate-to or --snapshot-to
+  transport::MigrateCommand command;
+};
+
+Result<RunPlan> PlanRun(const RunFlags& f) {
+  RunPlan plan;
+  vmm::MachineOptions& options = plan.options;
   auto memory = ParseSize(f.memory);
-  if (!memory.ok()) return PrintError("--memory: " + memory.status().message()), kExitUsage;
+  if (!memory.ok()) return InvalidArgument("--memory: " + memory.status().message());
   auto workload = vmm::ParseWorkload(f.workload);
-  if (!workload.ok()) return PrintError("--workload: " + workload.status().message()), kExitUsage;
+  if (!workload.ok()) return InvalidArgument("--workload: " + workload.status().message());
   auto vcpu_workloads = vmm::ParseVcpuWorkloads(f.vcpu_workloads, f.vcpus);
-  if (!vcpu_workloads.ok()) return PrintError("--vcpu-workload: " + vcpu_workloads.status().message()), kExitUsage;
+  if (!vcpu_workloads.ok()) return InvalidArgument("--vcpu-workload: " + vcpu_workloads.status().message());
   auto fill = vmm::ParseFillMode(f.fill);
-  if (!fill.ok()) return PrintError("--fill: " + fill.status().message()), kExitUsage;
+  if (!fill.ok()) return InvalidArgument("--fill: " + fill.status().message());
   auto duration = ParseDuration(f.duration);
-  if (!duration.ok()) return PrintError("--duration: " + duration.status().message()), kExitUsage;
+  if (!duration.ok()) return InvalidArgument("--duration: " + duration.status().message());
+  plan.duration = *duration;
   if (auto layout = vmm::PcLayout(*memory); !layout.ok()) {
-    return PrintError("--memory: " + layout.status().message()), kExitUsage;
+    return InvalidArgument("--memory: " + layout.status().message());
   }
   if (*fill == vmm::FillMode::kRandom) {
     const uint64_t avail = HostAvailableMemory();
     if (avail != 0 && *memory > avail / 10 * 9) {
-      PrintError("--fill random needs " + FormatBytes(*memory) + " of host memory but only " +
-                 FormatBytes(avail) + " is available; use --fill zero or a smaller --memory");
-      return kExitUsage;
+      return InvalidArgument("--fill random needs " + FormatBytes(*memory) + " of host memory but only " +
+                             FormatBytes(avail) + " is available; use --fill zero or a smaller --memory");
     }
   }
   options.guest.memory_bytes = *memory;
@@ -394,42 +405,137 @@ int Run(const RunFlags& f) {
   options.huge_pages = f.huge_pages;
 
   const bool snapshotting = !f.snapshot_to.empty();
-  if (snapshotting && !f.migrate_to.empty()) return PrintError("choose --migrate-to or --snapshot-to"), kExitUsage;
-  if (!snapshotting && (f.live || f.snapshot_stop)) return PrintError("--live and --snapshot-stop need --snapshot-to"), kExitUsage;
+  if (snapshotting && !f.migrate_to.empty()) return InvalidArgument("choose --migrate-to or --snapshot-to");
+  if (!snapshotting && (f.live || f.snapshot_stop)) return InvalidArgument("--live and --snapshot-stop need --snapshot-to");
   const bool migrating = !f.migrate_to.empty() || snapshotting;
+  plan.migrating = migrating;
   auto linger = ParseDuration(f.linger);
-  if (!linger.ok()) return PrintError("--linger: " + linger.status().message()), kExitUsage;
+  if (!linger.ok()) return InvalidArgument("--linger: " + linger.status().message());
+  plan.linger = *linger;
   const bool can_migrate = migrating || !f.control.empty();
   auto tracker_kind = engine::ParseTrackerKind(f.tracker.empty() ? (can_migrate ? "ring" : "none") : f.tracker);
-  if (!tracker_kind.ok()) return PrintError("--tracker: " + tracker_kind.status().message()), kExitUsage;
+  if (!tracker_kind.ok()) return InvalidArgument("--tracker: " + tracker_kind.status().message());
+  plan.tracker = *tracker_kind;
   if (f.ring_entries != 0 && *tracker_kind != engine::TrackerKind::kRing) {
-    return PrintError("--ring-entries needs --tracker ring"), kExitUsage;
+    return InvalidArgument("--ring-entries needs --tracker ring");
   }
   if (!f.control.empty() && *tracker_kind == engine::TrackerKind::kNone) {
-    return PrintError("--control needs a tracker (ring, bitmap or bitmap-clear) for migrations"), kExitUsage;
+    return InvalidArgument("--control needs a tracker (ring, bitmap or bitmap-clear) for migrations");
   }
   // Migration flags, all checked before anything starts.
-  transport::MigrateCommand command;
-  std::chrono::nanoseconds migrate_after{0};
   if (migrating) {
     if (*tracker_kind == engine::TrackerKind::kNone) {
-      return PrintError("--migrate-to and --snapshot-to need a tracker (ring, bitmap or bitmap-clear)"), kExitUsage;
+      return InvalidArgument("--migrate-to and --snapshot-to need a tracker (ring, bitmap or bitmap-clear)");
     }
     auto after = ParseDuration(f.migrate_after);
-    if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
-    migrate_after = *after;
+    if (!after.ok()) return InvalidArgument("--migrate-after: " + after.status().message());
+    plan.migrate_after = *after;
     auto c = MigrateCommandOf(f, *tracker_kind);
-    if (!c.ok()) return PrintError(c.status().message()), kExitUsage;
-    command = std::move(*c);
+    if (!c.ok()) return InvalidArgument(c.status().message());
+    plan.command = std::move(*c);
   } else if (f.local) {
-    return PrintError("--local needs --migrate-to unix:PATH"), kExitUsage;
+    return InvalidArgument("--local needs --migrate-to unix:PATH");
   } else if (f.verify || f.streams != transport::DefaultStreams() || f.compress != "none" || f.max_bandwidth != "0") {
-    return PrintError("--verify, --streams, --compress and --max-bandwidth need --migrate-to"), kExitUsage;
+    return InvalidArgument("--verify, --streams, --compress and --max-bandwidth need --migrate-to");
   }
+  return plan;
+}
+
+// What a run without a migration ended with, for ReportRun.
+struct RunOutcome {
+  Status failure;
+  double elapsed = 0, setup_s = 0;
+  uint32_t ring_entries = 0;
+  engine::TrackerStats tstats;
+  std::vector<vmm::VcpuStats> stats;
+  nlohmann::ordered_json check;  // null without --check
+  bool collected_per_second = false;
+};
+
+// Prints a run's summary (--json or text); its exit code.
+int ReportRun(const RunFlags& f, const RunPlan& plan, const RunOutcome& o) {
+  const vmm::MachineOptions& options = plan.options;
+  uint64_t total = 0;
+  nlohmann::ordered_json vcpus = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < o.stats.size(); ++i) {
+    total += o.stats[i].pages_written;
+    vcpus.push_back({{"id", i},
+                     {"pages_written", o.stats[i].pages_written},
+                     {"pages_per_second", static_cast<double>(o.stats[i].pages_written) / o.elapsed},
+                     {"loops", o.stats[i].loops},
+                     {"started", o.stats[i].started}});
+  }
+  nlohmann::ordered_json out = {
+      {"status", o.failure.ok() ? (Interrupted() ? "interrupted" : "completed") : "failed"},
+      {"duration_s", o.elapsed},
+      {"pages_written", total},
+      {"pages_per_second", static_cast<double>(total) / o.elapsed},
+      {"bytes_written_per_second", static_cast<double>(total) * 4096.0 / o.elapsed},
+      {"memory_bytes", options.guest.memory_bytes},
+      {"workload", options.guest.workload.ToString()},
+      {"vcpu_workloads", VcpuWorkloadsJson(options.guest)},
+      {"fill", f.fill},
+      {"setup_s", o.setup_s},
+      {"tracker", std::string(engine::TrackerKindName(plan.tracker))},
+      {"pages_collected", o.tstats.pages_collected},
+      {"collect_ms_total", static_cast<double>(o.tstats.collect_ns_total) / 1e6},
+      {"collections", o.tstats.collections},
+      {"ring_entries", o.ring_entries},
+      {"ring_full_exits", o.tstats.ring_full_exits},
+      {"ring_overflows", o.tstats.overflows},
+      {"peak_rss_bytes", PeakRssBytes()},
+      {"vcpus", vcpus},
+      {"check", o.check},
+      {"error", o.failure.ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(o.failure.message())},
+  };
+  if (f.json) {
+    std::printf("%s\n", out.dump().c_str());
+  } else {
+    std::printf("Summary: %.2f s, %" PRIu64 " pages written (%s pages/s, %s/s of dirtied pages), peak RSS %s\n",
+                o.elapsed, total, Rate(static_cast<double>(total) / o.elapsed).c_str(),
+                FormatBytes(static_cast<uint64_t>(static_cast<double>(total) * 4096.0 / o.elapsed)).c_str(),
+                FormatBytes(PeakRssBytes()).c_str());
+    for (size_t i = 0; i < o.stats.size(); ++i) {
+      // With per-vCPU workloads, each line says which one it measured.
+      const std::string which = options.guest.vcpu_workloads.empty()
+                                    ? ""
+                                    : ", workload " + options.guest.WorkloadOf(static_cast<uint32_t>(i)).ToString();
+      std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops%s\n", i, o.stats[i].pages_written,
+                  Rate(static_cast<double>(o.stats[i].pages_written) / o.elapsed).c_str(), o.stats[i].loops, which.c_str());
+    }
+    if (o.collected_per_second) {
+      std::printf("  tracker %s: %" PRIu64 " pages collected in %" PRIu64 " collections, %.2f ms collecting",
+                  std::string(engine::TrackerKindName(plan.tracker)).c_str(), o.tstats.pages_collected, o.tstats.collections,
+                  static_cast<double>(o.tstats.collect_ns_total) / 1e6);
+      if (o.ring_entries != 0) {
+        std::printf(", %" PRIu64 " ring-full exits, %" PRIu64 " overflows", o.tstats.ring_full_exits, o.tstats.overflows);
+      }
+      std::printf("\n");
+    }
+    if (!o.check.is_null()) {
+      std::printf("  memory check: %s, %" PRIu64 " pages checked, %" PRIu64 " stamped\n",
+                  o.check["ok"].get<bool>() ? "passed" : "FAILED", o.check["pages_checked"].get<uint64_t>(),
+                  o.check["pages_stamped"].get<uint64_t>());
+    }
+  }
+  if (!o.failure.ok()) {
+    PrintError(o.failure.message());
+    return kExitFailure;
+  }
+  return Interrupted() ? kExitInterrupted : kExitOk;
+}
+
+int Run(const RunFlags& f) {
+  Result<RunPlan> planned = PlanRun(f);
+  if (!planned.ok()) return PrintError(planned.status().message()), kExitUsage;
+  RunPlan& plan = *planned;
+  vmm::MachineOptions& options = plan.options;
+  const bool migrating = plan.migrating;
+  const transport::MigrateCommand& command = plan.command;
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
   uint32_t ring_entries = 0;
-  if (*tracker_kind == engine::TrackerKind::kRing) {
+  if (plan.tracker == engine::TrackerKind::kRing) {
     auto entries = RingEntries(*kvm, f.ring_entries);
     if (!entries.ok()) {
       PrintError(entries.status().message());
@@ -443,7 +549,7 @@ int Run(const RunFlags& f) {
   auto machine = vmm::Machine::Create(*kvm, options);
   if (!machine.ok()) return PrintError(machine.status().message()), kExitFailure;
   vmm::Machine& m = **machine;
-  auto tracker = engine::CreateTracker(*tracker_kind, m, {});
+  auto tracker = engine::CreateTracker(plan.tracker, m, {});
   if (!tracker.ok()) return PrintError(tracker.status().message()), kExitFailure;
   engine::DirtySet collected(m.memory_slots());
   // When migrating (now or through the control API), the migration owns the
@@ -468,25 +574,25 @@ int Run(const RunFlags& f) {
   if (!f.quiet) {
     const std::string ring = ring_entries ? " (" + std::to_string(ring_entries) + " entries)" : "";
     std::fprintf(stderr, "pmlmig run: %s guest, %u vCPU%s, workload %s, fill %s, tracker %s%s (setup %.2f s)%s\n",
-                 FormatBytes(*memory).c_str(), f.vcpus, f.vcpus == 1 ? "" : "s",
-                 vmm::DescribeWorkloads(options.guest.workload, options.guest.vcpu_workloads).c_str(), f.fill.c_str(), std::string(engine::TrackerKindName(*tracker_kind)).c_str(), ring.c_str(), setup_s,
-                 duration->count() == 0 ? "; Ctrl-C to stop" : "");
+                 FormatBytes(options.guest.memory_bytes).c_str(), f.vcpus, f.vcpus == 1 ? "" : "s",
+                 vmm::DescribeWorkloads(options.guest.workload, options.guest.vcpu_workloads).c_str(), f.fill.c_str(), std::string(engine::TrackerKindName(plan.tracker)).c_str(), ring.c_str(), setup_s,
+                 plan.duration.count() == 0 ? "; Ctrl-C to stop" : "");
   }
 
   if (Status s = m.Start(); !s.ok()) return PrintError(s.message()), kExitFailure;
   const auto start = std::chrono::steady_clock::now();
-  const auto end = migrating ? start + migrate_after : start + *duration;
+  const auto end = migrating ? start + plan.migrate_after : start + plan.duration;
   auto last_tick = start;
   std::vector<vmm::VcpuStats> last = m.Stats();
   Status failure;
   while (!Interrupted()) {
     const auto now = std::chrono::steady_clock::now();
-    if ((migrating || duration->count() != 0) && now >= end) break;
+    if ((migrating || plan.duration.count() != 0) && now >= end) break;
     if (failure = m.error(); !failure.ok()) break;
     if (migrated()) break;
     if (control && control->stop_requested()) break;
     auto next = std::min(last_tick + std::chrono::seconds(1),
-                         migrating || duration->count() != 0 ? end : now + std::chrono::seconds(1));
+                         migrating || plan.duration.count() != 0 ? end : now + std::chrono::seconds(1));
     std::this_thread::sleep_until(std::min(next, now + std::chrono::milliseconds(100)));
     if (std::chrono::steady_clock::now() - last_tick >= std::chrono::seconds(1)) {
       uint64_t pages_collected = 0;
@@ -523,7 +629,7 @@ int Run(const RunFlags& f) {
     }
   }
   if (migrating && failure.ok() && !Interrupted()) {
-    return Migrate(f, options, m, **tracker, command, start, *linger, *duration);
+    return Migrate(f, options, m, **tracker, command, start, plan.linger, plan.duration);
   }
   if (controller) {
     (void)controller->Cancel();  // a migration still in progress is cancelled: the VM stays here
@@ -565,74 +671,8 @@ int Run(const RunFlags& f) {
   }
   m.Stop();
 
-  uint64_t total = 0;
-  nlohmann::ordered_json vcpus = nlohmann::ordered_json::array();
-  for (size_t i = 0; i < stats.size(); ++i) {
-    total += stats[i].pages_written;
-    vcpus.push_back({{"id", i},
-                     {"pages_written", stats[i].pages_written},
-                     {"pages_per_second", static_cast<double>(stats[i].pages_written) / elapsed},
-                     {"loops", stats[i].loops},
-                     {"started", stats[i].started}});
-  }
-  nlohmann::ordered_json out = {
-      {"status", failure.ok() ? (Interrupted() ? "interrupted" : "completed") : "failed"},
-      {"duration_s", elapsed},
-      {"pages_written", total},
-      {"pages_per_second", static_cast<double>(total) / elapsed},
-      {"bytes_written_per_second", static_cast<double>(total) * 4096.0 / elapsed},
-      {"memory_bytes", *memory},
-      {"workload", workload->ToString()},
-      {"vcpu_workloads", VcpuWorkloadsJson(options.guest)},
-      {"fill", f.fill},
-      {"setup_s", setup_s},
-      {"tracker", std::string(engine::TrackerKindName(*tracker_kind))},
-      {"pages_collected", tstats.pages_collected},
-      {"collect_ms_total", static_cast<double>(tstats.collect_ns_total) / 1e6},
-      {"collections", tstats.collections},
-      {"ring_entries", ring_entries},
-      {"ring_full_exits", tstats.ring_full_exits},
-      {"ring_overflows", tstats.overflows},
-      {"peak_rss_bytes", PeakRssBytes()},
-      {"vcpus", vcpus},
-      {"check", check},
-      {"error", failure.ok() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(failure.message())},
-  };
-  if (f.json) {
-    std::printf("%s\n", out.dump().c_str());
-  } else {
-    std::printf("Summary: %.2f s, %" PRIu64 " pages written (%s pages/s, %s/s of dirtied pages), peak RSS %s\n",
-                elapsed, total, Rate(static_cast<double>(total) / elapsed).c_str(),
-                FormatBytes(static_cast<uint64_t>(static_cast<double>(total) * 4096.0 / elapsed)).c_str(),
-                FormatBytes(PeakRssBytes()).c_str());
-    for (size_t i = 0; i < stats.size(); ++i) {
-      // With per-vCPU workloads, each line says which one it measured.
-      const std::string which = options.guest.vcpu_workloads.empty()
-                                    ? ""
-                                    : ", workload " + options.guest.WorkloadOf(static_cast<uint32_t>(i)).ToString();
-      std::printf("  vcpu %zu: %" PRIu64 " pages (%s pages/s), %" PRIu64 " loops%s\n", i, stats[i].pages_written,
-                  Rate(static_cast<double>(stats[i].pages_written) / elapsed).c_str(), stats[i].loops, which.c_str());
-    }
-    if (per_second != nullptr) {
-      std::printf("  tracker %s: %" PRIu64 " pages collected in %" PRIu64 " collections, %.2f ms collecting",
-                  std::string(engine::TrackerKindName(*tracker_kind)).c_str(), tstats.pages_collected, tstats.collections,
-                  static_cast<double>(tstats.collect_ns_total) / 1e6);
-      if (ring_entries != 0) {
-        std::printf(", %" PRIu64 " ring-full exits, %" PRIu64 " overflows", tstats.ring_full_exits, tstats.overflows);
-      }
-      std::printf("\n");
-    }
-    if (!check.is_null()) {
-      std::printf("  memory check: %s, %" PRIu64 " pages checked, %" PRIu64 " stamped\n",
-                  check["ok"].get<bool>() ? "passed" : "FAILED", check["pages_checked"].get<uint64_t>(),
-                  check["pages_stamped"].get<uint64_t>());
-    }
-  }
-  if (!failure.ok()) {
-    PrintError(failure.message());
-    return kExitFailure;
-  }
-  return Interrupted() ? kExitInterrupted : kExitOk;
+  RunOutcome o{failure, elapsed, setup_s, ring_entries, tstats, stats, check, per_second != nullptr};
+  return ReportRun(f, plan, o);
 }
 
 }  // namespace

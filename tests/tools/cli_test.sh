@@ -146,6 +146,9 @@ j = json.load(open(sys.argv[1]))
 assert j["status"] == "completed" and j["tracker"] == sys.argv[2], j
 assert j["pages_collected"] > 0 and j["collect_ms_total"] > 0 and j["collections"] >= 2, j
 assert j["check"]["ok"] is True
+assert j["setup_s"] > 0 and (j["ring_entries"] > 0) == (sys.argv[2] == "ring"), j
+for k in ("ring_full_exits", "ring_overflows", "peak_rss_bytes", "memory_bytes", "fill", "error"):
+    assert k in j, k
 PY2
   then pass "run --tracker $t"; else fail "run --tracker $t: $(cat "$tmp/t.json" "$tmp/err")"; fi
 done
