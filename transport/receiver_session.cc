@@ -304,8 +304,6 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     target->OnAbort(s.message());
     return Fail(s.WithContext("target refused the setup"));
   }
-  // Direct data streams, when asked for and the port takes them (never
-  // under TLS). Without a key the sender is left to the Pages calls.
   // Round 0's populate-ahead workers, over the memory the target built:
   // for one stream only (with several, their own page faults already
   // overlap: docs/BENCHMARKS.md measured no gain with 2 and a loss with 4).
@@ -314,6 +312,8 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     populate = std::make_shared<PopulateAhead>(target->memory(), std::min(r_.options_.populate_threads, 64u),
                                                r_.options_.populate_lookahead_bytes);
   }
+  // Direct data streams, when asked for and the port takes them (never
+  // under TLS). Without a key the sender is left to the Pages calls.
   std::shared_ptr<DirectStreams> direct;
   if (ps.direct_data() && r_.direct_port_) {
     if (Result<direct::Key> key = direct::NewKey(); key.ok()) {
