@@ -451,6 +451,39 @@ bool IsHole(int fd, uint64_t pos, uint64_t len) {
   return static_cast<uint64_t>(data) >= pos + len;
 }
 
+// Whether `b`'s checksum is that of its header and the data `hash` was fed.
+Status VerifyChecksum(const proto::PageBatch& b, PayloadHash& hash, Checksum kind) {
+  const uint64_t sum = BatchChecksum(b, hash.Digest(), kind);
+  if (sum == b.checksum()) return Status::Ok();
+  return DataLoss("batch " + std::to_string(b.sequence()) + ": checksum mismatch (batch says " +
+                  FormatHex(b.checksum()) + ", contents give " + FormatHex(sum) + ")");
+}
+
+// Clears the zero run `r` at `dst`: pages a previous round may have filled.
+// Pages already zero (never touched, e.g. the host's shared zero page) are
+// only read, so they are not made resident, and a hole of the file, which
+// already reads as zero, is not even read (that would allocate a page).
+void ClearZeroRun(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files, const engine::SlotTable& memory,
+                  engine::PageDigestTable* digests) {
+  const uint64_t len = uint64_t{r.pages()} << kPageShift;
+  const engine::MemorySlot* slot = files != nullptr && !files->empty() ? memory.FindByGpa(r.gpa()) : nullptr;
+  const engine::MemoryFile* file = slot != nullptr ? files->Find(slot->slot) : nullptr;
+  if (file == nullptr || !IsHole(file->fd, file->offset + (r.gpa() - slot->gpa), len)) {
+    for (uint64_t o = 0; o < len; o += kPageSize) {
+      if (!IsZeroPage(dst + o)) std::memset(dst + o, 0, kPageSize);
+    }
+  }
+  if (digests != nullptr) digests->SetZero(r.gpa(), r.pages());
+}
+
+// The data run `r` was written at `dst`, its checksum passed.
+void Written(const proto::PageRun& r, uint8_t* dst, engine::PageDigestTable* digests) {
+  // A test's stand-in for memory corrupted after the checksum passed: only
+  // the end-to-end digest can notice it.
+  if (TamperPoint("tamper.receiver.after_checksum")) dst[(uint64_t{r.pages()} << kPageShift) / 2] ^= 0x01;
+  if (digests != nullptr) digests->Update(r.gpa(), r.pages());
+}
+
 }  // namespace
 
 bool BatchApplier::AllMapped(const uint8_t* host, uint64_t pages) {
@@ -481,13 +514,9 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& batch, const eng
   return Apply(batch, Chunks(&payload, 1), memory, digests, files);
 }
 
-Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payload, const engine::SlotTable& memory,
-                                        engine::PageDigestTable* digests, const SlotFiles* files,
-                                        engine::PostcopyMemory* postcopy) {
+Result<uint64_t> BatchApplier::CheckRuns(const proto::PageBatch& b, const engine::SlotTable& memory) {
   const std::string name = "batch " + std::to_string(b.sequence());
   auto invalid = [&](const std::string& what) { return InvalidArgument(name + ": " + what); };
-
-  // 1. The runs: how many pages, where every page goes, which carry data.
   if (b.runs_size() == 0) return invalid("no pages");
   if (b.runs_size() > static_cast<int>(kMaxBatchPages)) {
     return invalid(std::to_string(b.runs_size()) + " runs, more than the " + std::to_string(kMaxBatchPages) +
@@ -525,6 +554,18 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     return invalid("uncompressed_length " + std::to_string(b.uncompressed_length()) + " does not match " +
                    std::to_string(data_pages) + " data pages (" + std::to_string(data_len) + " bytes)");
   }
+  return data_pages;
+}
+
+Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payload, const engine::SlotTable& memory,
+                                        engine::PageDigestTable* digests, const SlotFiles* files,
+                                        engine::PostcopyMemory* postcopy) {
+  const std::string name = "batch " + std::to_string(b.sequence());
+  auto invalid = [&](const std::string& what) { return InvalidArgument(name + ": " + what); };
+
+  // 1. The runs: how many pages, where every page goes, which carry data.
+  PMLMIG_ASSIGN_OR_RETURN(const uint64_t data_pages, CheckRuns(b, memory));
+  const uint64_t data_len = data_pages << kPageShift;
 
   // 2. The payload: exactly data_len bytes once decompressed.
   uint64_t payload_len = 0;
@@ -583,11 +624,7 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
   // 3. The checksum, over the uncompressed data and the header.
   PayloadHash hash(checksum_);
   for (const auto& c : data) hash.Update(c.data(), c.size());
-  const uint64_t sum = BatchChecksum(b, hash.Digest(), checksum_);
-  if (sum != b.checksum()) {
-    return DataLoss(name + ": checksum mismatch (batch says " + FormatHex(b.checksum()) + ", contents give " + FormatHex(sum) +
-                    ")");
-  }
+  PMLMIG_RETURN_IF_ERROR(VerifyChecksum(b, hash, checksum_));
 
   // 4. Only now write. Post-copy: each run placed where its pages are still
   // missing (engine/postcopy.h), in one piece from the payload.
@@ -628,24 +665,19 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     }
     return result;
   }
-  // Zero runs clear pages a previous round may have filled; pages already
-  // zero (never touched, e.g. the host's shared zero page) are only read, so
-  // they are not made resident.
   for (const proto::PageRun& r : b.runs()) {
     const uint64_t len = uint64_t{r.pages()} << kPageShift;
     uint8_t* dst = memory.HostAddress(r.gpa(), len);
-    const engine::MemorySlot* slot = files != nullptr && !files->empty() ? memory.FindByGpa(r.gpa()) : nullptr;
-    const engine::MemoryFile* file = slot != nullptr ? files->Find(slot->slot) : nullptr;
-    const uint64_t file_pos = file != nullptr ? file->offset + (r.gpa() - slot->gpa) : 0;
-    // Through the file where the pages are not yet mapped here (fresh
-    // memory: no page-table fault per page); through the mapping where they
-    // are (a plain copy, twice as fast as pwritev into resident pages).
-    if (r.flags() == proto::PAGE_RUN_DATA && file != nullptr && files->write_through() && !AllMapped(dst, r.pages())) {
+    if (r.flags() != proto::PAGE_RUN_DATA) {
+      ClearZeroRun(r, dst, files, memory, digests);
+      result.zero_pages += r.pages();
+      continue;
+    }
+    const engine::MemoryFile* file = nullptr;
+    uint64_t file_pos = 0;
+    if (ThroughFile(r, dst, files, memory, &file, &file_pos)) {
       PMLMIG_RETURN_IF_ERROR(WriteToFile(file->fd, file_pos, len, data, &chunk, &off).WithContext(name));
-      if (TamperPoint("tamper.receiver.after_checksum")) dst[len / 2] ^= 0x01;
-      if (digests != nullptr) digests->Update(r.gpa(), r.pages());
-      result.normal_pages += r.pages();
-    } else if (r.flags() == proto::PAGE_RUN_DATA) {
+    } else {
       for (uint64_t done = 0; done < len;) {
         while (off == data[chunk].size()) {
           ++chunk;
@@ -656,24 +688,24 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
         done += k;
         off += k;
       }
-      // A test's stand-in for memory corrupted after the checksum passed:
-      // only the end-to-end digest can notice it.
-      if (TamperPoint("tamper.receiver.after_checksum")) dst[len / 2] ^= 0x01;
-      if (digests != nullptr) digests->Update(r.gpa(), r.pages());
-      result.normal_pages += r.pages();
-    } else {
-      // A hole of the file already reads as zero; reading it through the
-      // mapping would allocate a page for it.
-      if (file == nullptr || !IsHole(file->fd, file_pos, len)) {
-        for (uint64_t o = 0; o < len; o += kPageSize) {
-          if (!IsZeroPage(dst + o)) std::memset(dst + o, 0, kPageSize);
-        }
-      }
-      if (digests != nullptr) digests->SetZero(r.gpa(), r.pages());
-      result.zero_pages += r.pages();
     }
+    Written(r, dst, digests);
+    result.normal_pages += r.pages();
   }
   return result;
+}
+
+bool BatchApplier::ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files,
+                               const engine::SlotTable& memory, const engine::MemoryFile** file, uint64_t* file_pos) {
+  // Through the file where the pages are not yet mapped here (fresh
+  // memory: no page-table fault per page); through the mapping where they
+  // are (a plain copy, twice as fast as pwritev into resident pages).
+  if (files == nullptr || files->empty() || !files->write_through()) return false;
+  const engine::MemorySlot* slot = memory.FindByGpa(r.gpa());
+  *file = slot != nullptr ? files->Find(slot->slot) : nullptr;
+  if (*file == nullptr || AllMapped(dst, r.pages())) return false;
+  *file_pos = (*file)->offset + (r.gpa() - slot->gpa);
+  return true;
 }
 
 }  // namespace pmlmig::transport

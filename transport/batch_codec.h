@@ -192,6 +192,12 @@ class BatchApplier {
   // Whether the `pages` pages at `host` are mapped in this process (then a
   // copy through the mapping takes no fault), judged by the first and last.
   bool AllMapped(const uint8_t* host, uint64_t pages);
+  // The checks of a batch's runs against `memory` (Apply's step 1): its data pages.
+  Result<uint64_t> CheckRuns(const proto::PageBatch& b, const engine::SlotTable& memory);
+  // Whether the data run `r` at `dst` is written through its slot's file
+  // (fresh memory of a single writer) rather than through the mapping.
+  bool ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files, const engine::SlotTable& memory,
+                   const engine::MemoryFile** file, uint64_t* file_pos);
 };
 
 // Whether the 4 KiB page at `p` is all zero.
