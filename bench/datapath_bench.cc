@@ -139,7 +139,7 @@ void BM_ApplyFresh(benchmark::State& state) {
     state.PauseTiming();
     auto dst = std::make_unique<Memory>(kBytes);
     OneFile target(*dst);
-    if (state.range(0) >= 3) (void)::madvise(dst->host, kBytes, 23 /* MADV_POPULATE_WRITE */);
+    if (state.range(0) >= 3) (void)::madvise(dst->host, kBytes, MADV_POPULATE_WRITE);
     const pmlmig::transport::SlotFiles files =
         state.range(0) == 4 ? pmlmig::transport::SlotFiles() :
         state.range(0) >= 1 ? pmlmig::transport::SlotFiles::Of(target) : pmlmig::transport::SlotFiles();

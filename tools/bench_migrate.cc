@@ -112,10 +112,6 @@ struct MigrationSetupFlags {
   engine::MigrationOptions migration;
 };
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14; Debian 12's headers have it, older ones may not
-#endif
-
 // What the receiving side's factory built, for stopping it afterwards.
 // A configuration's data path: Pages calls or direct streams, and the
 // target's populate-ahead threads.

@@ -4,10 +4,6 @@
 
 #include <algorithm>
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14
-#endif
-
 namespace pmlmig::transport {
 
 PopulateAhead::PopulateAhead(const engine::SlotTable& memory, uint32_t threads, uint64_t lookahead_bytes)
@@ -24,21 +20,16 @@ PopulateAhead::PopulateAhead(const engine::SlotTable& memory, uint32_t threads, 
 
 void PopulateAhead::Ahead(uint64_t gpa, uint64_t bytes) {
   if (stopped_.load(std::memory_order_relaxed)) return;
-  const std::span<const engine::MemorySlot> slots = memory_.slots();
+  const std::span<const engine::MemorySlot> slots = memory_.slots();  // sorted by gpa
   // The slot holding gpa; when gpa is a slot's end, the next slot up (data
   // goes out in guest-physical order).
-  size_t i = slots.size();
-  bool at_end = false;
-  for (size_t k = 0; k < slots.size(); ++k) {
-    if (gpa >= slots[k].gpa && gpa < slots[k].gpa_end()) i = k;
-    at_end |= gpa == slots[k].gpa_end();
+  const engine::MemorySlot* found = memory_.FindByGpa(gpa);
+  if (found == nullptr && gpa > 0) {
+    found = memory_.FindByGpa(gpa - 1);
+    if (found != nullptr) found = found + 1 < slots.data() + slots.size() ? found + 1 : nullptr;
   }
-  if (i == slots.size() && at_end) {
-    for (size_t k = 0; k < slots.size(); ++k) {
-      if (slots[k].gpa >= gpa && (i == slots.size() || slots[k].gpa < slots[i].gpa)) i = k;
-    }
-  }
-  if (i == slots.size()) return;
+  if (found == nullptr) return;
+  const size_t i = static_cast<size_t>(found - slots.data());
   const engine::MemorySlot& s = slots[i];
   const uint64_t from = std::max(gpa, s.gpa) - s.gpa;
   const uint64_t to = std::min(s.size, from + std::min(lookahead_, std::max(kChunkBytes, 4 * bytes)));
