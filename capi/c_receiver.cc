@@ -15,7 +15,19 @@ Result<std::unique_ptr<engine::VmControl>> FactoryResult(int rc, pmlmig_vm* vm) 
   const std::string why = !ThreadError().empty() ? ThreadError()
                           : rc < 0               ? std::string(std::strerror(err))
                                                  : std::string("it returned no VM");
-  return Status(Status::FromErrno(err, "").code(), "the receiver's VM factory refused: " + why);
+  return Status(Status::FromErrno(err, "").code(), "the embedder's VM factory refused: " + why);
+}
+
+VmBuilder BuilderOf(pmlmig_vm_factory factory, void* user) {
+  return [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
+    std::vector<pmlmig_region_layout> layout;
+    for (const engine::MemoryRange& m : setup.memory) layout.push_back({m.slot, 0, m.gpa, m.size});
+    pmlmig_vm* vm = nullptr;
+    SetThreadError("");
+    const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
+                           layout.data(), static_cast<uint32_t>(layout.size()), &vm);
+    return FactoryResult(rc, vm);
+  };
 }
 
 engine::VmMigrationTarget::Check CheckOf(pmlmig_vm_check check, void* user) {

@@ -28,6 +28,9 @@ engine::VmMigrationTarget::Check CheckOf(pmlmig_vm_check check, void* user);
 // `build` (a call of the embedder's factory) once the setup passed the
 // options' require_verify, and checks it with the embedder's check.
 using VmBuilder = std::function<Result<std::unique_ptr<engine::VmControl>>(const engine::MigrationSetup&)>;
+// The embedder's factory as a VmBuilder (what it needs is copied: the
+// builder runs on library threads).
+VmBuilder BuilderOf(pmlmig_vm_factory factory, void* user);
 std::function<std::unique_ptr<engine::MigrationTarget>()> TargetsOf(const pmlmig_receive_options& o, VmBuilder build);
 // pmlmig_receiver_start for listen "unix:PATH", its options read into r.
 int StartHandoverReceiver(std::unique_ptr<pmlmig_receiver> r, pmlmig_receiver** out);

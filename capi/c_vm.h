@@ -64,6 +64,19 @@ Status ReadSized(const T* in, T* out, const char* what) {
   out->size = sizeof(T);
   return Status::Ok();
 }
+// Runs a C entry point's `body` (returning int): no C++ exception leaves the
+// C ABI; any becomes -EIO with its message.
+template <typename Fn>
+int Guard(ErrorSlot* slot, Fn&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    return Fail(slot, Internal(std::string("internal error: ") + e.what()));
+  } catch (...) {
+    return Fail(slot, Internal("internal error: unknown exception"));
+  }
+}
+
 // Writes `full` into the caller's struct, as much of it as its size covers.
 template <typename T>
 void WriteSized(const T& full, T* out) {

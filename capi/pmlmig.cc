@@ -36,19 +36,9 @@ using pmlmig::Status;
 #define PMLMIG_STR2(x) #x
 #define PMLMIG_STR(x) PMLMIG_STR2(x)
 
-namespace {
+using capi::Guard;
 
-// Runs `body` (returning int); any exception becomes -EIO with its message.
-template <typename Fn>
-int Guard(capi::ErrorSlot* slot, Fn&& body) noexcept {
-  try {
-    return body();
-  } catch (const std::exception& e) {
-    return capi::Fail(slot, pmlmig::Internal(std::string("internal error: ") + e.what()));
-  } catch (...) {
-    return capi::Fail(slot, pmlmig::Internal("internal error: unknown exception"));
-  }
-}
+namespace {
 
 std::string Str(const char* s) { return s != nullptr ? std::string(s) : std::string(); }
 
@@ -207,7 +197,7 @@ void pmlmig_set_error(const char* message) {
 
 uint64_t pmlmig_features(void) {
   uint64_t f = PMLMIG_FEATURE_MIGRATION | PMLMIG_FEATURE_TLS | PMLMIG_FEATURE_LZ4 | PMLMIG_FEATURE_ZSTD |
-               PMLMIG_FEATURE_MARK_DIRTY | PMLMIG_FEATURE_HANDOVER;
+               PMLMIG_FEATURE_MARK_DIRTY | PMLMIG_FEATURE_HANDOVER | PMLMIG_FEATURE_SNAPSHOT;
   const int kvm = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (kvm >= 0) {
     pmlmig::UniqueFd owner(kvm);
@@ -347,8 +337,14 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
       capi::Fail(&source->error, InvalidArgument("a migration is already in progress"));
       return -EBUSY;
     }
-    if (o.target == nullptr || *o.target == '\0') {
-      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: target is empty (expected host:port)"));
+    const bool snapshot = o.snapshot_to != nullptr && *o.snapshot_to != '\0';
+    if (!snapshot && (o.target == nullptr || *o.target == '\0')) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: target is empty (expected host:port, "
+                                                        "or unix:PATH with local; or a snapshot_to file)"));
+    }
+    if (o.snapshot_live != 0 && (o.snapshot_live != 1 || !snapshot)) {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: snapshot_live must be 0, or 1 with "
+                                                        "a snapshot_to file"));
     }
     // Enum fields are read as integers: a C caller may store any value there.
     if (const uint32_t comp = RawEnum(o.compression); comp > PMLMIG_COMPRESSION_ZSTD) {
@@ -364,7 +360,9 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
                                                             " is outside 1.." + std::to_string(transport::kMaxStreams)));
     }
     transport::MigrateCommand c;
-    c.to = o.target;
+    c.to = Str(o.target);
+    c.snapshot_to = Str(o.snapshot_to);
+    c.live = o.snapshot_live == 1;
     c.streams = o.streams;
     c.compress = transport::CompressionName(static_cast<transport::Compression>(RawEnum(o.compression)));
     c.max_bandwidth = o.max_bandwidth;
@@ -476,6 +474,7 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.postcopy_latency_max_ms = st.postcopy.result.latency_max_ms;
     out.postcopy_ms = st.postcopy.phase_ms;
     out.postcopy_recoveries = st.postcopy.result.recoveries;
+    out.source_kept = st.source_kept ? 1 : 0;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;
@@ -579,19 +578,7 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
     auto sec = transport::LoadTransportSecurity(Str(o.tls_ca), Str(o.tls_cert), Str(o.tls_key), Str(o.token_file));
     if (!sec.ok()) return capi::Fail(nullptr, sec.status());
     so.security = std::move(*sec);
-    // Copies of what the factory needs: the callbacks run on gRPC threads.
-    const pmlmig_vm_factory factory = o.factory;
-    void* const user = o.user;
-    auto build = [=](const engine::MigrationSetup& setup) -> Result<std::unique_ptr<engine::VmControl>> {
-      std::vector<pmlmig_region_layout> layout;
-      for (const engine::MemoryRange& m : setup.memory) layout.push_back({m.slot, 0, m.gpa, m.size});
-      pmlmig_vm* vm = nullptr;
-      capi::SetThreadError("");
-      const int rc = factory(user, setup.vm_description.data(), setup.vm_description.size(), setup.vcpus,
-                             layout.data(), static_cast<uint32_t>(layout.size()), &vm);
-      return capi::FactoryResult(rc, vm);
-    };
-    auto make_target = capi::TargetsOf(o, build);
+    auto make_target = capi::TargetsOf(o, capi::BuilderOf(o.factory, o.user));
     auto server = transport::MigrationServer::Start(o.listen, make_target, std::move(so));
     if (!server.ok()) return capi::Fail(nullptr, server.status());
     r->port = (*server)->port();

@@ -217,6 +217,12 @@ uint64_t SnapshotRestore::remaining() const { return memory_ ? memory_->remainin
 
 std::unique_ptr<VmControl> SnapshotRestore::TakeVm() { return complete_ ? std::move(vm_) : nullptr; }
 
+void SnapshotRestore::Abandon() {
+  if (memory_) memory_->Release();
+  StopWorkers();
+  if (vm_) (void)vm_->Pause();
+}
+
 SnapshotRestore::~SnapshotRestore() {
   if (memory_) memory_->Release();  // vCPUs waiting on a fault wake (and read zero) so the VM can stop
   StopWorkers();

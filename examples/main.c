@@ -5,6 +5,8 @@
  *                             check every page each time (no migration)
  *   minivmm --send HOST:PORT  run the guest, then migrate it live (migrate.c)
  *   minivmm --receive HOST:PORT   receive one VM, check it, run it (migrate.c)
+ *   minivmm --snapshot FILE   run the guest, write a snapshot of it (migrate.c)
+ *   minivmm --restore FILE    bring a snapshot back, run it, check it (migrate.c)
  *
  * Exit status: 0 success, 1 failure (a bad page, a KVM error, a failed
  * migration), 2 a bad command line, 3 a migration in doubt.
@@ -28,6 +30,8 @@ static const char kUsage[] =
     "               [--postcopy now|auto] [--auto-converge] [--downtime-limit MS]\n"
     "       minivmm --send unix:PATH --local [--after MS] [--memory MIB] [--vcpus N] [--verify]\n"
     "       minivmm --receive HOST:PORT|unix:PATH [--run-after SECONDS]\n"
+    "       minivmm --snapshot FILE [--live] [--after MS] [--memory MIB] [--vcpus N] [--no-ring]\n"
+    "       minivmm --restore FILE [--lazy] [--run-after SECONDS]\n"
     "\n"
     "A tiny KVM VMM whose guest stamps a counter into every page of its memory,\n"
     "embedding pmlmig through its C ABI to migrate that guest live.\n"
@@ -50,7 +54,11 @@ static const char kUsage[] =
     "                       itself (no page copied); only the vCPU state moves\n"
     "  --receive HOST:PORT  accept one migration (port 0 picks one; the port is printed);\n"
     "                       unix:PATH: accept one same-host handover\n"
-    "  --run-after SECONDS  --receive: run the received VM this long, then check it (default 2)\n"
+    "  --snapshot FILE      run the guest, write a snapshot of it to FILE, check that it runs on here\n"
+    "  --live               --snapshot: pre-copy rounds into the file while the guest runs (else paused)\n"
+    "  --restore FILE       bring a snapshot back here, run it and check it\n"
+    "  --lazy               --restore: run at once; pages are read from FILE as the guest touches them\n"
+    "  --run-after SECONDS  --receive, --restore: run the VM this long, then check it (default 2)\n"
     "  --memory MIB         guest RAM in MiB, 1..3072 (default 64)\n"
     "  --vcpus N            vCPUs, 1..64, one thread each (default 2)\n"
     "  --no-ring            no dirty ring: pmlmig tracks with the dirty bitmap\n"
@@ -285,6 +293,10 @@ enum {
   OPT_AUTO_CONVERGE,
   OPT_DOWNTIME_LIMIT,
   OPT_LOCAL,
+  OPT_SNAPSHOT,
+  OPT_LIVE,
+  OPT_RESTORE,
+  OPT_LAZY,
   OPT_HELP
 };
 
@@ -300,21 +312,24 @@ int main(int argc, char **argv) {
       {"auto-converge", no_argument, NULL, OPT_AUTO_CONVERGE},
       {"downtime-limit", required_argument, NULL, OPT_DOWNTIME_LIMIT},
       {"local", no_argument, NULL, OPT_LOCAL},
+      {"snapshot", required_argument, NULL, OPT_SNAPSHOT}, {"live", no_argument, NULL, OPT_LIVE},
+      {"restore", required_argument, NULL, OPT_RESTORE}, {"lazy", no_argument, NULL, OPT_LAZY},
       {"help", no_argument, NULL, OPT_HELP},
       {NULL, 0, NULL, 0}};
-  /* Which mode each option belongs to: r(un), s(end), v (receive). */
+  /* Which mode each option belongs to: r(un), s(end), v (receive), p (snapshot), l (restore). */
   static const char *const modes_of[] = {
-      [OPT_AFTER - OPT_RUN] = "s",  [OPT_MEMORY - OPT_RUN] = "rs", [OPT_VCPUS - OPT_RUN] = "rs",
-      [OPT_NO_RING - OPT_RUN] = "rs", [OPT_STREAMS - OPT_RUN] = "s", [OPT_VERIFY - OPT_RUN] = "s",
-      [OPT_RUN_AFTER - OPT_RUN] = "v", [OPT_PAUSES - OPT_RUN] = "r", [OPT_RELOAD - OPT_RUN] = "r",
+      [OPT_AFTER - OPT_RUN] = "sp",  [OPT_MEMORY - OPT_RUN] = "rsp", [OPT_VCPUS - OPT_RUN] = "rsp",
+      [OPT_NO_RING - OPT_RUN] = "rsp", [OPT_STREAMS - OPT_RUN] = "s", [OPT_VERIFY - OPT_RUN] = "s",
+      [OPT_RUN_AFTER - OPT_RUN] = "vl", [OPT_PAUSES - OPT_RUN] = "r", [OPT_RELOAD - OPT_RUN] = "r",
       [OPT_SEED - OPT_RUN] = "r", [OPT_POSTCOPY - OPT_RUN] = "s", [OPT_AUTO_CONVERGE - OPT_RUN] = "s",
-      [OPT_DOWNTIME_LIMIT - OPT_RUN] = "s", [OPT_LOCAL - OPT_RUN] = "s"};
+      [OPT_DOWNTIME_LIMIT - OPT_RUN] = "s", [OPT_LOCAL - OPT_RUN] = "s", [OPT_LIVE - OPT_RUN] = "p",
+      [OPT_LAZY - OPT_RUN] = "l", [OPT_SNAPSHOT - OPT_RUN] = "p", [OPT_RESTORE - OPT_RUN] = "l"};
 
   char mode = 0;
   const char *address = NULL;
   run_args run = {1.0, {64, 2, 1, 0, 0}, 10, 0, 0};
-  mv_send_args send = {NULL, 500, {64, 2, 1, 0, 0}, 1, 0, 0, 0, 0, 0};
-  mv_receive_args receive = {NULL, 2.0};
+  mv_send_args send = {NULL, 500, {64, 2, 1, 0, 0}, 1, 0, 0, 0, 0, 0, 0, 0};
+  mv_receive_args receive = {NULL, 2.0, 0};
   int used[OPT_HELP - OPT_RUN + 1] = {0};
   int have_seed = 0;
   uint32_t u;
@@ -334,12 +349,17 @@ int main(int argc, char **argv) {
     switch (c) {
       case OPT_RUN:
       case OPT_SEND:
-      case OPT_RECEIVE: {
-        const char m = c == OPT_RUN ? 'r' : c == OPT_SEND ? 's' : 'v';
-        if (mode != 0) return usage_error("choose one of --run, --send and --receive");
+      case OPT_RECEIVE:
+      case OPT_SNAPSHOT:
+      case OPT_RESTORE: {
+        const char m = c == OPT_RUN ? 'r' : c == OPT_SEND ? 's' : c == OPT_RECEIVE ? 'v' : c == OPT_SNAPSHOT ? 'p' : 'l';
+        if (mode != 0) return usage_error("choose one of --run, --send, --receive, --snapshot and --restore");
         mode = m;
         if (c == OPT_RUN) {
           if (parse_seconds("--run", optarg, 86400, &run.seconds) != 0) return 2;
+        } else if (c == OPT_SNAPSHOT || c == OPT_RESTORE) {
+          if (optarg[0] == '\0') return usage_error("--%s needs a FILE", c == OPT_SNAPSHOT ? "snapshot" : "restore");
+          address = optarg;
         } else {
           address = optarg;
           if (check_address(c == OPT_SEND ? "--send" : "--receive", optarg, c == OPT_RECEIVE) != 0) return 2;
@@ -373,6 +393,8 @@ int main(int argc, char **argv) {
         break;
       case OPT_AUTO_CONVERGE: send.auto_converge = 1; break;
       case OPT_LOCAL: send.local = 1; break;
+      case OPT_LIVE: send.live = 1; break;
+      case OPT_LAZY: receive.lazy = 1; break;
       case OPT_DOWNTIME_LIMIT:
         if (parse_u32("--downtime-limit", optarg, 1, 3600000, &send.downtime_limit_ms) != 0) return 2;
         break;
@@ -392,10 +414,14 @@ int main(int argc, char **argv) {
     }
   }
   if (optind < argc) return usage_error("unexpected argument '%s'", argv[optind]);
-  if (mode == 0) return usage_error("choose one of --run, --send and --receive");
+  if (mode == 0) return usage_error("choose one of --run, --send, --receive, --snapshot and --restore");
   for (int o = OPT_AFTER; o < OPT_HELP; ++o) {
     if (used[o - OPT_RUN] && strchr(modes_of[o - OPT_RUN], mode) == NULL) {
-      const char *name = mode == 'r' ? "--run" : mode == 's' ? "--send" : "--receive";
+      const char *name = mode == 'r'   ? "--run"
+                         : mode == 's' ? "--send"
+                         : mode == 'v' ? "--receive"
+                         : mode == 'p' ? "--snapshot"
+                                       : "--restore";
       return usage_error("--%s does not apply to %s", options[o - OPT_RUN].name, name);
     }
   }
@@ -411,6 +437,13 @@ int main(int argc, char **argv) {
       }
       send.target = address;
       return mv_send(&send);
+    case 'p':
+      send.snapshot = 1;
+      send.target = address;
+      return mv_send(&send);
+    case 'l':
+      receive.listen = address; /* the file */
+      return mv_restore(&receive);
     default:
       receive.listen = address;
       return mv_receive(&receive);

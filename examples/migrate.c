@@ -328,7 +328,12 @@ static int show_still_running(mv_vm *vm) {
 static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   pmlmig_migrate_options options;
   pmlmig_migrate_options_init(&options);
-  options.target = args->target;
+  if (args->snapshot) {
+    options.snapshot_to = args->target;
+    options.snapshot_live = args->live;
+  } else {
+    options.target = args->target;
+  }
   options.local = args->local;
   options.streams = args->streams;
   options.verify = args->verify;
@@ -351,6 +356,14 @@ static int migrate(mv_vm *vm, pmlmig_source *source, const mv_send_args *args) {
   mv_error err;
   switch (stats.outcome) {
     case PMLMIG_OUTCOME_COMPLETED: {
+      if (args->snapshot) { /* a copy was made: the VM must run on here */
+        if (!stats.source_kept) {
+          printf("source: the snapshot completed, but pmlmig does not say the VM runs on here\n");
+          return 1;
+        }
+        printf("source: snapshot written to %s (%s)\n", args->target, args->live ? "live" : "paused while written");
+        return show_still_running(vm) < 0 ? 1 : 0;
+      }
       if (args->local) {  /* the memory is the target's now: not even read here again */
         printf("source: handed over; the VM runs on the target over the same memory; stopped here\n");
         return 0;
@@ -401,8 +414,9 @@ int mv_send(const mv_send_args *args) {
     mv_vm_free(vm);
     return 1;
   }
-  printf("source: %u MiB, %u vCPUs, %s; running %u ms before migrating to %s\n", args->vm.memory_mib,
-         args->vm.vcpus, vm->ring_entries ? "dirty ring" : "dirty bitmap", args->after_ms, args->target);
+  printf("source: %u MiB, %u vCPUs, %s; running %u ms before %s %s\n", args->vm.memory_mib, args->vm.vcpus,
+         vm->ring_entries ? "dirty ring" : "dirty bitmap", args->after_ms,
+         args->snapshot ? "a snapshot to" : "migrating to", args->target);
   mv_sleep_ms(args->after_ms);
 
   pmlmig_vm *pm = NULL;
@@ -501,13 +515,33 @@ static void print_receive_stats(const pmlmig_receive_stats *s) {
          s->verified ? "yes" : "no");
 }
 
-/* The VM pmlmig resumed here: let it run, pause it, check it again. After
- * post-copy pmlmig resumed it without the check (its memory was not all here
- * yet); every page has arrived by now, and the vCPUs must have moved on from
- * where load_state put them. */
+/* The VM pmlmig resumed here, its vCPUs loaded at `restored`: let it run for
+ * run_after_s, pause it, check every page again and that every vCPU moved on. */
+static int run_and_recheck(mv_vm *vm, const struct kvm_regs *restored, double run_after_s, const char *point) {
+  mv_error err;
+  mv_check_result res;
+  struct kvm_regs after[MV_MAX_VCPUS];
+  mv_sleep_ms((uint64_t)(run_after_s * 1e3));
+  int rc = mv_vm_pause(vm, &err);
+  if (rc == 0) rc = mv_vm_vcpu_status(vm, &err);
+  if (rc == 0) rc = mv_check_vm(vm, after, &res, &err);
+  if (rc == 0) rc = check_advanced(vm, restored, after, &err);
+  if (rc < 0) {
+    fprintf(stderr, "minivmm: after running %.1f s here: %s\n", run_after_s, err.msg);
+    return 1;
+  }
+  printf("receive: after running %.1f s here: all %" PRIu64 " of %" PRIu64
+         " pages good, every vCPU advanced past the %s\n",
+         run_after_s, res.pages_checked, vm->memory_bytes / MV_PAGE_SIZE, point);
+  mv_print_positions("receive:", vm, after);
+  return 0;
+}
+
+/* The VM a migration brought here. After post-copy pmlmig resumed it without
+ * the check (its memory was not all here yet); every page has arrived by
+ * now, and the vCPUs must have moved on from where load_state put them. */
 static int run_received(const embedded_vm *e, const receive_ctx *ctx, const pmlmig_receive_stats *stats,
                         const mv_receive_args *args) {
-  mv_vm *vm = e->vm;
   if (!ctx->checked && !stats->postcopy) {
     fprintf(stderr, "minivmm: pmlmig resumed the VM without calling the check\n");
     return 1;
@@ -516,28 +550,11 @@ static int run_received(const embedded_vm *e, const receive_ctx *ctx, const pmlm
     fprintf(stderr, "minivmm: pmlmig called the check before a post-copy resume (memory not all here)\n");
     return 1;
   }
-  const struct kvm_regs *restored = stats->postcopy ? e->loaded : ctx->restored;
   if (stats->postcopy) {
     printf("receive: post-copy: resumed before all memory was here (%u link recoveries)\n",
            stats->postcopy_recoveries);
   }
-  mv_error err;
-  mv_check_result res;
-  struct kvm_regs after[MV_MAX_VCPUS];
-  mv_sleep_ms((uint64_t)(args->run_after_s * 1e3));
-  int rc = mv_vm_pause(vm, &err);
-  if (rc == 0) rc = mv_vm_vcpu_status(vm, &err);
-  if (rc == 0) rc = mv_check_vm(vm, after, &res, &err);
-  if (rc == 0) rc = check_advanced(vm, restored, after, &err);
-  if (rc < 0) {
-    fprintf(stderr, "minivmm: after running %.1f s here: %s\n", args->run_after_s, err.msg);
-    return 1;
-  }
-  printf("receive: after running %.1f s here: all %" PRIu64 " of %" PRIu64
-         " pages good, every vCPU advanced past the migration point\n",
-         args->run_after_s, res.pages_checked, vm->memory_bytes / MV_PAGE_SIZE);
-  mv_print_positions("receive:", vm, after);
-  return 0;
+  return run_and_recheck(e->vm, stats->postcopy ? e->loaded : ctx->restored, args->run_after_s, "migration point");
 }
 
 int mv_receive(const mv_receive_args *args) {
@@ -584,5 +601,48 @@ int mv_receive(const mv_receive_args *args) {
   }
   pmlmig_receiver_destroy(receiver);
   free(ctx);
+  return status;
+}
+
+/* ---- --restore --------------------------------------------------------------- */
+
+int mv_restore(const mv_receive_args *args) {
+  if (check_library() != 0) return 1;
+  if ((pmlmig_features() & PMLMIG_FEATURE_SNAPSHOT) == 0) {
+    fprintf(stderr, "minivmm: libpmlmig %s cannot restore snapshots\n", pmlmig_version_string());
+    return 1;
+  }
+  receive_ctx ctx;
+  memset(&ctx, 0, sizeof ctx);
+  pmlmig_restore_options options;
+  pmlmig_restore_options_init(&options);
+  options.path = args->listen;
+  options.factory = factory; /* the same as a migration's target */
+  options.user = &ctx;
+  options.lazy = args->lazy;
+  const double start = mv_now_ms();
+  pmlmig_restore *restore = NULL;
+  if (pmlmig_restore_start(&options, &restore) < 0) {
+    fprintf(stderr, "minivmm: restoring %s: %s\n", args->listen, pmlmig_last_error());
+    return 1;
+  }
+  const double running = mv_now_ms() - start;
+  pmlmig_vm *pm = NULL;
+  pmlmig_restore_stats stats;
+  pmlmig_restore_stats_init(&stats);
+  const int rc = pmlmig_restore_wait(restore, -1, &pm, &stats);
+  int status = 1;
+  if (rc < 0) {
+    fprintf(stderr, "minivmm: restoring %s: %s\n", args->listen, pmlmig_restore_last_error(restore));
+  } else {
+    printf("restore: %s, %s: running after %.1f ms (pmlmig: %.1f ms), all memory in after %.1f ms, %" PRIu64
+           " MB read, %" PRIu64 " faults (p99 %.2f ms), digests %s\n",
+           args->listen, stats.lazy ? "lazy" : "eager", running, stats.running_ms, stats.complete_ms,
+           stats.bytes_read / 1000000, stats.faults, stats.latency_p99_ms, stats.verified ? "match" : "NOT checked");
+    const embedded_vm *e = pmlmig_vm_opaque(pm);
+    status = stats.verified ? run_and_recheck(e->vm, e->loaded, args->run_after_s, "snapshot point") : 1;
+  }
+  if (pm != NULL) pmlmig_vm_destroy(pm); /* release: mv_vm_free */
+  pmlmig_restore_destroy(restore);
   return status;
 }

@@ -211,15 +211,19 @@ typedef struct mv_send_args {
   int auto_converge;
   uint32_t downtime_limit_ms; /* 0: pmlmig's default */
   int local;                  /* same-host handover to unix:PATH: the memory is shared, not copied */
+  int snapshot;               /* target is a FILE: a snapshot, and the VM runs on here */
+  int live;                   /* snapshot: pre-copy rounds into the file while the guest runs */
 } mv_send_args;
 
 typedef struct mv_receive_args {
-  const char *listen;
+  const char *listen;         /* --restore: the snapshot FILE */
   double run_after_s;
+  int lazy;                   /* --restore */
 } mv_receive_args;
 
 int mv_send(const mv_send_args *args);      /* process exit status */
 int mv_receive(const mv_receive_args *args); /* process exit status */
+int mv_restore(const mv_receive_args *args); /* process exit status */
 
 /* Shared helpers (main.c). */
 void mv_sleep_ms(uint64_t ms);

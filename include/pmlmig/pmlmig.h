@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 9
+#define PMLMIG_VERSION_MINOR 10
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -68,7 +68,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.9.0" */
+/* "0.10.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);
@@ -81,6 +81,7 @@ PMLMIG_API uint32_t pmlmig_wire_version(void);
 #define PMLMIG_FEATURE_ZSTD (1ull << 5)
 #define PMLMIG_FEATURE_MARK_DIRTY (1ull << 6)   /* pmlmig_vm_mark_dirty */
 #define PMLMIG_FEATURE_HANDOVER (1ull << 7)     /* same-host handover (local, unix:PATH, shared_factory) */
+#define PMLMIG_FEATURE_SNAPSHOT (1ull << 8)     /* since 0.10: snapshot_to, pmlmig_restore_* */
 /* What this library and host offer (opens /dev/kvm to ask). */
 PMLMIG_API uint64_t pmlmig_features(void);
 
@@ -346,6 +347,18 @@ typedef struct pmlmig_migrate_options {
    * write it again (unmapping it is fine). */
   int32_t local;
   uint32_t reserved4;
+  /* Since 0.10 (docs/EMBEDDING.md, "Snapshots"): instead of a migration, a
+   * snapshot of the VM to this file (docs/SNAPSHOT_FORMAT.md), written under a
+   * temporary name and renamed into place once complete; target is unused
+   * then (may be NULL). The VM is paused for the whole write, or with
+   * snapshot_live pre-copy rounds go into the file while it runs, under the
+   * same switch-over policy as a migration's rounds. After COMPLETED the VM
+   * runs on here (stats.source_kept) and another migration or snapshot may
+   * start. Compression, max_bandwidth, TLS, tokens, local, postcopy and verify
+   * do not apply (refused): the file carries digests, checked on restore. */
+  const char *snapshot_to;
+  int32_t snapshot_live;
+  uint32_t reserved5;
 } pmlmig_migrate_options;
 PMLMIG_API void pmlmig_migrate_options_init(pmlmig_migrate_options *options);
 
@@ -382,6 +395,9 @@ typedef struct pmlmig_migration_stats {
   /* Since 0.7: */
   uint32_t postcopy_recoveries;  /* post-copy links broken and resumed */
   uint32_t reserved2;
+  /* Since 0.10: */
+  int32_t source_kept;           /* the target was a copy (a snapshot): completed, and the VM runs on here */
+  uint32_t reserved3;
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 
@@ -518,6 +534,65 @@ PMLMIG_API int pmlmig_receiver_wait(pmlmig_receiver *receiver, int64_t timeout_m
 PMLMIG_API const char *pmlmig_receiver_last_error(const pmlmig_receiver *receiver);
 /* Stops listening; a migration in progress fails. */
 PMLMIG_API void pmlmig_receiver_destroy(pmlmig_receiver *receiver);
+
+/* ---- Restoring a snapshot (since 0.10) ------------------------------------ */
+
+typedef struct pmlmig_restore_options {
+  size_t size;                 /* pmlmig_restore_options_init sets it and every default */
+  const char *path;            /* a snapshot file (pmlmig_migrate_options.snapshot_to); required */
+  pmlmig_vm_factory factory;   /* builds the VM, as for a migration's target; required */
+  void *user;
+  int32_t lazy;                /* 0 (default), eager: every page is read and checked before the VM runs.
+                                  1: the VM runs at once; a page the guest touches is read from the file
+                                  then (userfaultfd), background readers fill the rest, and the digests
+                                  are compared once all is in. Needs userfaultfd; a region in shared
+                                  memory must name its memfd (private anonymous memory needs none). */
+  uint32_t threads;            /* eager: reads in flight; lazy: background readers; default 8 */
+} pmlmig_restore_options;
+PMLMIG_API void pmlmig_restore_options_init(pmlmig_restore_options *options);
+
+typedef struct pmlmig_restore_stats {
+  size_t size;
+  int32_t lazy;
+  int32_t verified;            /* every chunk digest of the file matched the memory read from it */
+  double open_ms;              /* the file opened and checked (header, layout, digests) */
+  double build_ms;             /* the factory */
+  double load_ms;              /* eager: memory read and checked; lazy: the faults armed */
+  double running_ms;           /* from the start to the vCPUs running */
+  double complete_ms;          /* from the start to every page in memory (0 while pages are missing) */
+  uint64_t guest_bytes;
+  uint64_t bytes_read;         /* page data read from the file */
+  uint64_t faults;             /* lazy: pages a vCPU waited for */
+  double latency_p50_ms;       /* lazy: a fault to its page placed */
+  double latency_p99_ms;
+  double latency_max_ms;
+} pmlmig_restore_stats;
+PMLMIG_API void pmlmig_restore_stats_init(pmlmig_restore_stats *stats);
+
+/* A VM brought back from a snapshot file. */
+typedef struct pmlmig_restore pmlmig_restore;
+/* Opens and checks the file, builds the VM with the factory, reads its memory
+ * (eager) or arms the faults (lazy), loads the state and resumes the VM (its
+ * resume callback); on the calling thread. 0: the VM runs, *out is the
+ * restore, and the VM is the restore's until pmlmig_restore_wait hands it
+ * over. On an error nothing runs and a VM already built is released:
+ * -ENOENT no such file; -EINVAL not a snapshot, another format version, or a
+ * VM without the snapshot's layout; -EBADMSG damage found (last_error names
+ * the file, the field or the guest range); the factory's errno. */
+PMLMIG_API int pmlmig_restore_start(const pmlmig_restore_options *options, pmlmig_restore **out);
+/* Waits up to timeout_ms (-1: forever) for every page to be in memory (eager:
+ * at once) and for the digests to be compared; `vm` must not be NULL.
+ * 0: *vm is the running VM, now the caller's (pmlmig_vm_destroy).
+ * -EBADMSG (lazy): every page is in but the file was damaged and the guest
+ * has run on it (last_error names the ranges); *vm is handed over all the
+ * same. -ETIMEDOUT: pages still missing; call again. Another negative errno:
+ * reading the file failed (last_error); the VM stays the restore's. */
+PMLMIG_API int pmlmig_restore_wait(pmlmig_restore *restore, int64_t timeout_ms, pmlmig_vm **vm,
+                                   pmlmig_restore_stats *stats);
+PMLMIG_API const char *pmlmig_restore_last_error(const pmlmig_restore *restore);
+/* A VM not handed over yet is paused (a lazy one's missing pages read as
+ * zero first, so no vCPU stays blocked on one) and released. */
+PMLMIG_API void pmlmig_restore_destroy(pmlmig_restore *restore);
 
 #ifdef __cplusplus
 }  /* extern "C" */

@@ -5,7 +5,7 @@
 # between two minivmm processes.
 #
 #   1. `cmake --install` the build tree to a temporary prefix.
-#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.7),
+#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.10),
 #      pmlmig::pmlmig) and a second time through pkg-config (examples/Makefile,
 #      or its one-line cc command where make is absent).
 #   3. The CMake build: --help, and --run with random pauses (every page
@@ -23,6 +23,10 @@
 #      pmlmig did not call the check (memory was missing at the resume), the
 #      receiver checked every page after running on and every vCPU moved on
 #      from where load_state put it, pmlmig's digests verified.
+#   4c. A same-host handover (unix:PATH, local, shared_factory).
+#   4d. A live snapshot (snapshot_to), the VM running on at the source; eager
+#      and lazy restores (pmlmig_restore_*) in fresh processes, every page
+#      checked after running on; a foreign file refused with a reason.
 #   5. A failure: --send to a port nobody listens on exits 1, says why, and
 #      shows the VM kept running on the source (every page checked, every vCPU
 #      advanced).
@@ -103,7 +107,7 @@ quiet "$tmp/configure.log" cmake -S "$src/examples" -B "$cmake_build" "${generat
 quiet "$tmp/build.log" cmake --build "$cmake_build" -j 2
 cmake_vmm=$cmake_build/minivmm
 [ -x "$cmake_vmm" ] || die "the CMake build made no minivmm"
-pass "examples/ built with find_package(pmlmig 0.7) + pmlmig::pmlmig"
+pass "examples/ built with find_package(pmlmig 0.10) + pmlmig::pmlmig"
 
 pc_build=$tmp/pc-build
 mkdir -p "$pc_build"
@@ -269,6 +273,50 @@ expect "$tmp/receive.out" \
   '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
   "handover: the receiver did not check every page after running on"
 pass "same-host handover (C ABI): no page copied, every page checked before and after the resume ($(grep -m1 '^migration: completed' "$tmp/send.out" | cut -c1-90))"
+
+# ---- 4d. snapshots through the C ABI ---------------------------------------
+# The pkg-config build writes a live snapshot of its running guest
+# (pmlmig_migrate_options.snapshot_to): the VM runs on there, every page
+# checked. Fresh CMake-build processes restore it (pmlmig_restore_*), eagerly
+# and lazily: the digests match and every page is checked after running on,
+# every vCPU past the snapshot point. A file that is no snapshot is refused
+# with a reason.
+
+snap="$tmp/vm.snap"
+snap_rc=0
+timeout 120 "$pc_vmm" --snapshot "$snap" --live --after 500 --memory 64 --vcpus 2 \
+  >"$tmp/send.out" 2>"$tmp/send.err" || snap_rc=$?
+if [ "$snap_rc" -ne 0 ]; then
+  show "$tmp/send.out" "$tmp/send.err"
+  die "snapshot: minivmm --snapshot exited $snap_rc, not 0"
+fi
+expect "$tmp/send.out" '^migration: completed ' "snapshot: the statistics do not say completed"
+expect "$tmp/send.out" "^source: snapshot written to $snap \\(live\\)$" "snapshot: minivmm did not report the file written"
+expect "$tmp/send.out" '^source: the VM was kept and runs on here: all 16384 of 16384 pages good, every vCPU advanced$' \
+  "snapshot: the VM does not run on at the source"
+for mode in eager lazy; do
+  restore_rc=0
+  lazy=()
+  [ "$mode" = lazy ] && lazy=(--lazy)
+  timeout 120 "$cmake_vmm" --restore "$snap" "${lazy[@]}" --run-after 1 >"$tmp/receive.out" 2>"$tmp/receive.err" ||
+    restore_rc=$?
+  if [ "$restore_rc" -ne 0 ]; then
+    show "$tmp/receive.out" "$tmp/receive.err"
+    die "restore ($mode): minivmm --restore exited $restore_rc, not 0"
+  fi
+  expect "$tmp/receive.out" "^restore: $snap, $mode: running after .* digests match$" \
+    "restore ($mode): the statistics do not say the digests matched"
+  expect "$tmp/receive.out" \
+    '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the snapshot point$' \
+    "restore ($mode): not every page was checked after running on"
+done
+foreign_rc=0
+timeout 60 "$cmake_vmm" --restore "$tmp/send.out" >"$tmp/fail.out" 2>"$tmp/fail.err" || foreign_rc=$?
+if [ "$foreign_rc" -ne 1 ] || ! grep -Eq "^minivmm: restoring $tmp/send.out: .+" "$tmp/fail.err"; then
+  show "$tmp/fail.out" "$tmp/fail.err"
+  die "restoring a file that is no snapshot exited $foreign_rc (not 1) or gave no reason"
+fi
+pass "snapshots (C ABI): a live snapshot, the VM running on; restored eagerly and lazily in fresh processes, every page checked after running on; a foreign file refused ($(grep -m1 '^minivmm: restoring' "$tmp/fail.err" | cut -c1-120))"
 
 # ---- 5. a failure: nobody listens -----------------------------------------
 

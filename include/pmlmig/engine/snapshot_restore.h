@@ -84,6 +84,10 @@ class SnapshotRestore {
   uint64_t remaining() const;
   // After WaitComplete: the running VM, the caller's.
   std::unique_ptr<VmControl> TakeVm();
+  // Before WaitComplete succeeded, to give up: the missing pages read as
+  // zero from here (a vCPU blocked on one wakes), the readers stop and the
+  // VM is paused. Nothing of it may run again.
+  void Abandon();
 
  private:
   SnapshotRestore(SnapshotReader reader, RestoreOptions options) : reader_(std::move(reader)), options_(options) {}
