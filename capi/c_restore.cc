@@ -97,8 +97,9 @@ int pmlmig_restore_wait(pmlmig_restore* restore, int64_t timeout_ms, pmlmig_vm**
     if (restore->handed_over) {
       return capi::Fail(&restore->error, InvalidArgument("pmlmig_restore_wait: the VM was handed over already"));
     }
-    // Longer than any restore: a wait of -1 is one of 100 days.
-    const auto timeout = std::chrono::milliseconds(timeout_ms < 0 ? int64_t{100} * 24 * 3600 * 1000 : timeout_ms);
+    // -1, or anything longer than any restore, is a wait of 100 days (no clock overflows).
+    constexpr int64_t kLongest = int64_t{100} * 24 * 3600 * 1000;
+    const auto timeout = std::chrono::milliseconds(timeout_ms < 0 || timeout_ms > kLongest ? kLongest : timeout_ms);
     const Status complete = restore->restore->WaitComplete(timeout);
     capi::WriteSized(StatsOf(restore->restore->stats()), stats);
     if (complete.code() == pmlmig::Code::kUnavailable && restore->restore->remaining() > 0) {

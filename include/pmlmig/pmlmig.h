@@ -569,7 +569,8 @@ typedef struct pmlmig_restore_stats {
 } pmlmig_restore_stats;
 PMLMIG_API void pmlmig_restore_stats_init(pmlmig_restore_stats *stats);
 
-/* A VM brought back from a snapshot file. */
+/* A VM brought back from a snapshot file. Its functions are called from one
+ * thread at a time. */
 typedef struct pmlmig_restore pmlmig_restore;
 /* Opens and checks the file, builds the VM with the factory, reads its memory
  * (eager) or arms the faults (lazy), loads the state and resumes the VM (its

@@ -538,7 +538,7 @@ static void test_snapshot_round_trip(void) {
   } else {
     CHECK(lazy_rc == 0 && r != NULL);
     got = NULL;
-    CHECK(r != NULL && pmlmig_restore_wait(r, -1, &got, &rs) == 0 && got != NULL);
+    CHECK(r != NULL && pmlmig_restore_wait(r, INT64_MAX, &got, &rs) == 0 && got != NULL);
     CHECK(rs.verified == 1 && rs.lazy == 1);
     if (got != NULL) {
       fake_vm *t = pmlmig_vm_opaque(got);
