@@ -80,9 +80,9 @@ int pmlmig_restore_start(const pmlmig_restore_options* options, pmlmig_restore**
     engine::RestoreOptions ro;
     ro.lazy = o.lazy == 1;
     ro.threads = o.threads;
+    auto r = std::make_unique<pmlmig_restore>();  // first: nothing may fail once the VM runs
     auto restored = engine::SnapshotRestore::Start(o.path, capi::BuilderOf(o.factory, o.user), ro);
     if (!restored.ok()) return capi::Fail(nullptr, restored.status());
-    auto r = std::make_unique<pmlmig_restore>();
     r->restore = std::move(*restored);
     *out = r.release();
     return 0;
