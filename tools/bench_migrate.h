@@ -74,6 +74,7 @@ struct Row {
   double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
   engine::MigrationStats stats;
   double cpu_user_ms = 0, cpu_sys_ms = 0;  // the whole process, during MigrationSource::Run
+  double round0_cpu_ms = 0;                // the whole process, from round 0's start to the next phase's
   uint64_t guest_pages_written = 0;        // by the source's vCPUs during the migration
   // Where the downtime went (completed migrations): the final collection,
   // the stop-and-copy round, the rest of the source's pause before Final
@@ -121,6 +122,15 @@ inline double Round0Gbps(const Row& r) {
   return static_cast<double>(s.round_stats[0].sent.wire_bytes) / 1e6 / s.round_stats[0].duration_ms;
 }
 
+// Round 0 alone: CPU seconds of the whole process (both sides, the vCPUs)
+// per 10^9 of its wire bytes; into resident memory with --prefault-target
+// (the prefault is setup, before round 0).
+inline double Round0CpuSPerGb(const Row& r) {
+  const engine::MigrationStats& s = r.stats;
+  if (s.round_stats.empty() || r.round0_cpu_ms <= 0) return 0;
+  return CpuSPerGb(r.round0_cpu_ms, s.round_stats[0].sent.wire_bytes);
+}
+
 inline const Baseline* FindBaseline(const std::vector<Baseline>& v, uint64_t bytes, uint32_t connections) {
   for (const Baseline& b : v) {
     if (b.bytes == bytes && b.connections == connections) return &b;
@@ -143,6 +153,7 @@ struct Comparison {
   uint32_t streams = 1;
   size_t runs = 0, completed = 0;
   double time_ms = 0, gbps = 0, round0_gbps = 0, cpu_s_per_gb = 0;  // pmlmig, completed runs
+  double round0_cpu_s_per_gb = 0;                                   // pmlmig's round 0 alone
   const Baseline* reused = nullptr;  // (a)
   const Baseline* fresh = nullptr;   // (b), with --peers
   QemuMedian qemu_single, qemu_multifd;

@@ -51,6 +51,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"repeat", r.repeat},
           {"round0_gbps", Round0Gbps(r)},
           {"cpu_s_per_gb", CpuSPerGb(r.cpu_user_ms + r.cpu_sys_ms, r.guest_bytes)},
+          {"round0_cpu_s_per_gb", Round0CpuSPerGb(r)},
           {"cpu_user_ms", r.cpu_user_ms},
           {"cpu_sys_ms", r.cpu_sys_ms},
           {"guest_pages_written_during_migration", r.guest_pages_written},
@@ -199,7 +200,7 @@ std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<
     c.verify = r.verify;
     c.guest_bytes = r.guest_bytes;
     c.streams = r.streams;
-    std::vector<double> ms, r0, cpu;
+    std::vector<double> ms, r0, cpu, r0cpu;
     for (const Row& x : rows) {
       if (!same(c, x)) continue;
       ++c.runs;
@@ -208,12 +209,14 @@ std::vector<Comparison> Compare(const std::vector<Row>& rows, const std::vector<
       ms.push_back(x.stats.total_time_ms);
       r0.push_back(Round0Gbps(x));
       cpu.push_back(CpuSPerGb(x.cpu_user_ms + x.cpu_sys_ms, x.guest_bytes));
+      r0cpu.push_back(Round0CpuSPerGb(x));
     }
     if (!ms.empty()) {
       c.time_ms = Median(ms);
       c.gbps = c.time_ms > 0 ? static_cast<double>(c.guest_bytes) / 1e6 / c.time_ms : 0;
       c.round0_gbps = Median(r0);
       c.cpu_s_per_gb = Median(cpu);
+      c.round0_cpu_s_per_gb = Median(r0cpu);
     }
     c.reused = FindBaseline(reused, c.guest_bytes, c.streams);
     c.fresh = FindBaseline(fresh, c.guest_bytes, c.streams);
@@ -248,10 +251,10 @@ void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, ui
                                         .c_str());
   std::printf("%-10s %7s %7s %17s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %-37s\n", "scenario", "guest", "streams",
               "compress/path", "verify", "pmlmig_s", "GB/s", "(a)", "(b)", "qemu1_s", "qemuN_s", "x_faster", "/(b)",
-              "r0/(a)", "CPU-s/GB: pmlmig   (a)    (b)  qemu1  qemuN");
+              "r0/(a)", "CPU-s/GB: pmlmig    r0   (a)    (b)  qemu1  qemuN");
   for (const Comparison& c : cs) {
     const bool ok = c.completed > 0;
-    std::printf("%-10s %7s %7u %17s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %6s %6s %6s\n",
+    std::printf("%-10s %7s %7u %17s %13s %9s %7s %7s %7s %9s %9s %8s %6s %6s | %16s %5s %5s %6s %6s %6s\n",
                 c.scenario.c_str(), FormatBytes(c.guest_bytes).c_str(), c.streams, (c.compress + "/" + c.data_path).c_str(),
                 c.verify.c_str(), Fig(c.time_ms / 1e3, "%.3f", ok).c_str(), Fig(c.gbps, "%.3f", ok).c_str(),
                 Fig(c.reused ? c.reused->gbps : 0, "%.2f", c.reused).c_str(),
@@ -260,13 +263,15 @@ void PrintComparison(const std::vector<Comparison>& cs, const QemuPeer& qemu, ui
                 Fig(c.qemu_multifd.total_ms / 1e3, "%.3f", c.qemu_multifd.runs > 0).c_str(),
                 Fig(c.x_faster, "%.2f", c.x_faster > 0).c_str(), Fig(c.of_fresh, "%.2f", c.of_fresh > 0).c_str(),
                 Fig(c.round0_of_reused, "%.2f", ok && c.reused).c_str(), Fig(c.cpu_s_per_gb, "%.2f", ok).c_str(),
+                Fig(c.round0_cpu_s_per_gb, "%.2f", ok && c.round0_cpu_s_per_gb > 0).c_str(),
                 Fig(c.reused ? c.reused->cpu_s_per_gb : 0, "%.2f", c.reused).c_str(),
                 Fig(c.fresh ? c.fresh->cpu_s_per_gb : 0, "%.2f", c.fresh).c_str(),
                 Fig(c.qemu_single.cpu_s_per_gb, "%.2f", c.qemu_single.runs > 0).c_str(),
                 Fig(c.qemu_multifd.cpu_s_per_gb, "%.2f", c.qemu_multifd.runs > 0).c_str());
   }
   std::printf("x_faster: QEMU multifd (as many channels as streams) time / pmlmig time; /(b): pmlmig GB/s / (b); "
-              "r0/(a): round 0's GB/s (wire bytes) / (a), meaningful with --prefault-target\n");
+              "r0/(a): round 0's GB/s (wire bytes) / (a), meaningful with --prefault-target; r0 CPU-s/GB: the "
+              "process's CPU (both sides, the vCPUs) during round 0 per 10^9 of its wire bytes\n");
 }
 
 // ------------------------------------------------------------ results
@@ -350,6 +355,7 @@ nlohmann::ordered_json ComparisonJson(const Comparison& c) {
           {"pmlmig_gbps", or_null(ok, c.gbps)},
           {"pmlmig_round0_gbps", or_null(ok, c.round0_gbps)},
           {"pmlmig_cpu_s_per_gb", or_null(ok, c.cpu_s_per_gb)},
+          {"pmlmig_round0_cpu_s_per_gb", or_null(ok && c.round0_cpu_s_per_gb > 0, c.round0_cpu_s_per_gb)},
           {"reused_buffer_gbps", or_null(c.reused, c.reused ? c.reused->gbps : 0)},
           {"reused_buffer_cpu_s_per_gb", or_null(c.reused, c.reused ? c.reused->cpu_s_per_gb : 0)},
           {"fresh_memory_gbps", or_null(c.fresh, c.fresh ? c.fresh->gbps : 0)},

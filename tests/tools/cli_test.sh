@@ -194,6 +194,7 @@ assert len(j["results"]) == 1 and j["results"][0]["migration"]["status"] == "com
 c = j["comparison"][0]
 assert c["pmlmig_gbps"] > 0 and c["fresh_memory_gbps"] > 0 and c["ratio_to_fresh_memory"] > 0, c
 assert c["pmlmig_cpu_s_per_gb"] > 0 and c["round0_ratio_to_reused_buffer"] > 0, c
+assert 0 < c["pmlmig_round0_cpu_s_per_gb"] and j["results"][0]["round0_cpu_s_per_gb"] > 0, c
 q = j["qemu"]
 assert q["status"] == sys.argv[2], q
 if q["status"] == "skipped":
