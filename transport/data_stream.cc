@@ -85,19 +85,14 @@ bool DataStream::Pump() {
       return false;
     }
     progress_.Touch();
-    if (inflight_.empty()) {
+    if (ledger_.empty()) {
       stray_ack_ = true;
       return false;
     }
-    const Inflight& f = inflight_.front();
-    if (ack_.sequence() != f.sequence || ack_.pages() != f.pages) {
-      calls_.Fail(DataLoss(name_ + ": receiver acknowledged batch " + std::to_string(ack_.sequence()) + " (" +
-                           std::to_string(ack_.pages()) + " pages), expected batch " + std::to_string(f.sequence) +
-                           " (" + std::to_string(f.pages) + " pages)"));
+    if (Status s = ledger_.Acknowledge(ack_.sequence(), ack_.pages(), name_); !s.ok()) {
+      calls_.Fail(s);
       return false;
     }
-    inflight_bytes_ -= f.bytes;
-    inflight_.pop_front();
     call_->Read(&ack_, &kReadTag);
     read_pending_ = true;
     return true;
@@ -152,7 +147,7 @@ void DataStream::Teardown() {
 
 void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint32_t round,
                      engine::PageList& pages) {
-  round_stats_ = {};
+  ledger_.StartRound();
   bool exhausted = false;  // the PageList has nothing more for us
   bool have_next = false;  // next_ holds a built batch
   uint64_t next_bytes = 0;
@@ -168,7 +163,7 @@ void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint3
       if (gathered_pages == 0) {
         exhausted = true;
       } else {
-        Result<uint64_t> bytes = BuildNext(source, BatchHeader{session_id, index_, round, next_sequence_}, gathered);
+        Result<uint64_t> bytes = BuildNext(source, BatchHeader{session_id, index_, round, ledger_.next_sequence()}, gathered);
         if (!bytes.ok()) {
           calls_.Fail(bytes.status().WithContext(name_));
           break;
@@ -183,21 +178,17 @@ void DataStream::Run(const engine::SlotTable& source, uint64_t session_id, uint3
     // allow it: at most max_inflight_bytes unacknowledged (backpressure),
     // but always at least one batch however large.
     if (have_next && !write_pending_ &&
-        (inflight_.empty() || inflight_bytes_ + next_bytes <= options_.max_inflight_bytes)) {
+        ledger_.Fits(next_bytes, options_.max_inflight_bytes)) {
       if (!PaceWrite(bucket_, next_bytes, progress_, stop)) break;
       writing_.Swap(&next_);
       next_.Clear();
       call_->Write(writing_, &kWriteTag);
       write_pending_ = true;
       have_next = false;
-      inflight_.push_back({next_sequence_, next_bytes, next_pages});
-      inflight_bytes_ += next_bytes;
-      ++next_sequence_;
-      pages_sent_ += next_pages;
-      CountBatch(&round_stats_, next_pages, next_data, next_bytes);
+      ledger_.Sent(next_pages, next_data, next_bytes);
       continue;
     }
-    if (!have_next && exhausted && inflight_.empty() && !write_pending_) break;  // round done
+    if (!have_next && exhausted && ledger_.empty() && !write_pending_) break;  // round done
     if (!Pump()) {
       broken = true;
       break;
@@ -254,6 +245,27 @@ bool PaceWrite(TokenBucket* bucket, uint64_t bytes, StreamProgress& progress, co
   progress.throttled.store(false, std::memory_order_relaxed);
   progress.Touch();
   return ok;
+}
+
+void SendLedger::Sent(uint32_t pages, uint64_t data_bytes, uint64_t wire_bytes) {
+  inflight_.push_back({next_sequence_, wire_bytes, pages});
+  inflight_bytes_ += wire_bytes;
+  ++next_sequence_;
+  pages_sent_ += pages;
+  CountBatch(&round_stats_, pages, data_bytes, wire_bytes);
+}
+
+Status SendLedger::Acknowledge(uint64_t sequence, uint32_t pages, const std::string& stream) {
+  if (inflight_.empty()) return Internal(stream + ": acknowledgement with no batch in flight");
+  const Batch& f = inflight_.front();
+  if (sequence != f.sequence || pages != f.pages) {
+    return DataLoss(stream + ": receiver acknowledged batch " + std::to_string(sequence) + " (" +
+                    std::to_string(pages) + " pages), expected batch " + std::to_string(f.sequence) + " (" +
+                    std::to_string(f.pages) + " pages)");
+  }
+  inflight_bytes_ -= f.bytes;
+  inflight_.pop_front();
+  return Status::Ok();
 }
 
 void CountBatch(engine::TransferStats* s, uint64_t pages, uint64_t data_bytes, uint64_t wire_bytes) {

@@ -66,12 +66,11 @@ class DataStream final : public PageStream {
 
   StreamProgress& progress() override { return progress_; }
   // What the last Run sent; reset by the next.
-  const engine::TransferStats& round_stats() const override { return round_stats_; }
-  uint64_t batches_sent() const override { return next_sequence_; }
-  uint64_t pages_sent() const override { return pages_sent_; }
+  const engine::TransferStats& round_stats() const override { return ledger_.round_stats(); }
+  uint64_t batches_sent() const override { return ledger_.next_sequence(); }
+  uint64_t pages_sent() const override { return ledger_.pages_sent(); }
 
  private:
-  using Inflight = InflightBatch;
 
   // Builds the batch of `runs` into next_; returns its size on the wire.
   Result<uint64_t> BuildNext(const engine::SlotTable& source, const BatchHeader& h,
@@ -111,11 +110,7 @@ class DataStream final : public PageStream {
   BatchBuilder builder_;
   proto::PageBatch header_;  // the next message's fields but the payload
   std::shared_ptr<BufferPool> pool_;
-  std::deque<Inflight> inflight_;
-  uint64_t inflight_bytes_ = 0;
-  uint64_t next_sequence_ = 0;
-  uint64_t pages_sent_ = 0;
-  engine::TransferStats round_stats_;
+  SendLedger ledger_;
   StreamProgress progress_;
 };
 

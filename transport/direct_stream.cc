@@ -37,22 +37,15 @@ Status DirectStream::Open(const std::string& host, uint16_t port, uint64_t sessi
 bool DirectStream::HandleReply(const direct::Reply& r, std::string_view message) {
   switch (r.kind) {
     case direct::ReplyKind::kAck: {
-      if (inflight_.empty()) return Fail(DataLoss(name_ + ": acknowledgement for a batch never sent"));
-      const Inflight& f = inflight_.front();
-      if (r.b != f.sequence || r.a != f.pages) {
-        return Fail(DataLoss(name_ + ": receiver acknowledged batch " + std::to_string(r.b) + " (" +
-                             std::to_string(r.a) + " pages), expected batch " + std::to_string(f.sequence) + " (" +
-                             std::to_string(f.pages) + " pages)"));
-      }
-      inflight_bytes_ -= f.bytes;
-      inflight_.pop_front();
+      if (ledger_.empty()) return Fail(DataLoss(name_ + ": acknowledgement for a batch never sent"));
+      if (Status s = ledger_.Acknowledge(r.b, r.a, name_); !s.ok()) return Fail(s);
       progress_.Touch();
       return true;
     }
     case direct::ReplyKind::kEnd:
-      if (!inflight_.empty() || r.b != next_sequence_) {
+      if (!ledger_.empty() || r.b != ledger_.next_sequence()) {
         return Fail(DataLoss(name_ + ": receiver ended the stream after " + std::to_string(r.b) + " batches; " +
-                             std::to_string(next_sequence_) + " were sent, " + std::to_string(inflight_.size()) +
+                             std::to_string(ledger_.next_sequence()) + " were sent, " + std::to_string(ledger_.in_flight()) +
                              " not acknowledged"));
       }
       ended_ = true;
@@ -150,7 +143,7 @@ bool DirectStream::Send(const uint8_t* payload, size_t len) {
 
 void DirectStream::Run(const engine::SlotTable& source, uint64_t session_id, uint32_t round,
                        engine::PageList& pages) {
-  round_stats_ = {};
+  ledger_.StartRound();
   const std::atomic<bool>& stop = calls_.stop();
   std::vector<engine::PageRun> gathered;
   gathered.reserve(options_.batch_pages);
@@ -158,7 +151,7 @@ void DirectStream::Run(const engine::SlotTable& source, uint64_t session_id, uin
     const uint64_t n = GatherBatch(pages, options_.batch_pages, &gathered);
     if (n == 0) break;
     size_t len = 0;
-    const BatchHeader h{session_id, index_, round, next_sequence_};
+    const BatchHeader h{session_id, index_, round, ledger_.next_sequence()};
     if (Status s = builder_.Build(source, gathered, h, &header_, payload_.get(), &len); !s.ok()) {
       Fail(s.WithContext(name_));
       break;
@@ -170,21 +163,17 @@ void DirectStream::Run(const engine::SlotTable& source, uint64_t session_id, uin
     header_.SerializeWithCachedSizesToArray(reinterpret_cast<uint8_t*>(head_.data()) + direct::kFrameBytes);
     const uint64_t bytes = head_.size() + len;
     // At most max_inflight_bytes unacknowledged, but always one batch.
-    while (!inflight_.empty() && inflight_bytes_ + bytes > options_.max_inflight_bytes) {
+    while (!ledger_.Fits(bytes, options_.max_inflight_bytes)) {
       if (!Replies(true) || stop.load(std::memory_order_relaxed)) break;
     }
     if (over_ || stop.load(std::memory_order_relaxed)) break;
     if (!PaceWrite(bucket_, bytes, progress_, stop)) break;
     if (!Send(payload_.get(), len)) break;
-    inflight_.push_back({next_sequence_, bytes, static_cast<uint32_t>(n)});
-    inflight_bytes_ += bytes;
-    ++next_sequence_;
-    pages_sent_ += n;
-    CountBatch(&round_stats_, n, header_.uncompressed_length(), bytes);
+    ledger_.Sent(static_cast<uint32_t>(n), header_.uncompressed_length(), bytes);
     if (!Replies(false)) break;
   }
   // Every batch acknowledged before the round ends.
-  while (!over_ && !inflight_.empty() && !stop.load(std::memory_order_relaxed)) {
+  while (!over_ && !ledger_.empty() && !stop.load(std::memory_order_relaxed)) {
     if (!Replies(true)) break;
   }
   progress_.running.store(false, std::memory_order_relaxed);

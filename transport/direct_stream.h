@@ -41,12 +41,11 @@ class DirectStream final : public PageStream {
   Status Close() override;
   void Teardown() override { fd_ = UniqueFd(); }
   StreamProgress& progress() override { return progress_; }
-  const engine::TransferStats& round_stats() const override { return round_stats_; }
-  uint64_t batches_sent() const override { return next_sequence_; }
-  uint64_t pages_sent() const override { return pages_sent_; }
+  const engine::TransferStats& round_stats() const override { return ledger_.round_stats(); }
+  uint64_t batches_sent() const override { return ledger_.next_sequence(); }
+  uint64_t pages_sent() const override { return ledger_.pages_sent(); }
 
  private:
-  using Inflight = InflightBatch;
   // Writes the frame (prefix and header in head_, then `len` bytes of
   // payload), reading replies whenever the socket has some. False: the
   // stream is over (the failure is recorded).
@@ -71,11 +70,7 @@ class DirectStream final : public PageStream {
   std::string rx_;                    // reply bytes not yet handled
   bool over_ = false;                 // the stream failed or was closed
   bool ended_ = false;                // the receiver's end reply came
-  std::deque<Inflight> inflight_;
-  uint64_t inflight_bytes_ = 0;
-  uint64_t next_sequence_ = 0;
-  uint64_t pages_sent_ = 0;
-  engine::TransferStats round_stats_;
+  SendLedger ledger_;
   StreamProgress progress_;
 };
 

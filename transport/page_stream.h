@@ -12,6 +12,8 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
+#include <string>
 #include <vector>
 
 #include "pmlmig/base/status.h"
@@ -42,11 +44,43 @@ class PageStream {
   virtual uint64_t pages_sent() const = 0;
 };
 
-// A batch sent and not yet acknowledged.
-struct InflightBatch {
-  uint64_t sequence;
-  uint64_t bytes;
-  uint32_t pages;
+// What one stream has sent: the batches the receiver has not acknowledged
+// yet (acknowledgements come in order), the sequence of the next, and the
+// counts of the stream and of its current round. The stream's sender
+// thread's alone.
+class SendLedger {
+ public:
+  // Whether a batch of `bytes` may go out: at most `max_inflight_bytes`
+  // unacknowledged, but always one batch.
+  bool Fits(uint64_t bytes, uint64_t max_inflight_bytes) const {
+    return inflight_.empty() || inflight_bytes_ + bytes <= max_inflight_bytes;
+  }
+  // Batch next_sequence() went out: `pages` pages, `data_bytes` of them with
+  // data, `wire_bytes` on the wire.
+  void Sent(uint32_t pages, uint64_t data_bytes, uint64_t wire_bytes);
+  // The receiver acknowledged batch `sequence` of `pages` pages: the oldest
+  // in flight (callers check empty() first), or kDataLoss naming both,
+  // "<stream>: receiver acknowledged batch ...".
+  Status Acknowledge(uint64_t sequence, uint32_t pages, const std::string& stream);
+  void StartRound() { round_stats_ = {}; }
+
+  bool empty() const { return inflight_.empty(); }
+  size_t in_flight() const { return inflight_.size(); }
+  uint64_t next_sequence() const { return next_sequence_; }
+  uint64_t pages_sent() const { return pages_sent_; }
+  const engine::TransferStats& round_stats() const { return round_stats_; }
+
+ private:
+  struct Batch {
+    uint64_t sequence;
+    uint64_t bytes;
+    uint32_t pages;
+  };
+  std::deque<Batch> inflight_;
+  uint64_t inflight_bytes_ = 0;
+  uint64_t next_sequence_ = 0;
+  uint64_t pages_sent_ = 0;
+  engine::TransferStats round_stats_;
 };
 
 // Takes runs from `pages` until `batch_pages` pages are gathered or the
