@@ -342,6 +342,9 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
       return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: target is empty (expected host:port, "
                                                         "or unix:PATH with local; or a snapshot_to file)"));
     }
+    if (snapshot && o.target != nullptr && *o.target != '\0') {
+      return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: set target or snapshot_to, not both"));
+    }
     if (o.snapshot_live != 0 && (o.snapshot_live != 1 || !snapshot)) {
       return capi::Fail(&source->error, InvalidArgument("pmlmig_migrate_options: snapshot_live must be 0, or 1 with "
                                                         "a snapshot_to file"));

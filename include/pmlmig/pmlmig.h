@@ -349,8 +349,8 @@ typedef struct pmlmig_migrate_options {
   uint32_t reserved4;
   /* Since 0.10 (docs/EMBEDDING.md, "Snapshots"): instead of a migration, a
    * snapshot of the VM to this file (docs/SNAPSHOT_FORMAT.md), written under a
-   * temporary name and renamed into place once complete; target is unused
-   * then (may be NULL). The VM is paused for the whole write, or with
+   * temporary name and renamed into place once complete; target must then
+   * be NULL or empty. The VM is paused for the whole write, or with
    * snapshot_live pre-copy rounds go into the file while it runs, under the
    * same switch-over policy as a migration's rounds. After COMPLETED the VM
    * runs on here (stats.source_kept) and another migration or snapshot may

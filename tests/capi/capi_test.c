@@ -275,8 +275,9 @@ static void test_source_refusals(void) {
   CHECK(o.snapshot_to == NULL && o.snapshot_live == 0);
   o.snapshot_live = 1;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "snapshot_live must be 0, or 1 with a snapshot_to file");
-  o.target = NULL;
   o.snapshot_to = "/tmp/capi_test.snap";
+  CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "set target or snapshot_to, not both");
+  o.target = NULL;
   o.compression = PMLMIG_COMPRESSION_LZ4;
   CHECK_ERR(pmlmig_source_start(s, &o), -EINVAL, "a snapshot goes to a file");
   o.compression = PMLMIG_COMPRESSION_NONE;
