@@ -44,11 +44,11 @@ uint64_t SetBits(std::atomic<uint64_t>* words, uint64_t first, uint64_t count) {
 
 constexpr uint64_t kFeatures = UFFD_FEATURE_MISSING_SHMEM;
 
-// A userfaultfd for missing faults on shared memory. Faults come from the
-// kernel (KVM reading guest memory on a vCPU's behalf), so no
-// UFFD_USER_MODE_ONLY; where vm.unprivileged_userfaultfd is 0 that needs
-// CAP_SYS_PTRACE (root has it).
-Result<UniqueFd> OpenUffd() {
+}  // namespace
+
+// Faults come from the kernel, so no UFFD_USER_MODE_ONLY (root has
+// CAP_SYS_PTRACE).
+Result<UniqueFd> OpenMissingFaultUffd() {
   UniqueFd uffd(static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK)));
   if (!uffd.valid()) {
     const int err = errno;
@@ -66,8 +66,6 @@ Result<UniqueFd> OpenUffd() {
   }
   return uffd;
 }
-
-}  // namespace
 
 // ------------------------------------------------------------- PageIndex
 
@@ -102,7 +100,7 @@ uint64_t PageIndex::SlotEnd(uint64_t index) const {
 // ------------------------------------------------------------- target
 
 Status PostcopyMemory::Available() {
-  Result<UniqueFd> uffd = OpenUffd();
+  Result<UniqueFd> uffd = OpenMissingFaultUffd();
   return uffd.ok() ? Status::Ok() : uffd.status();
 }
 
@@ -201,7 +199,7 @@ Result<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Arm(const SlotTable& mem
   }
   m->remaining_.store(m->needed_, std::memory_order_release);
   m->counts_.needed_pages = m->needed_;
-  PMLMIG_ASSIGN_OR_RETURN(m->uffd_, OpenUffd());
+  PMLMIG_ASSIGN_OR_RETURN(m->uffd_, OpenMissingFaultUffd());
   for (const MemorySlot& s : slots) {
     uffdio_register reg{};
     reg.range.start = reinterpret_cast<uint64_t>(s.host);

@@ -118,14 +118,17 @@ struct MigrationSetupFlags {
 struct DataPath {
   bool grpc_data = false;
   uint32_t populate_threads = 4;
+  bool uffd_fill = true;
 };
 
-// "direct", "grpc", with "+popN" when the populate threads are not the default.
-std::string DataPathLabel(bool direct, uint32_t populate_threads) {
+// "direct", "grpc", with "+popN" when the populate threads are not the
+// default, "+nouffd" without the userfaultfd fill.
+std::string DataPathLabel(bool direct, const DataPath& path) {
   std::string s = direct ? "direct" : "grpc";
-  if (populate_threads != transport::MigrationServerOptions{}.populate_threads) {
-    s += "+pop" + std::to_string(populate_threads);
+  if (path.populate_threads != transport::MigrationServerOptions{}.populate_threads) {
+    s += "+pop" + std::to_string(path.populate_threads);
   }
+  if (!path.uffd_fill) s += "+nouffd";
   return s;
 }
 
@@ -141,7 +144,8 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.streams = streams;
   row.compress = std::string(transport::CompressionName(compress));
   row.populate_threads = path.populate_threads;
-  row.data_path = DataPathLabel(!grpc_data, path.populate_threads);
+  row.uffd_fill = path.uffd_fill;
+  row.data_path = DataPathLabel(!grpc_data, path);
 
   // The source VM, running its workload.
   const Clock::time_point t_prepare = Clock::now();
@@ -170,6 +174,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   vmm::TestVmFactory factory(kvm, std::move(fo));
   transport::MigrationServerOptions server_options;
   server_options.populate_threads = path.populate_threads;
+  server_options.uffd_fill = path.uffd_fill;
   PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start(
                                            "127.0.0.1:0", [&factory] { return factory.MakeTarget(); }, server_options));
 
@@ -235,7 +240,11 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   if (completed) {
     auto outcome = server->WaitForMigration(Clock::now() + std::chrono::seconds(30));
     if (outcome.ok() && outcome->vm) (void)outcome->vm->Pause();
-    if (outcome.ok()) row.data_path = DataPathLabel(outcome->direct_data, path.populate_threads);  // what it saw
+    if (outcome.ok()) {
+      row.data_path = DataPathLabel(outcome->direct_data, path);  // what it saw
+      row.uffd_filled_bytes = outcome->uffd_filled_bytes;
+      row.uffd_zero_faults = outcome->uffd_zero_faults;
+    }
   }
   server->Shutdown();
   return row;
@@ -367,12 +376,20 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     populates.push_back(static_cast<uint32_t>(n));
   }
   if (populates.empty()) return PrintError("--populate-threads: empty list"), kExitUsage;
-  std::vector<DataPath> paths;  // per --data-path item, per --populate-threads item
+  std::vector<bool> fills;
+  for (const std::string& item : SplitList(f.uffd_fill)) {
+    if (item != "on" && item != "off") return PrintError("--uffd-fill: '" + item + "' is not on or off"), kExitUsage;
+    fills.push_back(item == "on");
+  }
+  if (fills.empty()) return PrintError("--uffd-fill: empty list"), kExitUsage;
+  std::vector<DataPath> paths;  // per --data-path item, per --populate-threads item, per --uffd-fill item
   for (const std::string& item : SplitList(f.data_path)) {
     if (item != "direct" && item != "grpc") {
       return PrintError("--data-path: '" + item + "' is not direct or grpc"), kExitUsage;
     }
-    for (uint32_t p : populates) paths.push_back({item == "grpc", p});
+    for (uint32_t p : populates) {
+      for (bool u : fills) paths.push_back({item == "grpc", p, u});
+    }
   }
   if (paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
   MigrationSetupFlags setup;
@@ -557,6 +574,10 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_option("--populate-threads", f->populate_threads,
                   "The target's threads populating fresh memory ahead of round 0's data (0: off); a comma-separated "
                   "list runs each (rows say +popN when not the default)")
+      ->capture_default_str();
+  cmd->add_option("--uffd-fill", f->uffd_fill,
+                  "on or off: with several streams, the target places round 0's pages with userfaultfd "
+                  "(UFFDIO_COPY); a comma-separated list runs each (rows say +nouffd when off)")
       ->capture_default_str();
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
       ->capture_default_str();

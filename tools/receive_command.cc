@@ -35,6 +35,7 @@ struct ReceiveFlags {
   bool insecure = false;
   std::string data_path = "direct";
   uint32_t populate_threads = transport::MigrationServerOptions{}.populate_threads;
+  bool no_uffd_fill = false;
   std::string max_memory = "0";
   uint32_t max_vcpus = 1024;
   uint32_t max_streams = 64;
@@ -100,6 +101,7 @@ int Receive(const ReceiveFlags& f) {
     so.allow_insecure = f.insecure;
     so.direct_data = f.data_path == "direct";
     so.populate_threads = f.populate_threads;
+    so.uffd_fill = !f.no_uffd_fill;
   }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
@@ -209,6 +211,8 @@ int Receive(const ReceiveFlags& f) {
   out["received_bytes"] = o.totals.wire_bytes;
   out["postcopy_recoveries"] = o.postcopy_recoveries;
   out["data_path"] = local ? "handover" : o.direct_data ? "direct" : "grpc";
+  out["uffd_filled_bytes"] = o.uffd_filled_bytes;
+  out["uffd_zero_faults"] = o.uffd_zero_faults;
   out["handover"] = local;  // same host: the memory was taken over, no page received
   if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
@@ -338,6 +342,10 @@ Command RegisterReceive(CLI::App& app) {
                   "single-stream migration (0: off)")
       ->check(CLI::Range(0u, 64u))
       ->capture_default_str()
+      ->group("Options");
+  cmd->add_flag("--no-uffd-fill", f->no_uffd_fill,
+                "With several streams, copy the first round's pages into fresh guest memory instead of placing "
+                "them with userfaultfd (UFFDIO_COPY)")
       ->group("Options");
   const char* limits = "Limits";
   cmd->add_option("--max-memory", f->max_memory, "Most guest memory a source may ask for (K/M/G); 0 = what the host has available")

@@ -25,6 +25,7 @@
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/engine/memory_digest.h"
+#include "uffd_fill.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -639,27 +640,7 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
         result.zero_pages += r.pages();
         continue;
       }
-      while (off == data[chunk].size()) {
-        ++chunk;
-        off = 0;
-      }
-      const uint8_t* src = data[chunk].data() + off;
-      if (data[chunk].size() - off >= len) {
-        off += len;
-      } else {  // across pieces: gathered
-        if (!gather_) gather_.reset(new uint8_t[kMaxBatchPayload]);
-        for (uint64_t done = 0; done < len;) {
-          while (off == data[chunk].size()) {
-            ++chunk;
-            off = 0;
-          }
-          const uint64_t k = std::min(len - done, data[chunk].size() - off);
-          std::memcpy(gather_.get() + done, data[chunk].data() + off, k);
-          done += k;
-          off += k;
-        }
-        src = gather_.get();
-      }
+      const uint8_t* src = RunSource(data, &chunk, &off, len);
       PMLMIG_RETURN_IF_ERROR(postcopy->Place(r.gpa(), r.pages(), src).status().WithContext(name));
       result.normal_pages += r.pages();
     }
@@ -675,8 +656,14 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     }
     const engine::MemoryFile* file = nullptr;
     uint64_t file_pos = 0;
+    UffdFill* fill = files != nullptr ? files->fill() : nullptr;
     if (ThroughFile(r, dst, files, memory, &file, &file_pos)) {
       PMLMIG_RETURN_IF_ERROR(WriteToFile(file->fd, file_pos, len, data, &chunk, &off).WithContext(name));
+    } else if (fill != nullptr && fill->Covers(dst, len) && !AllMapped(dst, r.pages())) {
+      // Fresh memory, several streams: placed in the kernel (uffd_fill.h).
+      const uint8_t* src = RunSource(data, &chunk, &off, len);
+      const uint64_t placed = fill->Place(dst, src, len);
+      if (placed < len) std::memcpy(dst + placed, src + placed, len - placed);
     } else {
       for (uint64_t done = 0; done < len;) {
         while (off == data[chunk].size()) {
@@ -693,6 +680,30 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     result.normal_pages += r.pages();
   }
   return result;
+}
+
+const uint8_t* BatchApplier::RunSource(Chunks data, size_t* chunk, uint64_t* off, uint64_t len) {
+  while (*off == data[*chunk].size()) {
+    ++*chunk;
+    *off = 0;
+  }
+  const uint8_t* src = data[*chunk].data() + *off;
+  if (data[*chunk].size() - *off >= len) {
+    *off += len;
+    return src;
+  }
+  if (!gather_) gather_.reset(new uint8_t[kMaxBatchPayload]);
+  for (uint64_t done = 0; done < len;) {
+    while (*off == data[*chunk].size()) {
+      ++*chunk;
+      *off = 0;
+    }
+    const uint64_t k = std::min(len - done, data[*chunk].size() - *off);
+    std::memcpy(gather_.get() + done, data[*chunk].data() + *off, k);
+    done += k;
+    *off += k;
+  }
+  return gather_.get();
 }
 
 bool BatchApplier::ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files,

@@ -128,6 +128,8 @@ class BatchBuilder {
 // engine::MigrationTarget::memory_file): BatchApplier writes data pages
 // through them with pwritev(2), which fills fresh memory without a page-
 // table fault per page. Slots without a file are written through the mapping.
+class UffdFill;
+
 class SlotFiles {
  public:
   SlotFiles() = default;
@@ -139,12 +141,18 @@ class SlotFiles {
   // 1.56-1.76 through the file).
   static SlotFiles Of(const engine::MigrationTarget& target, bool write_through = true);
   const engine::MemoryFile* Find(uint32_t slot) const;
+  const std::vector<std::pair<uint32_t, engine::MemoryFile>>& entries() const { return files_; }
   bool empty() const { return files_.empty(); }
   bool write_through() const { return write_through_; }
+  // Round 0 of several streams: data runs into missing pages are placed
+  // with the session's UffdFill (uffd_fill.h) while it runs.
+  void set_fill(std::shared_ptr<UffdFill> fill) { fill_ = std::move(fill); }
+  UffdFill* fill() const { return fill_.get(); }
 
  private:
   std::vector<std::pair<uint32_t, engine::MemoryFile>> files_;
   bool write_through_ = true;
+  std::shared_ptr<UffdFill> fill_;
 };
 
 struct ApplyResult {
@@ -194,6 +202,9 @@ class BatchApplier {
   bool AllMapped(const uint8_t* host, uint64_t pages);
   // The checks of a batch's runs against `memory` (Apply's step 1): its data pages.
   Result<uint64_t> CheckRuns(const proto::PageBatch& b, const engine::SlotTable& memory);
+  // The `len` bytes of the run starting at data[*chunk] + *off, in one
+  // piece (gathered when they span pieces); advances *chunk/*off past them.
+  const uint8_t* RunSource(Chunks data, size_t* chunk, uint64_t* off, uint64_t len);
   // Whether the data run `r` at `dst` is written through its slot's file
   // (fresh memory of a single writer) rather than through the mapping.
   bool ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files, const engine::SlotTable& memory,

@@ -5,6 +5,7 @@
 #include "grpc_status.h"
 #include "direct_receiver.h"
 #include "populate_ahead.h"
+#include "uffd_fill.h"
 #include "pmlmig/base/units.h"
 
 namespace pmlmig::transport {
@@ -114,6 +115,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
   std::unique_ptr<engine::MigrationTarget> target;
   std::shared_ptr<DirectStreams> direct;
   std::shared_ptr<PopulateAhead> populate;
+  std::shared_ptr<UffdFill> fill;
   ReceivedMigration out;
   {
     std::unique_lock lock(mu_);
@@ -124,15 +126,21 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
     direct = std::move(session->direct);  // joined below, outside the lock its threads take
     out.direct_data = direct != nullptr;
     populate = std::move(session->populate);
+    fill = std::move(session->fill);
     session->postcopy = nullptr;  // the target owns it and goes below
     target = std::move(session->target);
     out.totals = session->totals;
+    if (session->fill_counts) {
+      out.uffd_filled_bytes = session->fill_counts->placed_bytes();
+      out.uffd_zero_faults = session->fill_counts->zero_faults();
+    }
     out.rounds = session->rounds;
     out.postcopy = session->postcopy_used;
     out.postcopy_recoveries = session->postcopy_recoveries;
   }
   if (direct) direct->Close();
   if (populate) populate->Stop();  // before the target (whose memory it populates) goes
+  if (fill) fill->Stop();          // likewise (it has the memory registered)
   out.outcome = status;
   out.error = error;
   out.session_id = session->id;

@@ -37,6 +37,7 @@ namespace pmlmig::transport {
 
 class DirectStreams;
 class PopulateAhead;
+class UffdFill;
 class ReceiverSession;
 
 // One data stream's carrier as the session sees it (a gRPC Pages call, or a
@@ -92,6 +93,10 @@ struct Session {
   // has them on; stopped at the first later round, PostcopyPrepare, Final
   // or the end, always before the target goes.
   std::shared_ptr<PopulateAhead> populate;
+  // Round 0's UffdFill (uffd_fill.h), for several streams when the server
+  // has it on; stopped like populate.
+  std::shared_ptr<UffdFill> fill;
+  std::shared_ptr<const UffdFill> fill_counts;  // the same, kept to the end for its counts
   int applying = 0;  // Pages threads writing into target memory right now
   engine::TransferStats totals;
   uint32_t rounds = 0;

@@ -7,6 +7,7 @@
 #include "batch_codec.h"
 #include "direct_receiver.h"
 #include "populate_ahead.h"
+#include "uffd_fill.h"
 #include "grpc_status.h"
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/proc.h"
@@ -312,6 +313,15 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     populate = std::make_shared<PopulateAhead>(target->memory(), std::min(r_.options_.populate_threads, 64u),
                                                r_.options_.populate_lookahead_bytes);
   }
+  // With several streams, round 0 fills fresh memory through userfaultfd
+  // instead (uffd_fill.h); where that cannot be had, pages are copied.
+  std::shared_ptr<UffdFill> fill;
+  if (r_.options_.uffd_fill && ps.streams() > 1) {
+    const SlotFiles files = SlotFiles::Of(*target, /*write_through=*/false);
+    if (Result<std::shared_ptr<UffdFill>> f = UffdFill::Start(target->memory(), files.entries()); f.ok()) {
+      fill = std::move(*f);
+    }
+  }
   // Direct data streams, when asked for and the port takes them (never
   // under TLS). Without a key the sender is left to the Pages calls.
   std::shared_ptr<DirectStreams> direct;
@@ -326,6 +336,8 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
     if (session_->state == SessionState::kWaitSetup) {
       session_->direct = direct;
       session_->populate = populate;
+      session_->fill = fill;
+      session_->fill_counts = fill;
       session_->target = std::move(target);
       session_->streams = ps.streams();
       session_->checksum = ps.checksum() == proto::BATCH_CHECKSUM_XXH3 ? Checksum::kXxh3 : Checksum::kXxh64;
@@ -338,6 +350,7 @@ ReceiverSession::Next ReceiverSession::Setup(const proto::ControlRequest& req) {
   }
   if (target) {
     if (populate) populate->Stop();
+    if (fill) fill->Stop();
     target->OnAbort(failed_meanwhile);
     return EndOfCall();  // ends the session with the recorded failure
   }
@@ -449,11 +462,14 @@ ReceiverSession::Next ReceiverSession::Final(const proto::ControlRequest& req) {
 
 void ReceiverSession::StopPopulating() {
   std::shared_ptr<PopulateAhead> populate;
+  std::shared_ptr<UffdFill> fill;
   {
     std::lock_guard lock(r_.mu_);
     populate = std::move(session_->populate);
+    fill = std::move(session_->fill);
   }
   if (populate) populate->Stop();
+  if (fill) fill->Stop();
 }
 
 ReceiverSession::Next ReceiverSession::Prepare(const proto::PostcopyPrepare& p) {

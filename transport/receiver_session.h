@@ -74,7 +74,8 @@ class ReceiverSession {
   Next Setup(const proto::ControlRequest& req);   // WAIT_SETUP
   Next Final(const proto::ControlRequest& req);   // RECEIVING
   Next Prepare(const proto::PostcopyPrepare& p);  // RECEIVING, before a post-copy Final
-  // Stops round 0's populate-ahead workers (joined when it returns).
+  // Stops round 0's populate-ahead workers (joined when it returns) and
+  // userfaultfd fill (its memory unregistered when it returns).
   void StopPopulating();
   Next Commit(const proto::ControlRequest& req);  // PREPARED
   Next Abort(const proto::Abort& abort);          // any state

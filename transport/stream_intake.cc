@@ -3,6 +3,7 @@
 #include "pmlmig/base/failpoint.h"
 #include "pmlmig/base/units.h"
 #include "populate_ahead.h"
+#include "uffd_fill.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -58,6 +59,7 @@ Status StreamIntake::AttachLocked(uint64_t session_id, uint32_t index) {
   attached_ = true;
   // Through the file only when this is the one stream writing (see SlotFiles).
   files_ = SlotFiles::Of(*session.target, /*write_through=*/session.streams == 1);
+  files_.set_fill(session.fill);
   applier_.set_checksum(session.checksum);
   session.per_stream[index_].attached = true;
   session.per_stream[index_].call = self_;
@@ -80,6 +82,7 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
   engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
   std::shared_ptr<PopulateAhead> populate;     // round 0: told where data arrived
   std::shared_ptr<PopulateAhead> done_populating;  // a later round: stopped here
+  std::shared_ptr<UffdFill> done_filling;          // likewise
   {
     std::lock_guard lock(r_.mu_);
     if (!attached_) PMLMIG_RETURN_IF_ERROR(AttachLocked(batch.session_id(), batch.stream()));
@@ -98,9 +101,13 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
     memory = &session.target->memory();
     digests = session.target->digests();
     if (batch.round() == 0) populate = session.populate;
-    else done_populating = std::move(session.populate);
+    else {
+      done_populating = std::move(session.populate);
+      done_filling = std::move(session.fill);
+    }
   }
   if (done_populating) done_populating->Stop();
+  if (done_filling) done_filling->Stop();
 
   Result<ApplyResult> applied = applier_.Apply(batch, payload, *memory, digests, &files_);
   // Inside the applying window, so the target (and its memory) still exists.

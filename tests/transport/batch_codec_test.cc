@@ -3,6 +3,7 @@
 // receiver makes, each of which must leave target memory untouched.
 #include "../../transport/batch_codec.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -14,6 +15,7 @@
 #include "pmlmig/base/mapping.h"
 #include "pmlmig/base/unique_fd.h"
 #include "test_memory.h"
+#include "../../transport/uffd_fill.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -348,6 +350,16 @@ TEST_F(BatchCodecTest, Xxh3ChecksumRoundTripsAndIsNotXxh64) {
   EXPECT_EQ(r.status().code(), Code::kDataLoss);
 }
 
+// `payload` cut into pieces of `size` bytes (the last one shorter), as gRPC
+// slices arrive.
+std::vector<std::span<const uint8_t>> Pieces(const std::string& payload, size_t size) {
+  std::vector<std::span<const uint8_t>> pieces;
+  for (size_t off = 0; off < payload.size(); off += size) {
+    pieces.emplace_back(reinterpret_cast<const uint8_t*>(payload.data()) + off, std::min(size, payload.size() - off));
+  }
+  return pieces;
+}
+
 // Guest memory in one memfd, written through the file (pwritev) as the
 // receiver does for a VM whose memory is a memfd.
 class FileTarget final : public engine::MigrationTarget {
@@ -416,16 +428,89 @@ TEST_F(BatchCodecTest, WritesThroughTheMemoryFile) {
   // A payload split into pieces (gRPC slices) lands the same way.
   proto::PageBatch header = b;
   header.clear_payload();
-  const std::string& pl = b.payload();
-  std::vector<std::span<const uint8_t>> pieces;
-  for (size_t off = 0; off < pl.size(); off += 12345) {
-    pieces.emplace_back(reinterpret_cast<const uint8_t*>(pl.data()) + off, std::min<size_t>(12345, pl.size() - off));
-  }
+  const std::vector<std::span<const uint8_t>> pieces = Pieces(b.payload(), 12345);
   FileTarget again(64 * kPageSize);
   const SlotFiles files2 = SlotFiles::Of(again);
   r = applier.Apply(header, Chunks(pieces), again.memory(), nullptr, &files2);
   ASSERT_TRUE(r.ok()) << r.status().message();
   EXPECT_EQ(std::memcmp(src_.At(0), again.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
+}
+
+// Several streams' round 0: data runs into missing pages are placed with
+// UFFDIO_COPY (uffd_fill.h); pages that exist are copied; anything else
+// touching a missing page meanwhile gets a zero page from the handler.
+TEST_F(BatchCodecTest, PlacesFreshPagesThroughUserfaultfd) {
+  FileTarget target(64 * kPageSize);
+  SlotFiles files = SlotFiles::Of(target, /*write_through=*/false);
+  Result<std::shared_ptr<UffdFill>> started = UffdFill::Start(target.memory(), files.entries());
+  if (!started.ok() && started.status().code() == Code::kUnavailable) {
+    GTEST_SKIP() << "no userfaultfd here: " << started.status().message();
+  }
+  ASSERT_TRUE(started.ok()) << started.status().message();
+  const std::shared_ptr<UffdFill> fill = *started;
+  files.set_fill(fill);
+  uint8_t* host = target.memory().HostAddress(0, 64 * kPageSize);
+  ASSERT_TRUE(fill->Covers(host, 64 * kPageSize));
+  EXPECT_FALSE(fill->Covers(host + kPageSize, 64 * kPageSize)) << "past the slot's end";
+  // A write and a read of missing pages before any data: the handler maps
+  // zero pages, so neither waits forever and the read sees zero.
+  host[30 * kPageSize] = 0x77;
+  EXPECT_EQ(host[50 * kPageSize + 9], 0);
+  EXPECT_EQ(fill->zero_faults(), 2u);
+  // Pages 10-19 of the source are zero: holes stay holes. Pages 30 and 50
+  // exist now: copied over. The other 52 data pages are placed.
+  proto::PageBatch b = Build(src_, 0, 64);
+  BatchApplier applier;
+  Result<ApplyResult> r = applier.Apply(b, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->normal_pages, 54u);
+  EXPECT_EQ(fill->placed_bytes(), 54 * kPageSize);  // the two existing pages by the copy it falls back to
+  EXPECT_EQ(fill->zero_faults(), 2u) << "the applier touched a missing page";
+  EXPECT_EQ(::lseek(target.fd(), 10 * kPageSize, SEEK_DATA), static_cast<off_t>(20 * kPageSize))
+      << "the zero pages 10-19 were made resident";
+  // Reading the holes 10-19 while registered: zero pages from the handler.
+  EXPECT_EQ(std::memcmp(src_.At(0), host, 64 * kPageSize), 0);
+  EXPECT_EQ(fill->zero_faults(), 12u);
+  // After Stop the memory is ordinary: a hole reads as zero without the
+  // handler, and batches are copied.
+  fill->Stop();
+  fill->Stop();  // again: nothing
+  EXPECT_FALSE(fill->Covers(host, kPageSize));
+  ASSERT_EQ(::fallocate(target.fd(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 15 * kPageSize, kPageSize), 0);
+  EXPECT_TRUE(IsZeroPage(host + 15 * kPageSize));
+  EXPECT_EQ(fill->zero_faults(), 12u) << "a hole faulted to the handler after Stop";
+  std::memset(host, 0x5a, 64 * kPageSize);
+  r = applier.Apply(b, target.memory(), nullptr, &files);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(std::memcmp(src_.At(0), host, 64 * kPageSize), 0);
+  EXPECT_EQ(fill->Place(host, src_.At(0), kPageSize), 0u) << "placed after Stop";
+
+  // A payload in pieces (gRPC slices): each run is gathered, then placed.
+  FileTarget again(64 * kPageSize);
+  SlotFiles files2 = SlotFiles::Of(again, false);
+  started = UffdFill::Start(again.memory(), files2.entries());
+  ASSERT_TRUE(started.ok()) << started.status().message();
+  files2.set_fill(*started);
+  proto::PageBatch header = b;
+  header.clear_payload();
+  const std::vector<std::span<const uint8_t>> pieces = Pieces(b.payload(), 12345);
+  r = applier.Apply(header, Chunks(pieces), again.memory(), nullptr, &files2);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ((*started)->placed_bytes(), 54 * kPageSize);
+  (*started)->Stop();
+  EXPECT_EQ(std::memcmp(src_.At(0), again.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
+  EXPECT_EQ((*started)->zero_faults(), 0u);
+}
+
+// Memory without a memfd is left alone.
+TEST(UffdFillTest, NeedsAMemfd) {
+  auto m = Mapping::Map(16 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0, "anonymous");
+  ASSERT_TRUE(m.ok());
+  engine::SlotTable slots;
+  ASSERT_TRUE(slots.Set({0, 0, m->data(), 16 * kPageSize, 0}).ok());
+  Result<std::shared_ptr<UffdFill>> f = UffdFill::Start(slots, {});
+  ASSERT_FALSE(f.ok());
+  EXPECT_EQ(f.status().code(), Code::kUnavailable);
 }
 
 TEST(CompressionTest, ParsesNames) {

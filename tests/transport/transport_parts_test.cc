@@ -1,6 +1,7 @@
-// The sender's concurrent parts that know nothing of gRPC: the token
+// The transport's concurrent parts that know nothing of gRPC: the token
 // bucket, the buffer pool, the stall watch, the failure latch and the
-// connection probe. This binary links neither gRPC nor protobuf, so
+// connection probe of the sender; populate-ahead and the userfaultfd fill
+// of the receiver. This binary links neither gRPC nor protobuf, so
 // scripts/tsan.sh runs it under ThreadSanitizer: the threads below are
 // there to give TSan the accesses the sink's sender threads make.
 #include <gtest/gtest.h>
@@ -15,6 +16,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -33,6 +35,7 @@
 #include "push_window.h"
 #include "stall_watch.h"
 #include "token_bucket.h"
+#include "uffd_fill.h"
 
 namespace pmlmig::transport {
 namespace {
@@ -412,6 +415,64 @@ TEST(PopulateAheadTest, PopulatesOnlyAheadOfDataWithinTheSlotAndStops) {
     EXPECT_EQ(r1[page], chunk <= 1) << "slot 1 page " << page;
   }
   ::munmap(base, 2 * size);
+}
+
+// Two streams placing their runs at once, a thread reading missing pages
+// of another part of the slot meanwhile (the handler's zero pages), and
+// Stop from two threads while they run: every page ends up with its data,
+// the untouched part reads as zero, and nothing waits forever.
+TEST(UffdFillTest, ConcurrentPlacesFaultsAndStops) {
+  constexpr uint64_t kMiB = 1 << 20;
+  const uint64_t data = 32 * kMiB, size = 48 * kMiB;  // the reader's part: [data, size)
+  const UniqueFd fd(::memfd_create("uffd-fill-test", MFD_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
+  ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+  auto* base = static_cast<uint8_t*>(::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0));
+  ASSERT_NE(base, MAP_FAILED);
+  engine::SlotTable slots;
+  ASSERT_TRUE(slots.Set({3, 0, base, size, 0}).ok());
+  const UffdFill::SlotFile files[] = {{3, engine::MemoryFile{fd.get(), 0}}};
+  Result<std::shared_ptr<UffdFill>> started = UffdFill::Start(slots, files);
+  if (!started.ok() && started.status().code() == Code::kUnavailable) {
+    ::munmap(base, size);
+    GTEST_SKIP() << "no userfaultfd here: " << started.status().message();
+  }
+  ASSERT_TRUE(started.ok()) << started.status().message();
+  std::shared_ptr<UffdFill> fill = *started;
+  std::vector<uint8_t> src(data);
+  for (uint64_t i = 0; i < data; i += 8) std::memcpy(&src[i], &i, 8);
+  // Each writer takes every other 256 KiB run and copies what Place
+  // leaves, as the applier does.
+  auto writer = [&](uint64_t first) {
+    constexpr uint64_t kRun = 256 << 10;
+    for (uint64_t off = first * kRun; off < data; off += 2 * kRun) {
+      const uint64_t placed = fill->Covers(base + off, kRun) ? fill->Place(base + off, src.data() + off, kRun) : 0;
+      std::memcpy(base + off + placed, src.data() + off + placed, kRun - placed);
+    }
+  };
+  std::atomic<uint64_t> nonzero{0};
+  std::thread a(writer, 0), b(writer, 1);
+  std::thread reader([&] {
+    for (uint64_t off = data; off < size; off += engine::kPageSize) {
+      if (*static_cast<volatile uint8_t*>(base + off + 8) != 0) nonzero.fetch_add(1);
+    }
+  });
+  std::thread stop([&] {
+    std::this_thread::sleep_for(2ms);
+    fill->Stop();
+  });
+  std::this_thread::sleep_for(3ms);
+  fill->Stop();
+  a.join();
+  b.join();
+  reader.join();
+  stop.join();
+  EXPECT_EQ(nonzero.load(), 0u);
+  EXPECT_FALSE(fill->Covers(base, engine::kPageSize));
+  EXPECT_EQ(std::memcmp(base, src.data(), data), 0);
+  EXPECT_LE(fill->zero_faults(), (size - data) / engine::kPageSize);
+  fill.reset();  // closes the userfaultfd
+  ::munmap(base, size);
 }
 
 TEST(DirectWireTest, ListenAndConnectNameTheAddressWhenTheyFail) {

@@ -99,6 +99,12 @@ class PageBits {
   std::vector<uint64_t> words_;
 };
 
+// A userfaultfd for missing faults on shared memory (UFFD_FEATURE_MISSING_SHMEM),
+// non-blocking and close-on-exec; faults from the kernel too (KVM reading
+// guest memory on a vCPU's behalf), which needs CAP_SYS_PTRACE where
+// vm.unprivileged_userfaultfd is 0. Error kUnavailable, naming the reason.
+Result<UniqueFd> OpenMissingFaultUffd();
+
 // Target side.
 class PostcopyMemory {
  public:

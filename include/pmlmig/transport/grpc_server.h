@@ -81,6 +81,15 @@ struct MigrationServerOptions {
   // 0: off. Default 4.
   uint32_t populate_threads = 4;
   uint64_t populate_lookahead_bytes = 64ull << 20;
+  // For a migration of several streams: round 0's pages are placed into the
+  // target's fresh memory with userfaultfd (UFFDIO_COPY: allocated and
+  // copied in the kernel, no page fault per page), for the slots that have
+  // a memfd, until the first later round. Where first-touching memory is
+  // slow (a nested VM) that fills it 1.3-1.6x faster than the streams' own
+  // page faults (docs/BENCHMARKS.md). Without userfaultfd (no
+  // CAP_SYS_PTRACE where vm.unprivileged_userfaultfd is 0) pages are
+  // copied as before. Default on.
+  bool uffd_fill = true;
 };
 
 // Threads: Start, WaitForMigration, RefuseNewMigrations, port and Shutdown

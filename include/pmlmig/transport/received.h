@@ -29,6 +29,13 @@ struct ReceivedMigration {
   // "Direct data streams"), not Pages calls: the source asked for them and
   // this receiver offered them.
   bool direct_data = false;
+  // Bytes of round 0's pages placed into fresh memory with userfaultfd
+  // (0.11; MigrationServerOptions::uffd_fill): 0 with one stream, without
+  // userfaultfd, or with the option off.
+  uint64_t uffd_filled_bytes = 0;
+  // Of that fill: pages something else touched before their data came,
+  // given a zero page (a read of a hole; expected 0 for a paused target).
+  uint64_t uffd_zero_faults = 0;
   // A completed migration's resumed VM (target->TakeVm()), the caller's from
   // here; null otherwise.
   std::unique_ptr<engine::VmControl> vm;
