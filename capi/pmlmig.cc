@@ -540,6 +540,7 @@ void pmlmig_receive_options_init(pmlmig_receive_options* o) {
   o->idle_timeout_ms = static_cast<uint32_t>(d.idle_timeout.count());
   o->postcopy_recovery_ms = static_cast<uint32_t>(d.postcopy_recovery_timeout.count());
   o->commit_timeout_ms = static_cast<uint32_t>(d.commit_timeout.count());
+  o->uffd_fill = d.uffd_fill ? 1 : 0;
 }
 
 void pmlmig_receive_stats_init(pmlmig_receive_stats* s) {
@@ -578,6 +579,7 @@ int pmlmig_receiver_start(const pmlmig_receive_options* options, pmlmig_receiver
     so.postcopy_recovery_timeout = std::chrono::milliseconds(o.postcopy_recovery_ms);
     so.commit_timeout = std::chrono::milliseconds(o.commit_timeout_ms);
     so.allow_insecure = o.allow_insecure != 0;
+    so.uffd_fill = o.uffd_fill != 0;
     auto sec = transport::LoadTransportSecurity(Str(o.tls_ca), Str(o.tls_cert), Str(o.tls_key), Str(o.token_file));
     if (!sec.ok()) return capi::Fail(nullptr, sec.status());
     so.security = std::move(*sec);
@@ -623,6 +625,7 @@ int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_v
     out.verified = m.reply.verified ? 1 : 0;
     out.postcopy = m.postcopy ? 1 : 0;
     out.postcopy_recoveries = m.postcopy_recoveries;
+    out.uffd_filled_bytes = m.uffd_filled_bytes;
     capi::WriteSized(out, stats);
     if (m.outcome != engine::Outcome::kCompleted) {
       const int rc = capi::Fail(&receiver->error, m.error.ok() ? pmlmig::Internal("the migration failed") : m.error);

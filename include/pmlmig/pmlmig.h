@@ -495,6 +495,14 @@ typedef struct pmlmig_receive_options {
    * allow_insecure, max_memory_bytes and max_streams do not apply; the idle
    * timeout (between the setup and the final state) is at least 10 min. */
   pmlmig_vm_factory_shared shared_factory;
+  /* Since 0.11: 1 (the default) places the first round of a migration of
+   * several streams into the new VM's memory with userfaultfd (UFFDIO_COPY:
+   * no page fault per page), in the regions that have a memfd; from the setup
+   * until the first later round (or the final state) the receiver holds those
+   * regions registered for missing faults (docs/EMBEDDING.md, "0.11.0").
+   * 0: pages are copied through the mapping, as in 0.10. */
+  int32_t uffd_fill;
+  uint32_t reserved3;
 } pmlmig_receive_options;
 PMLMIG_API void pmlmig_receive_options_init(pmlmig_receive_options *options);
 
@@ -514,6 +522,8 @@ typedef struct pmlmig_receive_stats {
   int32_t postcopy;              /* the VM resumed before all its memory was here (the check was not called;
                                     every page had arrived when this returned) */
   uint32_t postcopy_recoveries;  /* post-copy links broken and resumed by the source */
+  /* Since 0.11: */
+  uint64_t uffd_filled_bytes;    /* of the first round, placed with userfaultfd (uffd_fill) */
 } pmlmig_receive_stats;
 PMLMIG_API void pmlmig_receive_stats_init(pmlmig_receive_stats *stats);
 

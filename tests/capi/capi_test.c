@@ -7,7 +7,7 @@
  * is resumed, the receiver's VM is released, and both sides say why.
  * The live migration of a real KVM guest through this ABI is
  * tests/tools/embed_test.sh (examples/). */
-#define _DEFAULT_SOURCE 1 /* MAP_ANONYMOUS under -std=c11 */
+#define _GNU_SOURCE 1 /* MAP_ANONYMOUS and memfd_create under -std=c11 */
 #include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -47,6 +47,7 @@ typedef struct fake_vm {
   int pauses, resumes, logging, released;
   int fail_logging; /* set_dirty_logging(on) fails with -EPERM */
   int from_factory; /* built by the receiver's factory (on the heap) */
+  int memfd;        /* > 0: mem is this memfd, mapped shared */
 } fake_vm;
 
 static int op_pause(void *o) { ((fake_vm *)o)->pauses++; return 0; }
@@ -68,6 +69,7 @@ static void op_release(void *o) {
   fake_vm *v = o;
   v->released = 1;
   munmap(v->mem, MEM_BYTES);
+  if (v->memfd > 0) close(v->memfd);
   if (v->from_factory) g_released_target = v;
 }
 
@@ -92,7 +94,7 @@ static int make_vm(fake_vm *v, const char *description, pmlmig_vm **out) {
   r.gpa = 0;
   r.size = MEM_BYTES;
   r.host = v->mem;
-  r.memfd = -1;
+  r.memfd = v->memfd > 0 ? v->memfd : -1;
   pmlmig_vm_config c;
   pmlmig_vm_config_init(&c);
   c.vm_fd = -1;
@@ -104,6 +106,19 @@ static int make_vm(fake_vm *v, const char *description, pmlmig_vm **out) {
   c.description_length = description ? strlen(description) : 0;
   pmlmig_vm_ops o = ops(1);
   return pmlmig_vm_create(&c, &o, v, out);
+}
+
+/* A source over the fake VM `v`, whose memory is mapped here (the caller
+ * fills it, or not, before starting): *vm is the VM, to destroy after the
+ * source. */
+static pmlmig_source *fake_source(fake_vm *v, const char *description, pmlmig_vm **vm) {
+  v->mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(v->mem != MAP_FAILED);
+  *vm = NULL;
+  CHECK(make_vm(v, description, vm) == 0);
+  pmlmig_source *s = NULL;
+  CHECK(pmlmig_source_create(*vm, &s) == 0);
+  return s;
 }
 
 static int g_factory_calls;
@@ -120,7 +135,9 @@ static int factory(void *user, const void *d, size_t n, uint32_t vcpus, const pm
   g_factory_description[n] = '\0';
   fake_vm *v = calloc(1, sizeof *v);
   v->from_factory = 1;
-  v->mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  v->memfd = memfd_create("capi-test-target", MFD_CLOEXEC); /* as a VMM's guest memory is */
+  if (v->memfd <= 0 || ftruncate(v->memfd, MEM_BYTES) != 0) return -errno;
+  v->mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, v->memfd, 0);
   return make_vm(v, NULL, out);
 }
 
@@ -164,7 +181,7 @@ static void test_versions_and_defaults(void) {
   pmlmig_receive_options_init(&ro);
   CHECK(ro.size == sizeof ro && ro.max_vcpus == 1024 && ro.max_streams == 64 && ro.handshake_timeout_ms == 30000 &&
         ro.idle_timeout_ms == 60000 && ro.commit_timeout_ms == 30000 && ro.factory == NULL &&
-        ro.postcopy_recovery_ms == 600000);
+        ro.postcopy_recovery_ms == 600000 && ro.uffd_fill == 1);
 }
 
 static void test_vm_refusals(void) {
@@ -210,11 +227,8 @@ static void test_vm_refusals(void) {
 
 static void test_source_refusals(void) {
   fake_vm v = {0};
-  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  pmlmig_vm *vm = NULL;
-  CHECK(make_vm(&v, "d", &vm) == 0);
-  pmlmig_source *s = NULL;
-  CHECK(pmlmig_source_create(vm, &s) == 0);
+  pmlmig_vm *vm;
+  pmlmig_source *s = fake_source(&v, "d", &vm);
   CHECK_ERR(pmlmig_source_wait(s, NULL), -ENOENT, "no migration was started");
   CHECK_ERR(pmlmig_source_cancel(s), -ENOENT, "no migration in progress");
   pmlmig_migrate_options o;
@@ -360,12 +374,9 @@ static void test_failed_migration(int refuse) {
   snprintf(target, sizeof target, "127.0.0.1:%d", pmlmig_receiver_port(r));
 
   fake_vm v = {0};
-  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  pmlmig_vm *vm;
+  pmlmig_source *s = fake_source(&v, "fake-vm-1", &vm);
   for (unsigned i = 0; i < MEM_BYTES; ++i) v.mem[i] = (unsigned char)(i * 7 + 1);
-  pmlmig_vm *vm = NULL;
-  CHECK(make_vm(&v, "fake-vm-1", &vm) == 0);
-  pmlmig_source *s = NULL;
-  CHECK(pmlmig_source_create(vm, &s) == 0);
   pmlmig_migrate_options o;
   pmlmig_migrate_options_init(&o);
   o.target = target;
@@ -407,6 +418,9 @@ static void test_failed_migration(int refuse) {
     CHECK(g_factory_calls == 1);
     CHECK(strcmp(g_factory_description, "fake-vm-1") == 0);
     CHECK(rs.normal_pages >= PAGES);
+    /* Two streams (the default) into the factory's memfd: round 0 placed with userfaultfd. */
+    CHECK(rs.uffd_filled_bytes == MEM_BYTES);
+    if (rs.uffd_filled_bytes != MEM_BYTES) fprintf(stderr, "uffd_filled_bytes %llu\n", (unsigned long long)rs.uffd_filled_bytes);
     CHECK(g_released_target != NULL && g_released_target->released == 1); /* the receiver released its VM */
     free(g_released_target);
   }
@@ -420,12 +434,9 @@ static void test_callback_failure(void) {
   char target[64];
   snprintf(target, sizeof target, "127.0.0.1:%d", pmlmig_receiver_port(r));
   fake_vm v = {0};
-  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   v.fail_logging = 1;
-  pmlmig_vm *vm = NULL;
-  CHECK(make_vm(&v, "fake-vm-2", &vm) == 0);
-  pmlmig_source *s = NULL;
-  CHECK(pmlmig_source_create(vm, &s) == 0);
+  pmlmig_vm *vm;
+  pmlmig_source *s = fake_source(&v, "fake-vm-2", &vm);
   pmlmig_migrate_options o;
   pmlmig_migrate_options_init(&o);
   o.target = target;
@@ -486,14 +497,11 @@ static void test_snapshot_round_trip(void) {
   close(fd);
   unlink(path); /* the snapshot is created under a temporary name and renamed to this */
   fake_vm v = {0};
-  v.mem = mmap(NULL, MEM_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  pmlmig_vm *vm;
+  pmlmig_source *s = fake_source(&v, "d", &vm);
   for (unsigned i = 0; i < PAGES; ++i) {
     if (i % 3 != 0) memset(v.mem + i * 4096u, (int)(i + 1), 4096); /* every third page stays zero */
   }
-  pmlmig_vm *vm = NULL;
-  CHECK(make_vm(&v, "d", &vm) == 0);
-  pmlmig_source *s = NULL;
-  CHECK(pmlmig_source_create(vm, &s) == 0);
   pmlmig_migrate_options o;
   pmlmig_migrate_options_init(&o);
   o.snapshot_to = path;
