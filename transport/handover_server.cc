@@ -1,18 +1,23 @@
 // HandoverServer: the receiver's side of a same-host handover
-// (proto/handover.proto). One thread accepts connections and serves each to
-// its end, one at a time: a handover is a few messages, and a second source
-// arriving meanwhile waits in the listen queue.
+// (proto/handover.proto). One thread accepts connections, and each is served
+// on a thread of its own, so a peer that connects and says nothing (or a
+// refused one) holds up nobody: a Resolve is answered at once, and a setup
+// waits only for a handover in progress (handovers run one at a time).
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <list>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "handover_wire.h"
@@ -98,10 +103,12 @@ class HandoverServer::Impl {
       std::lock_guard lock(mu_);
       if (stopped_) return;
       stopped_ = true;
-      if (conn_ >= 0) ::shutdown(conn_, SHUT_RDWR);  // the handover in progress fails
+      for (int c : conns_) ::shutdown(c, SHUT_RDWR);  // the handover in progress fails, the others end
     }
     cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
+    if (thread_.joinable()) thread_.join();  // then no worker is added
+    for (Worker& w : workers_) w.thread.join();
+    workers_.clear();
     ::unlink(path_.c_str());
   }
 
@@ -113,20 +120,43 @@ class HandoverServer::Impl {
     return stopped_;
   }
 
+  // A connection's thread; `done` is set as it ends.
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+
   void AcceptLoop() {
     while (!stopped()) {
+      // Finished connections' threads first.
+      for (auto it = workers_.begin(); it != workers_.end();) {
+        if (!it->done->load()) {
+          ++it;
+          continue;
+        }
+        it->thread.join();
+        it = workers_.erase(it);
+      }
       pollfd p{listen_.get(), POLLIN, 0};
       if (::poll(&p, 1, 100) <= 0) continue;
-      UniqueFd conn(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-      if (!conn.valid()) continue;
+      auto conn = std::make_shared<UniqueFd>(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn->valid()) continue;
       {
         std::lock_guard lock(mu_);
         if (stopped_) break;
-        conn_ = conn.get();
+        conns_.insert(conn->get());
       }
-      Serve(conn.get());
-      std::lock_guard lock(mu_);
-      conn_ = -1;
+      auto done = std::make_shared<std::atomic<bool>>(false);
+      workers_.push_back({std::thread([this, conn, done] {
+                            Serve(conn->get());
+                            {
+                              std::lock_guard lock(mu_);
+                              conns_.erase(conn->get());  // before it closes: Shutdown never sees a reused fd
+                            }
+                            conn->Reset();
+                            done->store(true);
+                          }),
+                          done});
     }
   }
 
@@ -145,7 +175,14 @@ class HandoverServer::Impl {
                       In(std::chrono::milliseconds(1000)));
       return;
     }
+    std::unique_lock one_at_a_time(receive_mu_);  // behind a handover in progress, if any
+    if (stopped()) {
+      (void)SendFrame(conn, SetupReply(Unavailable("the receiver is shutting down"), options_.receiver_name),
+                      In(std::chrono::milliseconds(1000)));
+      return;
+    }
     ReceivedMigration r = Receive(conn, first->message.setup(), std::move(first->fds));
+    one_at_a_time.unlock();
     std::lock_guard lock(mu_);
     done_.push_back(std::move(r));
     cv_.notify_all();
@@ -169,13 +206,15 @@ class HandoverServer::Impl {
   UniqueFd listen_;
   TargetFactory factory_;
   const HandoverServerOptions options_;
-  std::thread thread_;
+  std::thread thread_;              // the accept loop
+  std::list<Worker> workers_;       // the accept loop's, then Shutdown's once it is joined
+  std::mutex receive_mu_;           // held by the handover in progress
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<ReceivedMigration> done_;  // guarded by mu_
   std::string refuse_;                   // guarded by mu_
   bool stopped_ = false;                 // guarded by mu_
-  int conn_ = -1;                        // guarded by mu_: the connection being served
+  std::set<int> conns_;                  // guarded by mu_: the connections being served
   std::map<uint64_t, proto::HandoverResolveReply::State> sessions_;  // guarded by mu_
 };
 

@@ -12,6 +12,7 @@
 #     paused (the target might have run the guest on the shared memory);
 #   - the commit's answer lost (tamper.handover_commit_reply): resolved on a
 #     second connection, completed;
+#   - a peer that connects and says nothing does not delay the next handover;
 #   - refusals: the socket is 0600 (another user cannot connect), a process of
 #     another uid that connects anyway (the socket opened to all) is refused
 #     through SO_PEERCRED, and a source refuses a receiver of another uid;
@@ -168,6 +169,31 @@ assert r["status"] == "completed" and r["pages_written_after_resume"] > 0, r
   pass "commit answer lost: resolved on a new connection, completed"
 else
   fail "commit answer lost: $(show)"
+fi
+
+# 5b. A peer of this uid that connects and says nothing holds up nobody: the
+# handover after it goes through at once, not after the receiver's 30 s
+# handshake timeout.
+receiver
+python3 -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1]); time.sleep(60)
+' "$sock" &
+staller=$!
+pids+=($staller)
+sleep 0.3
+start=$SECONDS
+"$PMLMIG" run "${VM[@]}" --migrate-to "unix:$sock" --local --migrate-after 200ms --json >"$tmp/s.json" 2>"$tmp/s.err"
+src_rc=$?
+took=$((SECONDS - start))
+wait $rpid
+rcv_rc=$?
+kill $staller 2>/dev/null
+if [ $src_rc -eq 0 ] && [ $rcv_rc -eq 0 ] && [ $took -lt 15 ] && check 'assert s["status"] == "completed", s["status"]'; then
+  pass "a silent peer holds up nobody: the next handover completed in ${took} s"
+else
+  fail "silent peer: took ${took} s; $(show)"
 fi
 
 # 6. Who may connect.
