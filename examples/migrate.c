@@ -509,10 +509,10 @@ static int check(void *user, pmlmig_vm *pm) {
 
 static void print_receive_stats(const pmlmig_receive_stats *s) {
   printf("receive: %s: %u rounds, %" PRIu64 " pages (%" PRIu64 " zero), %.1f MB, restore %.1f ms, resume %.1f ms, "
-         "downtime %.1f ms, verified %s\n",
+         "downtime %.1f ms, verified %s, %.1f MB placed with userfaultfd\n",
          pmlmig_outcome_name(s->outcome), s->rounds, s->normal_pages + s->zero_pages, s->zero_pages,
          (double)s->wire_bytes / 1e6, s->target_restore_ms, s->target_resume_ms, s->downtime_ms,
-         s->verified ? "yes" : "no");
+         s->verified ? "yes" : "no", (double)s->uffd_filled_bytes / 1e6);
 }
 
 /* The VM pmlmig resumed here, its vCPUs loaded at `restored`: let it run for

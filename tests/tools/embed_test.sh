@@ -177,7 +177,7 @@ migrate() {
     die "$what: sender exited $send_rc, receiver exited $receive_rc (both must be 0)"
   fi
 }
-migrate migration
+migrate migration --streams 2  # two streams: the receiver places round 0 with userfaultfd
 
 expect() {  # expect FILE REGEX WHAT
   grep -Eq "$2" "$1" || { show "$tmp/send.out" "$tmp/receive.out"; die "$3"; }
@@ -187,6 +187,8 @@ expect "$tmp/send.out" '^source: completed; final state: all 16384 of 16384 page
   "the sender did not check its final state"
 expect "$tmp/receive.out" '^receive: check before resume: all 16384 of 16384 pages good' \
   "the receiver did not check every page before resuming"
+expect "$tmp/receive.out" '^receive: completed: .*, [1-9][0-9]*\.[0-9] MB placed with userfaultfd$' \
+  "the receiver did not place the first round (two streams, a memfd) with userfaultfd"
 expect "$tmp/receive.out" \
   '^receive: after running 1\.0 s here: all 16384 of 16384 pages good, every vCPU advanced past the migration point$' \
   "the receiver did not check every page after running on"
