@@ -100,8 +100,9 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
     ++session.applying;
     memory = &session.target->memory();
     digests = session.target->digests();
-    if (batch.round() == 0) populate = session.populate;
-    else {
+    if (batch.round() == 0) {
+      populate = session.populate;
+    } else {
       done_populating = std::move(session.populate);
       done_filling = std::move(session.fill);
     }
