@@ -98,6 +98,16 @@ std::vector<std::string> SplitList(const std::string& text) {
   return out;
 }
 
+// `text` as a list of on and off (`flag` names it in the error, printed).
+bool ParseOnOffList(const char* flag, const std::string& text, std::vector<bool>* out) {
+  for (const std::string& item : SplitList(text)) {
+    if (item != "on" && item != "off") return PrintError(std::string(flag) + ": '" + item + "' is not on or off"), false;
+    out->push_back(item == "on");
+  }
+  if (out->empty()) return PrintError(std::string(flag) + ": empty list"), false;
+  return true;
+}
+
 double CpuMs(const timeval& tv) {
   return static_cast<double>(tv.tv_sec) * 1e3 + static_cast<double>(tv.tv_usec) / 1e3;
 }
@@ -119,16 +129,19 @@ struct DataPath {
   bool grpc_data = false;
   uint32_t populate_threads = 4;
   bool uffd_fill = true;
+  bool read_in_place = true;
 };
 
 // "direct", "grpc", with "+popN" when the populate threads are not the
-// default, "+nouffd" without the userfaultfd fill.
+// default, "+nouffd" without the userfaultfd fill, "+staged" without
+// reading in place.
 std::string DataPathLabel(bool direct, const DataPath& path) {
   std::string s = direct ? "direct" : "grpc";
   if (path.populate_threads != transport::MigrationServerOptions{}.populate_threads) {
     s += "+pop" + std::to_string(path.populate_threads);
   }
   if (!path.uffd_fill) s += "+nouffd";
+  if (!path.read_in_place) s += "+staged";
   return s;
 }
 
@@ -145,6 +158,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.compress = std::string(transport::CompressionName(compress));
   row.populate_threads = path.populate_threads;
   row.uffd_fill = path.uffd_fill;
+  row.read_in_place = path.read_in_place;
   row.data_path = DataPathLabel(!grpc_data, path);
 
   // The source VM, running its workload.
@@ -175,6 +189,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   transport::MigrationServerOptions server_options;
   server_options.populate_threads = path.populate_threads;
   server_options.uffd_fill = path.uffd_fill;
+  server_options.read_in_place = path.read_in_place;
   PMLMIG_ASSIGN_OR_RETURN(auto server, transport::MigrationServer::Start(
                                            "127.0.0.1:0", [&factory] { return factory.MakeTarget(); }, server_options));
 
@@ -244,6 +259,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
       row.data_path = DataPathLabel(outcome->direct_data, path);  // what it saw
       row.uffd_filled_bytes = outcome->uffd_filled_bytes;
       row.uffd_zero_faults = outcome->uffd_zero_faults;
+      row.in_place_bytes = outcome->in_place_bytes;
     }
   }
   server->Shutdown();
@@ -376,19 +392,21 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     populates.push_back(static_cast<uint32_t>(n));
   }
   if (populates.empty()) return PrintError("--populate-threads: empty list"), kExitUsage;
-  std::vector<bool> fills;
-  for (const std::string& item : SplitList(f.uffd_fill)) {
-    if (item != "on" && item != "off") return PrintError("--uffd-fill: '" + item + "' is not on or off"), kExitUsage;
-    fills.push_back(item == "on");
+  std::vector<bool> fills, in_places;
+  if (!ParseOnOffList("--uffd-fill", f.uffd_fill, &fills) || !ParseOnOffList("--in-place", f.in_place, &in_places)) {
+    return kExitUsage;
   }
-  if (fills.empty()) return PrintError("--uffd-fill: empty list"), kExitUsage;
-  std::vector<DataPath> paths;  // per --data-path item, per --populate-threads item, per --uffd-fill item
+  // Per --data-path item, per --populate-threads item, per --uffd-fill
+  // item, per --in-place item.
+  std::vector<DataPath> paths;
   for (const std::string& item : SplitList(f.data_path)) {
     if (item != "direct" && item != "grpc") {
       return PrintError("--data-path: '" + item + "' is not direct or grpc"), kExitUsage;
     }
     for (uint32_t p : populates) {
-      for (bool u : fills) paths.push_back({item == "grpc", p, u});
+      for (bool u : fills) {
+        for (bool i : in_places) paths.push_back({item == "grpc", p, u, i});
+      }
     }
   }
   if (paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
@@ -578,6 +596,10 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_option("--uffd-fill", f->uffd_fill,
                   "on or off: with several streams, the target places round 0's pages with userfaultfd "
                   "(UFFDIO_COPY); a comma-separated list runs each (rows say +nouffd when off)")
+      ->capture_default_str();
+  cmd->add_option("--in-place", f->in_place,
+                  "on or off: the target reads each batch of the direct data streams straight into guest memory "
+                  "(off: staged in a buffer and copied); a comma-separated list runs each (rows say +staged when off)")
       ->capture_default_str();
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
       ->capture_default_str();

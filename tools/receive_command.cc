@@ -36,6 +36,7 @@ struct ReceiveFlags {
   std::string data_path = "direct";
   uint32_t populate_threads = transport::MigrationServerOptions{}.populate_threads;
   bool no_uffd_fill = false;
+  bool no_in_place = false;
   std::string max_memory = "0";
   uint32_t max_vcpus = 1024;
   uint32_t max_streams = 64;
@@ -102,6 +103,7 @@ int Receive(const ReceiveFlags& f) {
     so.direct_data = f.data_path == "direct";
     so.populate_threads = f.populate_threads;
     so.uffd_fill = !f.no_uffd_fill;
+    so.read_in_place = !f.no_in_place;
   }
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
@@ -213,6 +215,7 @@ int Receive(const ReceiveFlags& f) {
   out["data_path"] = local ? "handover" : o.direct_data ? "direct" : "grpc";
   out["uffd_filled_bytes"] = o.uffd_filled_bytes;
   out["uffd_zero_faults"] = o.uffd_zero_faults;
+  out["in_place_bytes"] = o.in_place_bytes;
   out["handover"] = local;  // same host: the memory was taken over, no page received
   if (o.outcome != engine::Outcome::kCompleted) {
     (*server)->Shutdown();
@@ -346,6 +349,10 @@ Command RegisterReceive(CLI::App& app) {
   cmd->add_flag("--no-uffd-fill", f->no_uffd_fill,
                 "With several streams, copy the first round's pages into fresh guest memory instead of placing "
                 "them with userfaultfd (UFFDIO_COPY)")
+      ->group("Options");
+  cmd->add_flag("--no-in-place", f->no_in_place,
+                "Stage each batch of the direct data streams in a buffer and copy it into guest memory, instead "
+                "of reading it straight into guest memory")
       ->group("Options");
   const char* limits = "Limits";
   cmd->add_option("--max-memory", f->max_memory, "Most guest memory a source may ask for (K/M/G); 0 = what the host has available")

@@ -682,6 +682,45 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
   return result;
 }
 
+bool BatchApplier::PlanInPlace(const proto::PageBatch& b, uint64_t payload_len, const engine::SlotTable& memory,
+                               const SlotFiles* files, std::vector<std::span<uint8_t>>* dest) {
+  dest->clear();
+  if (b.compression() != proto::COMPRESSION_NONE) return false;
+  const Result<uint64_t> data_pages = CheckRuns(b, memory);
+  if (!data_pages.ok() || (*data_pages << kPageShift) != payload_len) return false;
+  UffdFill* fill = files != nullptr ? files->fill() : nullptr;
+  for (const proto::PageRun& r : b.runs()) {
+    if (r.flags() != proto::PAGE_RUN_DATA) continue;
+    const uint64_t len = uint64_t{r.pages()} << kPageShift;
+    uint8_t* dst = memory.HostAddress(r.gpa(), len);
+    const engine::MemoryFile* file = nullptr;
+    uint64_t file_pos = 0;
+    // The branches of Apply that do not copy through the mapping.
+    if (ThroughFile(r, dst, files, memory, &file, &file_pos)) return false;
+    if (fill != nullptr && fill->Covers(dst, len) && !AllMapped(dst, r.pages())) return false;
+    dest->emplace_back(dst, len);
+  }
+  return true;
+}
+
+Result<ApplyResult> BatchApplier::FinishInPlace(const proto::PageBatch& b, PayloadHash& hash,
+                                                const engine::SlotTable& memory, engine::PageDigestTable* digests,
+                                                const SlotFiles* files) {
+  PMLMIG_RETURN_IF_ERROR(VerifyChecksum(b, hash, checksum_));
+  ApplyResult result;
+  for (const proto::PageRun& r : b.runs()) {
+    uint8_t* dst = memory.HostAddress(r.gpa(), uint64_t{r.pages()} << kPageShift);
+    if (r.flags() != proto::PAGE_RUN_DATA) {
+      ClearZeroRun(r, dst, files, memory, digests);
+      result.zero_pages += r.pages();
+    } else {
+      Written(r, dst, digests);
+      result.normal_pages += r.pages();
+    }
+  }
+  return result;
+}
+
 const uint8_t* BatchApplier::RunSource(Chunks data, size_t* chunk, uint64_t* off, uint64_t len) {
   while (*off == data[*chunk].size()) {
     ++*chunk;

@@ -5,7 +5,10 @@
 // proto/migration.proto.
 //
 // What this code must never do: write outside the slots of the SlotTable it
-// is given, or write anything of a batch that fails any check.
+// is given, or write anything of a batch that fails any check. One
+// exception, for the checksum only: a batch read in place (PlanInPlace)
+// lands before its checksum can be checked; one that then fails it ends
+// the migration, whose target is discarded without running.
 //
 // Private to transport/ (it speaks protobuf); the tests include it by path.
 #pragma once
@@ -13,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 #define XXH_STATIC_LINKING_ONLY  // the hash states, by value
 #include <xxhash.h>
 
@@ -189,6 +193,22 @@ class BatchApplier {
   Result<ApplyResult> Apply(const proto::PageBatch& header, Chunks payload, const engine::SlotTable& memory,
                             engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr,
                             engine::PostcopyMemory* postcopy = nullptr);
+
+  // Reading a batch's payload straight into guest memory (a direct data
+  // stream: no staging buffer, no copy). When `b` passes every check Apply
+  // makes before the checksum, is uncompressed with `payload_len` bytes of
+  // data, and each of its data runs would be copied through the mapping
+  // (not written through a file nor placed with userfaultfd), sets `dest`
+  // to where the payload's bytes go, in order, and returns true. Else
+  // false: read the payload and Apply it, which reports what is wrong.
+  bool PlanInPlace(const proto::PageBatch& b, uint64_t payload_len, const engine::SlotTable& memory,
+                   const SlotFiles* files, std::vector<std::span<uint8_t>>* dest);
+  // Once a PlanInPlace batch's payload has landed, fed to `hash` (of
+  // checksum(), in order) as it did: checks the checksum, clears the zero
+  // runs and updates `digests`.
+  Result<ApplyResult> FinishInPlace(const proto::PageBatch& b, PayloadHash& hash, const engine::SlotTable& memory,
+                                    engine::PageDigestTable* digests = nullptr, const SlotFiles* files = nullptr);
+  Checksum checksum() const { return checksum_; }
 
  private:
   std::unique_ptr<uint8_t[]> scratch_;  // kMaxBatchPayload bytes, once decompressing

@@ -142,15 +142,34 @@ class DirectStreams::Connection final : public DataCall {
           !s.ok()) {
         return Lost(name, s, why);
       }
-      if (Status s = direct::ReadFull(fd, payload.get(), payload_len, stop_); !s.ok()) return Lost(name, s, why);
       if (!header_.ParseFromString(header_bytes) || !header_.payload().empty()) {
         *why = intake_.Refuse(InvalidArgument(name + ": malformed PageBatch header (" + std::to_string(header_len) +
                                               " bytes that do not parse, or carry a payload of their own)"));
         return End::kRefused;
       }
-      const std::span<const uint8_t> data(payload.get(), payload_len);
-      Result<proto::BatchAck> ack =
-          intake_.Handle(header_, Chunks(&data, 1), direct::kFrameBytes + uint64_t{header_len} + payload_len);
+      const uint64_t wire_bytes = direct::kFrameBytes + uint64_t{header_len} + payload_len;
+      // Straight into target memory where it can go there (no staging
+      // copy), else into the buffer.
+      Result<bool> in_place = intake_.BeginInPlace(header_, payload_len);
+      if (!in_place.ok()) {
+        *why = intake_.Refuse(in_place.status());
+        return End::kRefused;
+      }
+      Result<proto::BatchAck> ack = Aborted("unreachable");
+      if (*in_place) {
+        PayloadHash& hash = intake_.in_place_hash();
+        if (Status s = direct::ReadScattered(fd, intake_.in_place_dest(), stop_,
+                                             [&hash](const uint8_t* p, size_t n) { hash.Update(p, n); });
+            !s.ok()) {
+          intake_.AbandonInPlace();
+          return Lost(name, s, why);
+        }
+        ack = intake_.FinishInPlace(header_, wire_bytes);
+      } else {
+        if (Status s = direct::ReadFull(fd, payload.get(), payload_len, stop_); !s.ok()) return Lost(name, s, why);
+        const std::span<const uint8_t> data(payload.get(), payload_len);
+        ack = intake_.Handle(header_, Chunks(&data, 1), wire_bytes);
+      }
       if (!ack.ok()) {
         *why = intake_.Refuse(ack.status());
         return End::kRefused;

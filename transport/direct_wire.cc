@@ -110,11 +110,46 @@ Status WaitReady(int fd, short events, const std::atomic<bool>& stop, Deadline d
 }  // namespace
 
 Status ReadFull(int fd, uint8_t* buf, size_t n, const std::atomic<bool>& stop, Deadline deadline) {
-  while (n > 0) {
-    const ssize_t r = ::recv(fd, buf, n, MSG_DONTWAIT);
+  const std::span<uint8_t> all(buf, n);
+  return ReadScattered(fd, std::span(&all, 1), stop, nullptr, deadline);
+}
+
+Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dest, const std::atomic<bool>& stop,
+                     const std::function<void(const uint8_t*, size_t)>& landed, Deadline deadline) {
+  constexpr size_t kMaxIov = 64;
+  // What is told of is hashed while still in cache: a bound on each read.
+  const size_t most = landed ? kLandingBytes : SIZE_MAX;
+  size_t piece = 0;  // dest[piece] + off is the next byte to land
+  size_t off = 0;
+  for (;;) {
+    while (piece < dest.size() && off == dest[piece].size()) {  // done (or empty): the next
+      ++piece;
+      off = 0;
+    }
+    if (piece == dest.size()) break;
+    iovec iov[kMaxIov];
+    size_t n_iov = 0;
+    size_t want = 0;
+    for (size_t i = piece, o = off; i < dest.size() && n_iov < kMaxIov && want < most; ++i, o = 0) {
+      const size_t k = std::min(dest[i].size() - o, most - want);
+      iov[n_iov++] = {dest[i].data() + o, k};
+      want += k;
+    }
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = n_iov;
+    const ssize_t r = ::recvmsg(fd, &msg, MSG_DONTWAIT);
     if (r > 0) {
-      buf += r;
-      n -= static_cast<size_t>(r);
+      for (size_t left = static_cast<size_t>(r); left > 0;) {
+        const size_t k = std::min(left, dest[piece].size() - off);
+        if (landed) landed(dest[piece].data() + off, k);
+        left -= k;
+        off += k;
+        while (piece < dest.size() && off == dest[piece].size()) {
+          ++piece;
+          off = 0;
+        }
+      }
       continue;
     }
     if (r == 0) return Unavailable("the peer closed the connection");

@@ -22,6 +22,9 @@
 // sender is direct_stream.h, the receiver direct_receiver.h. No gRPC.
 #pragma once
 
+#include <functional>
+#include <span>
+
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -84,6 +87,13 @@ inline constexpr Deadline kNoDeadline = Deadline::max();
 Status ReadFull(int fd, uint8_t* buf, size_t n, const std::atomic<bool>& stop, Deadline deadline = kNoDeadline);
 Status WriteFull(int fd, const uint8_t* buf, size_t n, const std::atomic<bool>& stop,
                  Deadline deadline = kNoDeadline);
+// ReadFull into the pieces of `dest`, in order, one recvmsg for several.
+// With `landed`, each read takes at most kLandingBytes and `landed` sees
+// each part as it arrives (still in cache: a checksum over it costs no
+// second read).
+inline constexpr size_t kLandingBytes = 256 << 10;
+Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dest, const std::atomic<bool>& stop,
+                     const std::function<void(const uint8_t*, size_t)>& landed, Deadline deadline = kNoDeadline);
 
 // A TCP connection to host:port (every address of the host, in order, until
 // one answers), TCP_NODELAY, close-on-exec, non-blocking. Fails naming the

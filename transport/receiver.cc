@@ -134,6 +134,7 @@ void Receiver::EndSession(const std::shared_ptr<Session>& session, engine::Outco
       out.uffd_filled_bytes = session->fill_counts->placed_bytes();
       out.uffd_zero_faults = session->fill_counts->zero_faults();
     }
+    out.in_place_bytes = session->in_place_bytes;
     out.rounds = session->rounds;
     out.postcopy = session->postcopy_used;
     out.postcopy_recoveries = session->postcopy_recoveries;

@@ -98,6 +98,7 @@ struct Session {
   std::shared_ptr<UffdFill> fill;
   std::shared_ptr<const UffdFill> fill_counts;  // the same, kept to the end for its counts
   int applying = 0;  // Pages threads writing into target memory right now
+  uint64_t in_place_bytes = 0;  // page data read straight into target memory (StreamIntake::BeginInPlace)
   engine::TransferStats totals;
   uint32_t rounds = 0;
   // Post-copy: armed at Final (owned by the target), serving from Commit.

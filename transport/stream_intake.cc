@@ -77,10 +77,8 @@ void StreamIntake::NoteUndecodable(const Status& s) {
   }
 }
 
-Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chunks payload, uint64_t wire_bytes) {
-  const engine::SlotTable* memory = nullptr;
-  engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
-  std::shared_ptr<PopulateAhead> populate;     // round 0: told where data arrived
+Status StreamIntake::Admit(const proto::PageBatch& batch) {
+  admitted_ = Admitted{};
   std::shared_ptr<PopulateAhead> done_populating;  // a later round: stopped here
   std::shared_ptr<UffdFill> done_filling;          // likewise
   {
@@ -98,10 +96,10 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
     const StreamState& ss = session.per_stream[index_];
     PMLMIG_RETURN_IF_ERROR(AdmitBatch(session.id, index_, StreamCursor{ss.next_sequence, ss.last_round}, batch));
     ++session.applying;
-    memory = &session.target->memory();
-    digests = session.target->digests();
+    admitted_.memory = &session.target->memory();
+    admitted_.digests = session.target->digests();
     if (batch.round() == 0) {
-      populate = session.populate;
+      admitted_.populate = session.populate;
     } else {
       done_populating = std::move(session.populate);
       done_filling = std::move(session.fill);
@@ -109,17 +107,21 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
   }
   if (done_populating) done_populating->Stop();
   if (done_filling) done_filling->Stop();
+  return Status::Ok();
+}
 
-  Result<ApplyResult> applied = applier_.Apply(batch, payload, *memory, digests, &files_);
+Result<proto::BatchAck> StreamIntake::Settle(const proto::PageBatch& batch, const Result<ApplyResult>& applied,
+                                             uint64_t wire_bytes) {
   // Inside the applying window, so the target (and its memory) still exists.
-  if (populate && applied.ok() && applied->normal_pages > 0) {
-    populate->Ahead(DataEnd(batch), applied->normal_pages << engine::kPageShift);
+  if (admitted_.populate && applied.ok() && applied->normal_pages > 0) {
+    admitted_.populate->Ahead(DataEnd(batch), applied->normal_pages << engine::kPageShift);
   }
   {
     std::lock_guard lock(r_.mu_);
     Session& session = *session_;
     --session.applying;
     if (applied.ok()) {
+      if (admitted_.in_place) session.in_place_bytes += applied->normal_pages << engine::kPageShift;
       StreamState& ss = session.per_stream[index_];
       const uint64_t pages = applied->normal_pages + applied->zero_pages;
       ++ss.next_sequence;
@@ -136,12 +138,41 @@ Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chun
     }
     r_.cv_.notify_all();
   }
+  admitted_ = Admitted{};
   if (!applied.ok()) return applied.status().WithContext("stream " + std::to_string(index_));
   FailPoint("receiver.batch");
   proto::BatchAck ack;
   ack.set_sequence(batch.sequence());
   ack.set_pages(static_cast<uint32_t>(applied->normal_pages + applied->zero_pages));
   return ack;
+}
+
+Result<proto::BatchAck> StreamIntake::Handle(const proto::PageBatch& batch, Chunks payload, uint64_t wire_bytes) {
+  PMLMIG_RETURN_IF_ERROR(Admit(batch));
+  return Settle(batch, applier_.Apply(batch, payload, *admitted_.memory, admitted_.digests, &files_), wire_bytes);
+}
+
+Result<bool> StreamIntake::BeginInPlace(const proto::PageBatch& batch, uint64_t payload_len) {
+  PMLMIG_RETURN_IF_ERROR(Admit(batch));
+  if (r_.options().read_in_place && applier_.PlanInPlace(batch, payload_len, *admitted_.memory, &files_, &in_place_dest_)) {
+    in_place_hash_.emplace(applier_.checksum());
+    admitted_.in_place = true;
+    return true;
+  }
+  AbandonInPlace();  // read into a buffer and Handle it, which admits it again
+  return false;
+}
+
+Result<proto::BatchAck> StreamIntake::FinishInPlace(const proto::PageBatch& batch, uint64_t wire_bytes) {
+  return Settle(batch, applier_.FinishInPlace(batch, *in_place_hash_, *admitted_.memory, admitted_.digests, &files_),
+                wire_bytes);
+}
+
+void StreamIntake::AbandonInPlace() {
+  admitted_ = Admitted{};
+  std::lock_guard lock(r_.mu_);
+  --session_->applying;
+  r_.cv_.notify_all();
 }
 
 // Detaching the stream and failing the session happen under one hold of

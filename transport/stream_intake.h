@@ -12,6 +12,9 @@
 #pragma once
 
 #include <memory>
+#include <optional>
+#include <span>
+#include <vector>
 
 #include "batch_codec.h"
 #include "migration.pb.h"
@@ -31,6 +34,20 @@ class StreamIntake {
   // data, `wire_bytes` what it took on the wire); attaches first if this
   // is the stream's first batch. Returns its ack.
   Result<proto::BatchAck> Handle(const proto::PageBatch& batch, Chunks payload, uint64_t wire_bytes);
+
+  // Handle without a staging copy, for a carrier that can read a batch's
+  // payload wherever it is told (a direct connection). Admits `batch`
+  // (attaching first) before its payload of `payload_len` bytes is read.
+  // True: read it into in_place_dest(), in order, feeding in_place_hash()
+  // as the bytes land, then call FinishInPlace, or AbandonInPlace if the
+  // read fails; the target's memory exists until then. False: nothing is
+  // held; read the payload into a buffer and Handle it
+  // (BatchApplier::PlanInPlace says when).
+  Result<bool> BeginInPlace(const proto::PageBatch& batch, uint64_t payload_len);
+  std::span<const std::span<uint8_t>> in_place_dest() const { return in_place_dest_; }
+  PayloadHash& in_place_hash() { return *in_place_hash_; }
+  Result<proto::BatchAck> FinishInPlace(const proto::PageBatch& batch, uint64_t wire_bytes);
+  void AbandonInPlace();
   // The stream's first message did not decode: remembered as the cause to
   // report if the source then leaves (it could be anyone's).
   void NoteUndecodable(const Status& s);
@@ -47,6 +64,20 @@ class StreamIntake {
 
  private:
   Status AttachLocked(uint64_t session_id, uint32_t index);
+  // A batch's admission: the checks and raising the session's `applying`,
+  // so that its target stays until Settle (or AbandonInPlace) lowers it.
+  Status Admit(const proto::PageBatch& batch);
+  // Accounts for an admitted batch as `applied` says, and lowers `applying`.
+  Result<proto::BatchAck> Settle(const proto::PageBatch& batch, const Result<ApplyResult>& applied,
+                                 uint64_t wire_bytes);
+
+  // What Admit found, for the batch between Admit and Settle.
+  struct Admitted {
+    const engine::SlotTable* memory = nullptr;
+    engine::PageDigestTable* digests = nullptr;  // verifying: updated after each write
+    std::shared_ptr<PopulateAhead> populate;     // round 0: told where data arrived
+    bool in_place = false;                       // read by BeginInPlace's plan
+  };
 
   Receiver& r_;
   DataCall* const self_;
@@ -57,6 +88,9 @@ class StreamIntake {
   bool attached_ = false;  // per_stream[index_].call is self_
   BatchApplier applier_;
   SlotFiles files_;  // of the session's target memory, once attached
+  Admitted admitted_;
+  std::vector<std::span<uint8_t>> in_place_dest_;  // BeginInPlace's plan
+  std::optional<PayloadHash> in_place_hash_;
 };
 
 }  // namespace pmlmig::transport

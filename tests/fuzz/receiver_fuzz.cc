@@ -25,6 +25,9 @@
 //           - DecodeBatch agrees with protobuf's own parse of the whole
 //             message, and applying that parse (one payload piece) gives
 //             the same verdict as applying the chunks.
+//           - read in place (BatchApplier::PlanInPlace, FinishInPlace, as
+//             a direct stream does), the batch gets Apply's verdict and, if
+//             accepted, the same memory.
 // One BatchApplier lives across inputs, as one does per Pages stream.
 //
 //   receiver_fuzz --make-corpus DIR   writes the seed corpus (valid Setups,
@@ -380,6 +383,31 @@ void FuzzBatch(uint8_t selector, const uint8_t* data, size_t size) {
       FUZZ_CHECK(again.status().message() == applied.status().message(), again.status().message());
     }
     FUZZ_CHECK(mem.Snapshot() == after, "applying the batch twice changed memory");
+  }
+
+  // In place, as a direct stream reads it: where PlanInPlace plans, the
+  // payload landing there (each place inside a slot, or a guard page
+  // faults) and FinishInPlace give Apply's verdict and memory; every
+  // uncompressed batch Apply accepts is planned.
+  mem.Reset();
+  std::vector<std::span<uint8_t>> dest;
+  const bool planned = Applier().PlanInPlace(header, joined.size(), mem.table, nullptr, &dest);
+  FUZZ_CHECK(planned || !applied.ok() || header.compression() != proto::COMPRESSION_NONE,
+             "an uncompressed batch Apply accepts was not planned in place");
+  if (planned) {
+    FUZZ_CHECK(header.compression() == proto::COMPRESSION_NONE, "a compressed batch planned in place");
+    PayloadHash hash(Checksum::kXxh64);
+    size_t landed = 0;
+    for (const std::span<uint8_t>& d : dest) {
+      FUZZ_CHECK(landed + d.size() <= joined.size(), "the plan holds more than the payload");
+      std::memcpy(d.data(), joined.data() + landed, d.size());
+      hash.Update(d.data(), d.size());
+      landed += d.size();
+    }
+    FUZZ_CHECK(landed == joined.size(), "the plan holds less than the payload");
+    Result<ApplyResult> in_place = Applier().FinishInPlace(header, hash, mem.table);
+    FUZZ_CHECK(in_place.ok() == applied.ok(), in_place.ok() ? "accepted in place" : in_place.status().message());
+    if (applied.ok()) FUZZ_CHECK(mem.Snapshot() == after, "in place differs from Apply");
   }
 }
 

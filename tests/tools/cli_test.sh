@@ -83,6 +83,7 @@ expect_error "bench migrate --scenarios" 2 "--scenarios: 'busy' is not untouched
 expect_error "bench migrate --sizes" 2 "--sizes: memory size 3 MiB is not a multiple of 2 MiB" bench migrate --sizes 3M
 expect_error "bench migrate --baseline-runs 0" 2 "--baseline-runs must be at least 1" bench migrate --baseline-runs 0
 expect_error "bench migrate --uffd-fill" 2 "--uffd-fill: 'maybe' is not on or off" bench migrate --uffd-fill on,maybe
+expect_error "bench migrate --in-place" 2 "--in-place: 'maybe' is not on or off" bench migrate --in-place maybe
 expect_error "bench migrate --peers too large" 2 "use smaller --sizes" bench migrate --peers --scenarios untouched --sizes 200G
 
 if [ ! -w /dev/kvm ]; then
@@ -176,22 +177,35 @@ if "$PMLMIG" run --memory 64G --vcpus 1 --workload idle --fill zero --duration 2
    python3 -c "import json; j=json.load(open('$tmp/big.json')); print('64G idle peak RSS', j['peak_rss_bytes']//(1<<20), 'MiB'); assert j['peak_rss_bytes'] < 256*(1<<20), j"
 then pass "64G idle under 256 MiB RSS"; else fail "64G idle: $(cat "$tmp/big.json" "$tmp/err")"; fi
 
-# Two streams place round 0 into fresh memory with userfaultfd (the default),
-# and copy it with --uffd-fill off; both move the same pages.
-if "$PMLMIG" bench migrate --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --streams 2 --uffd-fill on,off \
-     --migrate-after 100ms --json "$tmp/fill.json" >"$tmp/fill.out" 2>"$tmp/err" &&
-   python3 - "$tmp/fill.json" <<'PY'
+# bench_ab <what> <switch> <bytes> <label> <flags...>: a 2-stream migration of a
+# 64 MiB random guest with the data-path switch (a JSON field of each row) on,
+# then off (rows say +<label>); on moves 60-64 MiB that way (<bytes>), off none.
+bench_ab() {
+  local what=$1 switch=$2 bytes=$3 label=$4
+  shift 4
+  if "$PMLMIG" bench migrate --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --streams 2 \
+       --migrate-after 100ms --json "$tmp/ab.json" "$@" >"$tmp/ab.out" 2>"$tmp/err" &&
+     python3 - "$tmp/ab.json" "$switch" "$bytes" "$label" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
-assert [x["data_path"] for x in r] == ["direct", "direct+nouffd"], r
+switch, count, label = sys.argv[2:5]
+assert [x["data_path"] for x in r] == ["direct", "direct+" + label], r
 assert all(x["migration"]["status"] == "completed" for x in r), r
 on, off = r
-assert on["uffd_fill"] and not off["uffd_fill"], r
-assert 60 << 20 <= on["uffd_filled_bytes"] <= 64 << 20 and on["uffd_zero_faults"] == 0, on
-assert off["uffd_filled_bytes"] == 0, off
+assert on[switch] and not off[switch], r
+assert 60 << 20 <= on[count] <= 64 << 20 and off[count] == 0, (on, off)
+assert on["uffd_zero_faults"] == 0, on
 PY
-then pass "bench migrate: two streams fill fresh memory with userfaultfd, and copy it with --uffd-fill off"
-else fail "bench migrate --uffd-fill: $(cat "$tmp/fill.out" "$tmp/err")"; fi
+  then pass "$what"; else fail "$what: $(cat "$tmp/ab.out" "$tmp/err")"; fi
+}
+# Two streams place round 0 into fresh memory with userfaultfd (the default),
+# and copy it with --uffd-fill off.
+bench_ab "bench migrate: two streams fill fresh memory with userfaultfd, and copy it with --uffd-fill off" \
+  uffd_fill uffd_filled_bytes nouffd --uffd-fill on,off
+# Into resident memory the direct streams read every batch straight into
+# guest memory (the default), and stage and copy it with --in-place off.
+bench_ab "bench migrate: direct streams read round 0 in place into resident memory, and stage it with --in-place off" \
+  read_in_place in_place_bytes staged --in-place on,off --prefault-target
 
 # bench migrate --peers, small: the baselines (a) and (b), one migration and
 # the comparison; QEMU is skipped with a reason when it is not on PATH (as in

@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -500,6 +501,87 @@ TEST_F(BatchCodecTest, PlacesFreshPagesThroughUserfaultfd) {
   (*started)->Stop();
   EXPECT_EQ(std::memcmp(src_.At(0), again.memory().HostAddress(0, 64 * kPageSize), 64 * kPageSize), 0);
   EXPECT_EQ((*started)->zero_faults(), 0u);
+}
+
+// What a direct stream does with a batch read in place: `payload` landing
+// in `dest` in pieces of `step` bytes, each fed to `hash` as it lands.
+void Land(const std::string& payload, const std::vector<std::span<uint8_t>>& dest, size_t step, PayloadHash* hash) {
+  size_t from = 0;
+  for (const std::span<uint8_t>& d : dest) {
+    for (size_t off = 0; off < d.size();) {
+      const size_t k = std::min({step, d.size() - off, payload.size() - from});
+      ASSERT_GT(k, 0u) << "the plan holds more bytes than the payload";
+      std::memcpy(d.data() + off, payload.data() + from, k);
+      hash->Update(d.data() + off, k);
+      off += k;
+      from += k;
+    }
+  }
+  EXPECT_EQ(from, payload.size()) << "the plan holds fewer bytes than the payload";
+}
+
+// A batch read straight into guest memory: the plan names each data run's
+// place, and once the bytes have landed there (in any pieces) memory holds
+// what Apply would have written, zero runs cleared.
+TEST_F(BatchCodecTest, ReadsInPlaceWhereItWouldCopy) {
+  proto::PageBatch b = Build(src_, 0, 64);  // data 0-9, zero 10-19, data 20-63
+  ASSERT_EQ(b.runs_size(), 3);
+  for (uint64_t p = 10; p < 20; ++p) FillRandom(dst_.At(p * kPageSize), kPageSize, 500 + p);  // an earlier round's
+  for (Checksum c : {Checksum::kXxh64, Checksum::kXxh3}) {
+    BatchBuilder builder(Compression::kNone);
+    builder.set_checksum(c);
+    ASSERT_TRUE(builder.Build(src_.slots, 0, 64, Header(), &b).ok());
+    BatchApplier applier;
+    applier.set_checksum(c);
+    std::vector<std::span<uint8_t>> dest;
+    ASSERT_TRUE(applier.PlanInPlace(b, b.payload().size(), dst_.slots, nullptr, &dest));
+    ASSERT_EQ(dest.size(), 2u);
+    EXPECT_EQ(dest[0].data(), dst_.At(0));
+    EXPECT_EQ(dest[0].size(), 10 * kPageSize);
+    EXPECT_EQ(dest[1].data(), dst_.At(20 * kPageSize));
+    EXPECT_EQ(dest[1].size(), 44 * kPageSize);
+    PayloadHash hash(applier.checksum());
+    Land(b.payload(), dest, 12345, &hash);
+    Result<ApplyResult> r = applier.FinishInPlace(b, hash, dst_.slots);
+    ASSERT_TRUE(r.ok()) << r.status().message();
+    EXPECT_EQ(r->normal_pages, 54u);
+    EXPECT_EQ(r->zero_pages, 10u);
+    EXPECT_EQ(std::memcmp(src_.At(0), dst_.At(0), 64 * kPageSize), 0);
+  }
+}
+
+// Where Apply would not copy through the mapping, or would refuse, nothing
+// is planned (the stream then reads into a buffer and Apply says why); a
+// payload that lands damaged fails the checksum.
+TEST_F(BatchCodecTest, ReadsInPlaceOnlyWhatItCanCheckAfterwards) {
+  BatchApplier applier;
+  std::vector<std::span<uint8_t>> dest;
+  proto::PageBatch b = Build(src_, 0, 64);
+  EXPECT_FALSE(applier.PlanInPlace(b, b.payload().size() - 1, dst_.slots, nullptr, &dest)) << "short payload";
+  EXPECT_FALSE(applier.PlanInPlace(b, b.payload().size() + kPageSize, dst_.slots, nullptr, &dest)) << "long payload";
+  proto::PageBatch outside = b;
+  outside.mutable_runs(0)->set_gpa(0x1234000);
+  EXPECT_FALSE(applier.PlanInPlace(outside, b.payload().size(), dst_.slots, nullptr, &dest)) << "run outside memory";
+  const proto::PageBatch lz4 = Build(src_, 20 * kPageSize, 20, Compression::kLz4);
+  ASSERT_EQ(lz4.compression(), proto::COMPRESSION_LZ4);
+  EXPECT_FALSE(applier.PlanInPlace(lz4, lz4.payload().size(), dst_.slots, nullptr, &dest)) << "compressed";
+  EXPECT_TRUE(dest.empty());
+  // A single writer's fresh memfd pages go through the file; once they are
+  // mapped, through the mapping, so in place.
+  FileTarget target(64 * kPageSize);
+  const SlotFiles files = SlotFiles::Of(target);
+  EXPECT_FALSE(applier.PlanInPlace(b, b.payload().size(), target.memory(), &files, &dest)) << "fresh memfd pages";
+  std::memset(target.memory().HostAddress(0, 64 * kPageSize), 0x5a, 64 * kPageSize);
+  ASSERT_TRUE(applier.PlanInPlace(b, b.payload().size(), target.memory(), &files, &dest));
+  // One byte damaged on its way in: the checksum fails.
+  std::string damaged = b.payload();
+  damaged[777] ^= 0x10;
+  PayloadHash hash(applier.checksum());
+  Land(damaged, dest, 4096, &hash);
+  Result<ApplyResult> r = applier.FinishInPlace(b, hash, target.memory(), nullptr, &files);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kDataLoss);
+  EXPECT_NE(r.status().message().find("batch 0: checksum mismatch"), std::string::npos) << r.status().message();
 }
 
 // Memory without a memfd is left alone.

@@ -218,6 +218,7 @@ class LoopbackTest : public ::testing::Test {
 
   void StartServer(MigrationServerOptions o) {
     server_.reset();
+    read_in_place_ = o.read_in_place;
     probe_ = std::make_shared<Probe>();
     auto probe = probe_;
     auto s = MigrationServer::Start("127.0.0.1:0", [probe] { return std::make_unique<FakeTarget>(probe); }, o);
@@ -294,6 +295,14 @@ class LoopbackTest : public ::testing::Test {
     EXPECT_EQ(out->totals.pages, pages);
     EXPECT_EQ(out->rounds, static_cast<uint32_t>(rounds + 1));
     EXPECT_EQ(out->direct_data, o.direct_data && !o.security.tls()) << "the data path the receiver reports";
+    // Direct streams read each uncompressed batch straight into this
+    // target's plain memory; Pages calls never do.
+    if (!out->direct_data || !read_in_place_) {
+      EXPECT_EQ(out->in_place_bytes, 0u);
+    } else if (o.compress == Compression::kNone) {
+      EXPECT_EQ(out->in_place_bytes, out->totals.payload_bytes) << "a batch was staged and copied";
+    }
+    EXPECT_LE(out->in_place_bytes, out->totals.payload_bytes);
     ASSERT_NE(out->target, nullptr);
     EXPECT_TRUE(SameMemory(out->target->memory(), src.mem.slots)) << "target memory differs from the source";
     std::lock_guard lock(probe_->mu);
@@ -304,6 +313,7 @@ class LoopbackTest : public ::testing::Test {
 
   std::shared_ptr<Probe> probe_;
   std::unique_ptr<MigrationServer> server_;
+  bool read_in_place_ = true;  // the server's option
 };
 
 struct Variant {
@@ -332,6 +342,18 @@ INSTANTIATE_TEST_SUITE_P(StreamsAndCompression, LoopbackVariantTest,
                                   std::string(CompressionName(i.param.compression)) +
                                   (i.param.grpc_data ? "_grpcdata" : "");
                          });
+
+// With read_in_place off, direct streams stage every batch and copy it:
+// the same memory arrives.
+TEST_F(LoopbackTest, StagedDirectStreamsArriveByteForByte) {
+  MigrationServerOptions so;
+  so.read_in_place = false;
+  StartServer(so);
+  Source src(16 << 20, 8 << 20, 43);
+  GrpcSinkOptions o = Options(2);
+  o.batch_pages = 64;
+  Migrate(src, o, 2);
+}
 
 TEST_F(LoopbackTest, BandwidthCapAndBackpressureStillDeliverEverything) {
   Source src(4 << 20, 4 << 20, 7);

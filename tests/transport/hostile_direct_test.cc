@@ -109,6 +109,20 @@ class HostileDirectTest : public HostileClientTest {
     return call;
   }
 
+  // A session of one direct stream, connected and past its hello.
+  struct OneStream {
+    uint64_t session = 0;
+    std::string key;
+    std::unique_ptr<ControlCall> control;
+    std::unique_ptr<DirectClient> d;
+  };
+  void OpenOneStream(OneStream* s) {
+    s->control = DirectSession(&s->session, &s->key);
+    s->d = std::make_unique<DirectClient>(server_->port());
+    ASSERT_TRUE(s->d->connected());
+    ASSERT_TRUE(s->d->Hello(s->session, 0, s->key));
+  }
+
   // A direct session whose stream sends `good` valid batches (acked), then
   // the frame `bad` writes: the stream gets an error reply with `code`
   // naming `what`, and so does the control call; the outcome is failed
@@ -116,12 +130,10 @@ class HostileDirectTest : public HostileClientTest {
   void ExpectDirectRefused(int good, const std::function<void(DirectClient&, uint64_t session, uint64_t seq)>& bad,
                            Code code, grpc::StatusCode grpc_code, const std::string& what) {
     SCOPED_TRACE(what);
-    uint64_t session = 0;
-    std::string key;
-    auto control = DirectSession(&session, &key);
-    DirectClient d(server_->port());
-    ASSERT_TRUE(d.connected());
-    ASSERT_TRUE(d.Hello(session, 0, key));
+    OneStream s;
+    ASSERT_NO_FATAL_FAILURE(OpenOneStream(&s));
+    const uint64_t session = s.session;
+    DirectClient& d = *s.d;
     for (int i = 0; i < good; ++i) {
       ASSERT_TRUE(d.Batch(Batch(session, static_cast<uint64_t>(i), static_cast<uint64_t>(i) * 16 * kPageSize)));
       std::optional<direct::Reply> r = d.Read();
@@ -132,7 +144,7 @@ class HostileDirectTest : public HostileClientTest {
     }
     bad(d, session, static_cast<uint64_t>(good));
     d.ExpectError(code, what);
-    ExpectStatus(control->Finish(), grpc_code, what);
+    ExpectStatus(s.control->Finish(), grpc_code, what);
     ExpectFailedOutcome(session, what);
     ExpectServing();
   }
@@ -255,16 +267,14 @@ TEST_F(HostileDirectTest, BadBatchesFailTheMigrationWithTheirReason) {
 // dropped) after that, so that a source still writing gets the refusal and
 // not a reset that could overtake it.
 TEST_F(HostileDirectTest, RefusedStreamIsDrainedAfterTheSessionEnds) {
-  uint64_t session = 0;
-  std::string key;
-  auto control = DirectSession(&session, &key);
-  DirectClient d(server_->port());
-  ASSERT_TRUE(d.connected());
-  ASSERT_TRUE(d.Hello(session, 0, key));
+  OneStream s;
+  ASSERT_NO_FATAL_FAILURE(OpenOneStream(&s));
+  const uint64_t session = s.session;
+  DirectClient& d = *s.d;
   proto::PageBatch b = Batch(session, 0, 0);
   b.set_checksum(b.checksum() ^ 1);
   ASSERT_TRUE(d.Batch(b));
-  ExpectStatus(control->Finish(), grpc::StatusCode::DATA_LOSS, "checksum mismatch");
+  ExpectStatus(s.control->Finish(), grpc::StatusCode::DATA_LOSS, "checksum mismatch");
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_TRUE(d.SendBytes(std::string(1 << 20, 'x'))) << "the refused stream was reset once the session ended";
   d.ExpectError(Code::kDataLoss, "checksum mismatch");

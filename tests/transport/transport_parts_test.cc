@@ -475,6 +475,70 @@ TEST(UffdFillTest, ConcurrentPlacesFaultsAndStops) {
   ::munmap(base, size);
 }
 
+// ReadScattered fills its pieces in order from whatever the peer's writes
+// deliver, tells of every byte once as it lands, and gives up when the peer
+// closes early or when stopped.
+TEST(DirectWireTest, ReadScatteredFillsThePiecesInOrder) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  UniqueFd reader(sv[0]), writer(sv[1]);
+  // Pieces of odd sizes, more than one recvmsg's worth and more pieces than one takes.
+  std::vector<std::vector<uint8_t>> bufs;
+  for (size_t i = 0; i < 100; ++i) bufs.emplace_back(i % 37 == 0 ? 0 : 1 + (i * 7919) % 9000);  // some empty
+  bufs.emplace_back(3 * direct::kLandingBytes + 5);
+  std::vector<std::span<uint8_t>> dest;
+  size_t total = 0;
+  for (auto& b : bufs) {
+    dest.emplace_back(b.data(), b.size());
+    total += b.size();
+  }
+  std::vector<uint8_t> sent(total);
+  for (size_t i = 0; i < total; ++i) sent[i] = static_cast<uint8_t>(i * 131 + (i >> 9));
+  const std::atomic<bool> never{false};
+  std::thread w([&] {
+    for (size_t off = 0; off < total;) {  // writes of 1000 bytes and less than a piece
+      const size_t k = std::min<size_t>(total - off, 1000 + off % 3000);
+      ASSERT_TRUE(direct::WriteFull(writer.get(), sent.data() + off, k, never).ok());
+      off += k;
+    }
+  });
+  std::vector<uint8_t> told;
+  Status s = direct::ReadScattered(reader.get(), dest, never,
+                                   [&](const uint8_t* p, size_t n) { told.insert(told.end(), p, p + n); });
+  w.join();
+  ASSERT_TRUE(s.ok()) << s.message();
+  EXPECT_EQ(told, sent) << "a byte was told twice, out of order, or not at all";
+  std::vector<uint8_t> landed;
+  for (const auto& b : bufs) landed.insert(landed.end(), b.begin(), b.end());
+  EXPECT_EQ(landed, sent);
+
+  // Nothing to read is no read: the peer's silence does not matter.
+  uint8_t none[1];
+  EXPECT_TRUE(direct::ReadFull(reader.get(), none, 0, never).ok());
+  const std::span<uint8_t> empty[2];
+  EXPECT_TRUE(direct::ReadScattered(reader.get(), empty, never, [](const uint8_t*, size_t) {}).ok());
+
+  // The peer closes after some of it (less than the socket holds).
+  ASSERT_TRUE(direct::WriteFull(writer.get(), sent.data(), 20000, never).ok());
+  writer = UniqueFd();
+  s = direct::ReadScattered(reader.get(), dest, never, [](const uint8_t*, size_t) {});
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.message();
+  EXPECT_NE(s.message().find("closed"), std::string::npos) << s.message();
+
+  // Stopped while the peer sends nothing.
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv), 0);
+  reader = UniqueFd(sv[0]);
+  writer = UniqueFd(sv[1]);
+  std::atomic<bool> stop{false};
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    stop.store(true);
+  });
+  s = direct::ReadScattered(reader.get(), dest, stop, [](const uint8_t*, size_t) {});
+  stopper.join();
+  EXPECT_EQ(s.code(), Code::kAborted) << s.message();
+}
+
 TEST(DirectWireTest, ListenAndConnectNameTheAddressWhenTheyFail) {
   uint16_t port = 0;
   Result<std::vector<UniqueFd>> fds = direct::Listen("127.0.0.1", 0, &port);

@@ -36,6 +36,9 @@ struct ReceivedMigration {
   // Of that fill: pages something else touched before their data came,
   // given a zero page (a read of a hole; expected 0 for a paused target).
   uint64_t uffd_zero_faults = 0;
+  // Bytes of page data read from direct data streams straight into guest
+  // memory (0.12; MigrationServerOptions::read_in_place).
+  uint64_t in_place_bytes = 0;
   // A completed migration's resumed VM (target->TakeVm()), the caller's from
   // here; null otherwise.
   std::unique_ptr<engine::VmControl> vm;
