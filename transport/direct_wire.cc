@@ -121,12 +121,13 @@ Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dest, const std
   const size_t most = landed ? kLandingBytes : SIZE_MAX;
   size_t piece = 0;  // dest[piece] + off is the next byte to land
   size_t off = 0;
-  for (;;) {
-    while (piece < dest.size() && off == dest[piece].size()) {  // done (or empty): the next
+  auto skip_filled = [&] {  // past pieces that are full (or empty)
+    while (piece < dest.size() && off == dest[piece].size()) {
       ++piece;
       off = 0;
     }
-    if (piece == dest.size()) break;
+  };
+  for (skip_filled(); piece < dest.size(); skip_filled()) {
     iovec iov[kMaxIov];
     size_t n_iov = 0;
     size_t want = 0;
@@ -145,10 +146,7 @@ Status ReadScattered(int fd, std::span<const std::span<uint8_t>> dest, const std
         if (landed) landed(dest[piece].data() + off, k);
         left -= k;
         off += k;
-        while (piece < dest.size() && off == dest[piece].size()) {
-          ++piece;
-          off = 0;
-        }
+        skip_filled();
       }
       continue;
     }
