@@ -656,13 +656,13 @@ Result<ApplyResult> BatchApplier::Apply(const proto::PageBatch& b, Chunks payloa
     }
     const engine::MemoryFile* file = nullptr;
     uint64_t file_pos = 0;
-    UffdFill* fill = files != nullptr ? files->fill() : nullptr;
-    if (ThroughFile(r, dst, files, memory, &file, &file_pos)) {
+    const Route route = RouteOf(r, dst, files, memory, &file, &file_pos);
+    if (route == Route::kFile) {
       PMLMIG_RETURN_IF_ERROR(WriteToFile(file->fd, file_pos, len, data, &chunk, &off).WithContext(name));
-    } else if (fill != nullptr && fill->Covers(dst, len) && !AllMapped(dst, r.pages())) {
+    } else if (route == Route::kFill) {
       // Fresh memory, several streams: placed in the kernel (uffd_fill.h).
       const uint8_t* src = RunSource(data, &chunk, &off, len);
-      const uint64_t placed = fill->Place(dst, src, len);
+      const uint64_t placed = files->fill()->Place(dst, src, len);
       if (placed < len) std::memcpy(dst + placed, src + placed, len - placed);
     } else {
       for (uint64_t done = 0; done < len;) {
@@ -688,16 +688,13 @@ bool BatchApplier::PlanInPlace(const proto::PageBatch& b, uint64_t payload_len, 
   if (b.compression() != proto::COMPRESSION_NONE) return false;
   const Result<uint64_t> data_pages = CheckRuns(b, memory);
   if (!data_pages.ok() || (*data_pages << kPageShift) != payload_len) return false;
-  UffdFill* fill = files != nullptr ? files->fill() : nullptr;
   for (const proto::PageRun& r : b.runs()) {
     if (r.flags() != proto::PAGE_RUN_DATA) continue;
     const uint64_t len = uint64_t{r.pages()} << kPageShift;
     uint8_t* dst = memory.HostAddress(r.gpa(), len);
     const engine::MemoryFile* file = nullptr;
     uint64_t file_pos = 0;
-    // The branches of Apply that do not copy through the mapping.
-    if (ThroughFile(r, dst, files, memory, &file, &file_pos)) return false;
-    if (fill != nullptr && fill->Covers(dst, len) && !AllMapped(dst, r.pages())) return false;
+    if (RouteOf(r, dst, files, memory, &file, &file_pos) != Route::kMapping) return false;
     dest->emplace_back(dst, len);
   }
   return true;
@@ -743,6 +740,17 @@ const uint8_t* BatchApplier::RunSource(Chunks data, size_t* chunk, uint64_t* off
     *off += k;
   }
   return gather_.get();
+}
+
+BatchApplier::Route BatchApplier::RouteOf(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files,
+                                          const engine::SlotTable& memory, const engine::MemoryFile** file,
+                                          uint64_t* file_pos) {
+  if (ThroughFile(r, dst, files, memory, file, file_pos)) return Route::kFile;
+  UffdFill* fill = files != nullptr ? files->fill() : nullptr;
+  if (fill != nullptr && fill->Covers(dst, uint64_t{r.pages()} << kPageShift) && !AllMapped(dst, r.pages())) {
+    return Route::kFill;
+  }
+  return Route::kMapping;
 }
 
 bool BatchApplier::ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files,

@@ -229,6 +229,13 @@ class BatchApplier {
   // (fresh memory of a single writer) rather than through the mapping.
   bool ThroughFile(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files, const engine::SlotTable& memory,
                    const engine::MemoryFile** file, uint64_t* file_pos);
+  // How Apply writes the data run `r` at `dst`: through its slot's file
+  // (ThroughFile; *file and *file_pos set), placed with the UffdFill
+  // (fresh memory of several streams), or copied through the mapping (the
+  // only route PlanInPlace reads in place).
+  enum class Route { kFile, kFill, kMapping };
+  Route RouteOf(const proto::PageRun& r, uint8_t* dst, const SlotFiles* files, const engine::SlotTable& memory,
+                const engine::MemoryFile** file, uint64_t* file_pos);
 };
 
 // Whether the 4 KiB page at `p` is all zero.
