@@ -489,7 +489,18 @@ ReceiverSession::Next ReceiverSession::Prepare(const proto::PostcopyPrepare& p) 
     std::unique_lock lock(r_.mu_);
     if (session_->state != SessionState::kReceiving) return EndOfCall();
     session_->switch_prepared = true;
-    r_.cv_.wait(lock, [&] { return session_->applying == 0; });
+    // A sender asks only once every batch is acknowledged; one still being
+    // read (a stream stalled mid-payload) must not hold the switch, or the
+    // session, for ever: bounded as Final's drain.
+    const bool drained = r_.cv_.wait_for(lock, r_.options_.final_drain_timeout, [&] {
+      return session_->state != SessionState::kReceiving || session_->applying == 0;
+    });
+    if (session_->state != SessionState::kReceiving) return EndOfCall();
+    if (!drained) {
+      lock.unlock();
+      return Fail(DataLoss("PostcopyPrepare: a batch was still being received " +
+                           Ms(r_.options_.final_drain_timeout) + " after the source asked to switch"));
+    }
     target = session_->target.get();
   }
   StopPopulating();  // no populate may be in flight where holes are punched and registered

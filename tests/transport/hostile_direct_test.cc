@@ -322,6 +322,31 @@ TEST_F(HostileDirectTest, StreamThatBreaksFailsTheMigration) {
   ExpectServing();
 }
 
+TEST_F(HostileDirectTest, StreamStalledMidPayloadDoesNotHoldThePostcopySwitch) {
+  // Half a batch, read in place, then silence with the connection open:
+  // the receiver is writing that batch into memory when PostcopyPrepare
+  // comes. The switch waits at most final_drain_timeout (300 ms here), not
+  // until the idle watchdog (60 s), and fails naming why.
+  OneStream s;
+  ASSERT_NO_FATAL_FAILURE(OpenOneStream(&s));
+  const proto::PageBatch b = Batch(s.session, 0);
+  proto::PageBatch header = b;
+  header.clear_payload();
+  std::string f(direct::kFrameBytes, '\0');
+  direct::PutU32(reinterpret_cast<uint8_t*>(f.data()), static_cast<uint32_t>(header.ByteSizeLong()));
+  direct::PutU32(reinterpret_cast<uint8_t*>(f.data()) + 4, static_cast<uint32_t>(b.payload().size()));
+  ASSERT_TRUE(s.d->SendBytes(f + header.SerializeAsString() + b.payload().substr(0, 100)));
+  std::this_thread::sleep_for(milliseconds(100));  // the receiver is inside the payload
+  proto::ControlRequest prepare;
+  prepare.mutable_prepare();
+  const auto t = std::chrono::steady_clock::now();
+  ASSERT_TRUE(s.control->Send(prepare));
+  ExpectStatus(s.control->Finish(), grpc::StatusCode::DATA_LOSS, "a batch was still being received");
+  EXPECT_LT(std::chrono::steady_clock::now() - t, std::chrono::seconds(30)) << "held until the idle watchdog";
+  ExpectFailedOutcome(s.session, "a batch was still being received");
+  ExpectServing();
+}
+
 TEST_F(HostileDirectTest, BytesThatAreNotAHelloStillReachGrpc) {
   // A prefix of the magic, then silence, then the connection closes; and
   // bytes that are neither a hello nor HTTP/2: gRPC gets (and drops) them.
