@@ -130,11 +130,12 @@ struct DataPath {
   uint32_t populate_threads = 4;
   bool uffd_fill = true;
   bool read_in_place = true;
+  bool paused = false;  // not the path, but how the source reads memory: the whole migration paused
 };
 
 // "direct", "grpc", with "+popN" when the populate threads are not the
 // default, "+nouffd" without the userfaultfd fill, "+staged" without
-// reading in place.
+// reading in place, "+paused" for a migration of the paused VM.
 std::string DataPathLabel(bool direct, const DataPath& path) {
   std::string s = direct ? "direct" : "grpc";
   if (path.populate_threads != transport::MigrationServerOptions{}.populate_threads) {
@@ -142,6 +143,7 @@ std::string DataPathLabel(bool direct, const DataPath& path) {
   }
   if (!path.uffd_fill) s += "+nouffd";
   if (!path.read_in_place) s += "+staged";
+  if (path.paused) s += "+paused";
   return s;
 }
 
@@ -159,6 +161,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   row.populate_threads = path.populate_threads;
   row.uffd_fill = path.uffd_fill;
   row.read_in_place = path.read_in_place;
+  row.paused = path.paused;
   row.data_path = DataPathLabel(!grpc_data, path);
 
   // The source VM, running its workload.
@@ -198,12 +201,16 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   so.streams = streams;
   so.compress = compress;
   so.direct_data = !grpc_data;
+  engine::MigrationOptions migration = f.migration;
+  migration.live = !path.paused;
   PMLMIG_ASSIGN_OR_RETURN(auto sink, transport::GrpcMigrationSink::Create(so));
   engine::MigrationController controller(*source_vm, *tracker, vmm::EncodeTestVmDescription(o));
   const std::vector<uint64_t> before = vmm::PagesWritten(*source_vm);
   rusage r0{}, r1{};
   // Round 0's CPU: from its start to the next round's or phase's (both are
   // published on the migration thread, before the round's pages go out).
+  // Paused, the one round is the stop-and-copy phase.
+  const engine::Phase round0_phase = path.paused ? engine::Phase::kStopAndCopy : engine::Phase::kRound;
   struct Round0Cpu {
     bool in = false, done = false;
     rusage start{};
@@ -211,13 +218,13 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
   };
   auto round0 = std::make_shared<Round0Cpu>();
   engine::MigrationCallbacks callbacks;
-  callbacks.on_progress = [round0](const engine::MigrationProgress& p) {
+  callbacks.on_progress = [round0, round0_phase](const engine::MigrationProgress& p) {
     Round0Cpu& c = *round0;
     if (c.done) return;
-    if (!c.in && p.phase == engine::Phase::kRound && p.round == 0) {
+    if (!c.in && p.phase == round0_phase && p.round == 0) {
       c.in = true;
       getrusage(RUSAGE_SELF, &c.start);
-    } else if (c.in && (p.phase != engine::Phase::kRound || p.round != 0)) {
+    } else if (c.in && (p.phase != round0_phase || p.round != 0)) {
       rusage now{};
       getrusage(RUSAGE_SELF, &now);
       c.ms = CpuMs(now.ru_utime) + CpuMs(now.ru_stime) - CpuMs(c.start.ru_utime) - CpuMs(c.start.ru_stime);
@@ -225,7 +232,7 @@ Result<Row> MigrateOnce(const vmm::Kvm& kvm, const Scenario& sc, uint64_t size, 
     }
   };
   getrusage(RUSAGE_SELF, &r0);
-  PMLMIG_RETURN_IF_ERROR(controller.Start(std::move(sink), f.migration, std::move(callbacks)));
+  PMLMIG_RETURN_IF_ERROR(controller.Start(std::move(sink), migration, std::move(callbacks)));
   while (controller.busy()) {  // Ctrl-C cancels (the source VM stays, then stops)
     if (Interrupted()) (void)controller.Cancel();
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -392,12 +399,13 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     populates.push_back(static_cast<uint32_t>(n));
   }
   if (populates.empty()) return PrintError("--populate-threads: empty list"), kExitUsage;
-  std::vector<bool> fills, in_places;
-  if (!ParseOnOffList("--uffd-fill", f.uffd_fill, &fills) || !ParseOnOffList("--in-place", f.in_place, &in_places)) {
+  std::vector<bool> fills, in_places, pauses;
+  if (!ParseOnOffList("--uffd-fill", f.uffd_fill, &fills) || !ParseOnOffList("--in-place", f.in_place, &in_places) ||
+      !ParseOnOffList("--paused", f.paused, &pauses)) {
     return kExitUsage;
   }
   // Per --data-path item, per --populate-threads item, per --uffd-fill
-  // item, per --in-place item.
+  // item, per --in-place item, per --paused item.
   std::vector<DataPath> paths;
   for (const std::string& item : SplitList(f.data_path)) {
     if (item != "direct" && item != "grpc") {
@@ -405,7 +413,9 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
     }
     for (uint32_t p : populates) {
       for (bool u : fills) {
-        for (bool i : in_places) paths.push_back({item == "grpc", p, u, i});
+        for (bool i : in_places) {
+          for (bool paused : pauses) paths.push_back({item == "grpc", p, u, i, paused});
+        }
       }
     }
   }
@@ -600,6 +610,10 @@ Command RegisterBenchMigrate(CLI::App& bench) {
   cmd->add_option("--in-place", f->in_place,
                   "on or off: the target reads each batch of the direct data streams straight into guest memory "
                   "(off: staged in a buffer and copied); a comma-separated list runs each (rows say +staged when off)")
+      ->capture_default_str();
+  cmd->add_option("--paused", f->paused,
+                  "on or off: on migrates the VM paused from the start, every page sent once (as QEMU's guest is "
+                  "paused in --peers); a comma-separated list runs each (rows say +paused when on)")
       ->capture_default_str();
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd; a comma-separated list runs each")
       ->capture_default_str();

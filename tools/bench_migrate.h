@@ -26,6 +26,7 @@ struct MigrateBenchFlags {
   std::string populate_threads = "4";  // the target's populate-ahead threads; a list runs each
   std::string uffd_fill = "on";        // the target's userfaultfd fill (several streams): on, off, or both
   std::string in_place = "on";         // the target reads direct streams' batches into guest memory: on, off, or both
+  std::string paused = "off";          // the VM paused for the whole migration (MigrationOptions::live false): on, off, or both
   uint32_t downtime_limit_ms = 300;
   uint32_t max_rounds = 50;
   std::string on_timeout = "cancel";
@@ -77,6 +78,7 @@ struct Row {
   uint64_t uffd_zero_faults = 0;     // and the zero pages it gave
   bool read_in_place = true;         // MigrationServerOptions::read_in_place
   uint64_t in_place_bytes = 0;       // what was read in place (ReceivedMigration)
+  bool paused = false;               // MigrationOptions::live false: one round, paused
   std::string verify = "off";  // off, before-commit or after-commit
   double prepare_ms = 0;  // building and filling the source VM (not part of the migration)
   engine::MigrationStats stats;

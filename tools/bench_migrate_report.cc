@@ -47,6 +47,7 @@ nlohmann::ordered_json RowJson(const Row& r) {
           {"uffd_filled_bytes", r.uffd_filled_bytes},
           {"read_in_place", r.read_in_place},
           {"in_place_bytes", r.in_place_bytes},
+          {"paused", r.paused},
           {"uffd_zero_faults", r.uffd_zero_faults},
           {"verify", r.verify},
           {"prepare_ms", r.prepare_ms},

@@ -84,6 +84,7 @@ expect_error "bench migrate --sizes" 2 "--sizes: memory size 3 MiB is not a mult
 expect_error "bench migrate --baseline-runs 0" 2 "--baseline-runs must be at least 1" bench migrate --baseline-runs 0
 expect_error "bench migrate --uffd-fill" 2 "--uffd-fill: 'maybe' is not on or off" bench migrate --uffd-fill on,maybe
 expect_error "bench migrate --in-place" 2 "--in-place: 'maybe' is not on or off" bench migrate --in-place maybe
+expect_error "bench migrate --paused" 2 "--paused: 'yes' is not on or off" bench migrate --paused yes
 expect_error "bench migrate --peers too large" 2 "use smaller --sizes" bench migrate --peers --scenarios untouched --sizes 200G
 
 if [ ! -w /dev/kvm ]; then
@@ -206,6 +207,23 @@ bench_ab "bench migrate: two streams fill fresh memory with userfaultfd, and cop
 # guest memory (the default), and stage and copy it with --in-place off.
 bench_ab "bench migrate: direct streams read round 0 in place into resident memory, and stage it with --in-place off" \
   read_in_place in_place_bytes staged --in-place on,off --prefault-target
+
+# --paused off,on: the same guest migrated live (round 0, then the final
+# round), then paused from the start (every page once, in one round).
+if "$PMLMIG" bench migrate --repeat 1 --baseline-runs 1 --sizes 64M --scenarios random --streams 2 \
+     --migrate-after 100ms --paused off,on --json "$tmp/paused.json" >"$tmp/paused.out" 2>"$tmp/err" &&
+   python3 - "$tmp/paused.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+assert [x["data_path"] for x in r] == ["direct", "direct+paused"], r
+assert all(x["migration"]["status"] == "completed" for x in r), r
+live, paused = r
+assert not live["paused"] and paused["paused"], r
+assert live["migration"]["rounds"] >= 2 and paused["migration"]["rounds"] == 1, (live["migration"], paused["migration"])
+assert paused["round0_cpu_s_per_gb"] > 0 and paused["round0_gbps"] > 0, paused
+assert paused["migration"]["normal_pages"] >= 15 << 10, paused["migration"]
+PY
+then pass "bench migrate --paused off,on: live, then paused in one round"; else fail "bench migrate --paused: $(cat "$tmp/paused.out" "$tmp/err")"; fi
 
 # bench migrate --peers, small: the baselines (a) and (b), one migration and
 # the comparison; QEMU is skipped with a reason when it is not on PATH (as in
