@@ -98,14 +98,14 @@ std::vector<std::string> SplitList(const std::string& text) {
   return out;
 }
 
-// `text` as a list of on and off (`flag` names it in the error, printed).
-bool ParseOnOffList(const char* flag, const std::string& text, std::vector<bool>* out) {
+// `text` as a list of on and off (`flag` names it in the error).
+Status ParseOnOffList(const char* flag, const std::string& text, std::vector<bool>* out) {
   for (const std::string& item : SplitList(text)) {
-    if (item != "on" && item != "off") return PrintError(std::string(flag) + ": '" + item + "' is not on or off"), false;
+    if (item != "on" && item != "off") return InvalidArgument(std::string(flag) + ": '" + item + "' is not on or off");
     out->push_back(item == "on");
   }
-  if (out->empty()) return PrintError(std::string(flag) + ": empty list"), false;
-  return true;
+  if (out->empty()) return InvalidArgument(std::string(flag) + ": empty list");
+  return Status::Ok();
 }
 
 double CpuMs(const timeval& tv) {
@@ -338,22 +338,33 @@ Status RunQemu(uint64_t bytes, uint32_t channels, uint32_t rep, uint64_t seed, u
   return Status::Ok();
 }
 
-int RunMigrateBench(const MigrateBenchFlags& f) {
-  // Every flag is checked before anything runs.
+// What the flags ask for, checked before anything runs.
+struct Plan {
   std::vector<uint64_t> sizes;
+  std::vector<Scenario> scenarios;
+  std::vector<uint32_t> stream_counts;
+  std::vector<transport::Compression> compressions;
+  // Per --data-path item, per --populate-threads item, per --uffd-fill
+  // item, per --in-place item, per --paused item.
+  std::vector<DataPath> paths;
+  std::vector<MigrationSetupFlags> variants;  // verification off first, then each order asked for
+};
+
+// The grid of configurations the flags ask for: sizes, scenarios, stream
+// counts, compressions and data paths. Error: the flag and why.
+Status ParseGrid(const MigrateBenchFlags& f, Plan* plan) {
   for (const std::string& item : SplitList(f.sizes)) {
     auto v = ParseSize(item);
-    if (!v.ok()) return PrintError("--sizes: " + v.status().message()), kExitUsage;
-    if (auto l = vmm::PcLayout(*v); !l.ok()) return PrintError("--sizes: " + l.status().message()), kExitUsage;
-    sizes.push_back(*v);
+    if (!v.ok()) return InvalidArgument("--sizes: " + v.status().message());
+    if (auto l = vmm::PcLayout(*v); !l.ok()) return InvalidArgument("--sizes: " + l.status().message());
+    plan->sizes.push_back(*v);
   }
-  if (sizes.empty()) return PrintError("--sizes: empty list"), kExitUsage;
+  if (plan->sizes.empty()) return InvalidArgument("--sizes: empty list");
   auto hotset = vmm::ParseWorkload(f.hotset);
-  if (!hotset.ok()) return PrintError("--hotset: " + hotset.status().message()), kExitUsage;
+  if (!hotset.ok()) return InvalidArgument("--hotset: " + hotset.status().message());
   if (f.hotset_vcpus == 0 || f.hotset_vcpus > PMLMIG_MAX_VCPUS) {
-    return PrintError("--hotset-vcpus: must be 1.." + std::to_string(PMLMIG_MAX_VCPUS)), kExitUsage;
+    return InvalidArgument("--hotset-vcpus: must be 1.." + std::to_string(PMLMIG_MAX_VCPUS));
   }
-  std::vector<Scenario> scenarios;
   for (const std::string& name : SplitList(f.scenarios)) {
     Scenario sc;
     sc.name = name;
@@ -366,128 +377,139 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
       sc.workload = *hotset;
       sc.vcpus = f.hotset_vcpus;
     } else {
-      return PrintError("--scenarios: '" + name + "' is not untouched, random or hotset"), kExitUsage;
+      return InvalidArgument("--scenarios: '" + name + "' is not untouched, random or hotset");
     }
-    scenarios.push_back(sc);
+    plan->scenarios.push_back(sc);
   }
-  if (scenarios.empty()) return PrintError("--scenarios: empty list"), kExitUsage;
-  std::vector<uint32_t> stream_counts;
+  if (plan->scenarios.empty()) return InvalidArgument("--scenarios: empty list");
   for (const std::string& item : SplitList(f.streams)) {
     char* end = nullptr;
     const unsigned long n = std::strtoul(item.c_str(), &end, 10);
     if (end == item.c_str() || *end != '\0' || n == 0 || n > transport::kMaxStreams) {
-      return PrintError("--streams: '" + item + "' is not a number from 1 to " +
-                        std::to_string(transport::kMaxStreams)), kExitUsage;
+      return InvalidArgument("--streams: '" + item + "' is not a number from 1 to " +
+                        std::to_string(transport::kMaxStreams));
     }
-    stream_counts.push_back(static_cast<uint32_t>(n));
+    plan->stream_counts.push_back(static_cast<uint32_t>(n));
   }
-  if (stream_counts.empty()) return PrintError("--streams: empty list"), kExitUsage;
-  std::vector<transport::Compression> compressions;
+  if (plan->stream_counts.empty()) return InvalidArgument("--streams: empty list");
   for (const std::string& item : SplitList(f.compress)) {
     auto c = transport::ParseCompression(item);
-    if (!c.ok()) return PrintError("--compress: " + c.status().message()), kExitUsage;
-    compressions.push_back(*c);
+    if (!c.ok()) return InvalidArgument("--compress: " + c.status().message());
+    plan->compressions.push_back(*c);
   }
-  if (compressions.empty()) return PrintError("--compress: empty list"), kExitUsage;
+  if (plan->compressions.empty()) return InvalidArgument("--compress: empty list");
   std::vector<uint32_t> populates;
   for (const std::string& item : SplitList(f.populate_threads)) {
     char* end = nullptr;
     const unsigned long n = std::strtoul(item.c_str(), &end, 10);
     if (item.empty() || *end != '\0' || n > 64) {
-      return PrintError("--populate-threads: '" + item + "' is not a thread count 0..64"), kExitUsage;
+      return InvalidArgument("--populate-threads: '" + item + "' is not a thread count 0..64");
     }
     populates.push_back(static_cast<uint32_t>(n));
   }
-  if (populates.empty()) return PrintError("--populate-threads: empty list"), kExitUsage;
+  if (populates.empty()) return InvalidArgument("--populate-threads: empty list");
   std::vector<bool> fills, in_places, pauses;
-  if (!ParseOnOffList("--uffd-fill", f.uffd_fill, &fills) || !ParseOnOffList("--in-place", f.in_place, &in_places) ||
-      !ParseOnOffList("--paused", f.paused, &pauses)) {
-    return kExitUsage;
-  }
-  // Per --data-path item, per --populate-threads item, per --uffd-fill
-  // item, per --in-place item, per --paused item.
-  std::vector<DataPath> paths;
+  PMLMIG_RETURN_IF_ERROR(ParseOnOffList("--uffd-fill", f.uffd_fill, &fills));
+  PMLMIG_RETURN_IF_ERROR(ParseOnOffList("--in-place", f.in_place, &in_places));
+  PMLMIG_RETURN_IF_ERROR(ParseOnOffList("--paused", f.paused, &pauses));
   for (const std::string& item : SplitList(f.data_path)) {
     if (item != "direct" && item != "grpc") {
-      return PrintError("--data-path: '" + item + "' is not direct or grpc"), kExitUsage;
+      return InvalidArgument("--data-path: '" + item + "' is not direct or grpc");
     }
     for (uint32_t p : populates) {
       for (bool u : fills) {
         for (bool i : in_places) {
-          for (bool paused : pauses) paths.push_back({item == "grpc", p, u, i, paused});
+          for (bool paused : pauses) plan->paths.push_back({item == "grpc", p, u, i, paused});
         }
       }
     }
   }
-  if (paths.empty()) return PrintError("--data-path: empty list"), kExitUsage;
+  if (plan->paths.empty()) return InvalidArgument("--data-path: empty list");
+  return Status::Ok();
+}
+
+// The migration settings, one per verification variant (off first, then
+// each --verify-order item), and the flags that only need checking.
+Status ParseVariants(const MigrateBenchFlags& f, Plan* plan) {
   MigrationSetupFlags setup;
   {
     auto kind = engine::ParseTrackerKind(f.tracker);
-    if (!kind.ok()) return PrintError("--tracker: " + kind.status().message()), kExitUsage;
-    if (*kind == engine::TrackerKind::kNone) return PrintError("--tracker: a migration needs a tracker"), kExitUsage;
+    if (!kind.ok()) return InvalidArgument("--tracker: " + kind.status().message());
+    if (*kind == engine::TrackerKind::kNone) return InvalidArgument("--tracker: a migration needs a tracker");
     setup.tracker = *kind;
   }
   auto after = ParseDuration(f.migrate_after);
-  if (!after.ok()) return PrintError("--migrate-after: " + after.status().message()), kExitUsage;
+  if (!after.ok()) return InvalidArgument("--migrate-after: " + after.status().message());
   setup.migrate_after = *after;
   setup.prefault_target = f.prefault_target;
   setup.migration.convergence.downtime_limit = std::chrono::milliseconds(f.downtime_limit_ms);
   setup.migration.convergence.max_rounds = f.max_rounds;
   if (f.on_timeout != "cancel" && f.on_timeout != "force") {
-    return PrintError("--on-timeout: '" + f.on_timeout + "' is not cancel or force"), kExitUsage;
+    return InvalidArgument("--on-timeout: '" + f.on_timeout + "' is not cancel or force");
   }
   setup.migration.convergence.force_on_timeout = f.on_timeout == "force";
-  std::vector<MigrationSetupFlags> variants{setup};  // verification off first, then each order asked for
+  plan->variants = {setup};
   if (f.verify) {
     for (const std::string& item : SplitList(f.verify_order)) {
       if (item != "before-commit" && item != "after-commit") {
-        return PrintError("--verify-order: '" + item + "' is not before-commit or after-commit"), kExitUsage;
+        return InvalidArgument("--verify-order: '" + item + "' is not before-commit or after-commit");
       }
       MigrationSetupFlags v = setup;
       v.migration.verify = true;
       v.migration.verify_order =
           item == "before-commit" ? engine::VerifyOrder::kBeforeCommit : engine::VerifyOrder::kAfterCommit;
-      variants.push_back(v);
+      plan->variants.push_back(v);
     }
   }
-  if (f.baseline_runs == 0) return PrintError("--baseline-runs must be at least 1"), kExitUsage;
-  if (!f.peers && f.qemu != MigrateBenchFlags{}.qemu) return PrintError("--qemu needs --peers"), kExitUsage;
-  if (f.qemu.empty()) return PrintError("--qemu: empty"), kExitUsage;
-  if (f.qemu_timeout_s == 0) return PrintError("--qemu-timeout must be at least 1 (seconds)"), kExitUsage;
+  if (f.baseline_runs == 0) return InvalidArgument("--baseline-runs must be at least 1");
+  if (!f.peers && f.qemu != MigrateBenchFlags{}.qemu) return InvalidArgument("--qemu needs --peers");
+  if (f.qemu.empty()) return InvalidArgument("--qemu: empty");
+  if (f.qemu_timeout_s == 0) return InvalidArgument("--qemu-timeout must be at least 1 (seconds)");
   if (f.plot.find('\'') != std::string::npos || f.json.find('\'') != std::string::npos) {
-    return PrintError("--plot, --json: file names must not contain a quote"), kExitUsage;
+    return InvalidArgument("--plot, --json: file names must not contain a quote");
   }
+  return Status::Ok();
+}
+
+// Whether this host has the memory (and /dev/shm) the plan needs.
+Status CheckHostFits(const MigrateBenchFlags& f, const Plan& plan) {
   // A random-content guest is resident twice (source and target); so are
   // the buffers of (b) and QEMU's two guests, which also need /dev/shm.
   const uint64_t avail = HostAvailableMemory();
-  const uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
+  const uint64_t largest = *std::max_element(plan.sizes.begin(), plan.sizes.end());
   if (f.peers && avail != 0 && 2 * largest > avail / 10 * 9) {
-    return PrintError("--peers needs 2 x " + FormatBytes(largest) + " of host memory (the baseline's source and "
-                      "target, QEMU's two guests) but only " + FormatBytes(avail) + " is available; use smaller --sizes"),
-           kExitUsage;
+    return InvalidArgument("--peers needs 2 x " + FormatBytes(largest) + " of host memory (the baseline's source and "
+                      "target, QEMU's two guests) but only " + FormatBytes(avail) + " is available; use smaller --sizes");
   }
   if (f.peers) {
     struct statvfs shm {};
     if (::statvfs("/dev/shm", &shm) == 0 && 2 * largest > static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) {
-      return PrintError("--peers: QEMU's two guests need 2 x " + FormatBytes(largest) + " in /dev/shm but only " +
-                        FormatBytes(static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) + " is free there"),
-             kExitUsage;
+      return InvalidArgument("--peers: QEMU's two guests need 2 x " + FormatBytes(largest) + " in /dev/shm but only " +
+                        FormatBytes(static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) + " is free there");
     }
   }
-  for (const Scenario& sc : scenarios) {
+  for (const Scenario& sc : plan.scenarios) {
     if (sc.fill != vmm::FillMode::kRandom) continue;
     if (avail != 0 && 2 * largest > avail / 10 * 9) {
-      return PrintError("the " + sc.name + " scenario needs 2 x " + FormatBytes(largest) +
+      return InvalidArgument("the " + sc.name + " scenario needs 2 x " + FormatBytes(largest) +
                         " of host memory (source and target) but only " + FormatBytes(avail) +
-                        " is available; use smaller --sizes"), kExitUsage;
+                        " is available; use smaller --sizes");
     }
   }
+  return Status::Ok();
+}
 
+int RunMigrateBench(const MigrateBenchFlags& f) {
+  Plan plan;
+  Status checked = ParseGrid(f, &plan);
+  if (checked.ok()) checked = ParseVariants(f, &plan);
+  if (checked.ok()) checked = CheckHostFits(f, plan);
+  if (!checked.ok()) return PrintError(checked.message()), kExitUsage;
   const uint32_t repeat = f.peers && !f.repeat_given ? 3 : f.repeat;
   const uint64_t seed = vmm::TestGuestConfig{}.seed;  // the random scenarios' fill
   Results res;
-  res.sizes = sizes;
-  res.streams = stream_counts;
+  res.sizes = plan.sizes;
+  res.streams = plan.stream_counts;
   if (!f.peers) {
     res.qemu.skipped = "not asked for: --peers";
   } else {
@@ -500,11 +522,10 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
 
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
-  if (setup.tracker == engine::TrackerKind::kRing) {
+  if (plan.variants.front().tracker == engine::TrackerKind::kRing) {
     const vmm::HostCapabilities caps = vmm::ProbeHost(*kvm);
     if (!caps.dirty_ring) return PrintError("this host's KVM has no dirty ring; use --tracker bitmap"), kExitFailure;
-    setup.ring_entries = std::min<uint32_t>(65536, caps.dirty_ring_max_entries);
-    for (MigrationSetupFlags& v : variants) v.ring_entries = setup.ring_entries;
+    for (MigrationSetupFlags& v : plan.variants) v.ring_entries = std::min<uint32_t>(65536, caps.dirty_ring_max_entries);
   }
   InstallInterruptHandler();
 
@@ -523,19 +544,19 @@ int RunMigrateBench(const MigrateBenchFlags& f) {
   };
   for (uint32_t rep = 0; rep < repeat; ++rep) {
     const uint32_t baseline_now = baseline_total / repeat + (rep < baseline_total % repeat ? 1 : 0);
-    for (uint64_t size : sizes) {
+    for (uint64_t size : plan.sizes) {
       if (Interrupted() || !qemu(size, 0, rep)) return PrintError("interrupted"), kExitInterrupted;
-      for (uint32_t streams : stream_counts) {
+      for (uint32_t streams : plan.stream_counts) {
         for (uint32_t i = 0; i < baseline_now; ++i) {
           if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
           if (Status s = RunBaselines(size, streams, f.peers, seed, res); !s.ok()) {
             return PrintError(s.message()), kExitFailure;
           }
         }
-        for (const Scenario& sc : scenarios) {
-          for (transport::Compression c : compressions) {
-            for (const DataPath& path : paths) {
-            for (const MigrationSetupFlags& variant : variants) {
+        for (const Scenario& sc : plan.scenarios) {
+          for (transport::Compression c : plan.compressions) {
+            for (const DataPath& path : plan.paths) {
+            for (const MigrationSetupFlags& variant : plan.variants) {
               if (Interrupted()) return PrintError("interrupted"), kExitInterrupted;
               auto row = MigrateOnce(*kvm, sc, size, streams, c, path, variant);
               if (!row.ok()) {

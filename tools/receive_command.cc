@@ -47,37 +47,47 @@ struct ReceiveFlags {
   std::vector<uint32_t> allow_uids;  // unix:PATH only
 };
 
-int Receive(const ReceiveFlags& f) {
+// What receive's flags say, checked before KVM is opened: a bad flag or
+// address is a usage error on any host.
+struct ReceivePlan {
+  bool local = false;      // --listen unix:PATH: same-host handovers
+  bool port_zero = false;  // a TCP port the system picks
+  std::chrono::nanoseconds exit_after{0}, wait{0};
+  transport::MigrationServerOptions server;
+};
+
+// Error: the usage error, naming the flag.
+Status ParseReceiveFlags(const ReceiveFlags& f, ReceivePlan* out) {
   auto exit_after = ParseDuration(f.exit_after);
-  if (!exit_after.ok()) return PrintError("--exit-after: " + exit_after.status().message()), kExitUsage;
+  if (!exit_after.ok()) return InvalidArgument("--exit-after: " + exit_after.status().message());
   auto wait = ParseDuration(f.wait);
-  if (!wait.ok()) return PrintError("--wait: " + wait.status().message()), kExitUsage;
-  // Checked before KVM is opened: a bad address is a usage error anywhere.
-  const bool local = f.listen.rfind("unix:", 0) == 0;
-  Result<transport::HostPort> listen = transport::HostPort{};
+  if (!wait.ok()) return InvalidArgument("--wait: " + wait.status().message());
+  out->exit_after = *exit_after;
+  out->wait = *wait;
+  const bool local = out->local = f.listen.rfind("unix:", 0) == 0;
   if (local) {
     if (auto path = transport::ParseUnixAddress(f.listen); !path.ok()) {
-      return PrintError("--listen " + path.status().message()), kExitUsage;
+      return InvalidArgument("--listen " + path.status().message());
     }
     if (!f.security.tls_ca.empty() || !f.security.tls_cert.empty() || !f.security.token_file.empty() || f.insecure ||
         f.max_streams != 64 || f.max_memory != "0") {
-      return PrintError("--listen unix:PATH takes same-host handovers: TLS, tokens, --insecure, --max-streams and "
-                        "--max-memory do not apply (the socket is 0600 and the peer's uid is checked; see --allow-uid)"),
-             kExitUsage;
+      return InvalidArgument("--listen unix:PATH takes same-host handovers: TLS, tokens, --insecure, --max-streams and "
+                             "--max-memory do not apply (the socket is 0600 and the peer's uid is checked; see --allow-uid)");
     }
   } else {
-    listen = transport::ParseHostPort(f.listen);
-    if (!listen.ok()) return PrintError("--listen " + listen.status().message()), kExitUsage;
-    if (!f.allow_uids.empty()) return PrintError("--allow-uid needs --listen unix:PATH"), kExitUsage;
+    Result<transport::HostPort> listen = transport::ParseHostPort(f.listen);
+    if (!listen.ok()) return InvalidArgument("--listen " + listen.status().message());
+    out->port_zero = listen->port == 0;
+    if (!f.allow_uids.empty()) return InvalidArgument("--allow-uid needs --listen unix:PATH");
   }
-  transport::MigrationServerOptions so;
+  transport::MigrationServerOptions& so = out->server;
   {
     auto mem = ParseSize(f.max_memory);
-    if (!mem.ok()) return PrintError("--max-memory: " + mem.status().message()), kExitUsage;
+    if (!mem.ok()) return InvalidArgument("--max-memory: " + mem.status().message());
     so.max_memory_bytes = *mem;
-    if (f.max_vcpus == 0) return PrintError("--max-vcpus: must be at least 1"), kExitUsage;
+    if (f.max_vcpus == 0) return InvalidArgument("--max-vcpus: must be at least 1");
     if (f.max_streams == 0 || f.max_streams > transport::kMaxStreams) {
-      return PrintError("--max-streams: must be 1.." + std::to_string(transport::kMaxStreams)), kExitUsage;
+      return InvalidArgument("--max-streams: must be 1.." + std::to_string(transport::kMaxStreams));
     }
     so.max_vcpus = f.max_vcpus;
     so.max_streams = f.max_streams;
@@ -92,12 +102,12 @@ int Receive(const ReceiveFlags& f) {
                      {"--postcopy-recovery", f.postcopy_recovery, &so.postcopy_recovery_timeout, true}};
     for (auto& d : durations) {
       auto v = ParseDuration(d.text);
-      if (!v.ok()) return PrintError(std::string(d.flag) + ": " + v.status().message()), kExitUsage;
+      if (!v.ok()) return InvalidArgument(std::string(d.flag) + ": " + v.status().message());
       *d.out = std::chrono::duration_cast<std::chrono::milliseconds>(*v);
-      if (d.out->count() == 0 && !d.zero_ok) return PrintError(std::string(d.flag) + ": must be > 0"), kExitUsage;
+      if (d.out->count() == 0 && !d.zero_ok) return InvalidArgument(std::string(d.flag) + ": must be > 0");
     }
     auto sec = LoadSecurity(f.security);
-    if (!sec.ok()) return PrintError(sec.status().message()), kExitUsage;
+    if (!sec.ok()) return sec.status();
     so.security = std::move(*sec);
     so.allow_insecure = f.insecure;
     so.direct_data = f.data_path == "direct";
@@ -105,6 +115,107 @@ int Receive(const ReceiveFlags& f) {
     so.uffd_fill = !f.no_uffd_fill;
     so.read_in_place = !f.no_in_place;
   }
+  return Status::Ok();
+}
+
+// Waits for a migration that completes, waking up for Ctrl-C; a failed
+// attempt is reported (and listed in `failed_attempts`) and the receiver
+// waits for the next, up to --attempts and --wait.
+Result<transport::ReceivedMigration> WaitForCompleted(transport::MigrationReceiver& server, const ReceiveFlags& f,
+                                                      std::chrono::nanoseconds wait,
+                                                      nlohmann::ordered_json* failed_attempts) {
+  const auto started = std::chrono::steady_clock::now();
+  Result<transport::ReceivedMigration> outcome = Aborted("interrupted");
+  for (;;) {
+    if (Interrupted()) return Aborted("interrupted");
+    if (wait.count() > 0 && std::chrono::steady_clock::now() - started > wait) {
+      return Aborted("no migration completed within --wait " + f.wait);
+    }
+    outcome = server.WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
+    if (!outcome.ok()) continue;
+    if (outcome->outcome == engine::Outcome::kCompleted) return outcome;
+    failed_attempts->push_back({{"status", std::string(engine::OutcomeName(outcome->outcome))},
+                                {"error", outcome->error.message()},
+                                {"rounds", outcome->rounds}});
+    if (f.attempts != 0 && failed_attempts->size() >= f.attempts) return outcome;
+    if (!f.quiet) {
+      std::fprintf(stderr, "pmlmig receive: migration %s: %s (the partial VM was discarded); waiting for the next\n",
+                   std::string(engine::OutcomeName(outcome->outcome)).c_str(), outcome->error.message().c_str());
+    }
+  }
+}
+
+// Runs the received VM for --exit-after, then pauses it, and records in
+// `out` what its workload wrote since the resume (and, after post-copy,
+// the guest's progress while its pages arrived).
+void RunReceivedVm(engine::VmControl& vm, vmm::Machine& machine, engine::MigrationTarget* target,
+                   const std::vector<uint64_t>& at_resume, std::chrono::nanoseconds exit_after,
+                   nlohmann::ordered_json& out) {
+  // Post-copy: the guest's progress while its pages arrived (sampled by the
+  // target), then here while it runs on: [ms since resume, pages written,
+  // pages still missing].
+  std::vector<engine::MigrationTarget::ProgressSample> samples =
+      target != nullptr ? target->postcopy_progress() : std::vector<engine::MigrationTarget::ProgressSample>{};
+  const bool sample = !samples.empty();
+  const double sample_base = sample ? samples.back().ms : 0;
+  const auto completed_at = std::chrono::steady_clock::now();
+  auto total_written = [&] {
+    uint64_t n = 0;
+    for (uint64_t c : vmm::PagesWritten(machine)) n += c;
+    return n;
+  };
+  const auto run_until = std::chrono::steady_clock::now() + exit_after;
+  while (std::chrono::steady_clock::now() < run_until && !Interrupted() && machine.error().ok()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (sample) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - completed_at).count();
+      samples.push_back({sample_base + ms, total_written(), 0});
+    }
+  }
+  if (sample) {
+    nlohmann::ordered_json series = nlohmann::ordered_json::array();
+    for (const auto& s : samples) series.push_back({std::round(s.ms * 10) / 10, s.pages_written, s.pages_missing});
+    out["postcopy_progress"] = series;
+  }
+  (void)vm.Pause();
+  const std::vector<uint64_t> now = vmm::PagesWritten(machine);
+  uint64_t after = 0;
+  nlohmann::ordered_json per = nlohmann::ordered_json::array();
+  for (size_t i = 0; i < now.size(); ++i) {
+    const uint64_t d = now[i] - std::min(now[i], at_resume[i]);
+    after += d;
+    per.push_back({{"id", i}, {"pages_written_after_resume", d}});
+  }
+  out["pages_written_after_resume"] = after;
+  out["vcpus"] = per;
+}
+
+// The receiver --listen names: a handover server on a unix socket, or a
+// migration server on TCP (`*port`: the port it listens on).
+Result<std::unique_ptr<transport::MigrationReceiver>> StartReceiver(const ReceiveFlags& f, const ReceivePlan& plan,
+                                                                    transport::MigrationServer::TargetFactory make_target, int* port) {
+  if (plan.local) {
+    transport::HandoverServerOptions ho;
+    ho.allowed_uids.assign(f.allow_uids.begin(), f.allow_uids.end());
+    ho.max_vcpus = f.max_vcpus;
+    ho.handshake_timeout = plan.server.handshake_timeout;
+    ho.commit_timeout = plan.server.commit_timeout;
+    // Between setup and the final state a source may wait for its moment:
+    // 10 min unless --idle-timeout says otherwise (0: no limit).
+    if (f.idle_timeout != ReceiveFlags{}.idle_timeout) ho.idle_timeout = plan.server.idle_timeout;
+    PMLMIG_ASSIGN_OR_RETURN(auto hs, transport::HandoverServer::Start(*transport::ParseUnixAddress(f.listen),
+                                                                      std::move(make_target), ho));
+    return std::unique_ptr<transport::MigrationReceiver>(std::move(hs));
+  }
+  PMLMIG_ASSIGN_OR_RETURN(auto gs, transport::MigrationServer::Start(f.listen, std::move(make_target), plan.server));
+  *port = gs->port();
+  return std::unique_ptr<transport::MigrationReceiver>(std::move(gs));
+}
+
+int Receive(const ReceiveFlags& f) {
+  ReceivePlan plan;
+  if (Status s = ParseReceiveFlags(f, &plan); !s.ok()) return PrintError(s.message()), kExitUsage;
+  const bool local = plan.local;
   auto kvm = vmm::Kvm::Open();
   if (!kvm.ok()) return PrintError(kvm.status().message()), kExitFailure;
   InstallInterruptHandler();
@@ -122,29 +233,8 @@ int Receive(const ReceiveFlags& f) {
   }
   vmm::TestVmFactory factory(*kvm, std::move(fo));
   auto make_target = [&factory] { return factory.MakeTarget(); };
-  Result<std::unique_ptr<transport::MigrationReceiver>> server = Internal("no receiver");
   int port = 0;
-  if (local) {
-    transport::HandoverServerOptions ho;
-    ho.allowed_uids.assign(f.allow_uids.begin(), f.allow_uids.end());
-    ho.max_vcpus = f.max_vcpus;
-    ho.handshake_timeout = so.handshake_timeout;
-    ho.commit_timeout = so.commit_timeout;
-    // Between setup and the final state a source may wait for its moment:
-    // 10 min unless --idle-timeout says otherwise (0: no limit).
-    if (f.idle_timeout != ReceiveFlags{}.idle_timeout) ho.idle_timeout = so.idle_timeout;
-    auto hs = transport::HandoverServer::Start(*transport::ParseUnixAddress(f.listen), make_target, ho);
-    if (hs.ok()) server = std::unique_ptr<transport::MigrationReceiver>(std::move(*hs));
-    else server = hs.status();
-  } else {
-    auto gs = transport::MigrationServer::Start(f.listen, make_target, so);
-    if (gs.ok()) {
-      port = (*gs)->port();
-      server = std::unique_ptr<transport::MigrationReceiver>(std::move(*gs));
-    } else {
-      server = gs.status();
-    }
-  }
+  Result<std::unique_ptr<transport::MigrationReceiver>> server = StartReceiver(f, plan, make_target, &port);
   if (!server.ok()) {
     const Status& s = server.status();
     const char* advice = s.code() == Code::kPermissionDenied
@@ -160,39 +250,14 @@ int Receive(const ReceiveFlags& f) {
     std::fprintf(stderr, "pmlmig receive: listening on %s (mode 0600, uid %u%s)%s; waiting for a handover\n",
                  f.listen.c_str(), static_cast<unsigned>(::geteuid()), f.allow_uids.empty() ? "" : " and --allow-uid",
                  f.verify ? ", verifying" : "");
-  } else if (!local && (!f.quiet || listen->port == 0)) {
+  } else if (!local && (!f.quiet || plan.port_zero)) {
     std::fprintf(stderr, "pmlmig receive: listening on %s (port %d)%s%s%s; waiting for a migration\n",
-                 f.listen.c_str(), port, so.security.tls() ? ", mutual TLS" : "",
-                 so.security.token.empty() ? "" : ", token", f.verify ? ", verifying" : "");
+                 f.listen.c_str(), port, plan.server.security.tls() ? ", mutual TLS" : "",
+                 plan.server.security.token.empty() ? "" : ", token", f.verify ? ", verifying" : "");
   }
 
-  // Wait for a migration that completes, waking up for Ctrl-C; a failed
-  // attempt is reported and the receiver waits for the next.
-  const auto started = std::chrono::steady_clock::now();
-  Result<transport::ReceivedMigration> outcome = Aborted("interrupted");
   nlohmann::ordered_json failed_attempts = nlohmann::ordered_json::array();
-  for (;;) {
-    if (Interrupted()) {
-      outcome = Aborted("interrupted");
-      break;
-    }
-    if (wait->count() > 0 && std::chrono::steady_clock::now() - started > *wait) {
-      outcome = Aborted("no migration completed within --wait " + f.wait);
-      break;
-    }
-    outcome = (*server)->WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
-    if (!outcome.ok()) continue;
-    if (outcome->outcome == engine::Outcome::kCompleted) break;
-    failed_attempts.push_back({{"status", std::string(engine::OutcomeName(outcome->outcome))},
-                               {"error", outcome->error.message()},
-                               {"rounds", outcome->rounds}});
-    if (f.attempts != 0 && failed_attempts.size() >= f.attempts) break;
-    if (!f.quiet) {
-      std::fprintf(stderr, "pmlmig receive: migration %s: %s (the partial VM was discarded); waiting for the next\n",
-                   std::string(engine::OutcomeName(outcome->outcome)).c_str(),
-                   outcome->error.message().c_str());
-    }
-  }
+  Result<transport::ReceivedMigration> outcome = WaitForCompleted(**server, f, plan.wait, &failed_attempts);
   nlohmann::ordered_json out = {{"status", "failed"}, {"resumed", false}, {"verified", nullptr},
                                 {"downtime_ms", nullptr}, {"target_restore_ms", nullptr},
                                 {"pages_written_after_resume", 0}, {"error", nullptr}};
@@ -251,43 +316,7 @@ int Receive(const ReceiveFlags& f) {
                  o.reply.target_restore_ms, o.reply.verify_detail.empty() ? "" : "; verification: ",
                  o.reply.verify_detail.c_str(), f.exit_after.c_str());
   }
-  // Post-copy: the guest's progress while its pages arrived (sampled by the
-  // target), then here while it runs on: [ms since resume, pages written,
-  // pages still missing].
-  std::vector<engine::MigrationTarget::ProgressSample> samples =
-      o.target ? o.target->postcopy_progress() : std::vector<engine::MigrationTarget::ProgressSample>{};
-  const bool sample = !samples.empty();
-  const double sample_base = sample ? samples.back().ms : 0;
-  const auto completed_at = std::chrono::steady_clock::now();
-  auto total_written = [&] {
-    uint64_t n = 0;
-    for (uint64_t c : vmm::PagesWritten(*machine)) n += c;
-    return n;
-  };
-  const auto run_until = std::chrono::steady_clock::now() + *exit_after;
-  while (std::chrono::steady_clock::now() < run_until && !Interrupted() && machine->error().ok()) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    if (sample) {
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - completed_at).count();
-      samples.push_back({sample_base + ms, total_written(), 0});
-    }
-  }
-  if (sample) {
-    nlohmann::ordered_json series = nlohmann::ordered_json::array();
-    for (const auto& s : samples) series.push_back({std::round(s.ms * 10) / 10, s.pages_written, s.pages_missing});
-    out["postcopy_progress"] = series;
-  }
-  (void)vm->Pause();
-  const std::vector<uint64_t> now = vmm::PagesWritten(*machine);
-  uint64_t after = 0;
-  nlohmann::ordered_json per = nlohmann::ordered_json::array();
-  for (size_t i = 0; i < now.size(); ++i) {
-    const uint64_t d = now[i] - std::min(now[i], at_resume[i]);
-    after += d;
-    per.push_back({{"id", i}, {"pages_written_after_resume", d}});
-  }
-  out["pages_written_after_resume"] = after;
-  out["vcpus"] = per;
+  RunReceivedVm(*vm, *machine, o.target.get(), at_resume, plan.exit_after, out);
   Status vm_error = machine->error();
   if (!vm_error.ok()) out["error"] = "the VM failed after resuming: " + vm_error.message();
   if (f.json) {
@@ -302,7 +331,8 @@ int Receive(const ReceiveFlags& f) {
       std::printf("  post-copy: the link broke and the source resumed it %u time%s\n", o.postcopy_recoveries,
                   o.postcopy_recoveries == 1 ? "" : "s");
     }
-    std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());
+    std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n",
+                out["pages_written_after_resume"].get<uint64_t>(), f.exit_after.c_str());
   }
   vm.reset();
   (*server)->Shutdown();  // the VM is gone: nothing left to answer for
