@@ -387,7 +387,7 @@ Status ParseGrid(const MigrateBenchFlags& f, Plan* plan) {
     const unsigned long n = std::strtoul(item.c_str(), &end, 10);
     if (end == item.c_str() || *end != '\0' || n == 0 || n > transport::kMaxStreams) {
       return InvalidArgument("--streams: '" + item + "' is not a number from 1 to " +
-                        std::to_string(transport::kMaxStreams));
+                             std::to_string(transport::kMaxStreams));
     }
     plan->stream_counts.push_back(static_cast<uint32_t>(n));
   }
@@ -479,21 +479,22 @@ Status CheckHostFits(const MigrateBenchFlags& f, const Plan& plan) {
   const uint64_t largest = *std::max_element(plan.sizes.begin(), plan.sizes.end());
   if (f.peers && avail != 0 && 2 * largest > avail / 10 * 9) {
     return InvalidArgument("--peers needs 2 x " + FormatBytes(largest) + " of host memory (the baseline's source and "
-                      "target, QEMU's two guests) but only " + FormatBytes(avail) + " is available; use smaller --sizes");
+                           "target, QEMU's two guests) but only " + FormatBytes(avail) +
+                           " is available; use smaller --sizes");
   }
   if (f.peers) {
     struct statvfs shm {};
     if (::statvfs("/dev/shm", &shm) == 0 && 2 * largest > static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) {
       return InvalidArgument("--peers: QEMU's two guests need 2 x " + FormatBytes(largest) + " in /dev/shm but only " +
-                        FormatBytes(static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) + " is free there");
+                             FormatBytes(static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize) + " is free there");
     }
   }
   for (const Scenario& sc : plan.scenarios) {
     if (sc.fill != vmm::FillMode::kRandom) continue;
     if (avail != 0 && 2 * largest > avail / 10 * 9) {
       return InvalidArgument("the " + sc.name + " scenario needs 2 x " + FormatBytes(largest) +
-                        " of host memory (source and target) but only " + FormatBytes(avail) +
-                        " is available; use smaller --sizes");
+                             " of host memory (source and target) but only " + FormatBytes(avail) +
+                             " is available; use smaller --sizes");
     }
   }
   return Status::Ok();
