@@ -125,13 +125,13 @@ Result<transport::ReceivedMigration> WaitForCompleted(transport::MigrationReceiv
                                                       std::chrono::nanoseconds wait,
                                                       nlohmann::ordered_json* failed_attempts) {
   const auto started = std::chrono::steady_clock::now();
-  Result<transport::ReceivedMigration> outcome = Aborted("interrupted");
   for (;;) {
     if (Interrupted()) return Aborted("interrupted");
     if (wait.count() > 0 && std::chrono::steady_clock::now() - started > wait) {
       return Aborted("no migration completed within --wait " + f.wait);
     }
-    outcome = server.WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
+    Result<transport::ReceivedMigration> outcome =
+        server.WaitForMigration(std::chrono::steady_clock::now() + std::chrono::milliseconds(200));
     if (!outcome.ok()) continue;
     if (outcome->outcome == engine::Outcome::kCompleted) return outcome;
     failed_attempts->push_back({{"status", std::string(engine::OutcomeName(outcome->outcome))},
@@ -147,8 +147,8 @@ Result<transport::ReceivedMigration> WaitForCompleted(transport::MigrationReceiv
 
 // Runs the received VM for --exit-after, then pauses it, and records in
 // `out` what its workload wrote since the resume (and, after post-copy,
-// the guest's progress while its pages arrived).
-void RunReceivedVm(engine::VmControl& vm, vmm::Machine& machine, engine::MigrationTarget* target,
+// the guest's progress while its pages arrived). Returns the pages written.
+uint64_t RunReceivedVm(engine::VmControl& vm, vmm::Machine& machine, engine::MigrationTarget* target,
                    const std::vector<uint64_t>& at_resume, std::chrono::nanoseconds exit_after,
                    nlohmann::ordered_json& out) {
   // Post-copy: the guest's progress while its pages arrived (sampled by the
@@ -188,12 +188,13 @@ void RunReceivedVm(engine::VmControl& vm, vmm::Machine& machine, engine::Migrati
   }
   out["pages_written_after_resume"] = after;
   out["vcpus"] = per;
+  return after;
 }
 
 // The receiver --listen names: a handover server on a unix socket, or a
 // migration server on TCP (`*port`: the port it listens on).
-Result<std::unique_ptr<transport::MigrationReceiver>> StartReceiver(const ReceiveFlags& f, const ReceivePlan& plan,
-                                                                    transport::MigrationServer::TargetFactory make_target, int* port) {
+Result<std::unique_ptr<transport::MigrationReceiver>> StartReceiver(
+    const ReceiveFlags& f, const ReceivePlan& plan, transport::MigrationServer::TargetFactory make_target, int* port) {
   if (plan.local) {
     transport::HandoverServerOptions ho;
     ho.allowed_uids.assign(f.allow_uids.begin(), f.allow_uids.end());
@@ -316,7 +317,7 @@ int Receive(const ReceiveFlags& f) {
                  o.reply.target_restore_ms, o.reply.verify_detail.empty() ? "" : "; verification: ",
                  o.reply.verify_detail.c_str(), f.exit_after.c_str());
   }
-  RunReceivedVm(*vm, *machine, o.target.get(), at_resume, plan.exit_after, out);
+  const uint64_t after = RunReceivedVm(*vm, *machine, o.target.get(), at_resume, plan.exit_after, out);
   Status vm_error = machine->error();
   if (!vm_error.ok()) out["error"] = "the VM failed after resuming: " + vm_error.message();
   if (f.json) {
@@ -331,8 +332,7 @@ int Receive(const ReceiveFlags& f) {
       std::printf("  post-copy: the link broke and the source resumed it %u time%s\n", o.postcopy_recoveries,
                   o.postcopy_recoveries == 1 ? "" : "s");
     }
-    std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n",
-                out["pages_written_after_resume"].get<uint64_t>(), f.exit_after.c_str());
+    std::printf("  after resume the workload wrote %" PRIu64 " pages in %s\n", after, f.exit_after.c_str());
   }
   vm.reset();
   (*server)->Shutdown();  // the VM is gone: nothing left to answer for
