@@ -11,10 +11,12 @@
 #include "pmlmig/transport/received.h"
 
 struct pmlmig_receiver {
+  // Before server: a waiter the server's shutdown wakes still writes here.
+  pmlmig::capi::ErrorSlot error;
+  pmlmig::capi::CallGate waiters;  // pmlmig_receiver_wait callers, which destroy lets return first
   std::unique_ptr<pmlmig::transport::MigrationReceiver> server;
   int port = 0;  // host:port; 0 for unix:PATH
   pmlmig_receive_options options{};
-  pmlmig::capi::ErrorSlot error;
 };
 
 namespace pmlmig::capi {

@@ -1,6 +1,7 @@
 #include "c_vm.h"
 
 #include <cstdio>
+#include <unordered_map>
 
 namespace pmlmig::capi {
 namespace {
@@ -25,6 +26,13 @@ int ErrnoOf(Code code) {
 }
 
 void SetThreadError(std::string message) { t_error = std::move(message); }
+
+const char* ErrorSlot::c_str() const {
+  thread_local std::string copy;
+  std::lock_guard lock(mu_);
+  copy = message_;
+  return copy.c_str();
+}
 const std::string& ThreadError() { return t_error; }
 
 int Fail(ErrorSlot* slot, const Status& s) {
@@ -63,8 +71,13 @@ Result<pmlmig_vm*> pmlmig_vm::Create(const pmlmig_vm_config& c, const pmlmig_vm_
   vm->vm_fd_ = c.vm_fd;
   vm->ring_entries_ = c.dirty_ring_entries;
   vm->vcpu_fds_.assign(c.vcpu_fds, c.vcpu_fds + c.vcpu_count);
+  std::unordered_map<uint32_t, uint32_t> slot_index;  // slot id -> the region that has it
   for (uint32_t i = 0; i < c.region_count; ++i) {
     const pmlmig_region& r = c.regions[i];
+    if (auto [it, fresh] = slot_index.emplace(r.slot, i); !fresh) {
+      return InvalidArgument("pmlmig_vm_config: regions " + std::to_string(it->second) + " and " + std::to_string(i) +
+                             " both have slot id " + std::to_string(r.slot) + " (each region needs its own)");
+    }
     engine::MemorySlot s;
     s.slot = r.slot;
     s.gpa = r.gpa;
@@ -77,12 +90,13 @@ Result<pmlmig_vm*> pmlmig_vm::Create(const pmlmig_vm_config& c, const pmlmig_vm_
   vm->marks_ = std::make_unique<engine::UserspaceWriteTracker>(
       vm->slots_, engine::UserspaceTrackerOptions{.mode = engine::UserspaceTrackMode::kExplicitOnly});
   vm->opaque_ = opaque;
+  vm->owns_opaque_ = true;
   return vm.release();
 }
 
 pmlmig_vm::~pmlmig_vm() {
   marks_.reset();
-  if (ops_.release != nullptr && opaque_ != nullptr) ops_.release(opaque_);
+  if (ops_.release != nullptr && owns_opaque_) ops_.release(opaque_);
 }
 
 Status pmlmig_vm::Call(const char* what, int rc) const {

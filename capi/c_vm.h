@@ -5,15 +5,15 @@
 #pragma once
 
 #include <atomic>
-#include <memory>
-#include <optional>
-#include <span>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
-#include <atomic>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -32,22 +32,54 @@ int ErrnoOf(Code code);
 void SetThreadError(std::string message);
 const std::string& ThreadError();
 
-// A message readable from any thread through a handle's *_last_error. The
-// returned pointer stays valid until the next Set on the same handle.
+// A message readable from any thread through a handle's *_last_error: the
+// last failing call's on this handle, from any thread. c_str() hands out a
+// copy owned by the calling thread, valid until that thread's next c_str()
+// of any slot, so a concurrent Set never frees what a reader holds.
 class ErrorSlot {
  public:
   void Set(std::string message) {
     std::lock_guard lock(mu_);
     message_ = std::move(message);
   }
-  const char* c_str() const {
-    std::lock_guard lock(mu_);
-    return message_.c_str();
-  }
+  const char* c_str() const;
 
  private:
   mutable std::mutex mu_;
   std::string message_;  // guarded by mu_
+};
+
+// Lets a handle's destroy wait for the threads inside its blocking calls
+// (pmlmig_source_wait, pmlmig_receiver_wait): each such call holds a
+// Pass while it touches the handle; destroy wakes them by its own means,
+// then Drain()s before it frees anything.
+class CallGate {
+ public:
+  class Pass {
+   public:
+    explicit Pass(CallGate& g) : g_(g) {
+      std::lock_guard lock(g_.mu_);
+      ++g_.inside_;
+    }
+    ~Pass() {
+      std::lock_guard lock(g_.mu_);
+      if (--g_.inside_ == 0) g_.cv_.notify_all();
+    }
+    Pass(const Pass&) = delete;
+    Pass& operator=(const Pass&) = delete;
+
+   private:
+    CallGate& g_;
+  };
+  void Drain() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [this] { return inside_ == 0; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int inside_ = 0;  // guarded by mu_
 };
 
 // Records `s` in `slot` (if any) and on this thread; returns its errno (0 for OK).
@@ -132,6 +164,7 @@ struct pmlmig_vm final : public pmlmig::engine::VmControl {
 
   pmlmig_vm_ops ops_{};
   void* opaque_ = nullptr;
+  bool owns_opaque_ = false;  // Create succeeded: release(opaque_) at the end, even for a NULL opaque
   pmlmig::engine::SlotTable slots_;
   std::vector<pmlmig_region> regions_;
   std::vector<int> vcpu_fds_;

@@ -29,6 +29,7 @@
 namespace capi = pmlmig::capi;
 namespace engine = pmlmig::engine;
 namespace transport = pmlmig::transport;
+using pmlmig::Code;
 using pmlmig::InvalidArgument;
 using pmlmig::Result;
 using pmlmig::Status;
@@ -177,6 +178,7 @@ struct pmlmig_source {
   std::mutex start_mu;    // one Start at a time (it selects the tracker)
   bool started = false;   // guarded by start_mu
   engine::MigrationController controller;
+  capi::CallGate waiters;  // pmlmig_source_wait callers, which destroy lets return first
 };
 
 extern "C" {
@@ -441,6 +443,7 @@ int pmlmig_source_start(pmlmig_source* source, const pmlmig_migrate_options* opt
 
 int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
   if (source == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_source_wait: source is NULL"));
+  capi::CallGate::Pass pass(source->waiters);
   return Guard(&source->error, [&] {
     {
       std::lock_guard lock(source->start_mu);
@@ -478,6 +481,7 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
     out.postcopy_ms = st.postcopy.phase_ms;
     out.postcopy_recoveries = st.postcopy.result.recoveries;
     out.source_kept = st.source_kept ? 1 : 0;
+    out.source_paused = st.source_paused ? 1 : 0;
     capi::WriteSized(out, stats);
     switch (st.outcome) {
       case engine::Outcome::kCompleted: return 0;
@@ -486,12 +490,10 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
       case engine::Outcome::kPostcopyFailed: capi::Fail(&source->error, pmlmig::Aborted(st.error)); return -ENOTRECOVERABLE;
       default: break;
     }
-    // The failure's kind is in its message only; -EHOSTUNREACH covers the
-    // usual one (the receiver unreachable or gone), -EIO the rest.
-    const bool unreachable = st.error.find("unreachable") != std::string::npos ||
-                             st.error.find("no connection") != std::string::npos;
-    capi::Fail(&source->error, pmlmig::Internal(st.error));
-    return unreachable ? -EHOSTUNREACH : -EIO;
+    // -EHOSTUNREACH: the receiver unreachable or gone (kUnavailable, as the
+    // transport reports it); -EIO: anything else.
+    capi::Fail(&source->error, pmlmig::Internal(st.error.empty() ? "the migration failed" : st.error));
+    return st.error_code == Code::kUnavailable ? -EHOSTUNREACH : -EIO;
   });
 }
 
@@ -522,7 +524,12 @@ const char* pmlmig_source_last_error(const pmlmig_source* source) {
 
 void pmlmig_source_destroy(pmlmig_source* source) {
   (void)Guard(nullptr, [&] {
-    delete source;  // the controller cancels a migration in flight and waits
+    if (source == nullptr) return 0;
+    // A migration in flight ends (cancelled), which lets every waiter
+    // return; only then is the handle freed.
+    (void)source->controller.Cancel();
+    source->waiters.Drain();
+    delete source;  // the controller waits for its migration thread
     return 0;
   });
 }
@@ -600,6 +607,7 @@ int pmlmig_receiver_port(const pmlmig_receiver* receiver) {
 int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_vm** vm, pmlmig_receive_stats* stats) {
   if (receiver == nullptr) return capi::Fail(nullptr, InvalidArgument("pmlmig_receiver_wait: receiver is NULL"));
   if (vm == nullptr) return capi::Fail(&receiver->error, InvalidArgument("pmlmig_receiver_wait: vm is NULL"));
+  capi::CallGate::Pass pass(receiver->waiters);
   return Guard(&receiver->error, [&] {
     *vm = nullptr;
     const auto deadline = timeout_ms < 0 ? std::chrono::steady_clock::time_point::max()
@@ -607,7 +615,8 @@ int pmlmig_receiver_wait(pmlmig_receiver* receiver, int64_t timeout_ms, pmlmig_v
     auto got = receiver->server->WaitForMigration(deadline);
     if (!got.ok()) {
       capi::Fail(&receiver->error, got.status());
-      return -ETIMEDOUT;
+      // Unavailable: the receiver is being destroyed; else the deadline passed.
+      return got.status().code() == Code::kUnavailable ? -ESHUTDOWN : -ETIMEDOUT;
     }
     transport::ReceivedMigration& m = *got;
     pmlmig_receive_stats out{};
@@ -644,7 +653,10 @@ const char* pmlmig_receiver_last_error(const pmlmig_receiver* receiver) {
 
 void pmlmig_receiver_destroy(pmlmig_receiver* receiver) {
   (void)Guard(nullptr, [&] {
-    delete receiver;  // MigrationServer's destructor shuts it down
+    if (receiver == nullptr) return 0;
+    if (receiver->server) receiver->server->Shutdown();  // wakes every waiter (-ESHUTDOWN)
+    receiver->waiters.Drain();
+    delete receiver;
     return 0;
   });
 }

@@ -69,6 +69,10 @@ MigrationProgress MigrationSource::progress() const {
   std::lock_guard lock(progress_mu_);
   MigrationProgress p = progress_;
   AddThrottle(p);
+  if (sending_ != nullptr) {  // mid-round: what the transport has not taken yet, and the time now
+    p.remaining_pages = sending_->total_pages() - sending_->taken();
+    p.elapsed_ms += MsSince(clock_, published_at_);
+  }
   return p;
 }
 
@@ -82,7 +86,10 @@ Status MigrationSource::CheckAid() {
     return InvalidArgument(name + " needs each vCPU's dirty rate, which the " + std::string(tracker_.name()) +
                               " tracker does not give (the dirty ring does)");
   }
-  if (!vm_.SetVcpuThrottleHook(nullptr)) return InvalidArgument(name + ": this VMM cannot hold its vCPUs");
+  if (!vm_.SetVcpuThrottleHook(nullptr)) {
+    return InvalidArgument(name + ": this VMM cannot hold its vCPUs (its VmControl takes no vCPU throttle hook; "
+                                  "through the C ABI, pmlmig_vm_ops.kick_vcpu is not set)");
+  }
   return Status::Ok();
 }
 
@@ -121,6 +128,7 @@ void MigrationSource::Publish(Phase phase, uint32_t round, uint64_t remaining, d
   {
     std::lock_guard lock(progress_mu_);
     progress_ = p;
+    published_at_ = clock_.Now();
     AddThrottle(p);
   }
   if (callbacks_.on_progress) callbacks_.on_progress(p);
@@ -193,7 +201,15 @@ Status MigrationSource::SendRound(uint32_t round, std::vector<PageRun> runs, uin
   PageList list(std::move(runs));
   if (!final_round_) Publish(Phase::kRound, round, list.total_pages(), expected_ms);
   const auto t = clock_.Now();
+  {
+    std::lock_guard lock(progress_mu_);
+    sending_ = &list;
+  }
   auto sent = sink_.SendPages(round, list);
+  {
+    std::lock_guard lock(progress_mu_);
+    sending_ = nullptr;
+  }
   if (!sent.ok()) return sent.status().WithContext("round " + std::to_string(round));
   RoundStats r;
   r.round = round;
@@ -223,7 +239,11 @@ Status MigrationSource::Fail(const Status& why) {
   sink_.Abort(why.message());
   (void)tracker_.Disable();
   Status resumed = vm_.Resume();
-  if (!resumed.ok()) return why.WithContext("and resuming the source VM failed (" + resumed.message() + ")");
+  if (!resumed.ok()) {
+    resume_failed_ = true;
+    return Status(why.code(), why.message() + "; resuming the source VM failed too, so it stays paused here (" +
+                                  resumed.message() + ")");
+  }
   return why;
 }
 
@@ -231,6 +251,7 @@ MigrationStats MigrationSource::Run() {
   start_ = clock_.Now();
   stats_ = MigrationStats{};
   final_round_ = false;
+  resume_failed_ = false;
   policy_->Begin();
   // Unless forced, the timeout also ends a round in progress: the watchdog
   // aborts the transfer (RunPhases then reports it and resumes the VM).
@@ -247,6 +268,7 @@ MigrationStats MigrationSource::Run() {
 
 MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, const Status& why) {
   StopThrottle();  // whatever the outcome, before the VM may resume here
+  Status failure;
   if (timed_out_.load()) {  // the watchdog ended a round: say so, whatever failed as a result
     outcome = Outcome::kCancelled;
     char buf[400];
@@ -263,18 +285,21 @@ MigrationStats MigrationSource::Finished(Outcome outcome, CancelReason reason, c
                     "timed out after %lld ms while sending all memory (round 0); the VM keeps running here",
                     static_cast<long long>(options_.convergence.timeout.count()));
     }
-    stats_.error = Fail(Aborted(buf)).message();
+    failure = Fail(Aborted(buf));
   } else if (outcome == Outcome::kFailed && cancel_.load()) {
     // Cancel() aborted the sink, which failed the step in progress.
     outcome = Outcome::kCancelled;
     reason = CancelReason::kRequested;
-    stats_.error = Fail(Aborted("cancelled by request")).message();
+    failure = Fail(Aborted("cancelled by request"));
   } else if (outcome != Outcome::kCompleted && outcome != Outcome::kInDoubt && outcome != Outcome::kPostcopyFailed) {
-    stats_.error = Fail(why).message();
+    failure = Fail(why);
   } else {
-    stats_.error = why.ok() ? "" : why.message();
+    failure = why;
     (void)tracker_.Disable();
   }
+  stats_.error = failure.ok() ? "" : failure.message();
+  stats_.error_code = failure.code();
+  stats_.source_paused = resume_failed_;
   if (digest_) {
     stats_.verification.source = digest_->stats();
     digest_.reset();  // the witness and its thread go

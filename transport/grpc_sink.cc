@@ -176,7 +176,8 @@ Status GrpcMigrationSink::Impl::Begin(const engine::MigrationSetup& setup, const
   return f;
 }
 
-Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused) {
+Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused,
+                     const std::atomic<bool>* stop) {
   // gRPC retries a refused port (with backoff) until the deadline; once it
   // reports a failed attempt, ask whether the port refuses connections and
   // say so at once. Anything else (no answer, a TLS handshake that fails)
@@ -189,7 +190,12 @@ Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::str
       if (refused != nullptr) *refused = true;
       return Unavailable("connection refused to " + o.target + " (" + which + "): nothing listens on that port");
     }
-    if (!ch.WaitForStateChange(st, deadline)) break;
+    // In slices, so that an abort (a cancelled migration) ends the wait.
+    const auto slice = std::min(deadline, std::chrono::system_clock::now() + std::chrono::milliseconds(50));
+    if (!ch.WaitForStateChange(st, slice)) {
+      if (stop != nullptr && stop->load()) return Aborted("connect to " + o.target + " (" + which + "): stopped");
+      if (std::chrono::system_clock::now() >= deadline) break;
+    }
   }
   return Unavailable("connect to " + o.target + " (" + which + "): no connection within " +
                      SecondsText(o.connect_timeout) +
@@ -211,12 +217,13 @@ Status GrpcMigrationSink::Impl::DoBegin(const engine::MigrationSetup& setup) {
       calls.push_back(std::make_unique<DataStream>(i, options_, calls_, bucket_.get()));
     }
     for (auto& ds : calls) {
-      PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, ds->channel(), "stream " + std::to_string(ds->index())));
+      PMLMIG_RETURN_IF_ERROR(
+          WaitConnected(options_, ds->channel(), "stream " + std::to_string(ds->index()), nullptr, &calls_.stop()));
     }
     return Status::Ok();
   };
   control_channel_ = MakeChannel(options_, 0);
-  PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, *control_channel_, "control"));
+  PMLMIG_RETURN_IF_ERROR(WaitConnected(options_, *control_channel_, "control", nullptr, &calls_.stop()));
   if (!want_direct) PMLMIG_RETURN_IF_ERROR(connect_calls());
   control_.Start(control_channel_);
 

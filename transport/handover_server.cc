@@ -87,7 +87,9 @@ class HandoverServer::Impl {
   Result<ReceivedMigration> Wait(Deadline deadline) {
     std::unique_lock lock(mu_);
     cv_.wait_until(lock, deadline, [&] { return !done_.empty() || stopped_; });
-    if (done_.empty()) return Aborted(stopped_ ? "the receiver shut down" : "no handover ended in time");
+    if (done_.empty()) {
+      return stopped_ ? Unavailable("the receiver shut down before a handover ended") : Aborted("no handover ended in time");
+    }
     ReceivedMigration r = std::move(done_.front());
     done_.pop_front();
     return r;

@@ -39,7 +39,7 @@ Result<UniqueFd> Connect(const std::string& path, std::chrono::milliseconds time
     const int err = errno;
     if ((err != ENOENT && err != ECONNREFUSED && err != EAGAIN) || std::chrono::steady_clock::now() >= until) {
       Status s = Status::FromErrno(err, "connect to unix:" + path);
-      if (err == ENOENT || err == ECONNREFUSED) s = Unavailable(s.message() + " (is 'pmlmig receive --listen unix:" + path + "' running?)");
+      if (err == ENOENT || err == ECONNREFUSED) s = Unavailable(s.message() + " (is a receiver listening on it?)");
       return s;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));

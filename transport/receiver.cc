@@ -191,7 +191,7 @@ Result<ReceivedMigration> Receiver::WaitForMigration(Clock::time_point deadline)
     outcomes_.pop_front();
     return o;
   }
-  if (shutting_down_) return Aborted("the receiver shut down before a migration ended");
+  if (shutting_down_) return Unavailable("the receiver shut down before a migration ended");
   return Aborted("no migration ended before the deadline");
 }
 

@@ -35,7 +35,9 @@ Status FromGrpc(const grpc::Status& s, const std::string& what);
 std::shared_ptr<grpc::Channel> MakeChannel(const GrpcSinkOptions& o, int index);
 // Waits until `ch` is connected, up to o.connect_timeout; a port that
 // refuses connections fails at once (and sets *refused when given).
-Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused = nullptr);
+// `stop` (if given) ends the wait within 50 ms of being set (kAborted).
+Status WaitConnected(const GrpcSinkOptions& o, grpc::Channel& ch, const std::string& which, bool* refused = nullptr,
+                     const std::atomic<bool>* stop = nullptr);
 // Adds the token to a call's metadata, when there is one.
 void AuthorizeCall(const TransportSecurity& security, grpc::ClientContext& ctx);
 

@@ -20,9 +20,13 @@
  *   - Errors: a Status kind becomes -EINVAL (bad input), -ENOENT, -EACCES,
  *     -EHOSTUNREACH (unavailable: a peer or a capability), -ENOMEM,
  *     -ECANCELED, -EBADMSG (data loss) or -EIO (anything else).
- *   - Every function that can fail returns 0 or a negative errno value and
- *     leaves a message: pmlmig_*_last_error(handle) for a handle, or
- *     pmlmig_last_error() (per thread) for the call that failed on this thread.
+ *   - Every function that can fail returns 0 or a negative errno value (the
+ *     few that return a value, such as pmlmig_receiver_port, say so) and
+ *     leaves a message: pmlmig_*_last_error(handle) for a handle (the last
+ *     failing call on it, from any thread), or pmlmig_last_error() (per
+ *     thread) for the call that failed on this thread. A handle's message is
+ *     copied for the calling thread: the pointer stays valid until that
+ *     thread's next pmlmig_*_last_error call, whatever other threads do.
  *   - Every options or statistics struct starts with `size`, which the caller
  *     sets to sizeof the struct it was compiled with (the *_init functions do
  *     this): the library reads or writes only the fields that size covers, so
@@ -201,8 +205,10 @@ PMLMIG_API int pmlmig_vm_mark_dirty(pmlmig_vm *vm, uint64_t gpa, uint64_t length
 typedef enum pmlmig_outcome {
   PMLMIG_OUTCOME_NONE = 0,      /* no migration has ended yet */
   PMLMIG_OUTCOME_COMPLETED = 1, /* the VM runs on the target: stop it here, never resume it */
-  PMLMIG_OUTCOME_FAILED = 2,    /* the VM was resumed here and runs on */
-  PMLMIG_OUTCOME_CANCELLED = 3, /* on request, a timeout or the policy: the VM runs on here */
+  PMLMIG_OUTCOME_FAILED = 2,    /* the VM was resumed here and runs on (unless the stats'
+                                   source_paused says resuming it failed too) */
+  PMLMIG_OUTCOME_CANCELLED = 3, /* on request, a timeout or the policy: the VM runs on here (the
+                                   same exception) */
   PMLMIG_OUTCOME_IN_DOUBT = 4,  /* the commit's answer was lost: the VM stays paused here; never
                                    resume it without learning whether the target runs it */
   PMLMIG_OUTCOME_POSTCOPY_FAILED = 5 /* since 0.6: post-copy broke after the switch; the target's run
@@ -397,7 +403,9 @@ typedef struct pmlmig_migration_stats {
   uint32_t reserved2;
   /* Since 0.10: */
   int32_t source_kept;           /* the target was a copy (a snapshot): completed, and the VM runs on here */
-  uint32_t reserved3;
+  /* Since 0.13 (was reserved3, always 0): failed or cancelled, and the resume
+   * callback failed too, so the VM is paused here (last_error says both). */
+  int32_t source_paused;
 } pmlmig_migration_stats;
 PMLMIG_API void pmlmig_migration_stats_init(pmlmig_migration_stats *stats);
 
@@ -414,8 +422,11 @@ PMLMIG_API int pmlmig_source_start(pmlmig_source *source, const pmlmig_migrate_o
 /* Blocks until the migration started last has ended; fills *stats (may be
  * NULL). Returns 0 when it completed; -ECANCELED when it was cancelled;
  * -ENOTRECOVERABLE when it is in doubt; when it failed, -EHOSTUNREACH (the
- * receiver unreachable or gone) or -EIO (anything else), the message in
- * last_error; -ENOENT when none was started. */
+ * receiver unreachable or gone: nothing listens, the connection broke, it
+ * shut down) or -EIO (anything else), the message in last_error; -ENOENT
+ * when none was started.
+ * Another thread may call pmlmig_source_destroy meanwhile: this returns
+ * (-ECANCELED) before the handle is freed. */
 PMLMIG_API int pmlmig_source_wait(pmlmig_source *source, pmlmig_migration_stats *stats);
 /* From any thread: the progress of the migration in flight, or of the last
  * one (phase DONE), and how the last one ended. */
@@ -424,7 +435,9 @@ PMLMIG_API int pmlmig_source_status(pmlmig_source *source, pmlmig_progress *prog
  * -ENOENT when none is in flight. Too late once the commit is under way. */
 PMLMIG_API int pmlmig_source_cancel(pmlmig_source *source);
 PMLMIG_API const char *pmlmig_source_last_error(const pmlmig_source *source);
-/* Cancels a migration in flight and waits for it. */
+/* Cancels a migration in flight and waits for it, and for the threads in
+ * pmlmig_source_wait to return; no call may start on the handle once this has
+ * begun. */
 PMLMIG_API void pmlmig_source_destroy(pmlmig_source *source);
 
 /* ---- Target: receiving a VM --------------------------------------------- */
@@ -536,13 +549,17 @@ PMLMIG_API int pmlmig_receiver_port(const pmlmig_receiver *receiver);
  * 0: one completed; *vm is the resumed VM, now the caller's (destroy it with
  * pmlmig_vm_destroy); from then on the receiver refuses new migrations but
  * keeps answering the source's commit resolution, so keep it alive while the
- * VM runs. -ETIMEDOUT: nothing ended in time. Any other negative errno: that
- * attempt failed (its VM was released) and the receiver waits for the next;
- * *stats says how it ended. */
+ * VM runs. -ETIMEDOUT: nothing ended in time. -ESHUTDOWN (since 0.13; was
+ * -ETIMEDOUT): another thread is destroying the receiver, which is freed
+ * once this has returned. Any other negative errno: that attempt failed (its
+ * VM was released) and the receiver waits for the next; *stats says how it
+ * ended. */
 PMLMIG_API int pmlmig_receiver_wait(pmlmig_receiver *receiver, int64_t timeout_ms, pmlmig_vm **vm,
                                     pmlmig_receive_stats *stats);
 PMLMIG_API const char *pmlmig_receiver_last_error(const pmlmig_receiver *receiver);
-/* Stops listening; a migration in progress fails. */
+/* Stops listening; a migration in progress fails. Threads in
+ * pmlmig_receiver_wait return -ESHUTDOWN before the handle is freed; no call
+ * may start on it once this has begun. */
 PMLMIG_API void pmlmig_receiver_destroy(pmlmig_receiver *receiver);
 
 /* ---- Restoring a snapshot (since 0.10) ------------------------------------ */
@@ -602,7 +619,8 @@ PMLMIG_API int pmlmig_restore_wait(pmlmig_restore *restore, int64_t timeout_ms, 
                                    pmlmig_restore_stats *stats);
 PMLMIG_API const char *pmlmig_restore_last_error(const pmlmig_restore *restore);
 /* A VM not handed over yet is paused (a lazy one's missing pages read as
- * zero first, so no vCPU stays blocked on one) and released. */
+ * zero first, so no vCPU stays blocked on one) and released. Not while another
+ * thread is in pmlmig_restore_wait on it. */
 PMLMIG_API void pmlmig_restore_destroy(pmlmig_restore *restore);
 
 #ifdef __cplusplus

@@ -13,8 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <pthread.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "pmlmig/pmlmig.h"
@@ -71,6 +75,11 @@ static void op_release(void *o) {
   munmap(v->mem, MEM_BYTES);
   if (v->memfd > 0) close(v->memfd);
   if (v->from_factory) g_released_target = v;
+}
+
+static int g_null_releases;
+static void count_null_release(void *o) {
+  if (o == NULL) g_null_releases++;
 }
 
 static pmlmig_vm_ops ops(int with_release) {
@@ -201,6 +210,8 @@ static void test_vm_refusals(void) {
   pmlmig_vm_ops o = ops(1);
   CHECK_ERR(pmlmig_vm_create(&c, &o, &v, &vm), -EINVAL, "region 1");
   CHECK(v.released == 0); /* a VM never created is never released */
+  r[1].slot = 0, r[1].gpa = MEM_BYTES; /* no overlap, but slot 0 again: it would replace region 0 */
+  CHECK_ERR(pmlmig_vm_create(&c, &o, &v, &vm), -EINVAL, "regions 0 and 1 both have slot id 0");
   pmlmig_vm_ops missing = ops(1);
   missing.kick_all = NULL;
   c.region_count = 1;
@@ -223,6 +234,13 @@ static void test_vm_refusals(void) {
   pmlmig_vm_destroy(vm);
   CHECK(v.released == 1);
   pmlmig_vm_destroy(NULL);
+  /* release is called for a NULL opaque too. */
+  g_null_releases = 0;
+  o.release = count_null_release;
+  CHECK(pmlmig_vm_create(&c, &o, NULL, &vm) == 0);
+  pmlmig_vm_destroy(vm);
+  CHECK(g_null_releases == 1);
+  munmap(v.mem, MEM_BYTES);
 }
 
 static void test_source_refusals(void) {
@@ -452,6 +470,107 @@ static void test_callback_failure(void) {
   g_released_target = NULL;
 }
 
+/* A port that refuses connections: a receiver's, once it is gone. */
+static int closed_port(void) {
+  pmlmig_receiver *r = start_receiver(factory);
+  const int port = pmlmig_receiver_port(r);
+  pmlmig_receiver_destroy(r);
+  return port;
+}
+
+/* A TCP port that accepts connections (the kernel's backlog) and never
+ * answers: a migration to it stays in its setup for seconds. */
+static int silent_listener(int *port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && listen(fd, 8) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0);
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+typedef struct waiter {
+  pmlmig_source *source;
+  pmlmig_receiver *receiver;
+  int rc;
+} waiter;
+static void *wait_source(void *arg) {
+  waiter *w = arg;
+  w->rc = pmlmig_source_wait(w->source, NULL);
+  return NULL;
+}
+static void *wait_receiver(void *arg) {
+  waiter *w = arg;
+  pmlmig_vm *vm = NULL;
+  w->rc = pmlmig_receiver_wait(w->receiver, -1, &vm, NULL);
+  return NULL;
+}
+static void *read_errors(void *arg) {
+  size_t total = 0;
+  for (int i = 0; i < 20000; ++i) total += strlen(pmlmig_source_last_error(arg));
+  return (void *)total;
+}
+
+/* What pmlmig_source_wait says of an unreachable receiver; destroying a
+ * source or a receiver while another thread waits on it; a handle's
+ * message read while another thread replaces it (AddressSanitizer, in the
+ * test command's first stage, finds a message freed under its reader). */
+static void test_errors_and_threads(void) {
+  fake_vm v = {0};
+  pmlmig_vm *vm;
+  pmlmig_source *s = fake_source(&v, "fake-vm-3", &vm);
+  char target[64];
+  snprintf(target, sizeof target, "127.0.0.1:%d", closed_port());
+  pmlmig_migrate_options o;
+  pmlmig_migrate_options_init(&o);
+  o.target = target;
+  o.tracker = PMLMIG_TRACKER_BITMAP;
+  CHECK(pmlmig_source_start(s, &o) == 0);
+  CHECK(pmlmig_source_wait(s, NULL) == -EHOSTUNREACH);
+  CHECK(strstr(pmlmig_source_last_error(s), "nothing listens") != NULL);
+  CHECK(v.resumes == 1);
+
+  pthread_t reader;
+  CHECK(pthread_create(&reader, NULL, read_errors, s) == 0);
+  for (int i = 0; i < 20000; ++i) CHECK(pmlmig_source_cancel(s) == -ENOENT);
+  CHECK(pthread_join(reader, NULL) == 0);
+
+  /* Destroyed while a thread waits: the migration is cancelled, the waiter returns, then the handle goes. */
+  int port = 0;
+  const int silent = silent_listener(&port);
+  snprintf(target, sizeof target, "127.0.0.1:%d", port);
+  CHECK(pmlmig_source_start(s, &o) == 0);
+  waiter w = {s, NULL, 1};
+  pthread_t t;
+  CHECK(pthread_create(&t, NULL, wait_source, &w) == 0);
+  usleep(200 * 1000);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  pmlmig_source_destroy(s);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  /* The cancel ends the wait for a connection, well before its 5 s timeout. */
+  const long destroy_ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+  CHECK(destroy_ms < 3000);
+  if (destroy_ms >= 3000) fprintf(stderr, "pmlmig_source_destroy took %ld ms\n", destroy_ms);
+  CHECK(pthread_join(t, NULL) == 0);
+  CHECK(w.rc == -ECANCELED);
+  if (w.rc != -ECANCELED) fprintf(stderr, "source_wait during destroy: %d\n", w.rc);
+  close(silent);
+  pmlmig_vm_destroy(vm);
+
+  waiter rw = {NULL, start_receiver(factory), 1};
+  CHECK(pthread_create(&t, NULL, wait_receiver, &rw) == 0);
+  usleep(100 * 1000);
+  pmlmig_receiver_destroy(rw.receiver);
+  CHECK(pthread_join(t, NULL) == 0);
+  CHECK(rw.rc == -ESHUTDOWN);
+  if (rw.rc != -ESHUTDOWN) fprintf(stderr, "receiver_wait during destroy: %d\n", rw.rc);
+}
+
 /* Restores refused before anything is built. */
 static void test_restore_refusals(void) {
   pmlmig_restore_options ro;
@@ -584,6 +703,7 @@ int main(void) {
   test_failed_migration(0);
   test_failed_migration(1);
   test_callback_failure();
+  test_errors_and_threads();
   if (failures != 0) {
     fprintf(stderr, "capi_test: %d checks failed\n", failures);
     return 1;

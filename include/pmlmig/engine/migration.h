@@ -10,6 +10,7 @@
 // No protobuf type appears here; transport/ translates.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -109,6 +110,8 @@ class PageList {
   // Next chunk of at most max_pages consecutive pages; false when empty.
   bool Next(uint64_t max_pages, PageRun* out);
   uint64_t total_pages() const { return total_pages_; }
+  // Pages handed out so far (any thread; a relaxed count for progress).
+  uint64_t taken() const { return std::min(next_.load(std::memory_order_relaxed), total_pages_); }
 
  private:
   std::vector<PageRun> runs_;     // immutable after construction

@@ -129,6 +129,10 @@ struct MigrationStats {
   Outcome outcome = Outcome::kFailed;
   CancelReason cancel_reason = CancelReason::kNone;
   std::string error;
+  Code error_code = Code::kOk;       // the failure's kind (kUnavailable: the target unreachable or gone)
+  // Failed or cancelled, and resuming the VM here failed too (VmControl::
+  // Resume's error is in `error`): the VM is paused here, not running.
+  bool source_paused = false;
   double setup_time_ms = 0;
   double total_time_ms = 0;
   double downtime_ms = 0;            // source pause to target resumed (as the source sees it)
@@ -253,9 +257,14 @@ class MigrationSource {
   MigrationStats stats_;                // Run()'s thread
   double last_expected_ms_ = 0;         // Run()'s thread
   bool final_round_ = false;            // Run()'s thread
+  bool resume_failed_ = false;          // Run()'s thread: Fail() could not resume the VM
   std::unique_ptr<SourceDigest> digest_;  // verifying; Run()'s thread
   mutable std::mutex progress_mu_;
   MigrationProgress progress_;          // guarded by progress_mu_
+  Clock::TimePoint published_at_;       // guarded by progress_mu_: when progress_ was published
+  // The round being sent, for progress() to count what the transport has
+  // taken of it; set and cleared by Run()'s thread under progress_mu_.
+  const PageList* sending_ = nullptr;
   // Measures and slows the vCPUs from tracking on until the end; set and
   // reset by Run()'s thread under progress_mu_ (progress() reads it).
   std::unique_ptr<VcpuThrottle> throttle_;

@@ -52,8 +52,9 @@ class MigrationReceiver {
  public:
   virtual ~MigrationReceiver() = default;
   // Waits until a migration ends (completed, failed or aborted) and returns
-  // its outcome; outcomes are returned oldest first, each once. Error
-  // (kAborted) when the deadline passes first or the receiver shuts down.
+  // its outcome; outcomes are returned oldest first, each once. Error:
+  // kAborted when the deadline passes first, kUnavailable when the
+  // receiver shuts down (Shutdown wakes every waiter).
   virtual Result<ReceivedMigration> WaitForMigration(std::chrono::steady_clock::time_point deadline) = 0;
   // From now on a new migration is refused (naming `why`), while a source's
   // question about a commit whose answer it lost is still answered. Keep
