@@ -110,6 +110,10 @@ Status DirtyRingTracker::Enable() {
     error_ = Status::Ok();
     overflow_ = false;
   }
+  // What an earlier tracking harvested (Disable's last pass included) is
+  // history: the caller reads every page after this Enable anyway. No
+  // collector runs yet, so the set is this thread's.
+  pending_.Clear();
   vm_.SetDirtyRingFullHandler([this](uint32_t vcpu) { return OnRingFull(vcpu); });
   collector_ = std::thread([this] { CollectorLoop(); });
   Status s = vm_.SetDirtyLogging(true);

@@ -40,8 +40,9 @@ class FakeVm final : public VmControl {
     return Status::Ok();
   }
   Status Resume() override {
-    paused = false;
     ++resumes;
+    if (fail_resume) return Internal("the test VMM cannot resume");
+    paused = false;
     return Status::Ok();
   }
   Status KickAll() override { return Status::Ok(); }
@@ -50,6 +51,7 @@ class FakeVm final : public VmControl {
   Status LoadState(std::span<const uint8_t>) override { return Status::Ok(); }
 
   bool paused = false;
+  bool fail_resume = false;
   int pauses = 0;
   int resumes = 0;
 
@@ -243,8 +245,93 @@ TEST(MigrationSource, SinkFailureFailsAndResumes) {
   const MigrationStats st = source.Run();
   EXPECT_EQ(st.outcome, Outcome::kFailed);
   EXPECT_NE(st.error.find("round 1: receiver gone"), std::string::npos) << st.error;
+  EXPECT_EQ(st.error_code, Code::kUnavailable);  // the C ABI's -EHOSTUNREACH
+  EXPECT_FALSE(st.source_paused);
   EXPECT_FALSE(vm.paused);
   EXPECT_EQ(vm.resumes, 1);
+}
+
+TEST(MigrationSource, FailureWhoseResumeFailsSaysTheVmIsPaused) {
+  FakeVm vm;
+  vm.fail_resume = true;
+  ScriptedTracker tracker(10);
+  RecordingSink sink;
+  sink.fail_round = 1;
+  MigrationSource source(vm, tracker, sink,
+                         WithPolicy(std::make_shared<ScriptedPolicy>(5, SwitchoverAction::kStopAndCopy)), "d");
+  const MigrationStats st = source.Run();
+  EXPECT_EQ(st.outcome, Outcome::kFailed);
+  EXPECT_TRUE(st.source_paused);
+  EXPECT_EQ(st.error_code, Code::kUnavailable);  // the migration's failure, not the resume's
+  EXPECT_NE(st.error.find("round 1: receiver gone; resuming the source VM failed too, so it stays paused here "
+                          "(the test VMM cannot resume)"),
+            std::string::npos)
+      << st.error;
+}
+
+// Takes `first` pages of round 0, then waits for Release before the rest.
+class HalfwaySink final : public MigrationSink {
+ public:
+  explicit HalfwaySink(uint64_t first) : first_(first) {}
+  Status Begin(const MigrationSetup&, const SlotTable&) override { return Status::Ok(); }
+  Result<TransferStats> SendPages(uint32_t round, PageList& pages) override {
+    TransferStats st;
+    PageRun run;
+    if (round == 0 && pages.Next(first_, &run)) {
+      st.pages += run.pages;
+      std::unique_lock lock(mu_);
+      halfway_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [&] { return released_; });
+    }
+    while (pages.Next(64, &run)) st.pages += run.pages;
+    return st;
+  }
+  Result<FinalReply> Finish(const FinalState&) override {
+    FinalReply r;
+    r.prepared = true;
+    return r;
+  }
+  CommitResult Commit() override {
+    CommitResult r;
+    r.state = CommitState::kCommitted;
+    return r;
+  }
+  void Abort(const std::string&) override {}
+  void WaitHalfway() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return halfway_; });
+  }
+  void Release() {
+    std::lock_guard lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  uint64_t first_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool halfway_ = false, released_ = false;  // guarded by mu_
+};
+
+TEST(MigrationSource, ProgressCountsWhatTheTransportTookOfTheRoundInFlight) {
+  FakeVm vm;
+  ScriptedTracker tracker(1);
+  HalfwaySink sink(100);
+  MigrationSource source(vm, tracker, sink,
+                         WithPolicy(std::make_shared<ScriptedPolicy>(1, SwitchoverAction::kStopAndCopy)), "d");
+  MigrationStats st;
+  std::thread run([&] { st = source.Run(); });
+  sink.WaitHalfway();
+  const MigrationProgress p = source.progress();
+  EXPECT_EQ(p.phase, Phase::kRound);
+  EXPECT_EQ(p.round, 0u);
+  EXPECT_EQ(p.remaining_pages, kPages - 100);  // of round 0's kPages, 100 taken
+  sink.Release();
+  run.join();
+  EXPECT_EQ(st.outcome, Outcome::kCompleted) << st.error;
+  EXPECT_EQ(source.progress().phase, Phase::kDone);
 }
 
 TEST(MigrationSource, CommitInDoubtKeepsTheVmPaused) {
