@@ -201,17 +201,32 @@ Status GetMsrs(int vcpu_fd, const std::string& obj, const std::vector<uint32_t>&
   return Status::Ok();
 }
 
+// Sets every MSR of `msrs`. One KVM refuses is accepted only when this vCPU
+// already holds the captured value (KVM refuses some writes outright on a
+// VM without an in-kernel irqchip, such as MSR_KVM_ASYNC_PF_INT, even of
+// the reset value 0): not writing it then changes nothing. Any other
+// refusal is an error naming the MSR and both values.
 Status SetMsrs(int vcpu_fd, const std::string& obj, const std::vector<kvm_msr_entry>& msrs) {
-  if (msrs.empty()) return Status::Ok();
-  MsrBuffer buf(msrs.size());
-  for (size_t i = 0; i < msrs.size(); ++i) buf.Put(i, msrs[i].index, msrs[i].data);
-  auto r = KvmIoctl(vcpu_fd, kKvmSetMsrs, buf.data(), "KVM_SET_MSRS", obj);
-  if (!r.ok()) return r.status();
-  size_t done = static_cast<size_t>(*r);
-  if (done < msrs.size()) {
-    return Internal("KVM_SET_MSRS (" + obj + "): set " + std::to_string(done) + " of " +
-                    std::to_string(msrs.size()) + " MSRs; KVM refused MSR " +
-                    Hex(msrs[done].index) + " = " + Hex(msrs[done].data));
+  size_t next = 0;
+  while (next < msrs.size()) {
+    const size_t n = msrs.size() - next;
+    MsrBuffer buf(n);
+    for (size_t i = 0; i < n; ++i) buf.Put(i, msrs[next + i].index, msrs[next + i].data);
+    auto r = KvmIoctl(vcpu_fd, kKvmSetMsrs, buf.data(), "KVM_SET_MSRS", obj);
+    if (!r.ok()) return r.status();
+    next += std::min(static_cast<size_t>(*r), n);
+    if (next == msrs.size()) break;
+    const kvm_msr_entry& refused = msrs[next];
+    std::vector<kvm_msr_entry> here;
+    const Status read = GetMsrs(vcpu_fd, obj, {refused.index}, &here);
+    if (!read.ok() || here[0].data != refused.data) {
+      return Internal("KVM_SET_MSRS (" + obj + "): set " + std::to_string(next) + " of " +
+                      std::to_string(msrs.size()) + " MSRs; KVM refused MSR " + Hex(refused.index) + " = " +
+                      Hex(refused.data) +
+                      (read.ok() ? " (it holds " + Hex(here[0].data) + " here)"
+                                 : " (and cannot read it: " + read.message() + ")"));
+    }
+    ++next;  // already holds the captured value
   }
   return Status::Ok();
 }
