@@ -6,6 +6,7 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -382,16 +383,49 @@ Result<SnapshotWriter> SnapshotWriter::Create(const std::string& path, std::span
   return w;
 }
 
+// Opens <path>.partial as this writer's own: created if absent, and held
+// with an exclusive flock for the writer's life. A partial file another
+// writer holds is refused; one nobody holds (a writer that crashed) is
+// taken over and emptied. The lock is checked against the name once held:
+// the inode may have been renamed into place by its writer meanwhile.
+Result<UniqueFd> OpenPartial(const std::string& path, const std::string& partial) {
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    UniqueFd fd(::open(partial.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600));
+    if (!fd.valid()) return Status::FromErrno(errno, "create " + partial);
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) < 0) {
+      if (errno == EWOULDBLOCK) {
+        return Unavailable("snapshot " + path + ": another snapshot to this file is being written (it holds " +
+                           partial + ")");
+      }
+      return Status::FromErrno(errno, "lock " + partial);
+    }
+    struct stat held {}, named {};
+    if (::fstat(fd.get(), &held) < 0) return Status::FromErrno(errno, "stat " + partial);
+    if (::stat(partial.c_str(), &named) < 0 || held.st_ino != named.st_ino || held.st_dev != named.st_dev) continue;
+    if (!S_ISREG(held.st_mode)) return InvalidArgument("snapshot " + path + ": " + partial + " is not a regular file");
+    if (::ftruncate(fd.get(), 0) < 0) return Status::FromErrno(errno, "empty stale " + partial);
+    return fd;
+  }
+  return Unavailable("snapshot " + path + ": " + partial + " keeps changing (other writers?)");
+}
+
 Status SnapshotWriter::CreateFile() {
   State& s = *s_;
-  // Unlinked, not truncated: a writer that crashed left it, or one still
-  // running holds it open, and truncating would pull its pages from under it.
-  if (::unlink(s.partial.c_str()) < 0 && errno != ENOENT) {
-    return Status::FromErrno(errno, "unlink stale " + s.partial);
+  // Only a regular file is replaced: never a device, a FIFO, a symlink or a
+  // directory someone named by mistake (the rename would replace the link
+  // or the node itself, after the whole snapshot was written).
+  struct stat st {};
+  if (::lstat(s.path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    const char* what = S_ISDIR(st.st_mode)   ? "a directory"
+                       : S_ISLNK(st.st_mode) ? "a symbolic link"
+                       : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                       : S_ISFIFO(st.st_mode) ? "a FIFO"
+                                              : "not a regular file";
+    return InvalidArgument("snapshot " + s.path + ": exists and is " + std::string(what) +
+                           "; a snapshot replaces only a regular file");
   }
-  const int fd = ::open(s.partial.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd < 0) return Status::FromErrno(errno, "create " + s.partial);
-  s.fd.Reset(fd);
+  PMLMIG_ASSIGN_OR_RETURN(s.fd, OpenPartial(s.path, s.partial));
+  const int fd = s.fd.get();
   s.direct.Reset(::open(s.partial.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOFOLLOW));  // -1: buffered only
   const uint64_t data_end = s.header.data_offset + s.header.data_bytes;
   if (::ftruncate(fd, static_cast<off_t>(data_end)) < 0) {
@@ -520,9 +554,11 @@ Status SnapshotWriter::Publish() {
 
 void SnapshotWriter::Abandon() {
   if (s_ == nullptr || s_->finished || !s_->fd.valid()) return;
-  s_->fd.Reset();
+  // Unlinked while still locked, so the name never goes from under a writer
+  // that took it over; best effort: a stale one is taken over by the next.
+  ::unlink(s_->partial.c_str());
   s_->direct.Reset();
-  ::unlink(s_->partial.c_str());  // best effort: a stale partial file is replaced by the next Create anyway
+  s_->fd.Reset();
 }
 
 const std::string& SnapshotWriter::path() const { return s_->path; }
@@ -720,12 +756,17 @@ Result<std::vector<Piece>> PlanPieces(int fd, const std::string& path, std::span
 Result<SnapshotReader> SnapshotReader::Open(const std::string& path) {
   SnapshotReader r;
   r.path_ = path;
-  r.fd_.Reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!r.fd_.valid()) return Status::FromErrno(errno, "open snapshot " + path);
-  r.direct_.Reset(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));  // -1: buffered reads only
+  // Never opened unless it is a regular file (opening a FIFO blocks, a
+  // device may act on it); O_NONBLOCK covers a name replaced in between.
   struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    return InvalidArgument(Where(path) + ": not a regular file");
+  }
+  r.fd_.Reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+  if (!r.fd_.valid()) return Status::FromErrno(errno, "open snapshot " + path);
   if (::fstat(r.fd_.get(), &st) < 0) return Status::FromErrno(errno, "fstat " + path);
   if (!S_ISREG(st.st_mode)) return InvalidArgument(Where(path) + ": not a regular file");
+  r.direct_.Reset(::open(path.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC));  // -1: buffered reads only
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
 
   PMLMIG_ASSIGN_OR_RETURN(const Header h, ReadHeader(r.fd_.get(), path, file_size));

@@ -325,6 +325,48 @@ TEST_F(SnapshotFileTest, StalePartialIsReplacedAndAbandonLeavesNothing) {
   EXPECT_FALSE(std::filesystem::exists(path_));
 }
 
+TEST_F(SnapshotFileTest, SecondWriterOfTheSamePathIsRefusedWhileTheFirstWrites) {
+  auto regions = SnapshotRegionsOf(src_.slots);
+  {
+    SnapshotWriter first = NewWriter();
+    auto second = SnapshotWriter::Create(path_, regions, 2, "other");
+    ASSERT_FALSE(second.ok());
+    EXPECT_THAT(second.status().message(), HasSubstr("another snapshot to this file is being written"));
+    // The refused writer left the first one's partial file alone.
+    EXPECT_EQ(ReadLe(path_ + ".partial", 0, 8), 0x4e5347494d4c4d50u);
+    WriteAll(first, src_.slots);
+    ASSERT_TRUE(first.Finish({}).ok());
+  }
+  EXPECT_TRUE(std::filesystem::exists(path_));
+  // Once it is done, the next writer goes ahead.
+  auto next = SnapshotWriter::Create(path_, regions, 2, "next");
+  EXPECT_TRUE(next.ok()) << next.status().message();
+}
+
+TEST_F(SnapshotFileTest, OnlyARegularFileIsReplaced) {
+  auto regions = SnapshotRegionsOf(src_.slots);
+  const std::string fifo = dir_ + "/fifo", link = dir_ + "/link", sub = dir_ + "/sub";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_EQ(::symlink(path_.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::mkdir(sub.c_str(), 0700), 0);
+  for (const auto& [p, what] : {std::pair{fifo, "is a FIFO"}, {link, "is a symbolic link"}, {sub, "is a directory"},
+                                {std::string("/dev/null"), "is a device"}}) {
+    auto w = SnapshotWriter::Create(p, regions, 2, "");
+    ASSERT_FALSE(w.ok()) << p;
+    EXPECT_THAT(w.status().message(), HasSubstr(what)) << p;
+    EXPECT_FALSE(std::filesystem::exists(p + ".partial")) << p;
+  }
+  // Nor is one opened for reading: a FIFO would block the open.
+  auto r = SnapshotReader::Open(fifo);
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("not a regular file"));
+  struct stat st {};
+  ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  ASSERT_EQ(::stat("/dev/null", &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+}
+
 TEST_F(SnapshotFileTest, FailedFinishLeavesThePreviousSnapshot) {
   MakeSnapshot("first");
   Fill(src_.low.data(), src_.low.size(), 9);
