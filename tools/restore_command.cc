@@ -80,7 +80,20 @@ int Restore(const RestoreFlags& f) {
                  FormatBytes(s.guest_bytes).c_str(), options.guest.vcpus, options.guest.vcpus == 1 ? "" : "s",
                  s.running_ms, f.lazy ? "lazy: its memory follows from the file" : "eager: memory read and checked");
   }
-  Status complete = r.WaitComplete(std::chrono::hours(24));
+  // In steps, so that Ctrl-C ends a lazy restore that waits for pages.
+  Status complete;
+  do {
+    complete = r.WaitComplete(std::chrono::milliseconds(200));
+  } while (complete.code() == Code::kUnavailable && r.remaining() > 0 && !Interrupted());
+  if (complete.code() == Code::kUnavailable && Interrupted()) {
+    complete = Aborted("interrupted while " + std::to_string(r.remaining()) + " pages were still to be read");
+  }
+  if (!complete.ok()) {
+    // A lazy restore that failed (the file could not be read, or Ctrl-C):
+    // its missing pages now read as zero, so no vCPU stays blocked on one
+    // and the VM can pause; it is not the snapshot's VM any more.
+    r.Abandon();
+  }
   engine::RestoreStats stats = r.stats();
   if (!f.quiet && complete.ok() && f.lazy) {
     std::fprintf(stderr, "pmlmig restore: every page in %.1f ms (%" PRIu64 " faults, p99 %.2f ms); %s\n",

@@ -614,7 +614,9 @@ PMLMIG_API int pmlmig_restore_start(const pmlmig_restore_options *options, pmlmi
  * -EBADMSG (lazy): every page is in but the file was damaged and the guest
  * has run on it (last_error names the ranges); *vm is handed over all the
  * same. -ETIMEDOUT: pages still missing; call again. Another negative errno:
- * reading the file failed (last_error); the VM stays the restore's. */
+ * reading the file failed (last_error); the VM stays the restore's, and a
+ * lazy one's vCPUs may wait on pages that will not come: destroy the
+ * restore, which lets them go. */
 PMLMIG_API int pmlmig_restore_wait(pmlmig_restore *restore, int64_t timeout_ms, pmlmig_vm **vm,
                                    pmlmig_restore_stats *stats);
 PMLMIG_API const char *pmlmig_restore_last_error(const pmlmig_restore *restore);
