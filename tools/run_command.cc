@@ -634,8 +634,9 @@ int Run(const RunFlags& f) {
   if (controller) {
     (void)controller->Cancel();  // a migration still in progress is cancelled: the VM stays here
     const engine::MigrationStats st = controller->Wait();
-    // A 'pmlmig migrate' polls every 200 ms: let it read the outcome first.
-    if (migrated()) std::this_thread::sleep_for(std::chrono::seconds(1));
+    // A 'pmlmig migrate' or 'pmlmig snapshot --stop' polls every 200 ms:
+    // let it read the outcome first.
+    if (migrated() || control->stop_requested()) std::this_thread::sleep_for(std::chrono::seconds(1));
     control_server.reset();
     if (migrated()) {
       m.Stop();

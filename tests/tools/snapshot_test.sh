@@ -99,6 +99,24 @@ else
   fail "untouched snapshot: rc $rc: $(tail -c 600 "$tmp/s.err")"
 fi
 
+# snapshot --stop through the control API: the VM's process ends once the
+# file is written, and the client still gets the outcome.
+csock2="$tmp/vm2.sock"
+"$PMLMIG" run --memory 64M --duration 0 --control "$csock2" -q >"$tmp/vm2.out" 2>"$tmp/vm2.err" &
+vm2=$!
+pids+=($vm2)
+for _ in $(seq 100); do [ -S "$csock2" ] && break; sleep 0.1; done
+"$PMLMIG" snapshot --control "$csock2" --to "$tmp/ctl2.snap" --stop --json >"$tmp/m2.out" 2>"$tmp/m2.err"
+m_rc=$?
+wait $vm2
+vm_rc=$?
+if [ $m_rc -eq 0 ] && [ $vm_rc -eq 0 ] && j "$tmp/m2.out" 'assert d["status"] == "completed", d' &&
+  "$PMLMIG" restore "$tmp/ctl2.snap" --exit-after 200ms -q >/dev/null 2>"$tmp/r.err"; then
+  pass "control API: snapshot --stop reports completed, the VM's process ends, the file restores"
+else
+  fail "control API: snapshot --stop rc $m_rc, run rc $vm_rc: $(cat "$tmp/m2.err") $(tail -c 300 "$tmp/vm2.err")"
+fi
+
 # A VM without an in-kernel irqchip: KVM refuses some MSR writes there even
 # of their reset value (MSR_KVM_ASYNC_PF_INT); its snapshot still restores.
 if "$PMLMIG" run --memory 16M --no-irqchip --snapshot-to "$tmp/noirq.snap" --migrate-after 200ms --duration 300ms \
