@@ -23,6 +23,7 @@ constexpr auto kHelloTimeout = std::chrono::seconds(5);
 
 struct Pending {
   UniqueFd fd;
+  Clock::time_point accepted;
   Clock::time_point deadline;
   bool direct = false;  // the magic matched: waiting for the whole hello
 };
@@ -120,7 +121,17 @@ void PortAcceptor::Loop() {
         for (;;) {
           UniqueFd c(::accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
           if (!c.valid()) break;
-          if (pending.size() >= kMaxPending) continue;  // closes it
+          // Full: the oldest undecided connection goes. A real sender's
+          // first bytes (HTTP/2's preface, a direct hello) follow its
+          // connect at once, so only a peer that keeps connections open
+          // and silent waits that long; closing the newest instead would
+          // let 64 of those lock every sender out until they time out.
+          if (pending.size() >= kMaxPending) {
+            auto oldest = std::min_element(pending.begin(), pending.end(), [](const auto& a, const auto& b) {
+              return a.second.accepted < b.second.accepted;
+            });
+            drop(oldest->first);
+          }
           // gRPC sets TCP_NODELAY on the sockets it accepts, not on those
           // it is handed: without it a small reply after another (an ack,
           // the Final reply) waits for the peer's delayed ACK, 40 ms.
@@ -131,7 +142,8 @@ void PortAcceptor::Loop() {
           ev.data.fd = c.get();
           if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, c.get(), &ev) != 0) continue;
           const int cfd = c.get();
-          pending[cfd] = Pending{std::move(c), Clock::now() + kDecideTimeout, false};
+          const auto now = Clock::now();
+          pending[cfd] = Pending{std::move(c), now, now + kDecideTimeout, false};
         }
         continue;
       }

@@ -9,9 +9,10 @@
 // see one address, as before.
 //
 // One thread, an epoll loop over the listening socket and the connections
-// not yet decided (at most kMaxPending; each decided by its first bytes, or
-// handed to gRPC after 10 s of silence; a direct hello must be whole within
-// 5 s). The callbacks run on that thread and must not block.
+// not yet decided (at most kMaxPending, 64: a new one beyond that closes
+// the oldest undecided one, so silent connections cannot lock senders out;
+// each decided by its first bytes, or handed to gRPC after 10 s of silence;
+// a direct hello must be whole within 5 s). The callbacks run on that thread and must not block.
 //
 // Thread-safety: Start, port and the destructor (which stops and joins the
 // thread, closing what is undecided) from one thread.

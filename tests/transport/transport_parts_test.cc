@@ -635,5 +635,35 @@ TEST(PortAcceptorTest, SortsConnectionsByTheirFirstBytes) {
   (*acceptor)->Stop();
 }
 
+// 100 connections that stay open and say nothing (more than the 64 the
+// acceptor holds undecided) do not lock out one that then sends a hello.
+TEST(PortAcceptorTest, SilentConnectionsDoNotLockOutASender) {
+  Result<std::unique_ptr<PortAcceptor>> acceptor = PortAcceptor::Listen("127.0.0.1", 0);
+  ASSERT_TRUE(acceptor.ok()) << acceptor.status().message();
+  std::mutex mu;
+  std::condition_variable cv;
+  int directs = 0;  // guarded by mu
+  ASSERT_TRUE((*acceptor)
+                  ->Run({[&](UniqueFd) {},
+                         [&](UniqueFd, const direct::Hello&) {
+                           std::lock_guard lock(mu);
+                           ++directs;
+                           cv.notify_all();
+                         }})
+                  .ok());
+  const uint16_t port = (*acceptor)->port();
+  std::vector<UniqueFd> silent;
+  for (int i = 0; i < 100; ++i) silent.push_back(ConnectAndSend(port, {}));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // all accepted
+  const auto hb = direct::EncodeHello(direct::Hello{});
+  UniqueFd sender = ConnectAndSend(port, {std::string(hb.begin(), hb.end())});
+  ASSERT_TRUE(sender.valid());
+  std::unique_lock lock(mu);
+  // Well within the 10 s after which silent ones would go to gRPC anyway.
+  EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(3), [&] { return directs == 1; }));
+  lock.unlock();
+  (*acceptor)->Stop();
+}
+
 }  // namespace
 }  // namespace pmlmig::transport
