@@ -472,7 +472,16 @@ MigrationStats MigrationSource::RunPostcopy(Clock::TimePoint pause, std::vector<
   watch.join();
   stats_.postcopy.phase_ms = MsSince(clock_, running);
   if (!served.ok()) {
-    stats_.postcopy.result.recoveries = backlog.recoveries();  // the links resumed before the one that failed
+    // What the source knows without the target's report: the links resumed
+    // before the one that failed, the requests it answered, the pages it
+    // pushed (the bytes are in the sink's totals, which Finished takes).
+    PostcopyResult& r = stats_.postcopy.result;
+    r.recoveries = backlog.recoveries();
+    r.requests_served = backlog.requests();
+    r.background_pages = backlog.pushed();
+    r.latency_p50_ms = backlog.latency_p50_ms();
+    r.latency_p99_ms = backlog.latency_p99_ms();
+    stats_.postcopy.owed_left = backlog.left();
     return Finished(Outcome::kPostcopyFailed, CancelReason::kNone,
                     served.status().WithContext("post-copy failed after the switch (the VM ran on the target, which "
                                                 "could not get every page; this copy stays paused as of the switch)"));

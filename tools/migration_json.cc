@@ -91,6 +91,7 @@ nlohmann::ordered_json PostcopyJson(const engine::PostcopyReport& p) {
       {"recoveries", r.recoveries},
       {"link_down_ms", r.link_down_ms},
       {"done_lost", r.done_lost},
+      {"pages_never_sent", p.owed_left},
   };
 }
 
@@ -201,7 +202,17 @@ std::string MigrationStatsText(const engine::MigrationStats& s) {
                   static_cast<double>(v.held_ns) / 1e6, v.holds);
     out += buf;
   }
-  if (s.postcopy.used) {
+  if (s.postcopy.used && s.outcome == engine::Outcome::kPostcopyFailed) {
+    const engine::PostcopyResult& r = s.postcopy.result;
+    std::snprintf(buf, sizeof buf,
+                  "  post-copy (%s): %" PRIu64 " pages owed at the switch, the target ran after %.1f ms; it broke "
+                  "%.1f ms later with %" PRIu64 " pages never sent\n"
+                  "    %" PRIu64 " page requests answered, %" PRIu64 " pages pushed in the background before that\n",
+                  std::string(engine::PostcopyModeName(s.postcopy.mode)).c_str(), s.postcopy.owed_pages,
+                  s.postcopy.switch_ms, s.postcopy.phase_ms, s.postcopy.owed_left, r.requests_served,
+                  r.background_pages);
+    out += buf;
+  } else if (s.postcopy.used) {
     const engine::PostcopyResult& r = s.postcopy.result;
     std::snprintf(buf, sizeof buf,
                   "  post-copy (%s): %" PRIu64 " pages owed at the switch, the target ran after %.1f ms and held "

@@ -500,17 +500,15 @@ Result<engine::PostcopyResult> GrpcMigrationSink::Impl::Postcopy(engine::Postcop
   p.bucket = bucket_.get();
   p.recover = can_recover_;
   p.push_acks = can_push_acks_;
-  Result<engine::PostcopyResult> r = ServePostcopy(options_, calls_, control_, *source_, p, backlog);
-  if (!r.ok()) {
-    calls_.Fail(r.status());
-  } else {
-    std::lock_guard lock(mu_);
-    totals_ += r->pushed;
-    totals_ += r->answered;
-  }
+  engine::PostcopyResult result;
+  const Status served = ServePostcopy(options_, calls_, control_, *source_, p, backlog, result);
+  if (!served.ok()) calls_.Fail(served);
   std::lock_guard lock(mu_);
-  phase_ = r.ok() ? Phase::kDone : Phase::kBroken;
-  return r;
+  totals_ += result.pushed;  // what went out, a failed post-copy's part too
+  totals_ += result.answered;
+  phase_ = served.ok() ? Phase::kDone : Phase::kBroken;
+  if (!served.ok()) return served;
+  return result;
 }
 
 // ------------------------------------------------------------- Abort

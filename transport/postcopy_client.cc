@@ -119,13 +119,12 @@ Result<Resumed> Resume(const GrpcSinkOptions& o, PostcopyLink& link, const engin
 
 }  // namespace
 
-Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
-                                             const engine::SlotTable& source, const PostcopyCallOptions& p,
-                                             engine::PostcopyBacklog& backlog) {
+Status ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                     const engine::SlotTable& source, const PostcopyCallOptions& p, engine::PostcopyBacklog& backlog,
+                     engine::PostcopyResult& result) {
   using Clock = std::chrono::steady_clock;
-  engine::PostcopyResult result;
   Status broke = RunLink(o, calls, control, source, p, backlog, result);
-  if (broke.ok()) return result;
+  if (broke.ok()) return Status::Ok();
   calls.Fail(broke);  // the first link is over: every call of it ends
   const bool recover = p.recover && o.postcopy_recovery.count() > 0;
   // The link of the latest try. Replacing it ends the previous one: its
@@ -164,11 +163,11 @@ Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls
       // Every page reached the target; its PostcopyDone was lost with the
       // link, and with it the target's figures and digests.
       result.done_lost = true;
-      return result;
+      return Status::Ok();
     }
     backlog.Reset(resumed->missing);
     broke = RunLink(o, link->calls, link->control, source, p, backlog, result);
-    if (broke.ok()) return result;
+    if (broke.ok()) return Status::Ok();
     link->calls.Fail(broke);
   }
   return broke;

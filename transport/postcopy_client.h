@@ -51,9 +51,10 @@ struct PostcopyCallOptions {
 // Runs post-copy to its end: the target's PostcopyDone (its figures and,
 // verifying, its digests), or the first failure that cannot be resumed
 // (with recovery on and the receiver able to resume: a break that was not
-// resumed within o.postcopy_recovery).
-Result<engine::PostcopyResult> ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
-                                             const engine::SlotTable& source, const PostcopyCallOptions& p,
-                                             engine::PostcopyBacklog& backlog);
+// resumed within o.postcopy_recovery). `result` is filled as pages go
+// out, so after a failure it still says what was sent.
+Status ServePostcopy(const GrpcSinkOptions& o, SinkCalls& calls, ControlClient& control,
+                     const engine::SlotTable& source, const PostcopyCallOptions& p, engine::PostcopyBacklog& backlog,
+                     engine::PostcopyResult& result);
 
 }  // namespace pmlmig::transport

@@ -118,7 +118,8 @@ struct PostcopyReport {
   PostcopyMode mode = PostcopyMode::kOff;
   uint64_t owed_pages = 0;    // owed at the switch
   double switch_ms = 0;       // pause to the target running (the downtime)
-  double phase_ms = 0;        // the target running to it holding every page (as the source saw it)
+  double phase_ms = 0;        // the target running to it holding every page, or to the failure (as the source saw it)
+  uint64_t owed_left = 0;     // post-copy failed: pages the target never got
   PostcopyResult result;      // the target's figures and the source's; empty if it broke
 };
 
