@@ -295,6 +295,10 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     PrintError("migration in doubt: " + stats.error);
     return kExitInDoubt;
   }
+  if (stats.outcome == engine::Outcome::kCancelled && Interrupted()) {
+    PrintError("migration cancelled by Ctrl-C (or SIGTERM); the VM kept running here");
+    return kExitInterrupted;
+  }
   if (stats.outcome != engine::Outcome::kCompleted) {
     PrintError("migration " + outcome + ": " + ErrorWithAdvice(stats) + " (the VM kept running here)");
     return kExitFailure;
@@ -406,6 +410,10 @@ Result<RunPlan> PlanRun(const RunFlags& f) {
 
   const bool snapshotting = !f.snapshot_to.empty();
   if (snapshotting && !f.migrate_to.empty()) return InvalidArgument("choose --migrate-to or --snapshot-to");
+  if (f.check && (snapshotting || !f.migrate_to.empty())) {
+    return InvalidArgument("--check checks the VM at the end of a run in this process; after --migrate-to the "
+                           "target checks it (receive --verify), after --snapshot-to 'pmlmig restore' does");
+  }
   if (!snapshotting && (f.live || f.snapshot_stop)) return InvalidArgument("--live and --snapshot-stop need --snapshot-to");
   const bool migrating = !f.migrate_to.empty() || snapshotting;
   plan.migrating = migrating;
@@ -709,8 +717,11 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--ring-entries", f->ring_entries,
                   "Dirty ring entries per vCPU: a power of two, 256 to the host maximum (default 65536)");
   auto* mig = "Live migration";
+  const CLI::Validator non_empty(
+      [](std::string& s) { return s.empty() ? std::string("must not be empty") : std::string(); }, "");
   cmd->add_option("--migrate-to", f->migrate_to,
                   "Migrate the VM to a 'pmlmig receive' at HOST:PORT (or, with --local, at unix:PATH)")
+      ->check(non_empty)
       ->group(mig);
   cmd->add_flag("--local", f->local,
                 "Same-host handover: the receiver at unix:PATH takes the guest's memory itself (shared, no page "
@@ -723,6 +734,7 @@ Command RegisterRun(CLI::App& app) {
   cmd->add_option("--snapshot-to", f->snapshot_to,
                   "Write a snapshot of the VM to FILE (replaced only once the new one is complete; 'pmlmig restore "
                   "FILE' brings it back), then let the VM run on for the rest of --duration (at least --linger)")
+      ->check(non_empty)
       ->group(snap);
   cmd->add_flag("--live", f->live,
                 "With --snapshot-to: pre-copy rounds into the file while the VM runs, paused only for the last "

@@ -126,6 +126,31 @@ receiver=
 wait $vmpid
 if [ $? -eq 0 ] && [ ! -e "$sock" ]; then pass "controlled VM exits after migrating, socket removed"; else fail "controlled VM exit: $(tail -3 "$tmp/c.err")"; fi
 
+# Ctrl-C of the source mid-migration: cancelled, the VM ran on here, exit 130.
+port=$((port + 1))
+"$PMLMIG" receive --listen 127.0.0.1:$port --wait 60s --attempts 1 >/dev/null 2>"$tmp/r.err" &
+receiver=$!
+sleep 0.3
+"$PMLMIG" run --memory 128M --duration 30s --migrate-after 200ms --migrate-to 127.0.0.1:$port --max-bandwidth 10M \
+  --json >"$tmp/int.json" 2>"$tmp/int.err" &
+src=$!
+sleep 2
+kill -INT $src
+wait $src
+rc=$?
+wait $receiver
+receiver=
+if [ $rc -eq 130 ] && grep -q "cancelled by Ctrl-C" "$tmp/int.err" && python3 -c "
+import json; j = json.load(open('$tmp/int.json')); assert j['status'] == 'cancelled', j['status']"; then
+  pass "Ctrl-C mid-migration: cancelled, exit 130"
+else
+  fail "Ctrl-C mid-migration: rc $rc: $(tail -c 400 "$tmp/int.err")"
+fi
+for flag in --migrate-to --snapshot-to; do
+  "$PMLMIG" run $flag "" >"$tmp/o" 2>"$tmp/e"
+  if [ $? -eq 2 ] && grep -q "must not be empty" "$tmp/e"; then pass "usage error: $flag ''"; else fail "$flag '': $(cat "$tmp/e")"; fi
+done
+
 # Bad migration flags are usage errors.
 for args in "--streams 0" "--streams 65" "--compress brotli" "--on-timeout maybe" "--max-bandwidth fast"; do
   # shellcheck disable=SC2086
