@@ -26,9 +26,8 @@ void AddDataPathFlag(CLI::App* cmd, std::string* data_path, bool sender, const s
   cmd->add_option("--data-path", *data_path,
                   sender ? "direct: page data on plain TCP connections of their own when the receiver offers them "
                            "(never with TLS; about half gRPC's CPU per byte); grpc: on the gRPC Pages calls"
-                         : "direct: offer senders page data on plain TCP connections to a port of their own (a "
-                           "free one on the listen host, per migration; never with TLS); grpc: only the gRPC "
-                           "Pages calls, on the listen port alone")
+                         : "direct: offer senders page data on plain TCP connections to the listen port (the only "
+                           "port either way; never with TLS); grpc: only the gRPC Pages calls")
       ->check(CLI::IsMember({"direct", "grpc"}))
       ->capture_default_str()
       ->group(group);

@@ -60,7 +60,7 @@ extern "C" {
 #endif
 
 #define PMLMIG_VERSION_MAJOR 0
-#define PMLMIG_VERSION_MINOR 12
+#define PMLMIG_VERSION_MINOR 13
 #define PMLMIG_VERSION_PATCH 0
 /* (major << 16) | (minor << 8) | patch, comparable with pmlmig_version(). */
 #define PMLMIG_VERSION ((PMLMIG_VERSION_MAJOR << 16) | (PMLMIG_VERSION_MINOR << 8) | PMLMIG_VERSION_PATCH)
@@ -72,7 +72,7 @@ extern "C" {
 /* The library's version as PMLMIG_VERSION encodes it (may be newer than the
  * header the caller was compiled with). */
 PMLMIG_API uint32_t pmlmig_version(void);
-/* "0.12.0" */
+/* "0.13.0" */
 PMLMIG_API const char *pmlmig_version_string(void);
 PMLMIG_API uint32_t pmlmig_abi_version(void);
 PMLMIG_API uint32_t pmlmig_wire_version(void);

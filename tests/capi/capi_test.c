@@ -170,7 +170,7 @@ static pmlmig_receiver *start_receiver(pmlmig_vm_factory f) {
 
 static void test_versions_and_defaults(void) {
   CHECK(pmlmig_version() == PMLMIG_VERSION);
-  CHECK(strcmp(pmlmig_version_string(), "0.12.0") == 0);
+  CHECK(strcmp(pmlmig_version_string(), "0.13.0") == 0);
   CHECK(pmlmig_abi_version() == PMLMIG_ABI_VERSION);
   CHECK(pmlmig_wire_version() == PMLMIG_WIRE_VERSION);
   CHECK((pmlmig_features() & PMLMIG_FEATURE_MIGRATION) != 0);

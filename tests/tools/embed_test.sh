@@ -5,7 +5,7 @@
 # between two minivmm processes.
 #
 #   1. `cmake --install` the build tree to a temporary prefix.
-#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.12),
+#   2. Build examples/ as a separate CMake project (find_package(pmlmig 0.13),
 #      pmlmig::pmlmig) and a second time through pkg-config (examples/Makefile,
 #      or its one-line cc command where make is absent).
 #   3. The CMake build: --help, and --run with random pauses (every page
@@ -107,7 +107,7 @@ quiet "$tmp/configure.log" cmake -S "$src/examples" -B "$cmake_build" "${generat
 quiet "$tmp/build.log" cmake --build "$cmake_build" -j 2
 cmake_vmm=$cmake_build/minivmm
 [ -x "$cmake_vmm" ] || die "the CMake build made no minivmm"
-pass "examples/ built with find_package(pmlmig 0.12) + pmlmig::pmlmig"
+pass "examples/ built with find_package(pmlmig 0.13) + pmlmig::pmlmig"
 
 pc_build=$tmp/pc-build
 mkdir -p "$pc_build"

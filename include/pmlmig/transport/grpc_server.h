@@ -65,9 +65,9 @@ struct MigrationServerOptions {
   // Free text sent in HelloReply. Default "pmlmig".
   std::string receiver_name = "pmlmig";
   // Offer direct data streams (proto/migration.proto) to a sender that asks:
-  // page data on plain TCP connections to a port of their own (on the
-  // listen address's host, chosen per migration), authenticated by a
-  // per-session key sent on the authorized Control call. Never under TLS
+  // page data on plain TCP connections to the listen port itself (told
+  // apart from gRPC by their first bytes), authenticated by a per-session
+  // key sent on the authorized Control call. Never under TLS
   // (the data then stays in the TLS-protected Pages calls). Default on.
   bool direct_data = true;
   // Threads that make the target's fresh memory resident just ahead of
