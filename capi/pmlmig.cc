@@ -452,6 +452,11 @@ int pmlmig_source_wait(pmlmig_source* source, pmlmig_migration_stats* stats) {
         return -ENOENT;
       }
     }
+    if (source->controller.OnMigrationThread()) {
+      capi::Fail(&source->error, InvalidArgument("pmlmig_source_wait: called from a callback on the migration's "
+                                                 "own thread, which would wait for itself"));
+      return -EDEADLK;
+    }
     const engine::MigrationStats st = source->controller.Wait();
     pmlmig_migration_stats out{};
     out.size = sizeof out;

@@ -101,6 +101,11 @@ ControllerStatus MigrationController::status() const {
   return s;
 }
 
+bool MigrationController::OnMigrationThread() const {
+  std::lock_guard lock(mu_);
+  return thread_.get_id() == std::this_thread::get_id();
+}
+
 bool MigrationController::busy() const {
   std::lock_guard lock(mu_);
   return active_;

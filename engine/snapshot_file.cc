@@ -457,14 +457,23 @@ Status SnapshotWriter::UnderChunkLocks(const char* op, uint64_t gpa, uint64_t pa
   return Status::Ok();
 }
 
+// Runs shorter than this are written through the page cache (WritePages).
+constexpr uint64_t kDirectMinPages = 32;
+
 Status SnapshotWriter::WritePages(uint64_t gpa, uint64_t pages, const uint8_t* data) {
   if (data == nullptr && pages > 0) return InvalidArgument("WritePages: no data");
   const uint64_t first = gpa;
   Status written = UnderChunkLocks("WritePages", gpa, pages, [&](uint64_t at, uint64_t n, uint64_t offset) {
     const uint8_t* src = data + (at - first);
     const bool aligned = reinterpret_cast<uintptr_t>(src) % kPageSize == 0;
-    PMLMIG_RETURN_IF_ERROR(PwriteAll(aligned && s_->direct.valid() ? s_->direct.get() : s_->fd.get(), src,
-                                     n << kPageShift, offset, s_->partial));
+    // Large runs bypass the page cache (a whole guest's worth of fresh cache
+    // is slow to get on a host that backs memory lazily); short ones, the
+    // scattered pages of a live snapshot's last rounds, go through it, and
+    // Finish's fdatasync writes them back together instead of one
+    // synchronous O_DIRECT write each while the VM is paused.
+    const bool direct = aligned && n >= kDirectMinPages && s_->direct.valid();
+    PMLMIG_RETURN_IF_ERROR(
+        PwriteAll(direct ? s_->direct.get() : s_->fd.get(), src, n << kPageShift, offset, s_->partial));
     s_->digests.SetFrom(at, n, src);
     return Status::Ok();
   });

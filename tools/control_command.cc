@@ -15,6 +15,8 @@
 #include "security_flags.h"
 #include "pmlmig/base/units.h"
 #include "pmlmig/transport/control.h"
+#include "pmlmig/transport/grpc_sink.h"
+#include "pmlmig/transport/security.h"
 
 namespace pmlmig::tools {
 namespace {
@@ -49,6 +51,19 @@ std::string StatusLine(const transport::ControlStatus& s) {
 }
 
 int Migrate(ControlFlags& f) {
+  // What this side can check is a usage error here, as it is for 'run'.
+  if (f.command.snapshot_to.empty() && !f.command.local) {
+    if (auto a = transport::ParseHostPort(f.command.to); !a.ok()) {
+      return PrintError("--to: " + a.status().message()), kExitUsage;
+    } else if (a->port == 0) {
+      return PrintError("--to: port 0 (expected the receiver's port, 1..65535)"), kExitUsage;
+    }
+  }
+  if (f.command.streams > transport::kMaxStreams) {
+    return PrintError("--streams: " + std::to_string(f.command.streams) + " is above " +
+                      std::to_string(transport::kMaxStreams)),
+           kExitUsage;
+  }
   auto bw = ParseSize(f.max_bandwidth);
   if (!bw.ok()) return PrintError("--max-bandwidth: " + bw.status().message()), kExitUsage;
   auto timeout = ParseDuration(f.timeout);

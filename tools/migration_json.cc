@@ -165,22 +165,24 @@ std::string VerificationText(const engine::VerifyReport& v) {
 
 std::string MigrationStatsText(const engine::MigrationStats& s) {
   const bool completed = s.outcome == engine::Outcome::kCompleted;
+  const bool snapshot = completed && s.source_kept;  // the target was a file
   char buf[512];
   std::string out;
   std::snprintf(buf, sizeof buf,
-                "Migration %s in %.1f ms (setup %.1f ms), downtime %.1f ms, %u rounds\n"
-                "  transferred %s on the wire (%s of pages): %" PRIu64 " normal pages, %" PRIu64
-                " zero pages, %.0f Mbit/s\n",
-                std::string(engine::OutcomeName(s.outcome)).c_str(), s.total_time_ms, s.setup_time_ms,
+                "%s %s in %.1f ms (setup %.1f ms), downtime %.1f ms, %u rounds\n"
+                "  %s %s (%s of pages): %" PRIu64 " normal pages, %" PRIu64 " zero pages, %.0f Mbit/s\n",
+                snapshot ? "Snapshot" : "Migration", std::string(engine::OutcomeName(s.outcome)).c_str(),
+                s.total_time_ms, s.setup_time_ms,
                 completed ? s.downtime_ms : 0.0,
-                s.rounds, FormatBytes(s.transferred.wire_bytes).c_str(),
+                s.rounds, snapshot ? "written" : "transferred",
+                (FormatBytes(s.transferred.wire_bytes) + (snapshot ? " to the file" : " on the wire")).c_str(),
                 FormatBytes(s.transferred.payload_bytes).c_str(), s.transferred.normal_pages, s.transferred.zero_pages,
                 s.throughput_mbps);
   out += buf;
-  if (s.shared_memory) {
+  if (s.shared_memory && completed) {
     out += "  same-host handover: the target took the guest's memory itself (no page copied)\n";
   }
-  if (completed) {
+  if (completed && !snapshot) {
     std::snprintf(buf, sizeof buf, "  target restored in %.1f ms, resumed on commit in %.1f ms%s\n",
                   s.final_reply.target_restore_ms, s.final_reply.target_resume_ms,
                   s.commit_resolved ? " (the commit's reply was lost; Resolve confirmed it)" : "");

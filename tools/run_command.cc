@@ -204,7 +204,6 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
   }
   const engine::MigrationStats stats = controller.Wait();
   const std::vector<vmm::VcpuStats> after = stats.shared_memory && !at_pause.empty() ? at_pause : m.Stats();
-  const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
   // Failed or cancelled: the source resumed the VM; it keeps running here
   // (for --linger, so the report can show it running) before the run ends.
   // A snapshot made: the VM runs on for the rest of --duration, unless asked
@@ -230,6 +229,8 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
     }
     lingered = m.Stats();
   }
+  // The whole run here, the time the VM ran on after the migration included.
+  const double ran = std::chrono::duration<double>(std::chrono::steady_clock::now() - vm_start).count();
   // Verified after commit and found different: the target runs a VM whose
   // memory is not the source's. This paused copy is the only right one, so
   // it stays until the user drops it.
@@ -266,8 +267,9 @@ int Migrate(const RunFlags& f, const vmm::MachineOptions& options, vmm::Machine&
                        {"pages_written_after_migration", lingered[i].pages_written - after[i].pages_written}});
     }
     if (!command.snapshot_to.empty()) {
+      // The file this snapshot wrote; after a failure, what is there is an older one's, if any.
       struct stat st{};
-      const bool exists = ::stat(command.snapshot_to.c_str(), &st) == 0;
+      const bool exists = stats.outcome == engine::Outcome::kCompleted && ::stat(command.snapshot_to.c_str(), &st) == 0;
       out["snapshot"] = {{"path", command.snapshot_to}, {"live", command.live},
                          {"file_bytes", exists ? nlohmann::ordered_json(st.st_size) : nlohmann::ordered_json(nullptr)},
                          {"allocated_bytes", exists ? nlohmann::ordered_json(uint64_t(st.st_blocks) * 512)

@@ -31,15 +31,28 @@ Deadline In(std::chrono::milliseconds d) {
   return d.count() > 0 ? std::chrono::steady_clock::now() + d : Deadline::max();
 }
 
+// A listening socket bound at a path, and which file that path named when
+// it was bound (the path is unlinked at the end only if it still names it).
+struct Bound {
+  UniqueFd sock;
+  dev_t dev = 0;
+  ino_t ino = 0;
+};
+
 // Binds a listening socket at `path`, mode 0600 from the start: it is bound
-// under a private name, restricted, then renamed into place, so nobody can
-// connect while it is still open to all. A stale socket (nothing accepts on
-// it) is replaced; anything else at `path` is refused.
-Result<UniqueFd> Listen(const std::string& path) {
+// under a private name, restricted, then linked into place (a link, unlike
+// a rename, never replaces what another receiver put there meanwhile), so
+// nobody can connect while it is still open to all. A stale socket
+// (nothing accepts on it) is replaced; anything else at `path` is refused.
+Result<Bound> Listen(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   const std::string temp = path + ".pmlmig-" + std::to_string(::getpid());
-  if (temp.size() >= sizeof addr.sun_path) return InvalidArgument("unix:" + path + ": the path is too long");
+  if (temp.size() >= sizeof addr.sun_path) {
+    return InvalidArgument("unix:" + path + ": the path is too long (at most " +
+                           std::to_string(sizeof addr.sun_path - 1 - (temp.size() - path.size())) +
+                           " bytes: the socket is bound as PATH" + temp.substr(path.size()) + " first)");
+  }
   struct stat st{};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) return InvalidArgument("unix:" + path + ": exists and is not a socket");
@@ -55,15 +68,28 @@ Result<UniqueFd> Listen(const std::string& path) {
   std::memcpy(addr.sun_path, temp.c_str(), temp.size() + 1);
   ::unlink(temp.c_str());
   if (::bind(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    return Status::FromErrno(errno, "bind unix:" + temp);
+    return Status::FromErrno(errno, "bind unix:" + path + " (as " + temp + ")");
   }
-  if (::chmod(temp.c_str(), 0600) != 0 || ::rename(temp.c_str(), path.c_str()) != 0) {
+  if (::chmod(temp.c_str(), 0600) != 0) {
     Status s = Status::FromErrno(errno, "make unix:" + path + " private (0600)");
     ::unlink(temp.c_str());
     return s;
   }
-  if (::listen(sock.get(), 4) != 0) return Status::FromErrno(errno, "listen on unix:" + path);
-  return sock;
+  if (::link(temp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(temp.c_str());
+    if (err == EEXIST) return InvalidArgument("unix:" + path + ": another receiver took the path first");
+    return Status::FromErrno(err, "bind unix:" + path);
+  }
+  ::unlink(temp.c_str());
+  Bound b;
+  if (::lstat(path.c_str(), &st) == 0) b.dev = st.st_dev, b.ino = st.st_ino;
+  if (::listen(sock.get(), 4) != 0) {
+    ::unlink(path.c_str());
+    return Status::FromErrno(errno, "listen on unix:" + path);
+  }
+  b.sock = std::move(sock);
+  return b;
 }
 
 proto::HandoverMessage SetupReply(const Status& s, const std::string& receiver) {
@@ -111,7 +137,16 @@ class HandoverServer::Impl {
     if (thread_.joinable()) thread_.join();  // then no worker is added
     for (Worker& w : workers_) w.thread.join();
     workers_.clear();
-    ::unlink(path_.c_str());
+    // Only our own socket: another receiver may have replaced a stale one.
+    struct stat st{};
+    if (::lstat(path_.c_str(), &st) == 0 && st.st_dev == bound_dev_ && st.st_ino == bound_ino_) {
+      ::unlink(path_.c_str());
+    }
+  }
+
+  void SetBoundFile(dev_t dev, ino_t ino) {
+    bound_dev_ = dev;
+    bound_ino_ = ino;
   }
 
   const std::string& path() const { return path_; }
@@ -205,6 +240,8 @@ class HandoverServer::Impl {
   ReceivedMigration Receive(int conn, const proto::HandoverSetup& setup, std::vector<UniqueFd> fds);
 
   const std::string path_;
+  dev_t bound_dev_ = 0;  // what path_ named once bound (SetBoundFile, before the thread starts)
+  ino_t bound_ino_ = 0;
   UniqueFd listen_;
   TargetFactory factory_;
   const HandoverServerOptions options_;
@@ -327,9 +364,10 @@ ReceivedMigration HandoverServer::Impl::Receive(int conn, const proto::HandoverS
 Result<std::unique_ptr<HandoverServer>> HandoverServer::Start(const std::string& path, TargetFactory factory,
                                                               HandoverServerOptions options) {
   if (path.empty()) return InvalidArgument("handover: no socket path");
-  PMLMIG_ASSIGN_OR_RETURN(UniqueFd sock, Listen(path));
-  return std::unique_ptr<HandoverServer>(
-      new HandoverServer(std::make_unique<Impl>(path, std::move(sock), std::move(factory), std::move(options))));
+  PMLMIG_ASSIGN_OR_RETURN(Bound bound, Listen(path));
+  auto impl = std::make_unique<Impl>(path, std::move(bound.sock), std::move(factory), std::move(options));
+  impl->SetBoundFile(bound.dev, bound.ino);
+  return std::unique_ptr<HandoverServer>(new HandoverServer(std::move(impl)));
 }
 
 HandoverServer::HandoverServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -424,7 +424,8 @@ PMLMIG_API int pmlmig_source_start(pmlmig_source *source, const pmlmig_migrate_o
  * -ENOTRECOVERABLE when it is in doubt; when it failed, -EHOSTUNREACH (the
  * receiver unreachable or gone: nothing listens, the connection broke, it
  * shut down) or -EIO (anything else), the message in last_error; -ENOENT
- * when none was started.
+ * when none was started; -EDEADLK (since 0.13; it used to hang) when called
+ * from a callback on the migration's own thread.
  * Another thread may call pmlmig_source_destroy meanwhile: this returns
  * (-ECANCELED) before the handle is freed. */
 PMLMIG_API int pmlmig_source_wait(pmlmig_source *source, pmlmig_migration_stats *stats);

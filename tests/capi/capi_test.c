@@ -509,6 +509,12 @@ static void *wait_receiver(void *arg) {
   w->rc = pmlmig_receiver_wait(w->receiver, -1, &vm, NULL);
   return NULL;
 }
+static int g_wait_in_callback = 1; /* what pmlmig_source_wait returned inside on_progress */
+static void wait_in_callback(void *user, const pmlmig_progress *p) {
+  (void)p;
+  if (g_wait_in_callback == 1) g_wait_in_callback = pmlmig_source_wait(user, NULL);
+}
+
 static void *read_errors(void *arg) {
   size_t total = 0;
   for (int i = 0; i < 20000; ++i) total += strlen(pmlmig_source_last_error(arg));
@@ -529,10 +535,14 @@ static void test_errors_and_threads(void) {
   pmlmig_migrate_options_init(&o);
   o.target = target;
   o.tracker = PMLMIG_TRACKER_BITMAP;
+  o.on_progress = wait_in_callback; /* a wait inside a callback is refused, not a deadlock */
+  o.user = s;
   CHECK(pmlmig_source_start(s, &o) == 0);
   CHECK(pmlmig_source_wait(s, NULL) == -EHOSTUNREACH);
   CHECK(strstr(pmlmig_source_last_error(s), "nothing listens") != NULL);
   CHECK(v.resumes == 1);
+  CHECK(g_wait_in_callback == -EDEADLK);
+  o.on_progress = NULL;
 
   pthread_t reader;
   CHECK(pthread_create(&reader, NULL, read_errors, s) == 0);

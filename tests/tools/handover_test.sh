@@ -259,6 +259,29 @@ else
   echo "SKIP: the uid cases need root, setpriv and /usr/bin/python3"
 fi
 
+# 6b. Two receivers started at once on one path: exactly one listens, and
+# the other's exit does not remove the winner's socket.
+race_ok=1
+for i in 1 2 3; do
+  rs="$tmp/race$i.sock"
+  "$PMLMIG" receive --listen "unix:$rs" --wait 3s -q >/dev/null 2>"$tmp/ra.err" &
+  a=$!
+  "$PMLMIG" receive --listen "unix:$rs" --wait 3s -q >/dev/null 2>"$tmp/rb.err" &
+  b=$!
+  sleep 1
+  refused=$(cat "$tmp/ra.err" "$tmp/rb.err" | grep -c "another receiver")
+  alive=0
+  kill -0 $a 2>/dev/null && alive=$((alive + 1))
+  kill -0 $b 2>/dev/null && alive=$((alive + 1))
+  if [ "$refused" -ne 1 ] || [ $alive -ne 1 ] || [ ! -S "$rs" ]; then
+    race_ok=0
+    echo "   try $i: $refused refused, $alive alive, socket $( [ -S "$rs" ] && echo there || echo gone)"
+  fi
+  kill $a $b 2>/dev/null
+  wait $a $b 2>/dev/null
+done
+if [ $race_ok -eq 1 ]; then pass "two receivers at once on one path: one listens, the other is refused"; else fail "receivers racing for one path"; fi
+
 # 7. Usage errors.
 usage() {
   local what=$1 want=$2

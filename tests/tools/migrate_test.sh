@@ -158,6 +158,12 @@ for args in "--streams 0" "--streams 65" "--compress brotli" "--on-timeout maybe
   rc=$?
   if [ $rc -eq 2 ] && [ "$(wc -l <"$tmp/e")" -eq 1 ]; then pass "usage error: $args"; else fail "usage error: $args (rc $rc): $(cat "$tmp/e")"; fi
 done
+for args in "--to 127.0.0.1" "--to 127.0.0.1:0" "--to 127.0.0.1:1 --streams 65"; do
+  # shellcheck disable=SC2086
+  "$PMLMIG" migrate --control "$tmp/none.sock" $args >"$tmp/o" 2>"$tmp/e"
+  rc=$?
+  if [ $rc -eq 2 ] && [ "$(wc -l <"$tmp/e")" -eq 1 ]; then pass "usage error: migrate $args"; else fail "usage error: migrate $args (rc $rc): $(cat "$tmp/e")"; fi
+done
 "$PMLMIG" run --memory 64M --migrate-to 127.0.0.1:1 --migrate-after 100ms >"$tmp/o" 2>"$tmp/e"
 if [ $? -eq 1 ] && grep -q "error" "$tmp/e"; then pass "no receiver: clear failure"; else fail "no receiver: $(cat "$tmp/e")"; fi
 

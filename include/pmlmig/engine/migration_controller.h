@@ -66,6 +66,9 @@ class MigrationController {
   MigrationStats Wait();
   ControllerStatus status() const;
   bool busy() const;  // a migration is in flight
+  // Whether the caller runs on the migration's own thread (in one of its
+  // callbacks), where Wait() would wait for itself.
+  bool OnMigrationThread() const;
 
  private:
   void Joined();  // joins a finished migration's thread (mu_ not held)
