@@ -81,8 +81,8 @@ Result<std::unique_ptr<DirtyRingTracker>> DirtyRingTracker::Create(VmControl& vm
   const uint32_t entries = vm.dirty_ring_entries();
   if (entries == 0) return Unavailable("ring tracker: the VM was created without a dirty ring");
   if ((entries & (entries - 1)) != 0 || entries <= kRingReservedEntries) {
-    return InvalidArgument("ring tracker: " + std::to_string(entries) + " entries is not a power of two above " +
-                           std::to_string(kRingReservedEntries));
+    return InvalidArgument("ring tracker: " + std::to_string(entries) + " entries: the ring needs a power of two above " +
+                           std::to_string(kRingReservedEntries) + " (KVM keeps that many free)");
   }
   auto t = std::unique_ptr<DirtyRingTracker>(new DirtyRingTracker(vm, options));
   const long page = sysconf(_SC_PAGESIZE);

@@ -144,7 +144,8 @@ Command RegisterControl(CLI::App& app) {
       ->capture_default_str();
   migrate->add_option("--compress", f->command.compress, "none, lz4 or zstd")->capture_default_str();
   AddDataPathFlag(migrate, &f->data_path, /*sender=*/true, "Options");
-  migrate->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second, K/M/G suffixes; 0 = unlimited")
+  migrate->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire (K/M/G = 1024-based; post-copy's answers to page requests "
+                      "are never held back); 0 = unlimited")
       ->capture_default_str();
   migrate->add_option("--downtime-limit", f->command.downtime_limit_ms, "Downtime limit (ms)")->capture_default_str();
   migrate->add_option("--max-rounds", f->command.max_rounds, "Live rounds before acting on --on-timeout")

@@ -755,7 +755,9 @@ Command RegisterRun(CLI::App& app) {
       ->group(mig);
   cmd->add_option("--compress", f->compress, "none, lz4 or zstd")->capture_default_str()->group(mig);
   AddDataPathFlag(cmd, &f->data_path, /*sender=*/true, mig);
-  cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire, K/M/G suffixes; 0 = unlimited")
+  cmd->add_option("--max-bandwidth", f->max_bandwidth, "Bytes per second on the wire (K/M/G = 1024-based), for the pre-copy rounds and post-copy's "
+                  "background push; post-copy's answers to the guest's page requests are never held back; 0 = "
+                  "unlimited")
       ->capture_default_str()->group(mig);
   cmd->add_option("--linger", f->linger, "After a failed or cancelled migration, keep the VM running this long before the run ends")
       ->capture_default_str()
