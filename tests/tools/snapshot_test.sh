@@ -154,7 +154,8 @@ fi
 cp --sparse=always "$snap" "$tmp/cut.snap"
 timeout 60 "$PMLMIG" restore "$tmp/cut.snap" --lazy --threads 1 --exit-after 500ms >"$tmp/c.out" 2>"$tmp/c.err" &
 cut=$!
-sleep 0.1
+# Once the guest runs on it (the restore has opened the file and checked its size).
+for _ in $(seq 200); do grep -q "running .* after the start" "$tmp/c.err" && break; sleep 0.05; done
 truncate -s 64M "$tmp/cut.snap"
 wait $cut
 rc=$?
